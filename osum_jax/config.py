@@ -1,0 +1,319 @@
+"""Typed configuration: dataclasses loaded from YAML with MaxText-style ``key=value`` overrides.
+
+A config file holds only the values that differ from the dataclass defaults (the defaults are OSUM's own
+values, so ``configs/osum_full.yaml`` is short). Overrides use dotted paths::
+
+    cfg = load_config("configs/tiny.yaml", ["model.llm.num_layers=4", "model.dtype=bfloat16"])
+
+Every key is checked: an unknown key or a value of the wrong type raises ``ConfigError`` naming the key and
+the file (or override) it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model sections
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Whisper encoder as OSUM uses it (wenet ``TransformerEncoder``, ``conv1d2`` + ``abs_pos_whisper``)."""
+
+    num_mel_bins: int = 80
+    d_model: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    ffn_dim: int = 4096
+    # Sinusoid table length; the encoder accepts at most 2 * max_source_positions mel frames (30 s).
+    max_source_positions: int = 1500
+    layer_norm_eps: float = 1e-5
+    key_bias: bool = False  # Whisper's k projection has no bias
+    dropout: float = 0.1  # residual branches and inside the FFN (training only)
+    positional_dropout: float = 0.1  # after adding the positional table (training only)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """OSUM's link: 3 causal convs (``GxlConv1dSubsampling4``), a small transformer, a projection to the LLM."""
+
+    conv_kernel: int = 3
+    conv_strides: tuple[int, ...] = (1, 2, 2)
+    num_layers: int = 4
+    num_heads: int = 4
+    ffn_dim: int = 2560
+    activation: str = "relu"  # wenet default; OSUM never sets it (unlike the Whisper part, which is GELU)
+    max_positions: int = 5000  # ESPnet positional table length
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.1
+    positional_dropout: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """Qwen2 decoder (Hugging Face ``Qwen2ForCausalLM`` semantics)."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    head_dim: int = 0  # 0 = hidden_size // num_heads
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True  # q/k/v have biases, o has none
+    initializer_range: float = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """peft-style LoRA on the LLM's projections. ``rank: 0`` disables LoRA."""
+
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
+REMAT_POLICIES = (
+    "none",  # keep all activations
+    "full",  # recompute everything inside a layer
+    "dots_saveable",  # keep matmul outputs
+    "dots_with_no_batch_dims_saveable",  # keep weight matmuls, recompute attention scores
+    "nothing_saveable",  # same as full
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+    llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    # speech_token_emded has speech_token_num + 2 rows; bos = speech_token_num, eos = speech_token_num + 1.
+    speech_token_num: int = 4097
+    dtype: str = "float32"  # compute dtype: bfloat16 on accelerators, float32 for tests/parity
+    param_dtype: str = "float32"
+    remat_policy: str = "none"  # per-layer rematerialisation, one of REMAT_POLICIES
+    attention_impl: str = "xla"  # "xla" (any backend) or "cudnn" (NVIDIA GPUs, bf16/fp16 only)
+
+    def validate(self) -> None:
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ConfigError(f"model.attention_impl={self.attention_impl!r}; expected 'xla' or 'cudnn'")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}; expected float32, bfloat16 or float16")
+        enc, ad, llm, lora = self.encoder, self.adapter, self.llm, self.lora
+        if enc.d_model % enc.num_heads:
+            raise ConfigError(f"model.encoder.d_model={enc.d_model} not divisible by num_heads={enc.num_heads}")
+        if enc.d_model % 2:
+            raise ConfigError("model.encoder.d_model must be even (sinusoidal positions)")
+        if enc.d_model % ad.num_heads:
+            raise ConfigError(f"encoder d_model {enc.d_model} not divisible by model.adapter.num_heads={ad.num_heads}")
+        if ad.activation not in ("relu", "gelu", "silu"):
+            raise ConfigError(f"model.adapter.activation={ad.activation!r}; expected relu, gelu or silu")
+        if any(s < 1 for s in ad.conv_strides) or ad.conv_kernel < 1:
+            raise ConfigError("model.adapter conv strides and kernel must be >= 1")
+        if llm.num_heads % llm.num_kv_heads:
+            raise ConfigError(f"model.llm.num_heads={llm.num_heads} not divisible by num_kv_heads={llm.num_kv_heads}")
+        if llm.resolved_head_dim % 2:
+            raise ConfigError("model.llm head_dim must be even (rotary embeddings)")
+        bad = [t for t in lora.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ConfigError(f"model.lora.targets has unknown modules {bad}; known: {LORA_TARGETS}")
+        if lora.rank < 0:
+            raise ConfigError("model.lora.rank must be >= 0")
+        if self.speech_token_num < 1:
+            raise ConfigError("model.speech_token_num must be >= 1 (bos/eos rows live above it)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Top-level config. Later parts of the project (data, train, ...) add their own sections here."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int/float/bool/str/tuple[...]/dataclass/Optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:  # try the next member
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if origin in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_t = args[0] if args else Any
+        items = [_coerce(v, item_t, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, cls: type, where: str) -> None:
+    """Set ``tree[a][b][c] = value`` for ``dotted = "a.b.c"``, checking each key against the dataclasses."""
+    parts = dotted.split(".")
+    node, node_cls = tree, cls
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node_cls)}
+        if part not in fields:
+            prefix = ".".join(parts[:i]) or "<top>"
+            raise ConfigError(f"{where}: unknown key {part!r} under {prefix}; valid keys: {sorted(fields)}")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        sub_t = typing.get_type_hints(node_cls)[part]
+        if not dataclasses.is_dataclass(sub_t):
+            raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} must be a mapping")
+        node_cls = sub_t
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["a.b=3", "c=[1,2]"]`` -> ``[("a.b", 3), ("c", [1, 2])]`` (values parsed as YAML scalars/lists)."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
+        out.append((key, value))
+    return out
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "<dict>") -> Config:
+    tree = _to_plain(dict(data or {}))
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    # Validate the file's own keys first so errors name the file, then apply overrides.
+    _build(Config, tree, source)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value, Config, f"override {key}={value!r}")
+    cfg = _build(Config, tree, "")
+    return cfg.validate()
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load ``path`` (YAML) onto the defaults and apply ``key=value`` overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    return config_from_dict(data, overrides, source=str(path))

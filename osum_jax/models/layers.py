@@ -1,0 +1,189 @@
+"""Small building blocks shared by the OSUM modules.
+
+Every parameter is created through :func:`param`, which attaches logical axis names (``out_sharding``
+metadata, see :mod:`osum_jax.models.axes`) without sharding eagerly: the trainer maps the logical names to
+mesh axes with one rules table. Kernels are stored ``[in, out]`` (Hugging Face torch stores ``[out, in]``).
+
+Parameters live in ``param_dtype``; computation casts them to the module's ``dtype``. Normalisations and
+softmaxes are computed in float32 whatever the compute dtype is.
+
+Dropout is explicit: a module applies dropout only when it is given a PRNG key (``dropout_key``), so a
+forward pass without a key is deterministic evaluation. There is no hidden train/eval mode to forget
+(OSUM's own inference scripts ran with dropout on because they never called ``model.eval()``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name: str | jnp.dtype) -> jnp.dtype:
+    return DTYPES[name] if isinstance(name, str) else name
+
+
+def param(value: jax.Array, axes: Axes, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
+    """A variable annotated with logical axis names (one per dimension), sharded later by the trainer."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"{len(axes)} axis names {axes} for a {value.ndim}-d parameter {value.shape}")
+    return kind(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Buffer(nnx.Variable):
+    """A fixed, non-trainable tensor that is still part of the checkpoint (e.g. sinusoidal position tables).
+
+    OSUM's checkpoints carry these tables (``*.pos_enc.pe``); keeping them as state lets the converter load
+    the released values bit-exactly instead of recomputing them.
+    """
+
+
+def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """``n`` independent keys from ``key``, or ``n`` Nones when dropout is off."""
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when ``key`` is None or ``rate`` is 0."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def torch_linear_init(key: jax.Array, shape: Sequence[int], fan_in: int, dtype) -> jax.Array:
+    """torch ``nn.Linear``/``nn.Conv1d`` default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, tuple(shape), dtype, -bound, bound)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias``. kernel ``[in, out]`` with logical axes ``axes``; bias ``[out]``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        use_bias: bool = True,
+        init_std: float | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        key = rngs.params()
+        if init_std is None:
+            w = torch_linear_init(key, (in_features, out_features), in_features, param_dtype)
+        else:
+            w = init_std * jax.random.normal(key, (in_features, out_features), param_dtype)
+        self.kernel = param(w, axes)
+        self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """torch-style LayerNorm (biased variance), computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, axis_name: str = "norm", dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.scale = param(jnp.ones((dim,), param_dtype), (axis_name,))
+        self.bias = param(jnp.zeros((dim,), param_dtype), (axis_name,))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2/LLaMA RMSNorm, as Hugging Face computes it: normalise in float32, cast, then scale."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+class Conv1d(nnx.Module):
+    """1-D convolution over time, ``[B, T, C_in] -> [B, T', C_out]``; kernel ``[K, C_in, C_out]``.
+
+    ``padding`` is ``(left, right)`` zero padding in frames (torch ``Conv1d(padding=p)`` is ``(p, p)``;
+    OSUM's causal adapter convs use ``(K - 1, 0)``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 padding: tuple[int, int] = (0, 0), axes: Axes = ("conv_width", "embed", "conv_out"),
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        fan_in = in_channels * kernel_size
+        self.kernel = param(
+            torch_linear_init(rngs.params(), (kernel_size, in_channels, out_channels), fan_in, param_dtype), axes)
+        self.bias = param(torch_linear_init(rngs.params(), (out_channels,), fan_in, param_dtype), (axes[-1],))
+        self.stride = stride
+        self.padding = tuple(padding)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            window_strides=(self.stride,),
+            padding=[self.padding],
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        )
+        return y + self.bias[...].astype(self.dtype)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name == "gelu":  # exact erf GELU (torch nn.GELU(), OSUM's New_gelu4npu, HF "gelu")
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu
+    if name == "silu":
+        return jax.nn.silu
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def conv_out_length(length: jax.Array | int, kernel: int, stride: int, pad_total: int):
+    """Output length of a 1-D convolution: ``floor((L + pad - K) / stride) + 1``."""
+    return (length + pad_total - kernel) // stride + 1
+
+
+def remat_policy(name: str):
+    """Map a config name (``model.remat_policy``) to a ``jax.checkpoint`` policy; None means no remat."""
+    cp = jax.checkpoint_policies
+    table = {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "nothing_saveable": cp.nothing_saveable,
+        "dots_saveable": cp.dots_saveable,
+        "dots_with_no_batch_dims_saveable": cp.dots_with_no_batch_dims_saveable,
+    }
+    if name not in table:
+        raise ValueError(f"unknown remat policy {name!r}; expected one of {sorted(table)}")
+    return table[name]

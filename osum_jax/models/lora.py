@@ -1,0 +1,71 @@
+"""LoRA linear layers with peft semantics.
+
+``y = x @ W + b + scaling * (dropout(x) @ A) @ B`` with ``A [in, r]``, ``B [r, out]``, ``scaling = alpha / r``.
+Initialisation as peft: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (kaiming-uniform, a=sqrt(5)), ``B = 0``, so a fresh
+adapter leaves the base model unchanged. ``A``/``B`` are ``nnx.LoRAParam`` (a subclass of ``nnx.Param``), so
+``nnx.LoRAParam`` selects exactly the adapters and ``nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))`` the base.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .layers import dropout, param
+
+
+class LoRALinear(nnx.Module):
+    """Linear ``[in, out]`` with an optional low-rank adapter (``rank == 0``: plain linear)."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], use_bias: bool,
+                 rank: int, alpha: float, lora_dropout: float, init_std: float, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.kernel = param(init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype),
+                            axes)
+        self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[1],)) if use_bias else None
+        if rank > 0:
+            bound = 1.0 / math.sqrt(in_features)
+            a = jax.random.uniform(rngs.params(), (in_features, rank), param_dtype, -bound, bound)
+            self.lora_a = param(a, (axes[0], "lora_rank"), nnx.LoRAParam)
+            self.lora_b = param(jnp.zeros((rank, out_features), param_dtype), ("lora_rank", axes[1]), nnx.LoRAParam)
+        else:
+            self.lora_a = self.lora_b = None
+        self.scaling = alpha / rank if rank > 0 else 0.0
+        self.lora_dropout = lora_dropout
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            xd = dropout(x, self.lora_dropout, dropout_key)
+            low = jnp.dot(xd, self.lora_a[...].astype(self.dtype))
+            y = y + jnp.dot(low, self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.scaling, self.dtype)
+        return y
+
+    def merge_(self) -> None:
+        """Fold the adapter into the base kernel in place (``W += scaling * A @ B``; then ``B = 0``).
+
+        Works on stacked layers too (leading ``layers`` axis). Computed in float32.
+        """
+        if self.lora_a is None:
+            return
+        w = self.kernel[...]
+        delta = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
+        self.kernel[...] = (w.astype(jnp.float32) + self.scaling * delta).astype(w.dtype)
+        self.lora_b[...] = jnp.zeros_like(self.lora_b[...])
+
+
+def merge_lora_(model: nnx.Module) -> int:
+    """Merge every LoRA adapter of ``model`` into its base weights in place; returns how many were merged."""
+    n = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, LoRALinear) and node.lora_a is not None:
+            node.merge_()
+            n += 1
+    return n

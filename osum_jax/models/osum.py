@@ -1,0 +1,183 @@
+"""The OSUM composite: Whisper encoder -> adapter -> ``[prompt][bos speech eos][target]`` -> Qwen2 (+LoRA).
+
+Batch contract (OSUM's own key names; the torch runtime implements the same one)::
+
+    feats          [B, T, n_mels] float    log-mel, padded with anything (masked)
+    feats_lengths  [B] int                 valid frames, 1 <= L <= T <= 3000
+    prompt         [B, P] int              instruction ids, padding -1 (optional key; absent = no prompt)
+    prompt_lengths [B] int
+    target         [B, L] int              label ids incl. the final end-of-text id, padding -100
+    target_lengths [B] int
+
+``model(batch)`` returns ``{"loss": scalar, "logits": [B, L, V] float32, "num_tokens": scalar}`` where
+``logits[b, i]`` is the distribution that predicts ``target[b, i]`` and ``loss`` is the mean cross-entropy over
+the valid target tokens of the whole batch (HF causal-LM loss, as OSUM trains).
+
+Sequence layout (as OSUM): the padded blocks are concatenated, so padding leaves holes between the blocks::
+
+    [ prompt (P) | bos | speech (T3) | eos | target (L) ]
+
+Holes are masked from attention and position ids are ``cumsum(valid) - 1``, so each utterance is computed
+exactly as if its valid tokens were packed. Because every block has a static size, the eos sits at index
+``P + T3 + 1`` for every row and the predictions for the target are ``hidden[:, P + T3 + 1 : P + T3 + 1 + L]``;
+the LM head runs on those ``L`` positions only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..config import ModelConfig
+from .adapter import Adapter
+from .attention import padding_mask
+from .layers import as_dtype, param, split_key
+from .qwen2 import Qwen2
+from .whisper import WhisperEncoder
+
+BATCH_KEYS = ("feats", "feats_lengths", "prompt", "prompt_lengths", "target", "target_lengths")
+IGNORE_ID = -100
+
+
+class OSUM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat_policy,
+                      attention_impl=cfg.attention_impl)
+        self.encoder = WhisperEncoder(cfg.encoder, rngs=rngs, **common)
+        self.adapter = Adapter(cfg.encoder.d_model, cfg.llm.hidden_size, cfg.adapter, rngs=rngs, **common)
+        pdt = as_dtype(cfg.param_dtype)
+        # OSUM's speech_token_emded: only rows speech_token_num (bos) and speech_token_num + 1 (eos) are used.
+        self.speech_embed = param(
+            cfg.llm.initializer_range
+            * jax.random.normal(rngs.params(), (cfg.speech_token_num + 2, cfg.llm.hidden_size), pdt),
+            ("speech_vocab", "embed"))
+        self.llm = Qwen2(cfg.llm, cfg.lora, rngs=rngs, **common)
+        self.cfg = cfg
+        self.dtype = as_dtype(cfg.dtype)
+
+    # -- speech -------------------------------------------------------------------------------------------------
+
+    def encode_speech(self, feats: jax.Array, feats_lengths: jax.Array,
+                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``feats [B, T, M]`` -> speech embeddings ``[B, T3, D_llm]`` and valid lengths ``ceil(L / 8)``."""
+        k_enc, k_ad = split_key(dropout_key, 2)
+        h, lengths = self.encoder(feats, feats_lengths, k_enc)
+        return self.adapter(h, lengths, k_ad)
+
+    def bos_eos(self) -> tuple[jax.Array, jax.Array]:
+        n = self.cfg.speech_token_num
+        table = self.speech_embed[...]
+        return table[n].astype(self.dtype), table[n + 1].astype(self.dtype)
+
+    # -- sequence assembly ----------------------------------------------------------------------------------------
+
+    def assemble(self, batch: Mapping[str, Any], speech: jax.Array, speech_lengths: jax.Array) -> dict[str, Any]:
+        """Build ``[prompt][bos speech eos][target]``: embeddings ``[B, S, D]``, ``valid [B, S]``, ``positions``.
+
+        Also returns ``target_start`` (static int): the sequence index whose output predicts ``target[:, 0]``.
+        """
+        b, t3, d = speech.shape
+        parts, valids = [], []
+        prompt = batch.get("prompt")
+        p = 0 if prompt is None else prompt.shape[1]
+        if p:
+            pv = padding_mask(jnp.asarray(batch["prompt_lengths"]), p)
+            parts.append(self.llm.embed(jnp.where(pv, prompt, 0)))
+            valids.append(pv)
+        bos, eos = self.bos_eos()
+        ones = jnp.ones((b, 1), bool)
+        parts += [jnp.broadcast_to(bos, (b, 1, d)), speech.astype(self.dtype), jnp.broadcast_to(eos, (b, 1, d))]
+        valids += [ones, padding_mask(speech_lengths, t3), ones]
+        target = jnp.asarray(batch["target"])
+        tv = padding_mask(jnp.asarray(batch["target_lengths"]), target.shape[1])
+        parts.append(self.llm.embed(jnp.where(tv & (target >= 0), target, 0)))
+        valids.append(tv)
+        valid = jnp.concatenate(valids, axis=1)
+        positions = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, 1)
+        return {
+            "inputs_embeds": jnp.concatenate(parts, axis=1),
+            "valid": valid,
+            "positions": positions,
+            "target_start": p + t3 + 1,
+        }
+
+    # -- forward --------------------------------------------------------------------------------------------------
+
+    def __call__(self, batch: Mapping[str, Any], dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
+        check_batch(batch, self.cfg)
+        k_speech, k_llm = split_key(dropout_key, 2)
+        speech, speech_lengths = self.encode_speech(jnp.asarray(batch["feats"]),
+                                                    jnp.asarray(batch["feats_lengths"]), k_speech)
+        seq = self.assemble(batch, speech, speech_lengths)
+        hidden = self.llm(seq["inputs_embeds"], seq["valid"], seq["positions"], k_llm)
+        target = jnp.asarray(batch["target"])
+        length = target.shape[1]
+        start = seq["target_start"]
+        logits = self.llm.logits(hidden[:, start:start + length])
+        loss_mask = padding_mask(jnp.asarray(batch["target_lengths"]), length) & (target >= 0)
+        loss, n = masked_cross_entropy(logits, target, loss_mask)
+        return {"loss": loss, "logits": logits, "num_tokens": n}
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean token cross-entropy over ``mask`` (float32); returns ``(loss, number_of_tokens)``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
+    n = mask.sum().astype(jnp.float32)
+    return jnp.where(mask, nll, 0.0).sum() / jnp.maximum(n, 1.0), n
+
+
+def _concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_batch(batch: Mapping[str, Any], cfg: ModelConfig) -> None:
+    """Validate a batch against the contract; raises ``ValueError`` naming the offending key.
+
+    Shapes are always checked; values (lengths, token ids) only when the arrays are concrete (outside ``jit``),
+    so call it on host batches before the first step to catch bad data early.
+    """
+    missing = [k for k in ("feats", "feats_lengths", "target", "target_lengths") if k not in batch]
+    if "prompt" in batch and "prompt_lengths" not in batch:
+        missing.append("prompt_lengths")
+    if missing:
+        raise ValueError(f"batch is missing key(s) {missing}; expected {list(BATCH_KEYS)}")
+    feats = batch["feats"]
+    if feats.ndim != 3 or feats.shape[-1] != cfg.encoder.num_mel_bins:
+        raise ValueError(f"batch['feats'] has shape {tuple(feats.shape)}; expected [B, T, {cfg.encoder.num_mel_bins}]")
+    b, t = feats.shape[:2]
+    if t > 2 * cfg.encoder.max_source_positions:
+        raise ValueError(f"batch['feats'] has {t} frames; the encoder accepts at most "
+                         f"{2 * cfg.encoder.max_source_positions}")
+    checks = [("feats_lengths", None, t, 1), ("target", 2, None, None), ("target_lengths", None, None, 0)]
+    if "prompt" in batch:
+        checks += [("prompt", 2, None, None), ("prompt_lengths", None, None, 0)]
+    for key, ndim, hi, lo in checks:
+        arr = batch[key]
+        if ndim is None and tuple(arr.shape) != (b,):
+            raise ValueError(f"batch[{key!r}] has shape {tuple(arr.shape)}; expected [{b}]")
+        if ndim is not None and (arr.ndim != ndim or arr.shape[0] != b):
+            raise ValueError(f"batch[{key!r}] has shape {tuple(arr.shape)}; expected [{b}, N]")
+    if not all(_concrete(batch[k]) for k in batch if k in BATCH_KEYS):
+        return
+    v = cfg.llm.vocab_size
+    fl = np.asarray(batch["feats_lengths"])
+    if fl.min() < 1 or fl.max() > t:
+        raise ValueError(f"batch['feats_lengths'] must lie in [1, {t}], got {fl.tolist()}")
+    for ids_key, len_key in (("prompt", "prompt_lengths"), ("target", "target_lengths")):
+        if ids_key not in batch:
+            continue
+        ids, lens = np.asarray(batch[ids_key]), np.asarray(batch[len_key])
+        if lens.min() < 0 or lens.max() > ids.shape[1]:
+            raise ValueError(f"batch[{len_key!r}] must lie in [0, {ids.shape[1]}], got {lens.tolist()}")
+        valid = np.arange(ids.shape[1])[None, :] < lens[:, None]
+        bad = valid & ((ids < 0) | (ids >= v))
+        if ids_key == "target":
+            bad &= ids != IGNORE_ID
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise ValueError(f"batch[{ids_key!r}][{r}, {c}] = {ids[r, c]} is not a token id in [0, {v})")

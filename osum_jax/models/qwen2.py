@@ -1,0 +1,129 @@
+"""Qwen2 decoder-only LM with peft-style LoRA (Hugging Face ``Qwen2ForCausalLM`` semantics).
+
+Forward, for input embeddings ``x [B, S, D]``, a validity mask ``[B, S]`` and explicit ``positions [B, S]``::
+
+    for each layer (nnx.scan):
+        h = x + o_proj(Attn(rope(q_proj(RMS(x))), rope(k_proj(..)), v_proj(..), causal & valid keys))
+        x = h + down_proj(silu(gate_proj(RMS(h))) * up_proj(RMS(h)))
+    hidden = RMS(x)
+    logits = hidden @ lm_head                 # float32, [B, S, V]
+
+Grouped-query attention: ``num_heads`` query heads share ``num_kv_heads`` key/value heads. q/k/v carry
+biases, o/gate/up/down do not. LoRA sits on the projections named in ``LoRAConfig.targets`` (OSUM: q, k, v,
+o, gate, down — not up).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import LLMConfig, LoRAConfig
+from .attention import causal_padding_mask, dot_product_attention
+from .layers import RMSNorm, as_dtype, param, split_key
+from .lora import LoRALinear
+from .positions import apply_rope, rope_cos_sin
+from .stack import create_stacked, run_stacked
+
+
+def _proj(name: str, n_in: int, n_out: int, axes, bias: bool, cfg: LLMConfig, lora: LoRAConfig, kw, rngs):
+    rank = lora.rank if name in lora.targets else 0
+    return LoRALinear(n_in, n_out, axes=axes, use_bias=bias, rank=rank, alpha=lora.alpha,
+                      lora_dropout=lora.dropout, init_std=cfg.initializer_range, rngs=rngs, **kw)
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, cfg: LLMConfig, lora: LoRAConfig, *, dtype, param_dtype, attention_impl: str,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        d, hd = cfg.hidden_size, cfg.resolved_head_dim
+        b = cfg.attention_bias
+        self.q_proj = _proj("q_proj", d, cfg.num_heads * hd, ("embed", "heads"), b, cfg, lora, kw, rngs)
+        self.k_proj = _proj("k_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), b, cfg, lora, kw, rngs)
+        self.v_proj = _proj("v_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), b, cfg, lora, kw, rngs)
+        self.o_proj = _proj("o_proj", cfg.num_heads * hd, d, ("heads", "embed"), False, cfg, lora, kw, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.attention_impl = attention_impl
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        b, s, _ = x.shape
+        kq, kk, kv, ko = split_key(dropout_key, 4)
+        q = self.q_proj(x, kq).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x, kk).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, kv).reshape(b, s, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = dot_product_attention(q, k, v, mask, self.attention_impl)
+        return self.o_proj(o.reshape(b, s, self.num_heads * self.head_dim), ko)
+
+
+class Qwen2MLP(nnx.Module):
+    def __init__(self, cfg: LLMConfig, lora: LoRAConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _proj("gate_proj", d, f, ("embed", "mlp"), False, cfg, lora, kw, rngs)
+        self.up_proj = _proj("up_proj", d, f, ("embed", "mlp"), False, cfg, lora, kw, rngs)
+        self.down_proj = _proj("down_proj", f, d, ("mlp", "embed"), False, cfg, lora, kw, rngs)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        kg, ku, kd = split_key(dropout_key, 3)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, kg)) * self.up_proj(x, ku), kd)
+
+
+class Qwen2DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LLMConfig, lora: LoRAConfig, *, dtype, param_dtype, attention_impl: str,
+                 rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.self_attn = Qwen2Attention(cfg, lora, attention_impl=attention_impl, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.mlp = Qwen2MLP(cfg, lora, rngs=rngs, **kw)
+
+    def __call__(self, x, cos, sin, mask, dropout_key=None):
+        ka, km = split_key(dropout_key, 2)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, ka)
+        return x + self.mlp(self.post_attention_layernorm(x), km)
+
+
+class Qwen2(nnx.Module):
+    """Token embeddings, the stacked decoder layers, the final norm and the (untied) LM head."""
+
+    def __init__(self, cfg: LLMConfig, lora: LoRAConfig, *, dtype="float32", param_dtype="float32",
+                 remat: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs):
+        dt, pdt = as_dtype(dtype), as_dtype(param_dtype)
+        std = cfg.initializer_range
+        self.embed_tokens = param(std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
+                                  ("vocab", "embed"))
+        self.layers = create_stacked(
+            lambda r: Qwen2DecoderLayer(cfg, lora, dtype=dt, param_dtype=pdt, attention_impl=attention_impl, rngs=r),
+            cfg.num_layers, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dt, param_dtype=pdt)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = param(std * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), pdt),
+                                 ("embed", "vocab"))
+        self.cfg = cfg
+        self.dtype = dt
+        self.remat = remat
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """``ids [...]`` (all >= 0) -> embeddings ``[..., D]`` in the compute dtype."""
+        return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+
+    def __call__(self, inputs_embeds: jax.Array, valid: jax.Array, positions: jax.Array,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """``inputs_embeds [B, S, D]``, ``valid [B, S]`` bool, ``positions [B, S]`` -> normed hidden ``[B, S, D]``."""
+        cos, sin = rope_cos_sin(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta)
+        mask = causal_padding_mask(valid)
+        x = run_stacked(self.layers, inputs_embeds.astype(self.dtype),
+                        lambda layer, h, k: layer(h, cos, sin, mask, k), self.cfg.num_layers,
+                        dropout_key=dropout_key, remat=self.remat)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [..., D]`` -> float32 logits ``[..., V]``."""
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.dot(hidden.astype(self.dtype), w.astype(self.dtype),
+                       preferred_element_type=jnp.float32).astype(jnp.float32)

@@ -1,0 +1,35 @@
+"""Shared test utilities: tiny configs, torch <-> numpy, error metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from osum_jax.config import load_config
+
+TINY = "configs/tiny.yaml"
+
+
+def tiny_model_config(**overrides):
+    """The tiny config with ``key=value`` overrides relative to ``model.``."""
+    ov = [f"model.{k}={v}" for k, v in overrides.items()]
+    return load_config(TINY, ov).model
+
+
+def to_np(t) -> np.ndarray:
+    return t.detach().cpu().float().numpy()
+
+
+def state_to_np(module) -> dict[str, np.ndarray]:
+    return {k: to_np(v) for k, v in module.state_dict().items()}
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def replace(cfg, **kw):
+    return dataclasses.replace(cfg, **kw)
