@@ -73,7 +73,7 @@ def test_loss_and_logits_equal_hf_on_same_embeddings(pair):
     labels = np.full(seq["valid"].shape, -100)
     labels[:, start + 1:start + 1 + length] = batch["target"]
     with torch.no_grad():
-        ref = pm(inputs_embeds=torch.from_numpy(np.asarray(seq["inputs_embeds"])),
+        ref = pm(inputs_embeds=torch.from_numpy(np.array(seq["inputs_embeds"])),
                  attention_mask=torch.from_numpy(np.asarray(seq["valid"]).astype(np.int64)),
                  position_ids=torch.from_numpy(np.asarray(seq["positions"]).astype(np.int64)),
                  labels=torch.from_numpy(labels))
