@@ -155,14 +155,87 @@ class ModelConfig:
             raise ConfigError("model.speech_token_num must be >= 1 (bos/eos rows live above it)")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Data section
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The Grain input pipeline (``osum_jax.data``). Defaults are OSUM's training values (reference §6)."""
+
+    # A data.list (jsonl), a shard list (one tar path per line), or OSUM's data-config YAML {name: {path, weight}}.
+    train: str = ""
+    dev: str = ""
+    format: str = "auto"  # auto | raw | shard | mix
+    tokenizer: str = ""  # local Hugging Face tokenizer directory (tokenizer.json)
+    prompts: str = ""  # OSUM prompt_config.yaml format; "" = the shipped default prompts
+    eod_token: str = "<|endoftext|>"  # appended to every label (Qwen2: id 151643)
+    normalize_text: bool = True  # OSUM's process_text: CJK spaces, lowercase, no spaces around < >
+    index_cache_dir: str = ""  # where tar/list indexes are cached; "" = beside the data, else ~/.cache/osum_jax
+    # audio and features
+    sample_rate: int = 16000
+    num_mel_bins: int = 80
+    # filters (frames are 10 ms, counted before resampling as OSUM does)
+    min_frames: int = 1
+    max_frames: int = 2900
+    min_label_tokens: int = 1
+    max_label_tokens: int = 200  # including the end-of-text id
+    max_seq_len: int = 1000  # prompt + frames / 8 + label
+    # augmentation (training only)
+    spec_aug: bool = True
+    spec_aug_num_t_mask: int = 2
+    spec_aug_max_t: int = 50
+    spec_aug_num_f_mask: int = 2
+    spec_aug_max_f: int = 10
+    spec_sub: bool = True
+    spec_sub_num_t_sub: int = 3
+    spec_sub_max_t: int = 30
+    # static-shape batching
+    frame_buckets: tuple[int, ...] = (500, 1000, 1500, 2000, 2900)
+    target_buckets: tuple[int, ...] = (48, 96, 200)
+    max_prompt_tokens: int = 64
+    max_frames_per_batch: int = 3900
+    max_tokens_per_batch: int = 1900
+    # order, scale, resume
+    seed: int = 777
+    shuffle: bool = True
+    num_epochs: int = 0  # 0 = repeat forever
+    num_workers: int = 0  # Grain worker processes (0 = in-process)
+    strict: bool = False  # raise on the first bad sample instead of skipping and counting it
+
+    def validate(self) -> None:
+        if self.format not in ("auto", "raw", "shard", "mix"):
+            raise ConfigError(f"data.format={self.format!r}; expected auto, raw, shard or mix")
+        for name in ("frame_buckets", "target_buckets"):
+            b = getattr(self, name)
+            if not b or list(b) != sorted(set(b)) or b[0] < 1:
+                raise ConfigError(f"data.{name}={list(b)} must be a non-empty strictly increasing list of positive ints")
+        if self.frame_buckets[-1] < self.max_frames:
+            raise ConfigError(f"data.frame_buckets ends at {self.frame_buckets[-1]} < data.max_frames={self.max_frames}")
+        if self.target_buckets[-1] < self.max_label_tokens:
+            raise ConfigError(f"data.target_buckets ends at {self.target_buckets[-1]} < "
+                              f"data.max_label_tokens={self.max_label_tokens}")
+        if self.num_workers < 0 or self.num_epochs < 0:
+            raise ConfigError("data.num_workers and data.num_epochs must be >= 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Top-level config. Later parts of the project (data, train, ...) add their own sections here."""
+    """Top-level config. Later parts of the project (train, ...) add their own sections here."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
+        self.data.validate()
+        if self.data.num_mel_bins != self.model.encoder.num_mel_bins:
+            raise ConfigError(f"data.num_mel_bins={self.data.num_mel_bins} != "
+                              f"model.encoder.num_mel_bins={self.model.encoder.num_mel_bins}")
+        if self.data.frame_buckets[-1] > 2 * self.model.encoder.max_source_positions:
+            raise ConfigError(f"data.frame_buckets go up to {self.data.frame_buckets[-1]} frames; the encoder "
+                              f"accepts at most {2 * self.model.encoder.max_source_positions}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,3 +18,16 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover - torch is a dev dependency
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def speech_corpus(tmp_path_factory):
+    """Real speech (espeak-ng) + data.list + tiny tokenizer; skipped with the reason if espeak-ng is missing."""
+    from tests.corpus import build_corpus, have_espeak
+
+    if not have_espeak():
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); .ci/run installs it")
+    return build_corpus(tmp_path_factory.mktemp("speech"))

@@ -1,0 +1,112 @@
+"""Label normalisation, tokenisation and prompt choice (OSUM reference §5)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+DEFAULT_PROMPTS = Path(__file__).with_name("prompts_default.yaml")
+DEFAULT_TASK = "<TRANSCRIBE>"
+NO_PROMPT = "<no_prompt>"
+
+_CJK = "\u4e00-\u9fff"
+_SPACE_AROUND_CJK = re.compile(rf"\s*([{_CJK}])\s*")
+_SPACE_AROUND_ANGLE = re.compile(r"\s*([<>])\s*")
+
+
+def normalize_label(text: str) -> str:
+    """OSUM's ``process_text``: drop spaces around CJK chars, lowercase everything, no spaces around < >."""
+    text = _SPACE_AROUND_CJK.sub(r"\1", text)
+    text = text.lower()
+    return _SPACE_AROUND_ANGLE.sub(r"\1", text).strip()
+
+
+def normalize_task(task: str | None) -> str:
+    """``"<TRANSCRIBE><GENDER>"`` -> ``"<TRANSCRIBE> <GENDER>"``; empty/None -> ``<TRANSCRIBE>``."""
+    if task is None or not str(task).strip():
+        return DEFAULT_TASK
+    return " ".join(re.sub(r">\s*<", "> <", str(task).strip()).split())
+
+
+class Tokenizer:
+    """A Hugging Face fast tokenizer loaded from a local directory (``tokenizer.json``), no hub access.
+
+    ``encode`` is ``tokenize`` + ``convert_tokens_to_ids`` without special tokens, as OSUM's data side does.
+    """
+
+    def __init__(self, directory: str | Path, eod_token: str = "<|endoftext|>"):
+        from tokenizers import Tokenizer as _Tok
+
+        path = Path(directory)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {directory} (a local Hugging Face tokenizer directory "
+                                    f"is needed; hub names cannot be downloaded)")
+        self.path = str(file)
+        self._tok = _Tok.from_file(self.path)
+        eod = self._tok.token_to_id(eod_token)
+        if eod is None:
+            raise ValueError(f"tokenizer {file} has no end-of-text token {eod_token!r} (data.eod_token)")
+        self.eod_id = int(eod)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def __getstate__(self):  # picklable for Grain worker processes
+        return {"path": self.path, "eod_id": self.eod_id, "vocab_size": self.vocab_size}
+
+    def __setstate__(self, state):
+        from tokenizers import Tokenizer as _Tok
+
+        self.__dict__.update(state)
+        self._tok = _Tok.from_file(self.path)
+
+
+class PromptBook:
+    """Prompts per task key, in OSUM's ``prompt_config.yaml`` format ``{task: [prompt, ...]}``."""
+
+    def __init__(self, prompts: dict[str, list[str]], source: str = "<dict>"):
+        if not isinstance(prompts, dict) or not prompts:
+            raise ValueError(f"{source}: a prompt file must map task keys to lists of prompts")
+        self.prompts: dict[str, list[str]] = {}
+        for task, items in prompts.items():
+            if isinstance(items, str):
+                items = [items]
+            if not isinstance(items, list) or not items or not all(isinstance(p, str) for p in items):
+                raise ValueError(f"{source}: task {task!r} must have a non-empty list of prompt strings")
+            self.prompts[normalize_task(task)] = list(items)
+        self.source = source
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "PromptBook":
+        path = Path(path) if path else DEFAULT_PROMPTS
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read prompt file {path}: {e}") from None
+        return cls(data, str(path))
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.prompts)
+
+    def check_tasks(self, tasks) -> None:
+        """Raise at start-up if the corpus uses tasks this prompt file does not know."""
+        unknown = sorted({normalize_task(t) for t in tasks} - set(self.prompts))
+        if unknown:
+            raise ValueError(f"tasks {unknown} are used by the data but missing from the prompt file {self.source}; "
+                             f"known tasks: {self.tasks}")
+
+    def choose(self, task: str, seed: int, epoch: int, index: int) -> str:
+        """A prompt for ``task``, random but a pure function of ``(seed, epoch, index)``."""
+        items = self.prompts[normalize_task(task)]
+        rng = np.random.default_rng([seed, epoch, index, 0x9E3779B9])
+        p = items[int(rng.integers(len(items)))]
+        return "" if p == NO_PROMPT else p

@@ -1,0 +1,73 @@
+"""A small real-speech corpus made offline with espeak-ng, plus a tiny BPE tokenizer trained on its text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SENTENCES = [
+    ("the quick brown fox jumps over the lazy dog", "en-us", "<TRANSCRIBE> <GENDER>", "<MALE>"),
+    ("speech understanding needs good data", "en-us+f3", "<TRANSCRIBE> <GENDER>", "<FEMALE>"),
+    ("jax compiles the model once per shape", "en-gb", "<TRANSCRIBE>", ""),
+    ("please call stella and ask her to bring these things", "en-gb+f2", "<TRANSCRIBE>", ""),
+    ("a small corpus for unit tests", "en-us", None, ""),
+    ("the weather is nice today", "en-us+f4", "<TRANSCRIBE> <AGE> <GENDER>", "<ADULT><FEMALE>"),
+    ("one two three four five six seven", "en-gb", "<TRANSCRIBE>", ""),
+    ("open source models help research", "en-us", "<TRANSCRIBE> <GENDER>", "<MALE>"),
+]
+
+
+def have_espeak() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+def synthesize(text: str, voice: str, path: Path, speed: int = 160) -> None:
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True,
+                   capture_output=True)
+
+
+def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 400) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    return out_dir
+
+
+def build_corpus(root: Path) -> dict:
+    """wav files (22.05 kHz from espeak), one stereo 44.1 kHz flac, one segment (start/end), a data.list."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (text, voice, task, tag) in enumerate(SENTENCES):
+        wav = root / f"utt{i}.wav"
+        synthesize(text, voice, wav)
+        entry = {"key": f"utt{i}", "wav": str(wav), "txt": f"{text.upper()} {tag}".strip()}
+        if task:
+            entry["task"] = task
+        lines.append(entry)
+    # stereo flac at another rate
+    x, sr = sf.read(root / "utt0.wav", dtype="float32")
+    stereo = np.stack([x, 0.5 * x], axis=1)
+    sf.write(root / "stereo.flac", stereo, sr, format="FLAC")
+    lines.append({"key": "stereo", "wav": str(root / "stereo.flac"), "txt": SENTENCES[0][0], "task": "<TRANSCRIBE>"})
+    # a segment of a longer file
+    dur = len(x) / sr
+    lines.append({"key": "segment", "wav": str(root / "utt0.wav"), "txt": "the quick brown fox", "start": 0.1,
+                  "end": round(dur / 2, 2)})
+    data_list = root / "data.list"
+    data_list.write_text("".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8")
+    from osum_jax.data.text import PromptBook
+    texts = [e["txt"].lower() for e in lines] + [p for ps in PromptBook.load().prompts.values() for p in ps]
+    tok_dir = train_tokenizer(texts, root / "tokenizer")
+    return {"root": root, "list": data_list, "tokenizer": tok_dir, "entries": lines}
