@@ -268,3 +268,25 @@ def test_worker_processes_cover_the_data(pcm_corpus):
     keys = [k for b in it for k in b["keys"][: b["num_real"]]]
     it.close()
     assert sorted(keys) == sorted(json.loads(line)["key"] for line in pcm_corpus["list"].read_text().splitlines())
+
+
+def test_osum_data_cli(pcm_corpus, tmp_path, capsys):
+    from osum_jax.data.cli import main
+
+    assert main(["make-shards", str(pcm_corpus["list"]), str(tmp_path / "sh"), "--per-shard", "3",
+                 "--workers", "2"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["shards"] == 4 and made["utterances"] == pcm_corpus["n"] and made["skipped"] == {}
+    lst = tmp_path / "sh" / "shards_list.txt"
+    assert main(["index", str(lst)]) == 0
+    assert json.loads(capsys.readouterr().out)["utterances"] == pcm_corpus["n"]
+    first_tar = lst.read_text().splitlines()[0]
+    idx = first_tar + ".idx.json"
+    mtime = __import__("os").stat(idx).st_mtime_ns  # built once and cached beside the tar
+    assert main(["inspect", str(lst)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert __import__("os").stat(idx).st_mtime_ns == mtime
+    assert info["utterances"] == pcm_corpus["n"] and info["tasks"]["<TRANSCRIBE> <GENDER>"] == 3
+    assert 0 < info["hours"] < 0.02 and sum(info["length_histogram_seconds"].values()) == pcm_corpus["n"]
+    assert main(["inspect", str(tmp_path / "missing.list")]) == 2
+    assert "does not exist" in capsys.readouterr().err

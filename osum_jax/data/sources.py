@@ -363,6 +363,8 @@ class TarShardSource:
 def detect_format(path: str | Path) -> str:
     """``mix`` for a YAML data config, ``shard`` for a list of tar paths, else ``raw`` (jsonl)."""
     p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data list {p} does not exist")
     if p.suffix in (".yaml", ".yml"):
         return "mix"
     with open(p, encoding="utf-8", errors="replace") as f:
