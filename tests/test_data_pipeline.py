@@ -262,8 +262,6 @@ def test_normalize_label(raw, expected):
 
 def test_worker_processes_cover_the_data(pcm_corpus):
     cfg = cfg_for(pcm_corpus, num_epochs=1, num_workers=2)
-    import absl.flags
-    absl.flags.FLAGS.mark_as_parsed()
     it = iter(DataPipeline(cfg, str(pcm_corpus["list"]), shard_index=0, shard_count=1).dataset())
     keys = [k for b in it for k in b["keys"][: b["num_real"]]]
     it.close()

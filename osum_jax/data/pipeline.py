@@ -307,6 +307,10 @@ class DataPipeline:
         ds = ds.map(self.processor)
         it = BucketBatchIterDataset(ds.to_iter_dataset(), self.spec, self.processor, self.cfg.num_mel_bins)
         if self.cfg.num_workers > 0:
+            import absl.flags  # Grain workers read absl flags; unparsed flags crash them (google/grain#1355)
+
+            if not absl.flags.FLAGS.is_parsed():
+                absl.flags.FLAGS.mark_as_parsed()
             it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=self.cfg.num_workers))
         return it
 

@@ -80,6 +80,14 @@ class OSUM(nnx.Module):
 
         Also returns ``target_start`` (static int): the sequence index whose output predicts ``target[:, 0]``.
         """
+        return self._assemble(batch, speech, speech_lengths, with_target=True)
+
+    def assemble_prefix(self, batch: Mapping[str, Any], speech: jax.Array,
+                        speech_lengths: jax.Array) -> dict[str, Any]:
+        """``[prompt][bos speech eos]`` only (generation); ``target_start`` is the eos index ``S - 1``."""
+        return self._assemble(batch, speech, speech_lengths, with_target=False)
+
+    def _assemble(self, batch, speech, speech_lengths, with_target: bool) -> dict[str, Any]:
         b, t3, d = speech.shape
         parts, valids = [], []
         prompt = batch.get("prompt")
@@ -92,10 +100,11 @@ class OSUM(nnx.Module):
         ones = jnp.ones((b, 1), bool)
         parts += [jnp.broadcast_to(bos, (b, 1, d)), speech.astype(self.dtype), jnp.broadcast_to(eos, (b, 1, d))]
         valids += [ones, padding_mask(speech_lengths, t3), ones]
-        target = jnp.asarray(batch["target"])
-        tv = padding_mask(jnp.asarray(batch["target_lengths"]), target.shape[1])
-        parts.append(self.llm.embed(jnp.where(tv & (target >= 0), target, 0)))
-        valids.append(tv)
+        if with_target:
+            target = jnp.asarray(batch["target"])
+            tv = padding_mask(jnp.asarray(batch["target_lengths"]), target.shape[1])
+            parts.append(self.llm.embed(jnp.where(tv & (target >= 0), target, 0)))
+            valids.append(tv)
         valid = jnp.concatenate(valids, axis=1)
         positions = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, 1)
         return {

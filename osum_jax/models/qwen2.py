@@ -47,15 +47,26 @@ class Qwen2Attention(nnx.Module):
         self.attention_impl = attention_impl
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+                 dropout_key: jax.Array | None = None, cache: tuple[jax.Array, jax.Array] | None = None,
+                 write_pos: jax.Array | int = 0):
+        """``x [B, T, D]`` -> ``[B, T, D]``.
+
+        With ``cache = (k [B, S_max, KV, H], v)`` the new keys/values are written at ``write_pos`` and attention
+        runs over the whole cache (``mask [B, 1, T, S_max]``); returns ``(out, (k, v))``.
+        """
         b, s, _ = x.shape
         kq, kk, kv, ko = split_key(dropout_key, 4)
         q = self.q_proj(x, kq).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x, kk).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, kv).reshape(b, s, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            at = (0, write_pos, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), at)
         o = dot_product_attention(q, k, v, mask, self.attention_impl)
-        return self.o_proj(o.reshape(b, s, self.num_heads * self.head_dim), ko)
+        out = self.o_proj(o.reshape(b, s, self.num_heads * self.head_dim), ko)
+        return out if cache is None else (out, (k, v))
 
 
 class Qwen2MLP(nnx.Module):
@@ -80,10 +91,14 @@ class Qwen2DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = Qwen2MLP(cfg, lora, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None):
+    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, write_pos=0):
         ka, km = split_key(dropout_key, 2)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, ka)
-        return x + self.mlp(self.post_attention_layernorm(x), km)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, ka, cache, write_pos)
+        if cache is not None:
+            h, cache = h
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x), km)
+        return x if cache is None else (x, cache)
 
 
 class Qwen2(nnx.Module):
@@ -121,6 +136,27 @@ class Qwen2(nnx.Module):
                         lambda layer, h, k: layer(h, cos, sin, mask, k), self.cfg.num_layers,
                         dropout_key=dropout_key, remat=self.remat)
         return self.norm(x)
+
+    def init_cache(self, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
+        """Empty KV cache ``[layers, B, max_len, KV, head_dim]`` (keys, values) in the compute dtype."""
+        shape = (self.cfg.num_layers, batch, max_len, self.cfg.num_kv_heads, self.cfg.resolved_head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def forward_cached(self, inputs_embeds: jax.Array, mask: jax.Array, positions: jax.Array,
+                       cache: tuple[jax.Array, jax.Array], write_pos: jax.Array | int):
+        """Run ``inputs_embeds [B, T, D]`` written at cache index ``write_pos``; ``mask [B, 1, T, S_max]``.
+
+        Returns the normed hidden ``[B, T, D]`` and the updated cache. Used for prefill and decoding.
+        """
+        cos, sin = rope_cos_sin(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta)
+
+        def body(x, layer, k, v):
+            x, (k, v) = layer(x, cos, sin, mask, None, (k, v), write_pos)
+            return x, (k, v)
+
+        scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+        x, cache = scan(inputs_embeds.astype(self.dtype), self.layers, cache[0], cache[1])
+        return self.norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., D]`` -> float32 logits ``[..., V]``."""
