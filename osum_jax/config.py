@@ -203,6 +203,7 @@ class DataConfig:
     num_epochs: int = 0  # 0 = repeat forever
     num_workers: int = 0  # Grain worker processes (0 = in-process)
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
+    batch_size_multiple: int = 1  # bucket batch sizes are rounded down to a multiple (the trainer sets it)
 
     def validate(self) -> None:
         if self.format not in ("auto", "raw", "shard", "mix"):
@@ -220,16 +221,114 @@ class DataConfig:
             raise ConfigError("data.num_workers and data.num_epochs must be >= 0")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Training section
+# --------------------------------------------------------------------------------------------------------------
+
+FIRE_MODULES = ("link", "encoder", "llm", "link_and_encoder", "link_and_encoder_and_lora", "lora", "all")
+SCHEDULES = ("warmup_inverse_sqrt", "cosine", "constant")
+
+# MaxText-style logical-axis -> mesh-axis rules (None = replicated). First matching mesh axis wins.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("embed_in", None),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("mel", None),
+    ("conv_width", None),
+    ("speech_vocab", None),
+    ("lora_rank", None),
+    ("norm", None),
+    ("positions", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ``(data, fsdp, tensor)``; -1 fills the remaining devices. Batches shard over data x fsdp."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host set-up for ``jax.distributed.initialize``; empty values are read from the environment
+    (``OSUM_COORDINATOR``, ``OSUM_NUM_PROCESSES``, ``OSUM_PROCESS_ID``) or left to JAX's auto-detection."""
+
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """``osum-train``: OSUM's optimisation defaults (reference §7)."""
+
+    output_dir: str = "runs/osum"
+    init_from: str = ""  # a checkpoint written by osum-convert (weights only) to start from
+    fire_module: str = "link_and_encoder_and_lora"  # what trains; see FIRE_MODULES
+    frozen_param_dtype: str = "float32"  # bfloat16 halves the memory of frozen weights
+    steps: int = 100_000  # optimizer steps (each = grad_accum micro-batches)
+    learning_rate: float = 5e-5
+    schedule: str = "warmup_inverse_sqrt"
+    warmup_steps: int = 8000
+    adam_b1: float = 0.9
+    adam_b2: float = 0.99
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 5.0
+    grad_accum: int = 4
+    seed: int = 777
+    log_every: int = 10
+    checkpoint_every: int = 1250
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    eval_every: int = 0  # 0 = no evaluation during training
+    eval_batches: int = 8  # held-out loss over this many dev batches
+    eval_decode_batches: int = 2  # greedy-decode this many dev batches for WER/CER/tag accuracy
+    eval_max_new_tokens: int = 64
+    progress: bool = True
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def validate(self) -> None:
+        if self.fire_module not in FIRE_MODULES:
+            raise ConfigError(f"train.fire_module={self.fire_module!r}; expected one of {FIRE_MODULES}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule={self.schedule!r}; expected one of {SCHEDULES}")
+        if self.frozen_param_dtype not in ("float32", "bfloat16"):
+            raise ConfigError("train.frozen_param_dtype must be float32 or bfloat16")
+        if self.grad_accum < 1 or self.steps < 1:
+            raise ConfigError("train.grad_accum and train.steps must be >= 1")
+        for name in ("data", "fsdp", "tensor"):
+            v = getattr(self.mesh, name)
+            if v == 0 or v < -1:
+                raise ConfigError(f"train.mesh.{name}={v}; use a positive size or -1 (fill)")
+        if sum(getattr(self.mesh, n) == -1 for n in ("data", "fsdp", "tensor")) > 1:
+            raise ConfigError("train.mesh: at most one axis may be -1")
+        for rule in self.mesh.rules:
+            if len(rule) != 2 or rule[1] not in (None, "data", "fsdp", "tensor"):
+                raise ConfigError(f"train.mesh.rules entry {list(rule)} must be [logical_name, data|fsdp|tensor|null]")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Top-level config. Later parts of the project (train, ...) add their own sections here."""
+    """Top-level config: ``model``, ``data``, ``train`` sections."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
         self.data.validate()
+        self.train.validate()
         if self.data.num_mel_bins != self.model.encoder.num_mel_bins:
             raise ConfigError(f"data.num_mel_bins={self.data.num_mel_bins} != "
                               f"model.encoder.num_mel_bins={self.model.encoder.num_mel_bins}")
@@ -282,6 +381,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed-length tuple[A, B]
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {value!r}")
+            items = [_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args))]
+            return tuple(items)
         item_t = args[0] if args else Any
         items = [_coerce(v, item_t, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

@@ -145,7 +145,9 @@ class BucketSpec:
         for f in cfg.frame_buckets:
             for t in cfg.target_buckets:
                 seq = cfg.max_prompt_tokens + math.ceil(f / 8) + 2 + t
-                sizes[(f, t)] = max(1, min(cfg.max_frames_per_batch // f, cfg.max_tokens_per_batch // seq))
+                b = max(1, min(cfg.max_frames_per_batch // f, cfg.max_tokens_per_batch // seq))
+                m = max(1, cfg.batch_size_multiple)
+                sizes[(f, t)] = max(m, b // m * m)  # divisible by the data-parallel shards
         return cls(tuple(cfg.frame_buckets), tuple(cfg.target_buckets), cfg.max_prompt_tokens, sizes)
 
     @property

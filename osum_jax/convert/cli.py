@@ -1,0 +1,98 @@
+"""``osum-convert``: checkpoints between Hugging Face / official OSUM torch files and the JAX checkpoint.
+
+    osum-convert import-hf --whisper DIR --qwen2 DIR [--config CONFIG] [key=value ...] --out CKPT [--force]
+    osum-convert import-osum CHECKPOINT.pt --config CONFIG [key=value ...] --out CKPT [--force]
+    osum-convert export-osum CKPT --out FILE.pt [--step N] [--dtype bfloat16|float16|float32] [--force]
+    osum-convert inspect PATH
+
+See docs/convert.md. Exit status 0 on success, 1 on a checked error (message on stderr), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osum-convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--force", action="store_true", help="overwrite an existing output")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    hf = sub.add_parser("import-hf", help="HF Whisper (encoder) + HF Qwen2 -> JAX checkpoint; fresh adapter/LoRA")
+    hf.add_argument("--whisper", required=True, help="local HF Whisper checkpoint directory (safetensors)")
+    hf.add_argument("--qwen2", required=True, help="local HF Qwen2 checkpoint directory (safetensors, may be sharded)")
+    hf.add_argument("--config", help="OSUM YAML config (default: encoder/LLM from the HF config.json files)")
+    hf.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parts")
+    hf.add_argument("--out", required=True, help="output checkpoint directory")
+    hf.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.lora.rank=16")
+    common(hf)
+
+    osum = sub.add_parser("import-osum", help="official OSUM infer.pt -> JAX checkpoint")
+    osum.add_argument("checkpoint", help="OSUM flat state dict (.pt)")
+    osum.add_argument("--config", required=True, help="OSUM YAML config (e.g. configs/osum_full.yaml)")
+    osum.add_argument("--out", required=True, help="output checkpoint directory")
+    osum.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    common(osum)
+
+    exp = sub.add_parser("export-osum", help="JAX checkpoint -> OSUM flat state dict (.pt)")
+    exp.add_argument("ckpt", help="JAX checkpoint directory (root or step directory)")
+    exp.add_argument("--out", required=True, help="output .pt file")
+    exp.add_argument("--step", type=int, help="step to export (default: the newest)")
+    exp.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                     help="cast every tensor (default: the dtypes recorded at import)")
+    common(exp)
+
+    ins = sub.add_parser("inspect", help="what a JAX checkpoint, .pt or safetensors file/directory holds")
+    ins.add_argument("path")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse stops collecting positionals at the first option: key=value overrides may sit anywhere
+    bad = [r for r in rest if r.startswith("-") or "=" not in r or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion never needs an accelerator
+    from ..config import ConfigError
+    from . import commands
+    from .checkpoint import CheckpointError
+    from .sources import SourceError
+    from .tree import CheckpointMismatch
+
+    t0 = time.perf_counter()
+    try:
+        if args.command == "inspect":
+            print(commands.inspect(args.path))
+            return 0
+        show = not args.no_progress
+        if args.command == "import-hf":
+            info = commands.import_hf(args.whisper, args.qwen2, args.config, args.overrides, out=args.out,
+                                      force=args.force, seed=args.seed, progress=show)
+        elif args.command == "import-osum":
+            info = commands.import_osum(args.checkpoint, args.config, args.overrides, out=args.out,
+                                        force=args.force, progress=show)
+        else:
+            info = commands.export_osum(args.ckpt, out=args.out, step=args.step, force=args.force,
+                                        dtype=args.dtype, progress=show)
+    except (ConfigError, CheckpointError, CheckpointMismatch, SourceError, FileExistsError, FileNotFoundError,
+            OverflowError) as e:
+        print(f"osum-convert {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"osum-convert {args.command}: wrote {args.out}: {info['tensors']} tensors, "
+          f"{info['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Write an in-memory JAX :class:`~osum_jax.models.OSUM` as a PyTorch package for ``osum_torch_infer``.
+
+The format is described in ``docs/package-format.md``. In short, a Hugging Face-style directory::
+
+    config.json                      OSUM config (encoder, adapter, speech tokens, LoRA) + a Qwen2 config ("llm")
+    model.safetensors                or model-0000i-of-0000n.safetensors + model.safetensors.index.json (<= 5 GB)
+    adapter_config.json              only with merge_lora=False: peft LoRA config for the exported Qwen2
+    adapter_model.safetensors        only with merge_lora=False: peft LoRA weights
+    generation_config.json           OSUM's decoding defaults (reference section 8)
+    prompts.yaml                     the prompt file (OSUM prompt_config.yaml format)
+    tokenizer.json ...               the tokenizer files, copied
+
+Tensor names are torch names: the Whisper encoder under ``encoder.`` (Hugging Face ``WhisperEncoder`` names), the
+adapter under ``adapter.``, ``speech_embed.weight`` and the LLM under ``llm.`` (Hugging Face ``Qwen2ForCausalLM``
+names, the inverse of :func:`osum_jax.convert.hf.qwen2_from_hf`).
+
+The writer streams: the safetensors headers are computed from the variables' shapes first, then each tensor is
+converted (one layer of a stacked variable at a time) and appended to its shard file. The output is written to a
+temporary sibling directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+from ..config import ModelConfig
+from ..data.text import DEFAULT_PROMPTS, PromptBook
+from .hf import QWEN2_TOP, WHISPER_LAYER, WHISPER_TOP, _conv, _id, _linear, qwen2_layer_table
+from .tree import flat_variables
+
+FORMAT_NAME = "osum-torch-package"
+FORMAT_VERSION = 1
+MAX_SHARD_BYTES = 5 * 1000 ** 3  # Hugging Face's "5GB"
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model")
+DTYPES = {"bf16": ("bfloat16", "BF16", np.dtype(ml_dtypes.bfloat16)),
+          "fp16": ("float16", "F16", np.dtype(np.float16)),
+          "fp32": ("float32", "F32", np.dtype(np.float32))}
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
+                 "fp32": "fp32"}
+
+# OSUM's decoding parameters (reference section 8), as a Hugging Face GenerationConfig.
+OSUM_GENERATION = dict(max_new_tokens=400, min_length=1, num_beams=4, do_sample=True, top_k=5, top_p=0.9,
+                       temperature=1.0, repetition_penalty=1.05, length_penalty=1.0)
+
+# Our torch names for the adapter, relative to "adapter." (jax path relative to model.adapter, torch key, transform)
+ADAPTER_TOP = [
+    ("transformer.input_proj.kernel", "input_proj.weight", _linear),
+    ("transformer.input_proj.bias", "input_proj.bias", _id),
+    ("transformer.input_norm.scale", "input_norm.weight", _id),
+    ("transformer.input_norm.bias", "input_norm.bias", _id),
+    ("transformer.pos_table", "embed_positions.weight", _id),
+    ("transformer.layer_norm.scale", "layer_norm.weight", _id),
+    ("transformer.layer_norm.bias", "layer_norm.bias", _id),
+    ("proj.kernel", "proj.weight", _linear),
+    ("proj.bias", "proj.bias", _id),
+]
+
+
+class PackageError(ValueError):
+    """The package cannot be written (existing output, bad tokenizer, fp16 overflow...); the message says why."""
+
+
+class Fp16OverflowError(PackageError):
+    """Some tensors hold values beyond the float16 range; ``offenders`` lists ``(name, max |value|)``."""
+
+    def __init__(self, offenders: list[tuple[str, float]]):
+        self.offenders = offenders
+        lines = "\n  ".join(f"{name}: max |value| = {peak:.6g}" for name, peak in offenders)
+        super().__init__(f"{len(offenders)} tensor(s) exceed the float16 range (|x| <= {FP16_MAX:g}); nothing was "
+                         f"written. Export with --dtype bf16 or fp32, or fix these tensors:\n  {lines}")
+
+
+_INVERSE: dict[Callable, Callable[[np.ndarray], np.ndarray]] = {
+    _id: lambda x: x,
+    _linear: lambda x: x.T,  # [in, out] -> torch [out, in]
+    _conv: lambda x: np.transpose(x, (2, 1, 0)),  # [k, in, out] -> torch [out, in, k]
+}
+
+
+@dataclass
+class _Tensor:
+    """One output tensor: its torch name, shape, and how to produce it (float32 numpy)."""
+
+    name: str
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray]
+    file: str = "model"  # "model" or "adapter"
+
+
+def _resolve_dtype(dtype: str) -> str:
+    try:
+        return DTYPE_ALIASES[dtype]
+    except KeyError:
+        raise PackageError(f"dtype {dtype!r} is not one of bf16, fp16, fp32") from None
+
+
+def _var_value(var) -> np.ndarray:
+    return np.asarray(var.get_value())
+
+
+def _plan(model, cfg: ModelConfig, merge_lora: bool) -> list[_Tensor]:
+    """Every output tensor in a fixed order, with lazy producers (one layer of a stacked variable each)."""
+    variables = flat_variables(model)
+    used: set[str] = set()
+    out: list[_Tensor] = []
+
+    def var(path: str):
+        if path not in variables:
+            raise PackageError(f"the model has no variable {path!r} (is it an OSUM built from this config?)")
+        used.add(path)
+        return variables[path]
+
+    def top(jax_path: str, torch_key: str, fn, file: str = "model") -> None:
+        v = var(jax_path)
+        inv = _INVERSE[fn]
+        shape = tuple(inv(np.empty(v.shape, np.bool_)).shape)
+        out.append(_Tensor(torch_key, shape, lambda v=v, inv=inv: inv(_var_value(v)), file))
+
+    def stacked(jax_path: str, torch_fmt: str, fn, n: int, file: str = "model") -> None:
+        v = var(jax_path)
+        inv = _INVERSE[fn]
+        shape = tuple(inv(np.empty(v.shape[1:], np.bool_)).shape)
+        for i in range(n):
+            out.append(_Tensor(torch_fmt.format(i), shape, lambda v=v, inv=inv, i=i: inv(np.asarray(v[i])), file))
+
+    enc = cfg.encoder
+    for jax_name, torch_name, fn in WHISPER_TOP:
+        top(f"encoder.{jax_name}", f"encoder.{torch_name}", fn)
+    for jax_name, torch_name, fn in WHISPER_LAYER:
+        stacked(f"encoder.layers.{jax_name}", f"encoder.layers.{{}}.{torch_name}", fn, enc.num_layers)
+    if enc.key_bias:
+        stacked("encoder.layers.self_attn.k_proj.bias", "encoder.layers.{}.self_attn.k_proj.bias", _id,
+                enc.num_layers)
+    ad = cfg.adapter
+    for i in range(len(ad.conv_strides)):
+        top(f"adapter.downsample.convs.{i}.kernel", f"adapter.convs.{i}.weight", _conv)
+        top(f"adapter.downsample.convs.{i}.bias", f"adapter.convs.{i}.bias", _id)
+    for jax_name, torch_name, fn in ADAPTER_TOP:
+        top(f"adapter.{jax_name}", f"adapter.{torch_name}", fn)
+    adapter_layer = WHISPER_LAYER + [("self_attn.k_proj.bias", "self_attn.k_proj.bias", _id)]
+    for jax_name, torch_name, fn in adapter_layer:
+        stacked(f"adapter.transformer.layers.{jax_name}", f"adapter.layers.{{}}.{torch_name}", fn, ad.num_layers)
+    top("speech_embed", "speech_embed.weight", _id)
+
+    llm, lora = cfg.llm, cfg.lora
+    for jax_name, torch_name, fn in QWEN2_TOP:
+        if jax_name == "lm_head" and llm.tie_word_embeddings:
+            continue
+        top(f"llm.{jax_name}", f"llm.{torch_name}", fn)
+    rows = qwen2_layer_table(llm, lora if lora.rank > 0 else None)
+    lora_rows = {jax_name: torch_name for jax_name, torch_name, _ in rows if ".lora_" in jax_name}
+    for jax_name, torch_name, fn in rows:
+        if ".lora_" in jax_name:
+            if merge_lora:
+                var(f"llm.layers.{jax_name}")  # consumed by the merge below
+            else:
+                # peft layout: base_model.model.<HF name>, adapter name dropped (as peft saves it)
+                stacked(f"llm.layers.{jax_name}", f"base_model.model.model.layers.{{}}.{torch_name}", fn,
+                        llm.num_layers, file="adapter")
+            continue
+        mod = jax_name.rsplit(".", 1)[0]
+        if merge_lora and jax_name.endswith(".kernel") and f"{mod}.lora_a" in lora_rows:
+            k, a, b = (var(f"llm.layers.{mod}.{p}") for p in ("kernel", "lora_a", "lora_b"))
+            scaling = float(lora.scaling)
+
+            def merged(i, k=k, a=a, b=b, scaling=scaling):
+                w = np.asarray(k[i], np.float32)
+                delta = np.asarray(a[i], np.float32) @ np.asarray(b[i], np.float32)
+                return (w + np.float32(scaling) * delta).T
+
+            shape = tuple(k.shape[1:][::-1])
+            for i in range(llm.num_layers):
+                out.append(_Tensor(f"llm.model.layers.{i}.{torch_name}", shape, lambda i=i, f=merged: f(i)))
+            continue
+        stacked(f"llm.layers.{jax_name}", f"llm.model.layers.{{}}.{torch_name}", fn, llm.num_layers)
+
+    left = sorted(set(variables) - used)
+    if left:
+        raise PackageError(f"model variables not covered by the package name table: {left[:20]}")
+    return out
+
+
+def _shards(tensors: list[_Tensor], itemsize: int, max_shard_bytes: int) -> list[list[_Tensor]]:
+    shards: list[list[_Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        n = math.prod(t.shape) * itemsize
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += n
+    return shards
+
+
+def _header(tensors: list[_Tensor], st_dtype: str, itemsize: int) -> bytes:
+    """safetensors header (8-byte little-endian length + JSON padded with spaces to a multiple of 8)."""
+    meta: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        n = math.prod(t.shape) * itemsize
+        meta[t.name] = {"dtype": st_dtype, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class _Progress:
+    def __init__(self, total_bytes: int, total_tensors: int, enabled: bool):
+        self.n, self.total = 0, total_tensors
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, desc="export-torch", unit="B", unit_scale=True, unit_divisor=1024,
+                            file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+    def update(self, nbytes: int) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"{self.n}/{self.total} tensors")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_shards(directory: Path, stem: str, shards: list[list[_Tensor]], np_dt: np.dtype, st_dtype: str,
+                  check_fp16: bool, offenders: list[tuple[str, float]], progress: _Progress,
+                  always_single: bool = False) -> dict[str, str]:
+    """Write the shard files; returns ``{tensor name: file name}``. With fp16 overflow nothing more is written."""
+    itemsize = np_dt.itemsize
+    weight_map: dict[str, str] = {}
+    n = len(shards)
+    for s, tensors in enumerate(shards):
+        fname = f"{stem}.safetensors" if n == 1 or always_single else f"{stem}-{s + 1:05d}-of-{n:05d}.safetensors"
+        with open(directory / fname, "wb") as f:
+            f.write(_header(tensors, st_dtype, itemsize))
+            for t in tensors:
+                arr = np.asarray(t.produce(), np.float32)
+                if arr.shape != t.shape:
+                    raise PackageError(f"{t.name}: produced shape {arr.shape} != planned {t.shape}")
+                if not np.isfinite(arr).all():
+                    raise PackageError(f"{t.name}: the model holds NaN/Inf values; refusing to export them")
+                if check_fp16:
+                    peak = float(np.abs(arr).max()) if arr.size else 0.0
+                    if peak > FP16_MAX:
+                        offenders.append((t.name, peak))
+                if offenders:  # keep scanning to report every offender, write nothing more
+                    progress.update(arr.size * itemsize)
+                    continue
+                f.write(np.ascontiguousarray(arr.astype(np_dt)).tobytes())
+                weight_map[t.name] = fname
+                progress.update(arr.size * itemsize)
+    return weight_map
+
+
+def qwen2_hf_config(cfg: ModelConfig, torch_dtype: str, eos_token_id: int) -> dict:
+    """A ``transformers.Qwen2Config`` dict for the LLM part (loadable with ``Qwen2Config(**d)``)."""
+    llm = cfg.llm
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": llm.vocab_size,
+        "hidden_size": llm.hidden_size,
+        "intermediate_size": llm.intermediate_size,
+        "num_hidden_layers": llm.num_layers,
+        "num_attention_heads": llm.num_heads,
+        "num_key_value_heads": llm.num_kv_heads,
+        "head_dim": llm.resolved_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rope_theta": llm.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": llm.rms_norm_eps,
+        "tie_word_embeddings": llm.tie_word_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": llm.initializer_range,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "use_cache": True,
+        "bos_token_id": eos_token_id,
+        "eos_token_id": eos_token_id,
+        "torch_dtype": torch_dtype,
+    }
+
+
+def _tokenizer_eos(tokenizer_dir: Path, eod_token: str) -> int:
+    from tokenizers import Tokenizer
+
+    file = tokenizer_dir / "tokenizer.json"
+    if not file.is_file():
+        raise PackageError(f"no tokenizer.json in {tokenizer_dir} (a local Hugging Face tokenizer directory is "
+                           f"needed)")
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise PackageError(f"cannot read {file}: {e}") from None
+    eos = tok.token_to_id(eod_token)
+    if eos is None:
+        raise PackageError(f"{file} has no end-of-text token {eod_token!r}")
+    return int(eos)
+
+
+def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokenizer_dir: str | Path,
+                         prompts_path: str | Path | None = None, dtype: str = "bf16", merge_lora: bool = True,
+                         force: bool = False, eod_token: str = "<|endoftext|>",
+                         max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True,
+                         extra_metadata: dict | None = None) -> dict:
+    """Write ``model`` (an :class:`osum_jax.models.OSUM`) as a torch package directory ``out_dir``.
+
+    ``dtype``: ``bf16`` | ``fp16`` | ``fp32`` (LoRA merges are computed in float32 before the cast). With
+    ``merge_lora=False`` the base weights go to the model files and the adapters to ``adapter_model.safetensors``
+    in peft format. fp16 exports check every tensor against the float16 range first; offenders are listed in a
+    :class:`Fp16OverflowError` and nothing is written. Refuses to replace an existing ``out_dir`` unless
+    ``force``. Returns a summary dict (files, tensor counts, bytes).
+    """
+    key = _resolve_dtype(dtype)
+    torch_dtype, st_dtype, np_dt = DTYPES[key]
+    out = Path(out_dir)
+    tok_dir = Path(tokenizer_dir)
+    if out.exists() and not force:
+        raise PackageError(f"{out} exists; pass force=True (--force) to replace it")
+    if max_shard_bytes < 1:
+        raise PackageError("max_shard_bytes must be positive")
+    eos_id = _tokenizer_eos(tok_dir, eod_token)
+    prompts_file = Path(prompts_path) if prompts_path else DEFAULT_PROMPTS
+    PromptBook.load(prompts_file)  # validates the file (raises naming it)
+    if cfg.lora.rank == 0:
+        merge_lora = True  # nothing to keep apart
+
+    tensors = _plan(model, cfg, merge_lora)
+    base = [t for t in tensors if t.file == "model"]
+    adapters = [t for t in tensors if t.file == "adapter"]
+    shards = _shards(base, np_dt.itemsize, max_shard_bytes)
+    total_bytes = sum(math.prod(t.shape) for t in tensors) * np_dt.itemsize
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    bar = _Progress(total_bytes, len(tensors), progress)
+    try:
+        offenders: list[tuple[str, float]] = []
+        weight_map = _write_shards(tmp, "model", shards, np_dt, st_dtype, key == "fp16", offenders, bar)
+        if adapters:
+            _write_shards(tmp, "adapter_model", [adapters], np_dt, st_dtype, key == "fp16", offenders, bar,
+                          always_single=True)
+        if offenders:
+            raise Fp16OverflowError(offenders)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(math.prod(t.shape) for t in base) * np_dt.itemsize},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if adapters:
+            lora = cfg.lora
+            adapter_cfg = {
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+                "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+                "target_modules": list(lora.targets), "bias": "none", "fan_in_fan_out": False,
+                "inference_mode": True, "modules_to_save": None, "init_lora_weights": True,
+                "use_rslora": False, "use_dora": False,
+            }
+            (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
+        config = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "model_type": "osum",
+            "architectures": ["OSUMForConditionalGeneration"],
+            "torch_dtype": torch_dtype,
+            "encoder": _plain(asdict(cfg.encoder), drop=("dropout", "positional_dropout")),
+            "adapter": _plain(asdict(cfg.adapter), drop=("dropout", "positional_dropout")),
+            "speech_token_num": cfg.speech_token_num,
+            "lora": {"merged": merge_lora, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+                     "targets": list(cfg.lora.targets)},
+            "llm": qwen2_hf_config(cfg, torch_dtype, eos_id),
+            "eos_token_id": eos_id,
+            "eod_token": eod_token,
+            "prompts_file": "prompts.yaml",
+            "audio": {"sample_rate": 16000, "n_fft": 400, "hop_length": 160,
+                      "num_mel_bins": cfg.encoder.num_mel_bins,
+                      "max_frames": 2 * cfg.encoder.max_source_positions},
+        }
+        if extra_metadata:
+            config["metadata"] = extra_metadata
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        gen = dict(OSUM_GENERATION, eos_token_id=eos_id, pad_token_id=eos_id, bos_token_id=eos_id)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        shutil.copyfile(prompts_file, tmp / "prompts.yaml")
+        copied = []
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copyfile(tok_dir / name, tmp / name)
+                copied.append(name)
+        _fsync_dir(tmp)
+        if out.exists():  # force: move the old one away first so the rename is the only visible change
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            _remove(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+    finally:
+        bar.close()
+    files = sorted(p.name for p in out.iterdir())
+    return {"out": str(out), "files": files, "tensors": len(tensors), "bytes": total_bytes,
+            "shards": len(shards), "dtype": torch_dtype, "merged_lora": merge_lora, "tokenizer_files": copied}
+
+
+def _plain(d: dict, drop: tuple[str, ...] = ()) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k not in drop}
+
+
+def _fsync_dir(directory: Path) -> None:
+    for p in directory.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+

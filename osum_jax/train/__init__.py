@@ -1,0 +1,1 @@
+"""Training: mesh and logical-axis sharding, trainable sets, optax, orbax checkpoints, the loop (``osum-train``)."""

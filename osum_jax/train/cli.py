@@ -1,0 +1,68 @@
+"""``osum-train CONFIG [key=value ...]``: train (or ``--plan`` the memory of) an OSUM model.
+
+    osum-train configs/tiny.yaml data.train=corpus/train.list data.tokenizer=tok/ train.output_dir=runs/x
+    osum-train configs/osum_full.yaml --plan --devices 8 --device-memory-gb 80
+
+Multi-host: set ``train.distributed.coordinator_address/num_processes/process_id`` (or the environment
+variables ``OSUM_COORDINATOR``, ``OSUM_NUM_PROCESSES``, ``OSUM_PROCESS_ID``) and start one process per host;
+each process reads its own share of the data. On TPU pods / SLURM, JAX's auto-detection needs none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _init_distributed(cfg) -> None:
+    import jax
+
+    d = cfg.train.distributed
+    addr = d.coordinator_address or os.environ.get("OSUM_COORDINATOR", "")
+    nproc = d.num_processes or int(os.environ.get("OSUM_NUM_PROCESSES", "0"))
+    pid = d.process_id if d.process_id >= 0 else int(os.environ.get("OSUM_PROCESS_ID", "-1"))
+    if addr:
+        jax.distributed.initialize(addr, num_processes=nproc or None, process_id=pid if pid >= 0 else None)
+    elif nproc > 1:
+        jax.distributed.initialize()  # cluster auto-detection (TPU, SLURM, ...)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="osum-train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    ap.add_argument("--plan", action="store_true", help="print per-device memory and exit (allocates nothing)")
+    ap.add_argument("--devices", type=int, default=0, help="--plan: number of devices (default: those present)")
+    ap.add_argument("--device-memory-gb", type=float, default=0.0, help="--plan: memory per device")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"osum-train: config error: {e}", file=sys.stderr)
+        return 2
+    if args.plan:
+        from .plan import format_plan, plan
+
+        print(format_plan(plan(cfg, args.devices or None, args.device_memory_gb)))
+        return 0
+    _init_distributed(cfg)
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    import jax
+
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in summary.items()}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Device mesh ``(data, fsdp, tensor)``, logical-axis rules, and placing model state and batches on it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from ..config import ConfigError, MeshConfig
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_KEYS = ("feats", "feats_lengths", "prompt", "prompt_lengths", "target", "target_lengths")
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise ConfigError(f"train.mesh {dict(zip(AXES, sizes))}: {n_devices} devices are not divisible by {fixed}")
+        sizes[sizes.index(-1)] = n_devices // fixed
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(f"train.mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices; "
+                          f"{n_devices} are available")
+    return tuple(sizes)
+
+
+def build_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """A mesh over ``devices`` (default: all) with Auto axis types (Explicit breaks nnx.Linear under sharding)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def rules_of(cfg: MeshConfig) -> tuple[tuple[str, str | None], ...]:
+    return tuple((a, b) for a, b in cfg.rules)
+
+
+def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules) -> Any:
+    """NamedShardings for an ``nnx.State`` from its logical axis names and the rules table."""
+    with nn.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(state)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s if isinstance(s, PartitionSpec) else PartitionSpec()),
+                        specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shard_module(module: nnx.Module, mesh: jax.sharding.Mesh, rules) -> None:
+    """Move every variable of ``module`` onto ``mesh`` according to its logical axes (in place)."""
+    state = nnx.state(module)
+    shardings = state_shardings(state, mesh, rules)
+    nnx.update(module, jax.device_put(state, shardings))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def align_across_processes(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Multi-host SPMD needs one shape per step: pad every process's batch to the largest (B, T, P, L) seen.
+
+    Padding rows have one silent frame and no prompt/target (no loss). With one process this is a no-op.
+    """
+    batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
+    if jax.process_count() == 1:
+        return batch
+    from jax.experimental import multihost_utils
+
+    dims = np.array([batch["feats"].shape[0], batch["feats"].shape[1], batch["prompt"].shape[1],
+                     batch["target"].shape[1]], np.int64)
+    b, t, p, l_ = np.asarray(multihost_utils.process_allgather(dims)).reshape(-1, 4).max(axis=0)
+    return pad_batch(batch, int(b), int(t), int(p), int(l_))
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], b: int, t: int, p: int, l_: int) -> dict[str, np.ndarray]:
+    out = {}
+    f = batch["feats"]
+    out["feats"] = np.zeros((b, t, f.shape[2]), f.dtype)
+    out["feats"][: f.shape[0], : f.shape[1]] = f
+    out["feats_lengths"] = np.ones(b, batch["feats_lengths"].dtype)
+    out["feats_lengths"][: f.shape[0]] = batch["feats_lengths"]
+    for key, width, pad in (("prompt", p, -1), ("target", l_, -100)):
+        x = batch[key]
+        out[key] = np.full((b, width), pad, x.dtype)
+        out[key][: x.shape[0], : x.shape[1]] = x
+        out[key + "_lengths"] = np.zeros(b, batch[key + "_lengths"].dtype)
+        out[key + "_lengths"][: x.shape[0]] = batch[key + "_lengths"]
+    return out
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Host batch (this process's rows) -> global arrays sharded over ``data x fsdp``."""
+    out = {}
+    for k in BATCH_KEYS:
+        if k not in batch:
+            continue
+        x = np.asarray(batch[k])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+    return out

@@ -1,0 +1,380 @@
+"""The training loop behind ``osum-train``.
+
+One micro-step = one data batch (static shape from the data buckets) -> forward/backward on the mesh ->
+``optax.MultiSteps`` accumulation; every ``grad_accum`` micro-steps the optimizer applies an update (an
+"optimizer step", the unit of ``train.steps``, logging, evaluation and checkpoints).
+
+Determinism: parameters come from ``train.seed``; the dropout key of micro-step ``m`` is
+``fold_in(key(seed), m)``; the data order is a pure function of ``data.seed`` and the iterator state, which is
+checkpointed with the model. A resumed run therefore repeats an uninterrupted one bit for bit (on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ..config import Config
+from ..models import OSUM
+from ..models.generate import greedy_decode
+from ..models.layers import as_dtype
+from .checkpoint import RunCheckpointer
+from .mesh import align_across_processes, build_mesh, data_parallel_size, put_batch, rules_of, state_shardings
+from .optim import learning_rate_schedule, make_optimizer
+from .trainable import cast_frozen_, count, trainable_filter
+
+log = logging.getLogger("osum_jax.train")
+
+
+class MetricsWriter:
+    """JSONL (always) + TensorBoard (tensorboardX) on process 0."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.jsonl = None
+        self.tb = None
+        if self.enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, (np.floating, np.integer, float, int)) else v)
+                                for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+class Trainer:
+    """Builds the mesh, the sharded model and optimizer, the data pipelines; runs, evaluates, checkpoints."""
+
+    def __init__(self, cfg: Config, *, devices=None, tokenizer=None, prompts=None):
+        self.cfg = cfg
+        tc = cfg.train
+        self.mesh = build_mesh(tc.mesh, devices)
+        self.rules = rules_of(tc.mesh)
+        self.out_dir = Path(tc.output_dir)
+        self.lora_enabled = cfg.model.lora.rank > 0
+        self.filter = trainable_filter(tc.fire_module, self.lora_enabled)
+        self.model = self._init_model()
+        if tc.frozen_param_dtype != "float32":
+            cast_frozen_(self.model, tc.fire_module, as_dtype(tc.frozen_param_dtype), self.lora_enabled)
+        self.tx = make_optimizer(tc)
+        with jax.set_mesh(self.mesh):
+            self.optimizer = nnx.Optimizer(self.model, self.tx, wrt=self.filter)
+        self.model_shardings = state_shardings(nnx.state(self.model), self.mesh, self.rules)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.opt_shardings = jax.tree.map(
+            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, nnx.state(self.optimizer))
+        # put the optimizer's scalars (step counts) on the mesh too, so every step sees the same shardings
+        nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), self.opt_shardings))
+        self.schedule = learning_rate_schedule(tc)
+        self.n_trainable = count(self.model, self.filter)
+        self.n_params = count(self.model, nnx.Param)
+        self._tokenizer, self._prompts = tokenizer, prompts
+        self._train_step = self._make_train_step()
+        self._eval_step = nnx.jit(lambda m, b: m(b))
+        self._decode = nnx.jit(greedy_decode, static_argnames=("max_new_tokens",))
+        self.shapes_seen: set[tuple] = set()
+        self.checkpointer = None
+        self.micro_step = 0
+        self.step = 0
+        self.data_state = None
+        self.nonfinite_steps = 0
+        self._stop = False
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+
+    def _init_model(self) -> OSUM:
+        cfg = self.cfg
+        abstract = nnx.eval_shape(lambda: OSUM(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+        graphdef, abs_state = nnx.split(abstract)
+        shardings = state_shardings(abs_state, self.mesh, self.rules)
+
+        @jax.jit
+        def init():
+            return nnx.state(OSUM(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+
+        with jax.set_mesh(self.mesh):
+            state = jax.jit(init, out_shardings=shardings)()
+        return nnx.merge(graphdef, state)
+
+    def _make_train_step(self):
+        flt = self.filter
+        model_shardings, opt_shardings = self.model_shardings, self.opt_shardings
+
+        @nnx.jit
+        def train_step(model, optimizer, batch, key):
+            def loss_fn(m):
+                out = m(batch, key)
+                return out["loss"], out["num_tokens"]
+
+            (loss, ntok), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, flt), has_aux=True)(model)
+            gnorm = optax.tree.norm(grads)
+            optimizer.update(model, grads)
+            # keep every array on its original sharding: the next call then reuses this compilation
+            nnx.update(model, jax.lax.with_sharding_constraint(nnx.state(model), model_shardings))
+            nnx.update(optimizer, jax.lax.with_sharding_constraint(nnx.state(optimizer), opt_shardings))
+            return {"loss": loss, "grad_norm": gnorm, "num_tokens": ntok}
+
+        return train_step
+
+    def data_pipeline(self, train: bool = True):
+        from ..data import DataPipeline
+
+        dp = data_parallel_size(self.mesh)
+        if dp % jax.process_count():
+            raise ValueError(f"data x fsdp = {dp} is not divisible by {jax.process_count()} processes")
+        dcfg = dataclasses.replace(self.cfg.data, batch_size_multiple=max(1, dp // jax.process_count()))
+        pipe = DataPipeline(dcfg, train=train, tokenizer=self._tokenizer, prompts=self._prompts,
+                            shard_index=jax.process_index(), shard_count=jax.process_count())
+        self._tokenizer, self._prompts = pipe.tokenizer, pipe.prompts
+        return pipe
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def open_checkpoints(self) -> None:
+        tc = self.cfg.train
+        self.checkpointer = RunCheckpointer(self.out_dir / "checkpoints", keep=tc.keep_checkpoints,
+                                            async_save=tc.async_checkpoint)
+
+    def save(self, force: bool = False) -> None:
+        meta = {"step": self.step, "micro_step": self.micro_step, "nonfinite_steps": self.nonfinite_steps,
+                "config": self.cfg.to_dict()}
+        self.checkpointer.save(self.step, nnx.state(self.model), nnx.state(self.optimizer), self.data_state or {},
+                               meta, force=force)
+
+    def restore_latest(self) -> bool:
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return False
+        model, opt, data, meta = self.checkpointer.restore(step, nnx.state(self.model), self.model_shardings,
+                                                           nnx.state(self.optimizer), self.opt_shardings)
+        mstate = nnx.state(self.model)
+        nnx.replace_by_pure_dict(mstate, model)
+        nnx.update(self.model, mstate)
+        ostate = nnx.state(self.optimizer)
+        nnx.replace_by_pure_dict(ostate, opt)
+        nnx.update(self.optimizer, ostate)
+        self.step, self.micro_step = int(meta["step"]), int(meta["micro_step"])
+        self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
+        self.data_state = data or None
+        log.info("resumed from %s step %d", self.checkpointer.directory, step)
+        return True
+
+    # -- one micro-step -------------------------------------------------------------------------------------------
+
+    def micro_batch(self, host_batch: dict) -> dict:
+        batch = put_batch(align_across_processes(host_batch), self.mesh)
+        shape = tuple(tuple(batch[k].shape) for k in ("feats", "prompt", "target"))
+        if shape not in self.shapes_seen:
+            self.shapes_seen.add(shape)
+            log.info("compiling for batch shape feats %s prompt %s target %s (%d shapes so far)", *shape,
+                     len(self.shapes_seen))
+        return batch
+
+    def train_micro_step(self, batch: dict) -> dict:
+        key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), self.micro_step)
+        with jax.set_mesh(self.mesh):
+            out = self._train_step(self.model, self.optimizer, batch, key)
+        self.micro_step += 1
+        return out
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss over ``eval_batches`` dev batches, then greedy decoding of ``eval_decode_batches``."""
+        from osum_torch_infer.scoring import score
+
+        tc = self.cfg.train
+        pipe = self.data_pipeline(train=False)
+        it = iter(pipe.dataset())
+        losses, tokens = [], []
+        refs, hyps, tasks = [], [], []
+        for i, host in enumerate(it):
+            if i >= max(tc.eval_batches, tc.eval_decode_batches):
+                break
+            batch = self.micro_batch(host)
+            with jax.set_mesh(self.mesh):
+                if i < tc.eval_batches:
+                    out = self._eval_step(self.model, batch)
+                    n = float(out["num_tokens"])
+                    losses.append(float(out["loss"]) * n)
+                    tokens.append(n)
+                if i < tc.eval_decode_batches:
+                    dec = {k: v for k, v in batch.items() if not k.startswith("target")}
+                    toks, lens = self._decode(self.model, dec, max_new_tokens=tc.eval_max_new_tokens,
+                                              eos_id=pipe.tokenizer.eod_id)
+            if i < tc.eval_decode_batches:
+                toks, lens = np.asarray(jax.device_get(toks)), np.asarray(jax.device_get(lens))
+                for r in range(int(host["num_real"])):
+                    t = host["target"][r, : host["target_lengths"][r] - 1]
+                    refs.append(pipe.tokenizer.decode(t))
+                    hyps.append(pipe.tokenizer.decode(toks[r, : lens[r]]))
+                    tasks.append(str(host["tasks"][r]))
+        metrics = {"eval/loss": sum(losses) / max(sum(tokens), 1.0)}
+        if refs:
+            keys = [str(i) for i in range(len(refs))]
+            report = score(dict(zip(keys, refs)), dict(zip(keys, hyps)), dict(zip(keys, tasks)))
+            metrics.update(flat_scores(report))
+        self.last_eval_examples = list(zip(refs, hyps))[:5]
+        return metrics
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def _on_sigterm(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint at the next optimizer step, then exiting")
+        self._stop = True
+
+    def train(self) -> dict[str, Any]:
+        cfg, tc = self.cfg, self.cfg.train
+        self.open_checkpoints()
+        self.restore_latest()
+        pipe = self.data_pipeline(train=True)
+        it = iter(pipe.dataset())
+        if self.data_state:
+            it.set_state(self.data_state)
+        writer = MetricsWriter(self.out_dir)
+        if jax.process_index() == 0:
+            (self.out_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        old_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
+        bar = None
+        if tc.progress and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        acc = _Accumulator()
+        summary: dict[str, Any] = {}
+        try:
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                try:
+                    host = next(it)
+                except StopIteration:
+                    log.info("data exhausted after %d optimizer steps", self.step)
+                    break
+                batch = self.micro_batch(host)
+                out = self.train_micro_step(batch)
+                acc.add(out, host, time.perf_counter() - t0)
+                if self.micro_step % tc.grad_accum:
+                    continue
+                self.step += 1
+                self.data_state = it.get_state()
+                metrics = acc.flush(self, self.schedule(self.step - 1))
+                self.nonfinite_steps += metrics["nonfinite"]
+                metrics["nonfinite_steps"] = self.nonfinite_steps
+                summary = metrics
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+                if self.step % tc.log_every == 0 or self.step == 1 or self.step == tc.steps:
+                    writer.write(self.step, metrics)
+                if tc.eval_every and self.step % tc.eval_every == 0:
+                    ev = self.evaluate()
+                    writer.write(self.step, ev)
+                    summary.update(ev)
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or self._stop:
+                    self.save()
+                if self._stop:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+            writer.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        summary["compiled_shapes"] = len(self.shapes_seen)
+        summary["skipped_samples"] = _skip_counts(self.data_state)
+        return summary
+
+
+class _Accumulator:
+    """Per optimizer step: mean loss over its micro-batches (token-weighted), throughput, non-finite count."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.outs, self.secs, self.tokens, self.audio_s, self.frames = [], 0.0, 0, 0.0, 0
+
+    def add(self, out, host, seconds):
+        self.outs.append(out)
+        self.secs += seconds
+        n = int(host.get("num_real", len(host["feats_lengths"])))
+        self.tokens += int(np.sum(host["target_lengths"][:n]))
+        self.audio_s += float(np.sum(host["feats_lengths"][:n])) / 100.0
+
+    def flush(self, trainer: Trainer, lr) -> dict[str, float]:
+        outs = jax.device_get(self.outs)
+        n = np.array([float(o["num_tokens"]) for o in outs])
+        losses = np.array([float(o["loss"]) for o in outs])
+        gnorms = np.array([float(o["grad_norm"]) for o in outs])
+        finite = bool(np.all(np.isfinite(losses)) and np.all(np.isfinite(gnorms)))
+        step_time = self.secs
+        metrics = {
+            "loss": float(np.sum(losses * n) / max(n.sum(), 1.0)) if finite else float("nan"),
+            "grad_norm": float(np.mean(gnorms)),
+            "learning_rate": float(lr),
+            "step_time_s": step_time,
+            "target_tokens_per_s": self.tokens / step_time if step_time else 0.0,
+            "audio_seconds_per_s": self.audio_s / step_time if step_time else 0.0,
+            "nonfinite": 0 if finite else 1,
+            "compiled_shapes": len(trainer.shapes_seen),
+        }
+        self.reset()
+        return metrics
+
+
+def flat_scores(report: dict) -> dict[str, float]:
+    """``osum_torch_infer.scoring.score`` report -> flat ``eval/<task>/<metric>`` numbers for logging."""
+    out = {}
+    for task, r in report["tasks"].items():
+        name = task.replace(" ", "")
+        for m in ("wer", "cer"):
+            if m in r:
+                out[f"eval/{name}/{m}"] = float(r[m]["rate"])
+        for field, t in r.get("tags", {}).items():
+            out[f"eval/{name}/{field}_accuracy"] = float(t["accuracy"])
+    return out
+
+
+def _skip_counts(state) -> dict[str, int]:
+    from ..data.pipeline import skip_counts
+
+    return skip_counts(state) if state else {}
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,112 @@
+"""``osum-infer``: batched inference on audio files with an OSUM torch package; ``osum-infer export-onnx``.
+
+::
+
+    osum-infer --model PKG --task "<TRANSCRIBE><GENDER>" (--wav FILE... | --data LIST) [--batch-size N]
+               [--device auto|cuda|npu|cpu] [--dtype auto|fp32|fp16|bf16] [--decoding greedy|beam|osum]
+               [--num-beams N] [--max-new-tokens N] [--prompt TEXT] [--format jsonl|text] --out results.jsonl
+    osum-infer export-onnx --model PKG --out DIR [--trace-frames N] [--check-frames N ...] [--opset N]
+
+Exit status: 0 when every file was processed, 1 when some files could not be read (their errors are printed and,
+in jsonl, written as records with an ``error`` field; the others are processed), 2 on a usage/package error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _infer_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osum-infer", description="OSUM inference with a torch package "
+                                "(subcommand: export-onnx)")
+    p.add_argument("--model", required=True, help="package directory written by osum-convert export-torch")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--wav", nargs="+", help="audio files (any format libsndfile reads)")
+    src.add_argument("--data", help="data list: jsonl (key, wav, optional task/start/end) or 'key path' lines")
+    p.add_argument("--task", help="task key, e.g. '<TRANSCRIBE><GENDER>' (default: each entry's task, else "
+                                  "<TRANSCRIBE>)")
+    p.add_argument("--prompt", help="free prompt text instead of the task's prompt from the package")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto | cuda[:N] | npu[:N] | cpu")
+    p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+    p.add_argument("--decoding", default="greedy", choices=("greedy", "beam", "osum"),
+                   help="greedy (deterministic, default), beam (beam search) or osum (OSUM's beam-sampling preset)")
+    p.add_argument("--num-beams", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-seconds", type=float, default=30.0, help="longer audio is split into windows")
+    p.add_argument("--format", default="jsonl", choices=("jsonl", "text"), help="text = OSUM's key<TAB>text")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osum-infer export-onnx",
+                                description="export the audio tower (encoder + adapter + projection) to ONNX")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="output directory (audio_tower.onnx, audio_tower.json)")
+    p.add_argument("--trace-frames", type=int, default=400)
+    p.add_argument("--check-frames", type=int, nargs="+", default=[137, 1001])
+    p.add_argument("--opset", type=int, default=18)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export-onnx":
+        return _export(_export_parser().parse_args(argv[1:]))
+    return _infer(_infer_parser().parse_args(argv))
+
+
+def _export(args) -> int:
+    from .modeling import OSUMForConditionalGeneration, PackageError
+    from .onnx_export import export_onnx
+
+    try:
+        model = OSUMForConditionalGeneration.from_pretrained(args.model, device="cpu", dtype="fp32")
+        info = export_onnx(model, args.out, trace_frames=args.trace_frames, check_frames=args.check_frames,
+                           opset=args.opset)
+    except (PackageError, RuntimeError, ValueError) as e:
+        print(f"osum-infer export-onnx: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _infer(args) -> int:
+    from .modeling import OSUMForConditionalGeneration, PackageError
+    from .pipeline import Item, read_list, run, write_results
+
+    try:
+        if args.data:
+            items = read_list(args.data)
+        else:
+            items = [Item(Path(w).stem, w) for w in args.wav]
+        if not items:
+            raise ValueError("no input files")
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        model = OSUMForConditionalGeneration.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        if args.prompt is None:
+            from .parsing import normalize_task
+
+            for t in {normalize_task(args.task or it.task) for it in items}:
+                model.prompt_for(t)  # unknown tasks fail here, before any audio is processed
+    except (PackageError, ValueError, RuntimeError) as e:
+        print(f"osum-infer: error: {e}", file=sys.stderr)
+        return 2
+    results = run(model, items, task=args.task, prompt=args.prompt, batch_size=args.batch_size,
+                  decoding=args.decoding, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                  max_seconds=args.max_seconds, progress=not args.no_progress)
+    ok, failed = write_results(results, args.out, args.format)
+    print(f"osum-infer: {ok} result(s) written to {args.out}" + (f"; {failed} file(s) failed" if failed else ""),
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

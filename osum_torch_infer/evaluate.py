@@ -1,0 +1,101 @@
+"""``osum-eval``: score hypotheses against references, one report per task (no torch needed).
+
+::
+
+    osum-eval --ref REF --hyp HYP [--task TASK] [--out DIR]
+
+REF / HYP: OSUM's ``key<TAB>text`` files, or jsonl (``osum-infer`` results.jsonl: ``key``, ``text``, ``task``;
+a data.list: ``key``, ``txt``, ``task``). The task of an utterance is ``--task`` if given, else the hypothesis'
+``task``, else the reference's, else ``<TRANSCRIBE>``. Writes ``DIR/report.json`` and, per task,
+``DIR/<task>.md`` and ``DIR/<task>.<field>.confusion.png``; prints the markdown reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .scoring import format_report, plot_confusion, read_text_file, score
+
+
+def read_any(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """``{key: text}`` and ``{key: task}`` from a text or jsonl file; errors name the file and line."""
+    path = Path(path)
+    try:
+        first = next((ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), "")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not first.lstrip().startswith("{"):
+        return read_text_file(path), {}
+    texts, tasks = {}, {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                key = str(d["key"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: bad line ({type(e).__name__}: {e})") from None
+            if "error" in d:
+                continue  # an unreadable file in osum-infer results: it counts as missing
+            text = d.get("text", d.get("txt"))
+            if text is None:
+                raise ValueError(f"{path}:{n}: no 'text' or 'txt' field")
+            texts[key] = str(text)
+            if d.get("task"):
+                tasks[key] = str(d["task"])
+    return texts, tasks
+
+
+def _slug(task: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", task).strip("_").lower() or "task"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="osum-eval", description="WER/CER, tag accuracy and SRWT timestamp error")
+    p.add_argument("--ref", required=True)
+    p.add_argument("--hyp", required=True)
+    p.add_argument("--task", help="score every utterance as this task")
+    p.add_argument("--out", help="directory for report.json, markdown reports and confusion PNGs")
+    args = p.parse_args(argv)
+    try:
+        refs, ref_tasks = read_any(args.ref)
+        hyps, hyp_tasks = read_any(args.hyp)
+    except ValueError as e:
+        print(f"osum-eval: error: {e}", file=sys.stderr)
+        return 2
+    tasks = dict(ref_tasks)
+    tasks.update(hyp_tasks)
+    result = score(refs, hyps, tasks, args.task)
+    if not result["tasks"]:
+        print(f"osum-eval: error: no key is in both {args.ref} and {args.hyp}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    for task, report in result["tasks"].items():
+        text = format_report(report)
+        print(text)
+        if out:
+            slug = _slug(task)
+            for field, tag_report in report.get("tags", {}).items():
+                png = out / f"{slug}.{field}.confusion.png"
+                plot_confusion(tag_report, png, title=f"{task} {field}: accuracy {tag_report['accuracy']:.3f}")
+                tag_report["plot"] = png.name
+            (out / f"{slug}.md").write_text(text, encoding="utf-8")
+    for name, what in (("missing_hyp", "without a hypothesis"), ("missing_ref", "without a reference")):
+        if result[name]:
+            print(f"osum-eval: {len(result[name])} key(s) {what} (not scored): {result[name][:10]}",
+                  file=sys.stderr)
+    if out:
+        (out / "report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

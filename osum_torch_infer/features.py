@@ -1,0 +1,116 @@
+"""Audio decoding and the Whisper/OSUM log-mel front end (numpy only; same formula as the training pipeline).
+
+``log_mel_spectrogram``: STFT with ``n_fft=400``, ``hop=160``, periodic Hann window, centred with reflect padding;
+power spectrum without the last frame (``T = floor(N / 160)``); Slaney mel filters; ``log10(max(x, 1e-10))``;
+floor at ``max - 8``; ``(x + 4) / 4``. Computed in float64, returned float32 ``[T, n_mels]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from typing import BinaryIO
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+HOP = 160
+N_FFT = 400
+MAX_SECONDS = 30.0
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used (unreadable, empty, non-finite, too short)."""
+
+
+def load_audio(src: str | bytes | BinaryIO, *, start: float | None = None, end: float | None = None,
+               sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode ``src`` (path, bytes or file) to mono float32 at ``sample_rate`` (channels averaged, soxr HQ)."""
+    import soundfile as sf
+
+    f = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
+    try:
+        with sf.SoundFile(f) as snd:
+            sr = snd.samplerate
+            if start is not None or end is not None:
+                first = int(round((start or 0.0) * sr))
+                last = snd.frames if end is None else min(int(round(end * sr)), snd.frames)
+                if first < 0 or first >= last:
+                    raise AudioError(f"segment start={start} end={end} is empty (audio has {snd.frames / sr:.2f} s)")
+                snd.seek(first)
+                data = snd.read(last - first, dtype="float32", always_2d=True)
+            else:
+                data = snd.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError for corrupt input
+        raise AudioError(f"cannot decode audio: {e}") from None
+    if data.shape[0] == 0:
+        raise AudioError("audio is empty")
+    wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(wave).all():
+        raise AudioError("audio contains NaN or Inf samples")
+    if sr != sample_rate:
+        import soxr
+
+        wave = soxr.resample(wave, sr, sample_rate, quality="HQ")
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def _hz_to_mel(f):
+    f = np.asarray(f, np.float64)
+    logstep = np.log(6.4) / 27.0
+    return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / logstep, 3.0 * f / 200.0)
+
+
+def _mel_to_hz(m):
+    m = np.asarray(m, np.float64)
+    logstep = np.log(6.4) / 27.0
+    return np.where(m >= 15.0, 1000.0 * np.exp(logstep * (m - 15.0)), 200.0 * m / 3.0)
+
+
+@functools.lru_cache(maxsize=8)
+def mel_filters(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = 80) -> np.ndarray:
+    """Slaney-scale, Slaney-normalised triangular filters ``[n_mels, n_fft // 2 + 1]`` (float64)."""
+    freqs = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
+    hz = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2))
+    ramps = hz[:, None] - freqs[None, :]
+    widths = np.diff(hz)
+    tri = np.maximum(0.0, np.minimum(-ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None]))
+    return tri * (2.0 / (hz[2:] - hz[:-2]))[:, None]
+
+
+def log_mel_spectrogram(wave: np.ndarray, n_mels: int = 80, *, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT,
+                        hop: int = HOP) -> np.ndarray:
+    """``wave [N]`` (16 kHz mono) -> log-mel ``[floor(N / hop), n_mels]`` float32."""
+    x = np.asarray(wave, np.float64)
+    if x.ndim != 1:
+        raise AudioError(f"expected mono audio [N], got shape {x.shape}")
+    if x.shape[0] < hop or x.shape[0] <= n_fft // 2:
+        raise AudioError(f"audio has {x.shape[0]} samples; at least {max(hop, n_fft // 2 + 1)} are needed")
+    x = np.pad(x, (n_fft // 2, n_fft // 2), mode="reflect")
+    n_frames = 1 + (x.shape[0] - n_fft) // hop
+    frames = np.lib.stride_tricks.as_strided(x, (n_frames, n_fft), (x.strides[0] * hop, x.strides[0]))
+    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    spec = np.fft.rfft(frames * window, axis=-1)
+    power = (spec.real ** 2 + spec.imag ** 2)[:-1]
+    mel = power @ mel_filters(sample_rate, n_fft, n_mels).T
+    log_spec = np.log10(np.maximum(mel, 1e-10))
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
+def split_windows(wave: np.ndarray, max_seconds: float = MAX_SECONDS,
+                  sample_rate: int = SAMPLE_RATE) -> list[tuple[float, np.ndarray]]:
+    """Split audio longer than ``max_seconds`` into equal windows of at most ``max_seconds``.
+
+    Returns ``[(start_seconds, samples), ...]``; audio that fits is returned whole.
+    """
+    limit = int(max_seconds * sample_rate)
+    n = wave.shape[0]
+    if n <= limit:
+        return [(0.0, wave)]
+    k = math.ceil(n / limit)
+    size = math.ceil(n / k)
+    return [(i * size / sample_rate, wave[i * size:(i + 1) * size]) for i in range(k)]

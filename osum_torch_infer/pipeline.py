@@ -1,0 +1,168 @@
+"""From audio files to parsed results: decode, log-mel, 30 s windows, batched generation, task-aware fields."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .features import AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, split_windows
+from .parsing import join_windows, normalize_task
+
+
+@dataclass
+class Item:
+    key: str
+    wav: str
+    task: str | None = None
+    start: float | None = None
+    end: float | None = None
+
+
+def read_list(path: str | Path) -> list[Item]:
+    """A data list: jsonl (``key``, ``wav``, optional ``task``, ``start``, ``end``) or ``key<space>path`` lines."""
+    items = []
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read the data list {path}: {e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                d = json.loads(line)
+                wav = str(d["wav"])
+                key = str(d.get("key", Path(wav).stem))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: bad entry ({type(e).__name__}: {e})") from None
+            if not Path(wav).is_absolute():
+                wav = str(path.parent / wav)
+            items.append(Item(key, wav, d.get("task"), d.get("start"), d.get("end")))
+        else:
+            parts = line.split(None, 1)
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{n}: expected 'key path' or a JSON object, got {line!r}")
+            wav = parts[1].strip()
+            if not Path(wav).is_absolute():
+                wav = str(path.parent / wav)
+            items.append(Item(parts[0], wav))
+    return items
+
+
+@dataclass
+class _Unit:
+    item: int
+    offset: float
+    feats: np.ndarray
+    prompt_ids: list[int]
+
+
+def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: float) -> list[_Unit] | str:
+    try:
+        wave = load_audio(item.wav, start=item.start, end=item.end)
+    except AudioError as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot read: {e}"
+    text = prompt if prompt is not None else model.prompt_for(task)
+    ids = model.encode_text(text)
+    units = []
+    for offset, w in split_windows(wave, max_seconds, SAMPLE_RATE):
+        try:
+            feats = log_mel_spectrogram(w, model.config.encoder.num_mel_bins)
+        except AudioError as e:
+            return str(e)
+        units.append(_Unit(-1, offset, feats, ids))
+    return units
+
+
+def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | None = None, batch_size: int = 8,
+        decoding: str = "greedy", max_new_tokens: int | None = None, num_beams: int | None = None,
+        max_seconds: float = MAX_SECONDS, progress: bool = True) -> Iterator[dict]:
+    """Yield one result per item, in input order.
+
+    A result has ``key``, ``wav``, ``task``, ``prompt``, ``text`` (the raw output; windows joined), the parsed
+    ``transcript`` and ``tags`` (+ ``timestamps`` for SRWT, ``answer`` for chat) and ``windows``; an unreadable
+    file gives ``{"key", "wav", "task", "prompt", "error"}`` and the others continue. ``task`` overrides the items' own tasks.
+    """
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), desc="osum-infer", unit="utt", file=sys.stderr, dynamic_ncols=True)
+    chunk = max(1, batch_size) * 16
+    overrides = {"max_new_tokens": max_new_tokens}
+    if num_beams is not None:
+        overrides["num_beams"] = num_beams
+    try:
+        for c0 in range(0, len(items), chunk):
+            part = items[c0:c0 + chunk]
+            results: list[dict] = []
+            units: list[_Unit] = []
+            for i, item in enumerate(part):
+                t = normalize_task(task or item.task)
+                p = prompt if prompt is not None else model.prompt_for(t)
+                res = {"key": item.key, "wav": item.wav, "task": t, "prompt": p}
+                prepared = _prepare(model, item, t, prompt, max_seconds)
+                if isinstance(prepared, str):
+                    res["error"] = prepared
+                    print(f"osum-infer: {item.key}: {item.wav}: {prepared}", file=sys.stderr)
+                else:
+                    for u in prepared:
+                        u.item = i
+                    units += prepared
+                    res["windows"] = len(prepared)
+                results.append(res)
+            order = sorted(range(len(units)), key=lambda k: -units[k].feats.shape[0])
+            texts: dict[int, str] = {}
+            for b0 in range(0, len(order), batch_size):
+                idx = order[b0:b0 + batch_size]
+                batch = [units[k] for k in idx]
+                t_max = max(u.feats.shape[0] for u in batch)
+                feats = np.zeros((len(batch), t_max, batch[0].feats.shape[1]), np.float32)
+                for j, u in enumerate(batch):
+                    feats[j, :u.feats.shape[0]] = u.feats
+                lengths = np.array([u.feats.shape[0] for u in batch], np.int64)
+                tokens = model.generate(feats, lengths, [u.prompt_ids for u in batch], decoding=decoding,
+                                        **overrides)
+                for k, toks in zip(idx, tokens):
+                    texts[k] = model.decode_text(toks)
+            per_item: dict[int, list[tuple[float, str]]] = {}
+            for k, u in enumerate(units):
+                per_item.setdefault(u.item, []).append((u.offset, texts[k]))
+            for i, res in enumerate(results):
+                if "error" not in res:
+                    res.update(join_windows(sorted(per_item[i]), res["task"]))
+                if bar is not None:
+                    bar.update(1)
+                yield res
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def write_results(results: Iterable[dict], out: str | Path, fmt: str = "jsonl") -> tuple[int, int]:
+    """Write results as jsonl or OSUM's ``key<TAB>text``; returns ``(written, failed)``."""
+    ok = failed = 0
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for r in results:
+            if "error" in r:
+                failed += 1
+                if fmt == "jsonl":
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                continue
+            ok += 1
+            if fmt == "jsonl":
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            else:
+                f.write(f"{r['key']}\t{r['text']}\n")
+            f.flush()
+    return ok, failed

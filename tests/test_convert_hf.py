@@ -1,0 +1,155 @@
+"""import-hf: HF Whisper + sharded HF Qwen2 (save_pretrained, safetensors) -> JAX checkpoint -> same numbers."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
+
+from osum_jax.config import AdapterConfig
+from osum_jax.convert import checkpoint as ck
+from osum_jax.convert.cli import main
+from tests.helpers import TINY, rel_err, tiny_model_config
+from tests.test_convert_osum import TorchOSUM
+
+CFG = tiny_model_config()
+E, L = CFG.encoder, CFG.llm
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    whisper = WhisperForConditionalGeneration(WhisperConfig(
+        d_model=E.d_model, encoder_layers=E.num_layers, encoder_attention_heads=E.num_heads,
+        encoder_ffn_dim=E.ffn_dim, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64,
+        num_mel_bins=80, max_source_positions=E.max_source_positions, vocab_size=100, max_target_positions=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        dropout=0.0)).eval()
+    qwen = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=L.vocab_size, hidden_size=L.hidden_size, intermediate_size=L.intermediate_size,
+        num_hidden_layers=L.num_layers, num_attention_heads=L.num_heads, num_key_value_heads=L.num_kv_heads,
+        head_dim=L.resolved_head_dim, rope_theta=L.rope_theta, rms_norm_eps=L.rms_norm_eps,
+        tie_word_embeddings=False, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for m in (whisper, qwen):
+            for name, p in m.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    p.add_(0.1 * torch.randn_like(p))
+    qwen = qwen.to(torch.bfloat16)  # as Qwen2 checkpoints ship
+    whisper.save_pretrained(d / "whisper", max_shard_size="60KB")
+    qwen.save_pretrained(d / "qwen2", max_shard_size="100KB")
+    ckpt = d / "ckpt"
+    assert main(["import-hf", "--whisper", str(d / "whisper"), "--qwen2", str(d / "qwen2"), "--config", TINY,
+                 "--out", str(ckpt), "--no-progress"]) == 0
+    return d, whisper, qwen.float(), ckpt
+
+
+def test_saved_sharded(hf):
+    d = hf[0]
+    for name in ("whisper", "qwen2"):
+        index = json.loads((d / name / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 2
+
+
+def test_encoder_and_llm_match_hf(hf):
+    _, whisper, qwen, ckpt = hf
+    model, cfg = ck.load_model(ckpt)
+    assert cfg.model == CFG
+    feats = np.random.default_rng(0).standard_normal((1, 3000, 80)).astype(np.float32)
+    with torch.no_grad():
+        ref = whisper.model.encoder(torch.from_numpy(feats).transpose(1, 2)).last_hidden_state.numpy()
+    out, _ = model.encoder(feats, np.array([3000]))
+    assert rel_err(out, ref) <= 1e-4
+    ids = np.random.default_rng(1).integers(0, L.vocab_size, (2, 11))
+    with torch.no_grad():
+        ref = qwen(input_ids=torch.from_numpy(ids)).logits.numpy()
+    hidden = model.llm(model.llm.embed(ids), np.ones(ids.shape, bool), np.broadcast_to(np.arange(11), ids.shape))
+    assert rel_err(model.llm.logits(hidden), ref) <= 1e-4
+
+
+def test_config_from_hf_config_json(hf, tmp_path):
+    d = hf[0]
+    out = tmp_path / "derived"
+    assert main(["import-hf", "--whisper", str(d / "whisper"), "--qwen2", str(d / "qwen2"), "--out", str(out),
+                 "model.lora.rank=2", "--no-progress"]) == 0
+    m = ck.read_config(out).model
+    assert m.encoder == E and m.llm == L  # from the HF config.json files
+    assert m.adapter == AdapterConfig() and m.lora.rank == 2  # OSUM's defaults plus the override
+    assert ck.leaf_metadata(out)["llm.layers.mlp.gate_proj.lora_a"].shape == (L.num_layers, L.hidden_size, 2)
+
+
+def test_fresh_parts_and_dtypes(hf):
+    _, _, _, ckpt = hf
+    meta = ck.leaf_metadata(ckpt)
+    assert str(meta["llm.layers.mlp.up_proj.kernel"].dtype) == "bfloat16"  # kept as stored
+    assert str(meta["encoder.layers.fc1.kernel"].dtype) == "float32"
+    p = ck.restore_params(ckpt)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert not np.asarray(p[f"llm.layers.self_attn.{name}.lora_b"]).any()  # LoRA B = 0: base model unchanged
+        a = np.asarray(p[f"llm.layers.self_attn.{name}.lora_a"])
+        assert 0 < np.abs(a).max() <= 1 / np.sqrt(L.hidden_size)
+    assert "llm.layers.mlp.up_proj.lora_a" not in p  # OSUM has no LoRA on up_proj
+    assert np.asarray(p["adapter.proj.kernel"]).std() > 0 and np.asarray(p["speech_embed"]).std() > 0
+
+
+def test_export_osum_from_hf_import_loads_strictly_into_osum_layout(hf, tmp_path):
+    _, _, qwen, ckpt = hf
+    out = tmp_path / "osum.pt"
+    assert main(["export-osum", str(ckpt), "--out", str(out), "--no-progress"]) == 0
+    state = torch.load(out, weights_only=True)
+    TorchOSUM().load_state_dict(state, strict=True)  # OSUM's complete key layout
+    assert torch.equal(state["llama_model.base_model.model.model.layers.1.mlp.up_proj.weight"].float(),
+                       qwen.model.layers[1].mlp.up_proj.weight)
+    assert state["embed_tokens.weight"].data_ptr() == \
+        state["llama_model.base_model.model.model.embed_tokens.weight"].data_ptr()
+
+
+def _fails(capsys, argv, *patterns):
+    assert main(argv + ["--no-progress"]) == 1
+    err = capsys.readouterr().err
+    for p in patterns:
+        assert re.search(p, err), (p, err)
+
+
+def test_errors(hf, capsys, tmp_path):
+    d, _, _, ckpt = hf
+    args = ["import-hf", "--whisper", str(d / "whisper"), "--qwen2", str(d / "qwen2")]
+    _fails(capsys, args + ["--config", TINY, "model.llm.intermediate_size=128", "--out", str(tmp_path / "a")],
+           r"model\.llm\.intermediate_size: .* has 128, the HF checkpoint has 160")
+    _fails(capsys, args + ["--out", str(ckpt)], r"already exists.*--force")
+    # a truncated shard and a shard the index lists but that is gone
+    broken = tmp_path / "qwen2"
+    broken.mkdir()
+    for f in (d / "qwen2").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    shard = sorted(broken.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    bad = ["import-hf", "--whisper", str(d / "whisper"), "--qwen2", str(broken), "--out", str(tmp_path / "b")]
+    _fails(capsys, bad, re.escape(str(shard)), "truncated")
+    shard.unlink()
+    _fails(capsys, bad, r"index\.json lists shard\(s\) that do not exist", re.escape(shard.name))
+    assert not (tmp_path / "b").exists()
+    # an extra tensor in the LLM checkpoint
+    from safetensors.torch import save_file
+
+    extra = tmp_path / "qwen_extra"
+    extra.mkdir()
+    (extra / "config.json").write_bytes((d / "qwen2" / "config.json").read_bytes())
+    qstate = {k: v.contiguous() for k, v in hf[2].state_dict().items()}
+    qstate["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
+    save_file(qstate, extra / "model.safetensors")
+    _fails(capsys, ["import-hf", "--whisper", str(d / "whisper"), "--qwen2", str(extra), "--out",
+                    str(tmp_path / "c")], r"1 unexpected key.*model\.layers\.0\.mlp\.extra\.weight")
+    del qstate["model.layers.0.mlp.extra.weight"], qstate["model.layers.1.self_attn.k_proj.bias"]
+    save_file(qstate, extra / "model.safetensors")
+    _fails(capsys, ["import-hf", "--whisper", str(d / "whisper"), "--qwen2", str(extra), "--out",
+                    str(tmp_path / "c")], r"missing key.*model\.layers\.1\.self_attn\.k_proj\.bias")
+
+
+def test_inspect_safetensors_dir(hf, capsys):
+    assert main(["inspect", str(hf[0] / "qwen2")]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers" in text and "bfloat16" in text

@@ -1,0 +1,154 @@
+"""The runtime's pieces without a model: import hygiene, log-mel parity, devices, parsing, scoring, osum-eval."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from osum_torch_infer import evaluate, scoring
+from osum_torch_infer.parsing import join_windows, normalize_task, parse_output
+
+
+def _run_python(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": ".", "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_imports_never_pull_in_jax_and_scoring_needs_no_torch():
+    out = _run_python(
+        "import sys, osum_torch_infer\n"
+        "from osum_torch_infer import scoring, parsing, evaluate\n"
+        "print('torch' in sys.modules, 'jax' in sys.modules)\n"
+        "from osum_torch_infer import OSUMForConditionalGeneration\n"
+        "import osum_torch_infer.cli, osum_torch_infer.pipeline, osum_torch_infer.onnx_export\n"
+        "print('torch' in sys.modules, any(m.split('.')[0] in ('jax', 'flax', 'osum_jax') for m in sys.modules))\n")
+    assert out.split() == ["False", "False", "True", "False"]
+
+
+def test_log_mel_matches_the_jax_pipeline():
+    from osum_jax.data.audio import log_mel_spectrogram as jax_side
+    from osum_torch_infer.features import log_mel_spectrogram
+
+    rng = np.random.default_rng(0)
+    t = np.arange(16000 * 2 + 123) / 16000
+    wave = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+    for n in (wave.shape[0], 4000, 201):
+        for mels in (80, 128):
+            a, b = log_mel_spectrogram(wave[:n], mels), jax_side(wave[:n], mels)
+            assert a.shape == b.shape == (n // 160, mels)
+            assert np.abs(a - b).max() <= 1e-5
+
+
+def test_devices_and_dtypes():
+    import torch
+
+    from osum_torch_infer.devices import npu_available, resolve_device, resolve_dtype
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    auto = resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "npu" if npu_available() else "cpu")
+    if not npu_available():
+        with pytest.raises(RuntimeError, match="torch_npu"):
+            resolve_device("npu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, "bfloat16") == torch.float32
+    assert resolve_dtype("fp16", cpu, "bfloat16") == torch.float16
+    assert resolve_dtype("bf16", cpu, "float16") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8", cpu, "bfloat16")
+
+
+def test_task_aware_parsing():
+    r = parse_output("the weather is nice<adult><female>", "<TRANSCRIBE><AGE><GENDER>")
+    assert r == {"tags": {"age": "adult", "gender": "female"}, "transcript": "the weather is nice"}
+    # unknown vocabulary falls back to the task's order
+    assert parse_output("hi<mystery>", "<TRANSCRIBE> <EMOTION>")["tags"] == {"emotion": "mystery"}
+    assert parse_output("<female><child>", "<AGE> <GENDER>") == {"tags": {"age": "child", "gender": "female"},
+                                                                 "transcript": ""}
+    r = parse_output("你好<0.0,0.3>world<0.3,1.25>", "<TRANSCRIBE> <ALIGN>")
+    assert r["timestamps"] == [{"token": "你好", "start": 0.0, "end": 0.3},
+                               {"token": "world", "start": 0.3, "end": 1.25}]
+    assert r["transcript"] == "你好 world" and r["tags"] == {}
+    r = parse_output("what time is it<开始回答>it is noon", "<TRANSCRIBE> <S2TCHAT>")
+    assert (r["transcript"], r["answer"]) == ("what time is it", "it is noon")
+    assert normalize_task("<TRANSCRIBE><GENDER>") == "<TRANSCRIBE> <GENDER>" == normalize_task(" <TRANSCRIBE>  <GENDER>")
+    j = join_windows([(0.0, "a<0.0,0.5>"), (30.0, "b<0.1,0.4>")], "<TRANSCRIBE> <ALIGN>")
+    assert j["transcript"] == "a b" and j["timestamps"][1] == {"token": "b", "start": 30.1, "end": 30.4}
+    j = join_windows([(0.0, "one<happy>"), (20.0, "two<sad>"), (40.0, "three<sad>")], "<TRANSCRIBE> <EMOTION>")
+    assert j["transcript"] == "one two three" and j["tags"] == {"emotion": "sad"}
+    assert join_windows([(0.0, "你好"), (30.0, "世界")], "<TRANSCRIBE>")["transcript"] == "你好世界"
+
+
+def test_scoring_numbers_by_hand():
+    assert scoring.tokenize_for_wer("The cat, sat. <MALE> 你好，世界") == ["THE", "CAT", "SAT", "你", "好", "世", "界"]
+    refs = ["the cat sat on the mat", "你好世界"]
+    hyps = ["the cat sit the mat please", "你好世"]
+    w = scoring.wer(refs, hyps)
+    # utt 1: sat->sit (S), on deleted (D), please inserted (I) = 3 errors / 6 words; utt 2: 界 deleted = 1 / 4
+    assert (w["substitutions"], w["deletions"], w["insertions"], w["ref_tokens"]) == (1, 2, 1, 10)
+    assert w["rate"] == pytest.approx(4 / 10)
+    c = scoring.cer(["abc"], ["abd x"])  # a b c vs a b d x: 1 S + 1 I over 3 characters
+    assert c["errors"] == 2 and c["rate"] == pytest.approx(2 / 3)
+    assert scoring.wer([""], ["extra words"])["insertions"] == 2
+    acc = scoring.tag_accuracy(["male", "female", "female", "male"], ["male", "male", "female", None])
+    assert acc["accuracy"] == 0.5 and acc["labels"] == ["female", "male", "<--no_tag-->"]
+    assert acc["confusion"] == [[1, 1, 0], [0, 1, 1], [0, 0, 0]]
+    ts = scoring.timestamp_error([[{"token": "a", "start": 0.0, "end": 0.5}, {"token": "b", "start": 0.5, "end": 1.0}]],
+                                 [[{"token": "a", "start": 0.1, "end": 0.5}, {"token": "c", "start": 0.5, "end": 1.0}]])
+    assert ts["matched_words"] == 1 and ts["mean_abs_start_s"] == pytest.approx(0.1)
+    assert ts["mean_abs_end_s"] == pytest.approx(0.0) and ts["within_0.1s"] == 1.0
+
+
+def test_osum_eval_cli_reports_per_task(tmp_path, capsys):
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text("".join(json.dumps(d) + "\n" for d in [
+        {"key": "u1", "txt": "THE CAT SAT <MALE>", "task": "<TRANSCRIBE> <GENDER>"},
+        {"key": "u2", "txt": "A DOG <FEMALE>", "task": "<TRANSCRIBE> <GENDER>"},
+        {"key": "u3", "txt": "HELLO WORLD", "task": "<TRANSCRIBE>"},
+        {"key": "u4", "txt": "hi<0.0,0.4>there<0.4,0.9>", "task": "<TRANSCRIBE> <ALIGN>"},
+        {"key": "u5", "txt": "NOT DECODED"},
+    ]))
+    hyp = tmp_path / "results.jsonl"
+    hyp.write_text("".join(json.dumps(d) + "\n" for d in [
+        {"key": "u1", "text": "the cat sat<male>", "task": "<TRANSCRIBE> <GENDER>"},
+        {"key": "u2", "text": "a cat<male>", "task": "<TRANSCRIBE> <GENDER>"},
+        {"key": "u3", "text": "hello word", "task": "<TRANSCRIBE>"},
+        {"key": "u4", "text": "hi<0.1,0.4>there<0.4,1.1>", "task": "<TRANSCRIBE> <ALIGN>"},
+        {"key": "u6", "wav": "x.wav", "error": "cannot decode audio"},
+    ]))
+    out = tmp_path / "report"
+    assert evaluate.main(["--ref", str(ref), "--hyp", str(hyp), "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert sorted(rep["tasks"]) == ["<TRANSCRIBE>", "<TRANSCRIBE> <ALIGN>", "<TRANSCRIBE> <GENDER>"]
+    g = rep["tasks"]["<TRANSCRIBE> <GENDER>"]
+    assert g["wer"]["rate"] == pytest.approx(1 / 5) and g["tags"]["gender"]["accuracy"] == 0.5
+    assert g["tags"]["gender"]["confusion"] == [[0, 1], [0, 1]]
+    assert rep["tasks"]["<TRANSCRIBE>"]["wer"]["rate"] == 0.5
+    assert rep["tasks"]["<TRANSCRIBE>"]["cer"]["rate"] == pytest.approx(1 / 10)  # "world" -> "word"
+    t = rep["tasks"]["<TRANSCRIBE> <ALIGN>"]["timestamps"]
+    assert t["matched_words"] == 2 and t["mean_abs_start_s"] == pytest.approx(0.05)
+    assert t["mean_abs_end_s"] == pytest.approx(0.1)
+    assert rep["missing_hyp"] == ["u5"] and rep["missing_ref"] == []
+    png = out / "transcribe_gender.gender.confusion.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| male | 0 | 1 |" in (out / "transcribe_gender.md").read_text()
+    assert "WER: 20.00 %" in capsys.readouterr().out
+    # OSUM's key<TAB>text files, one task for all
+    (tmp_path / "ref.txt").write_text("u1\tTHE CAT <MALE>\nu2\tA DOG <FEMALE>\n")
+    (tmp_path / "hyp.txt").write_text("u1\tthe cat<female>\nu2\ta dog<female>\n")
+    assert evaluate.main(["--ref", str(tmp_path / "ref.txt"), "--hyp", str(tmp_path / "hyp.txt"),
+                          "--task", "<TRANSCRIBE><GENDER>"]) == 0
+    assert "accuracy 50.00 %" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"key": "u1", "text": "x"}\n{"nokey": 1}\n')
+    assert evaluate.main(["--ref", str(ref), "--hyp", str(bad)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
