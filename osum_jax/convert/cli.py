@@ -3,6 +3,7 @@
     osum-convert import-hf --whisper DIR --qwen2 DIR [--config CONFIG] [key=value ...] --out CKPT [--force]
     osum-convert import-osum CHECKPOINT.pt --config CONFIG [key=value ...] --out CKPT [--force]
     osum-convert export-osum CKPT --out FILE.pt [--step N] [--dtype bfloat16|float16|float32] [--force]
+    osum-convert export-torch CKPT --tokenizer DIR --out PKG [--dtype bf16|fp16|fp32] [--no-merge-lora] [--force]
     osum-convert inspect PATH
 
 See docs/convert.md. Exit status 0 on success, 1 on a checked error (message on stderr), 2 on bad usage.
@@ -49,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="cast every tensor (default: the dtypes recorded at import)")
     common(exp)
 
+    tp = sub.add_parser("export-torch", help="JAX checkpoint or osum-train run -> PyTorch package (safetensors)")
+    tp.add_argument("ckpt", help="JAX checkpoint directory, or an osum-train output directory")
+    tp.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory to ship")
+    tp.add_argument("--out", required=True, help="output package directory")
+    tp.add_argument("--prompts", help="prompt file to ship (default: the run's data.prompts, else the built-in)")
+    tp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    tp.add_argument("--no-merge-lora", action="store_true", help="keep LoRA separate, in PEFT format")
+    tp.add_argument("--step", type=int, help="step to export (default: the newest)")
+    common(tp)
+
     ins = sub.add_parser("inspect", help="what a JAX checkpoint, .pt or safetensors file/directory holds")
     ins.add_argument("path")
     return p
@@ -82,6 +93,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "import-osum":
             info = commands.import_osum(args.checkpoint, args.config, args.overrides, out=args.out,
                                         force=args.force, progress=show)
+        elif args.command == "export-torch":
+            from .export_torch import export_torch
+            from .torch_package import PackageError
+
+            try:
+                res = export_torch(args.ckpt, out=args.out, tokenizer=args.tokenizer, prompts=args.prompts,
+                                   dtype=args.dtype, merge_lora=not args.no_merge_lora, step=args.step,
+                                   force=args.force, progress=show)
+            except PackageError as e:
+                print(f"osum-convert export-torch: error: {e}", file=sys.stderr)
+                return 1
+            print(f"osum-convert export-torch: wrote {args.out} in {time.perf_counter() - t0:.1f} s: {res}",
+                  file=sys.stderr)
+            return 0
         else:
             info = commands.export_osum(args.ckpt, out=args.out, step=args.step, force=args.force,
                                         dtype=args.dtype, progress=show)

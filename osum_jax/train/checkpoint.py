@@ -66,3 +66,35 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def is_run_directory(path: str | Path) -> bool:
+    """True for an ``osum-train`` output directory (or its ``checkpoints`` folder)."""
+    p = Path(path)
+    return (p / "checkpoints").is_dir() or (p.name == "checkpoints" and p.is_dir())
+
+
+def load_run_model(path: str | Path, step: int | None = None, overrides=()):
+    """``(OSUM model, Config, step)`` from an ``osum-train`` run, restored on one CPU device (any topology).
+
+    Only the ``model`` and ``meta`` items are read; the optimizer state is left on disk.
+    """
+    from ..config import config_from_dict
+    from ..models import OSUM
+
+    p = Path(path)
+    ckpt_dir = p if p.name == "checkpoints" else p / "checkpoints"
+    with ocp.CheckpointManager(ckpt_dir.absolute(), item_names=ITEMS) as mgr:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        cfg = config_from_dict(meta["config"], overrides, source=f"{ckpt_dir}/{step}/meta")
+        model = nnx.eval_shape(lambda: OSUM(cfg.model, rngs=nnx.Rngs(0)))
+        state = nnx.state(model)
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), nnx.to_pure_dict(state))
+        restored = mgr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target))).model
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    return model, cfg, step

@@ -85,6 +85,8 @@ class Trainer:
         self.lora_enabled = cfg.model.lora.rank > 0
         self.filter = trainable_filter(tc.fire_module, self.lora_enabled)
         self.model = self._init_model()
+        if tc.init_from:
+            self._load_initial_weights(tc.init_from)
         if tc.frozen_param_dtype != "float32":
             cast_frozen_(self.model, tc.fire_module, as_dtype(tc.frozen_param_dtype), self.lora_enabled)
         self.tx = make_optimizer(tc)
@@ -126,6 +128,23 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             state = jax.jit(init, out_shardings=shardings)()
         return nnx.merge(graphdef, state)
+
+    def _load_initial_weights(self, path: str) -> None:
+        """Start from a converter checkpoint (``osum-convert import-*``) or another run's weights."""
+        from ..convert.export_torch import load_any
+
+        src, src_cfg = load_any(path)
+        mine, theirs = self.cfg.model, src_cfg.model
+        for part in ("encoder", "adapter", "llm", "lora", "speech_token_num"):
+            if getattr(mine, part) != getattr(theirs, part):
+                raise ValueError(f"train.init_from={path}: model.{part} differs from this run's config:\n"
+                                 f"  checkpoint: {getattr(theirs, part)}\n  config:     {getattr(mine, part)}")
+        shardings = state_shardings(nnx.state(self.model), self.mesh, self.rules)
+        state = nnx.state(src)
+        target = nnx.state(self.model)
+        state = jax.tree.map(lambda a, t: a.astype(t.dtype), state, target)
+        nnx.update(self.model, jax.device_put(state, shardings))
+        log.info("initialised weights from %s", path)
 
     def _make_train_step(self):
         flt = self.filter
