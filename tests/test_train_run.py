@@ -78,10 +78,10 @@ def test_tiny_model_learns_real_speech_and_decodes_it(speech_corpus, tmp_path):
 
     cfg = load_config("configs/tiny.yaml", _overrides(
         speech_corpus, tmp_path / "learn", **{
-            "train.steps": 120, "train.fire_module": "all", "train.learning_rate": 3e-3, "train.warmup_steps": 10,
+            "train.steps": 150, "train.fire_module": "all", "train.learning_rate": 3e-3, "train.warmup_steps": 10,
             "train.schedule": "cosine", "train.checkpoint_every": 1000, "train.log_every": 10,
-            "train.eval_every": 120, "train.eval_batches": 4, "train.eval_decode_batches": 4,
-            "train.eval_max_new_tokens": 24, "train.weight_decay": 0.0, "data.seed": 1,
+            "train.eval_every": 150, "train.eval_batches": 4, "train.eval_decode_batches": 4,
+            "train.eval_max_new_tokens": 40, "train.weight_decay": 0.0, "data.seed": 1,
             "model.encoder.dropout": 0.0, "model.encoder.positional_dropout": 0.0,
             "model.adapter.dropout": 0.0, "model.adapter.positional_dropout": 0.0, "model.lora.dropout": 0.0}))
     import jax
@@ -94,7 +94,6 @@ def test_tiny_model_learns_real_speech_and_decodes_it(speech_corpus, tmp_path):
     assert summary["compiled_shapes"] <= 4
 
 
-@pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 def test_two_processes_train_together(speech_corpus, tmp_path):
     port = 20000 + os.getpid() % 20000
     procs = []
