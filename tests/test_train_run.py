@@ -92,6 +92,33 @@ def test_tiny_model_learns_real_speech_and_decodes_it(speech_corpus, tmp_path):
     # the dev list is the training list: greedy decoding must reproduce the transcripts almost exactly
     assert summary["eval/<TRANSCRIBE>/wer"] <= 0.1, trainer.last_eval_examples
     assert summary["compiled_shapes"] <= 4
+    # the run's checkpoint exports to a torch package that computes the same loss (osum_torch_infer, fp32)
+    import torch
+
+    from osum_jax.convert.export_torch import export_torch
+    from osum_torch_infer.modeling import OSUMForConditionalGeneration
+
+    pkg = tmp_path / "pkg"
+    export_torch(tmp_path / "learn", out=pkg, tokenizer=speech_corpus["tokenizer"], dtype="fp32", progress=False)
+    tmodel = OSUMForConditionalGeneration.from_pretrained(pkg, device="cpu", dtype="fp32")
+    host = next(iter(trainer.data_pipeline(train=False).dataset()))
+    batch = {k: host[k] for k in ("feats", "feats_lengths", "prompt", "prompt_lengths", "target", "target_lengths")}
+    jax_loss = float(trainer.model(batch)["loss"])
+    with torch.no_grad():
+        torch_loss = float(tmodel({k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()})["loss"])
+    assert abs(jax_loss - torch_loss) <= 1e-4 * max(1.0, abs(jax_loss))
+
+
+def test_plan_reports_full_osum_memory(capsys):
+    from osum_jax.train.cli import main
+
+    assert main(["configs/osum_full.yaml", "--plan", "--devices", "8", "--device-memory-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters 8,003,089,920 (trainable 387,473,408)" in out and "fits in 80 GiB" in out
+    assert main(["configs/osum_full.yaml", "--plan", "--devices", "1", "--device-memory-gb", "16",
+                 "train.fire_module=all"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["configs/osum_full.yaml", "--plan", "train.mesh.tensor=3", "--devices", "8"]) == 2
 
 
 def test_two_processes_train_together(speech_corpus, tmp_path):

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", action="store_true", help="print per-device memory and exit (allocates nothing)")
     ap.add_argument("--devices", type=int, default=0, help="--plan: number of devices (default: those present)")
     ap.add_argument("--device-memory-gb", type=float, default=0.0, help="--plan: memory per device")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..config import ConfigError, load_config
 
@@ -50,7 +50,11 @@ def main(argv=None) -> int:
     if args.plan:
         from .plan import format_plan, plan
 
-        print(format_plan(plan(cfg, args.devices or None, args.device_memory_gb)))
+        try:
+            print(format_plan(plan(cfg, args.devices or None, args.device_memory_gb)))
+        except ConfigError as e:
+            print(f"osum-train: config error: {e}", file=sys.stderr)
+            return 2
         return 0
     _init_distributed(cfg)
     from .trainer import Trainer
