@@ -71,6 +71,22 @@ def test_resume_after_sigkill_is_bit_identical(speech_corpus, tmp_path):
         assert got[step] == expected[step], (step, killed_at)  # bit-identical, data order included
 
 
+def test_sigterm_saves_and_exits(speech_corpus, tmp_path):
+    run_dir = tmp_path / "term"
+    args = _overrides(speech_corpus, run_dir, **{"train.steps": 500, "train.checkpoint_every": 1000})
+    p = _run(args)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.1)
+    os.kill(p.pid, signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+    assert "SIGTERM" in out
+    steps = [int(d.name) for d in (run_dir / "checkpoints").glob("*") if d.name.isdigit()]
+    assert len(steps) == 1 and 1 <= steps[0] < 500  # saved where it stopped, long before checkpoint_every
+
+
 def test_tiny_model_learns_real_speech_and_decodes_it(speech_corpus, tmp_path):
     """Train from scratch on the espeak corpus until greedy decoding reproduces the training transcripts."""
     from osum_jax.config import load_config

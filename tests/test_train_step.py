@@ -32,7 +32,7 @@ def _params(trainer):
             nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))}
 
 
-def test_mesh_2x2x2_step_equals_single_device():
+def test_mesh_2x2x2_step_equals_single_device(tmp_path):
     """Same loss and same updated parameters on mesh (data 2, fsdp 2, tensor 2) as on one device.
 
     Every parameter with a non-zero initial value matches to <= 1e-5 relative. Zero-initialised tensors
@@ -70,6 +70,22 @@ def test_mesh_2x2x2_step_equals_single_device():
     out_s = sharded.train_micro_step(sharded.micro_batch(_batch(1)))
     out_1 = single.train_micro_step(single.micro_batch(_batch(1)))
     assert rel_err(out_s["loss"], out_1["loss"]) <= 1e-5
+    # a checkpoint written on the 8-device mesh restores onto one device, optimizer state included
+    sharded.step = 1
+    sharded.out_dir = single.out_dir = tmp_path
+    sharded.open_checkpoints()
+    sharded.save()
+    sharded.checkpointer.close()
+    single.open_checkpoints()
+    assert single.restore_latest() and single.step == 1
+    for name, value in _params(sharded).items():
+        np.testing.assert_array_equal(_params(single)[name], value, err_msg=name)
+    assert single.model.llm.layers.mlp.gate_proj.kernel.get_value().sharding.num_devices == 1
+    batch = _batch(2)
+    out_s = sharded.train_micro_step(sharded.micro_batch(batch))
+    out_1 = single.train_micro_step(single.micro_batch(batch))
+    assert rel_err(out_s["loss"], out_1["loss"]) <= 1e-5
+    single.checkpointer.close()
 
 
 @pytest.mark.parametrize("fire_module, moves, frozen", [

@@ -32,6 +32,7 @@ from ..models import OSUM
 from ..models.generate import greedy_decode
 from ..models.layers import as_dtype
 from .checkpoint import RunCheckpointer
+from .flops import train_step_flops
 from .mesh import align_across_processes, build_mesh, data_parallel_size, put_batch, rules_of, state_shardings
 from .optim import learning_rate_schedule, make_optimizer
 from .trainable import cast_frozen_, count, trainable_filter
@@ -302,7 +303,9 @@ class Trainer:
                     break
                 batch = self.micro_batch(host)
                 out = self.train_micro_step(batch)
-                acc.add(out, host, time.perf_counter() - t0)
+                f = train_step_flops(cfg.model, batch["feats"].shape[0], batch["feats"].shape[1],
+                                     batch["prompt"].shape[1], batch["target"].shape[1])
+                acc.add(out, host, time.perf_counter() - t0, f)
                 if self.micro_step % tc.grad_accum:
                     continue
                 self.step += 1
@@ -344,10 +347,11 @@ class _Accumulator:
         self.reset()
 
     def reset(self):
-        self.outs, self.secs, self.tokens, self.audio_s, self.frames = [], 0.0, 0, 0.0, 0
+        self.outs, self.secs, self.tokens, self.audio_s, self.frames, self.flops = [], 0.0, 0, 0.0, 0, 0.0
 
-    def add(self, out, host, seconds):
+    def add(self, out, host, seconds, flops=0.0):
         self.outs.append(out)
+        self.flops += flops
         self.secs += seconds
         n = int(host.get("num_real", len(host["feats_lengths"])))
         self.tokens += int(np.sum(host["target_lengths"][:n]))
@@ -368,8 +372,12 @@ class _Accumulator:
             "target_tokens_per_s": self.tokens / step_time if step_time else 0.0,
             "audio_seconds_per_s": self.audio_s / step_time if step_time else 0.0,
             "nonfinite": 0 if finite else 1,
+            "model_tflops_per_s": self.flops / step_time / 1e12 if step_time else 0.0,
             "compiled_shapes": len(trainer.shapes_seen),
         }
+        peak = trainer.cfg.train.peak_tflops_per_device
+        if peak > 0 and step_time:
+            metrics["mfu"] = self.flops / step_time / (peak * 1e12 * trainer.mesh.size)
         self.reset()
         return metrics
 
