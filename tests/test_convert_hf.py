@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
 
 from osum_jax.config import AdapterConfig
@@ -153,3 +154,43 @@ def test_inspect_safetensors_dir(hf, capsys):
     assert main(["inspect", str(hf[0] / "qwen2")]) == 0
     text = capsys.readouterr().out
     assert "model.layers" in text and "bfloat16" in text
+
+
+def test_hf_to_jax_to_torch_package_same_logits(hf, tmp_path):
+    """The whole chain of issue 5: HF Whisper + HF Qwen2 -> import-hf -> export-torch (CLI) -> osum_torch_infer
+    gives the JAX model's loss and logits through the shared batch contract (fp32, merged and PEFT exports)."""
+    from osum_torch_infer.modeling import OSUMForConditionalGeneration
+    from tests.corpus import train_tokenizer
+
+    _, _, _, ckpt = hf
+    model, cfg = ck.load_model(ckpt)
+    # give LoRA B non-zero values so that the merged/PEFT paths are really exercised
+    for path, var in nnx.iter_graph(model):
+        if path and path[-1] == "lora_b":
+            var.set_value(0.05 * np.random.default_rng(len(path)).standard_normal(var.shape).astype(np.float32))
+    tok = train_tokenizer(["transcribe the speech"], tmp_path / "tok", vocab_size=300)
+    from osum_jax.convert.torch_package import export_torch_package
+
+    rng = np.random.default_rng(3)
+    batch = dict(feats=rng.standard_normal((2, 160, 80)).astype(np.float32), feats_lengths=np.array([160, 97]),
+                 prompt=np.array([[5, 6, 7], [8, 9, -1]]), prompt_lengths=np.array([3, 2]),
+                 target=np.array([[10, 11, 12, 13], [14, 15, -100, -100]]), target_lengths=np.array([4, 2]))
+    ref = model(batch)
+    for merge in (True, False):
+        pkg = tmp_path / f"pkg{int(merge)}"
+        export_torch_package(model, cfg.model, pkg, tokenizer_dir=tok, dtype="fp32", merge_lora=merge,
+                             progress=False)
+        tm = OSUMForConditionalGeneration.from_pretrained(pkg, device="cpu", dtype="fp32")
+        with torch.no_grad():
+            out = tm({k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()})
+        assert rel_err(out["loss"].item(), float(ref["loss"])) <= 1e-5
+        for b, n in enumerate(batch["target_lengths"]):
+            assert rel_err(out["logits"][b, :n].numpy(), np.asarray(ref["logits"][b, :n])) <= 1e-4
+    # and the CLI path from the import-hf checkpoint itself (LoRA B = 0 there) writes a loadable package
+    assert main(["export-torch", str(ckpt), "--tokenizer", str(tok), "--out", str(tmp_path / "cli_pkg"),
+                 "--dtype", "fp32", "--no-progress"]) == 0
+    fresh, _ = ck.load_model(ckpt)
+    tm = OSUMForConditionalGeneration.from_pretrained(tmp_path / "cli_pkg", device="cpu", dtype="fp32")
+    with torch.no_grad():
+        out = tm({k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()})
+    assert rel_err(out["loss"].item(), float(fresh(batch)["loss"])) <= 1e-5
