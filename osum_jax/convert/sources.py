@@ -148,7 +148,7 @@ class TorchPtSource(TensorSource):
             raise SourceError(f"{self.path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
         if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
             raise SourceError(f"{self.path}: this is a DeepSpeed model-states file; convert it to a flat state "
-                              f"dict first (torch.save(torch.load(f)['module'], 'infer.pt'))")
+                              f"dict first (torch.save(torch.load(f, weights_only=True)['module'], 'infer.pt'))")
         if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                 for k, v in obj.items()):
             raise SourceError(f"{self.path}: expected a flat state dict {{name: tensor}}, got {type(obj).__name__}")

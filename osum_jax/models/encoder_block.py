@@ -10,7 +10,6 @@ This is wenet's ``TransformerEncoderLayer`` with ``normalize_before=True`` (== W
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from .attention import dot_product_attention

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -108,6 +107,7 @@ class Trainer:
         self._decode = nnx.jit(greedy_decode, static_argnames=("max_new_tokens",))
         self.shapes_seen: set[tuple] = set()
         self.checkpointer = None
+        self._dev_pipe = None
         self.micro_step = 0
         self.step = 0
         self.data_state = None
@@ -235,7 +235,9 @@ class Trainer:
         from osum_torch_infer.scoring import score
 
         tc = self.cfg.train
-        pipe = self.data_pipeline(train=False)
+        if self._dev_pipe is None:  # indexes, tokenizer and prompt checks once per run, not per evaluation
+            self._dev_pipe = self.data_pipeline(train=False)
+        pipe = self._dev_pipe
         it = iter(pipe.dataset())
         losses, tokens = [], []
         refs, hyps, tasks = [], [], []
@@ -347,7 +349,7 @@ class _Accumulator:
         self.reset()
 
     def reset(self):
-        self.outs, self.secs, self.tokens, self.audio_s, self.frames, self.flops = [], 0.0, 0, 0.0, 0, 0.0
+        self.outs, self.secs, self.tokens, self.audio_s, self.flops = [], 0.0, 0, 0.0, 0.0
 
     def add(self, out, host, seconds, flops=0.0):
         self.outs.append(out)
