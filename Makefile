@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test clean-venv
+.PHONY: install test demo bench bench-quick espeak clean-venv
 
 # (Re)install when the venv is missing or the dependency files changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -16,6 +16,29 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
+
+# The whole product end to end on a synthesised speech corpus (about 10 minutes on 2 CPU cores); see README.
+demo: $(STAMP) espeak
+	$(PY) scripts/demo.py
+
+# Debian's espeak-ng makes the demo's speech; installed with apt when missing (as root, or through sudo).
+espeak:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  echo "espeak-ng not found: installing it with apt-get"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng; } \
+	  || { echo "could not install espeak-ng; install it (e.g. apt-get install espeak-ng) and re-run"; exit 1; }
+
+# The CPU benchmark suite; figures go to docs/benchmarks.md. bench_convert writes a 15 GiB file and takes
+# ~15 minutes; `make bench-quick` leaves it out.
+bench: bench-quick
+	$(PY) scripts/bench_convert.py
+
+bench-quick: $(STAMP) espeak
+	$(PY) scripts/bench_model.py
+	$(PY) scripts/bench_data.py --utterances 60
+	$(PY) scripts/bench_infer.py
+	$(PY) scripts/bench_train.py --config configs/small.yaml --batch 4 --frames 1000
 
 clean-venv:
 	rm -rf $(VENV)

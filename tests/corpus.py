@@ -32,17 +32,9 @@ def synthesize(text: str, voice: str, path: Path, speed: int = 160) -> None:
 
 
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 400) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from osum_jax.data.text import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    return out_dir
+    return train_bpe_tokenizer(texts, out_dir, vocab_size)
 
 
 def build_corpus(root: Path) -> dict:

@@ -110,3 +110,26 @@ class PromptBook:
         rng = np.random.default_rng([seed, epoch, index, 0x9E3779B9])
         p = items[int(rng.integers(len(items)))]
         return "" if p == NO_PROMPT else p
+
+
+def train_bpe_tokenizer(texts, out_dir: str | Path, vocab_size: int = 400,
+                        eod_token: str = "<|endoftext|>") -> Path:
+    """Train a byte-level BPE tokenizer (Qwen2's kind, at toy size) on ``texts``; write ``out_dir/tokenizer.json``.
+
+    For demos and tests, where no hub tokenizer can be downloaded. Deterministic for the same texts.
+    """
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = _Tok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eod_token], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "tokenizer.json.tmp"
+    tok.save(str(tmp))
+    tmp.replace(out / "tokenizer.json")
+    return out

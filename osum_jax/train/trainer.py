@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -37,6 +38,12 @@ from .optim import learning_rate_schedule, make_optimizer
 from .trainable import cast_frozen_, count, trainable_filter
 
 log = logging.getLogger("osum_jax.train")
+
+
+def tensorboard_tag(name: str) -> str:
+    """``eval/<TRANSCRIBE><GENDER>/wer`` -> ``eval/TRANSCRIBE+GENDER/wer`` (TensorBoard rejects ``<`` ``>``)."""
+    name = re.sub(r">\s*<", "+", name)
+    return re.sub(r"[^A-Za-z0-9_./+-]", "", name)
 
 
 class MetricsWriter:
@@ -64,7 +71,7 @@ class MetricsWriter:
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+                    self.tb.add_scalar(tensorboard_tag(k), v, step)
 
     def close(self) -> None:
         if self.jsonl:
@@ -307,7 +314,7 @@ class Trainer:
                 out = self.train_micro_step(batch)
                 f = train_step_flops(cfg.model, batch["feats"].shape[0], batch["feats"].shape[1],
                                      batch["prompt"].shape[1], batch["target"].shape[1])
-                acc.add(out, host, time.perf_counter() - t0, f)
+                acc.add(out, host, t0, f)
                 if self.micro_step % tc.grad_accum:
                     continue
                 self.step += 1
@@ -349,23 +356,25 @@ class _Accumulator:
         self.reset()
 
     def reset(self):
-        self.outs, self.secs, self.tokens, self.audio_s, self.flops = [], 0.0, 0, 0.0, 0.0
+        self.outs, self.started, self.tokens, self.audio_s, self.flops = [], None, 0, 0.0, 0.0
 
-    def add(self, out, host, seconds, flops=0.0):
+    def add(self, out, host, started: float, flops=0.0):
+        """``started``: ``perf_counter()`` before this micro-batch was fetched; the step's wall time runs from
+        its first micro-batch's fetch until its results are on the host (dispatch is asynchronous)."""
         self.outs.append(out)
         self.flops += flops
-        self.secs += seconds
+        self.started = started if self.started is None else self.started
         n = int(host.get("num_real", len(host["feats_lengths"])))
         self.tokens += int(np.sum(host["target_lengths"][:n]))
         self.audio_s += float(np.sum(host["feats_lengths"][:n])) / 100.0
 
     def flush(self, trainer: Trainer, lr) -> dict[str, float]:
-        outs = jax.device_get(self.outs)
+        outs = jax.device_get(self.outs)  # waits for the step's computation
+        step_time = time.perf_counter() - self.started
         n = np.array([float(o["num_tokens"]) for o in outs])
         losses = np.array([float(o["loss"]) for o in outs])
         gnorms = np.array([float(o["grad_norm"]) for o in outs])
         finite = bool(np.all(np.isfinite(losses)) and np.all(np.isfinite(gnorms)))
-        step_time = self.secs
         metrics = {
             "loss": float(np.sum(losses * n) / max(n.sum(), 1.0)) if finite else float("nan"),
             "grad_norm": float(np.mean(gnorms)),

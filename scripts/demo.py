@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""`make demo`: the whole product, end to end, on the espeak-ng demo corpus, on a CPU.
+
+    python scripts/demo.py [--out demo] [--steps N] [--devices 8] [--keep-corpus]
+
+1. builds the corpus (scripts/make_demo_corpus.py: train as tar shards, dev/test as raw data.lists, tokenizer)
+2. trains the tiny OSUM from scratch with ``osum-train configs/demo.yaml`` on 8 simulated CPU devices, mesh
+   data 1 x fsdp 4 x tensor 2, with checkpoints and dev evaluation (JAX greedy decoding)
+3. exports the run with ``osum-convert export-torch`` (a Hugging Face style safetensors package)
+4. transcribes and tags the held-out test split with ``osum-infer`` (PyTorch, no JAX)
+5. scores it with ``osum-eval`` (WER/CER, tag accuracy + confusion matrices)
+6. prints a report (loss curve, WER/CER, tag accuracy vs chance, timings, artefacts) and writes
+   ``OUT/report.md`` and ``OUT/loss.png``
+
+Every number in the report comes from this run. Each stage runs the real CLI in a subprocess, exactly as a user
+would type it; the commands are printed and kept in ``OUT/commands.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET_S = 15 * 60
+CHANCE = {"gender": 1 / 2, "age": 1 / 3}
+
+
+def _bin(name: str) -> str:
+    """The console script next to this interpreter (the venv's), else on PATH."""
+    cand = Path(sys.executable).with_name(name)
+    return str(cand) if cand.exists() else name
+
+
+class Stages:
+    def __init__(self, out: Path):
+        self.out = out
+        self.times: dict[str, float] = {}
+        self.commands: list[str] = []
+
+    def run(self, name: str, cmd: list[str], env: dict | None = None, log: Path | None = None) -> None:
+        shown = " ".join(shlex.quote(c) for c in cmd)
+        envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+        self.commands.append(f"{envs} {shown}".strip())
+        print(f"\n=== {name}\n$ {self.commands[-1]}", flush=True)
+        t0 = time.time()
+        full_env = dict(os.environ, **(env or {}))
+        if log is None:
+            rc = subprocess.run(cmd, cwd=ROOT, env=full_env).returncode
+        else:  # progress on the console, everything in the log
+            with open(log, "w", encoding="utf-8") as f:
+                p = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1)
+                for line in p.stdout:
+                    f.write(line)
+                    if " absl:" not in line and "tensorboardX" not in line:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+                rc = p.wait()
+        self.times[name] = time.time() - t0
+        if rc != 0:
+            where = f" (log: {log})" if log else ""
+            raise SystemExit(f"demo: stage '{name}' failed with exit code {rc}{where}")
+
+
+def loss_curve(metrics: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(ln) for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval/loss" in r]
+
+
+def plot_loss(train: list[dict], evals: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1.2)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="dev loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / target token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    ax.set_title("osum-jax demo: tiny OSUM trained from scratch on espeak-ng speech")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def pooled(report: dict) -> dict:
+    """WER/CER over every transcribing task; tag accuracy over every task that asks for the tag."""
+    out: dict = {}
+    for metric in ("wer", "cer"):
+        errs = sum(r[metric]["errors"] for r in report["tasks"].values() if metric in r)
+        toks = sum(r[metric]["ref_tokens"] for r in report["tasks"].values() if metric in r)
+        if toks:
+            out[metric] = (errs / toks, errs, toks)
+    for field in CHANCE:
+        ok = sum(r["tags"][field]["correct"] for r in report["tasks"].values() if field in r.get("tags", {}))
+        tot = sum(r["tags"][field]["total"] for r in report["tasks"].values() if field in r.get("tags", {}))
+        if tot:
+            out[field] = (ok / tot, ok, tot)
+    return out
+
+
+def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], report: dict, stages: Stages,
+                examples: list[tuple[str, str, str]], devices: int) -> str:
+    total = sum(stages.times.values())
+    k = max(1, len(train) // 10)
+    first, last = train[0], train[-1]
+    best = min(train, key=lambda r: r["loss"])
+    lines = ["# osum-jax demo report", ""]
+    sp = corpus["splits"]
+    lines += [f"corpus: {sp['train']['utterances']} train / {sp['dev']['utterances']} dev / "
+              f"{sp['test']['utterances']} test utterances of espeak-ng speech ({sp['train']['minutes']:.1f} min "
+              f"of training audio); test sentences never occur in training", ""]
+    lines += ["## training (osum-train, JAX)", "",
+              f"- {last['step']} optimizer steps on {devices} simulated CPU devices (mesh data 1 x fsdp 4 x tensor 2),"
+              f" {last.get('compiled_shapes', '?'):.0f} compiled batch shapes",
+              f"- train loss: step {first['step']} {first['loss']:.3f} -> step {last['step']} {last['loss']:.3f} "
+              f"(lowest {best['loss']:.3f} at step {best['step']}); mean per tenth of the run: "
+              + " ".join(f"{sum(r['loss'] for r in train[i:i + k]) / len(train[i:i + k]):.2f}"
+                         for i in range(0, len(train), k)),
+              ]
+    if evals:
+        lines.append("- dev loss: " + ", ".join(f"step {r['step']} {r['eval/loss']:.3f}" for r in evals))
+    steady = sorted(r["step_time_s"] for r in train[len(train) // 4:])
+    if steady:
+        lines.append(f"- median step time {steady[len(steady) // 2]:.2f} s")
+    lines += ["", "## held-out test (osum-infer on the exported torch package, scored by osum-eval)", ""]
+    pool = pooled(report)
+    if "wer" in pool:
+        lines.append(f"- WER {100 * pool['wer'][0]:.1f} % ({pool['wer'][1]}/{pool['wer'][2]} words), "
+                     f"CER {100 * pool['cer'][0]:.1f} % over all transcribing tasks")
+    for field, chance in CHANCE.items():
+        if field in pool:
+            lines.append(f"- {field} accuracy {100 * pool[field][0]:.1f} % ({pool[field][1]}/{pool[field][2]}); "
+                         f"chance {100 * chance:.0f} %")
+    lines += ["", "| task | utterances | WER | CER | gender acc. | age acc. |", "|---|---|---|---|---|---|"]
+    for task, r in report["tasks"].items():
+        cell = lambda m: f"{100 * r[m]['rate']:.1f} %" if m in r else "-"  # noqa: E731
+        tag = lambda f: f"{100 * r['tags'][f]['accuracy']:.1f} %" if f in r.get("tags", {}) else "-"  # noqa: E731
+        lines.append(f"| `{task}` | {r['utterances']} | {cell('wer')} | {cell('cer')} | {tag('gender')} | "
+                     f"{tag('age')} |")
+    if examples:
+        lines += ["", "examples (reference -> hypothesis):", ""]
+        lines += [f"- `{k}`: {r!r} -> {h!r}" for k, r, h in examples]
+    lines += ["", "## time", ""]
+    lines += [f"- {name}: {sec:.0f} s" for name, sec in stages.times.items()]
+    lines.append(f"- total: {total:.0f} s ({total / 60:.1f} min; budget {BUDGET_S // 60} min)")
+    lines += ["", "## artefacts", "",
+              f"- corpus: {out / 'corpus'} (train shards, dev/test lists, tokenizer)",
+              f"- run (orbax checkpoints, metrics.jsonl, TensorBoard): {out / 'run'}",
+              f"- torch package: {out / 'package'}",
+              f"- test results: {out / 'results.jsonl'}",
+              f"- eval reports and confusion PNGs: {out / 'eval'}",
+              f"- loss curve: {out / 'loss.png'}",
+              f"- the commands, as run: {out / 'commands.sh'}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="demo", help="where everything goes (default: ./demo)")
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--steps", type=int, help="optimizer steps (default: the config's)")
+    ap.add_argument("--devices", type=int, default=8, help="simulated CPU devices (fsdp 4 x tensor 2 needs 8)")
+    ap.add_argument("--seed", type=int, default=0, help="corpus seed")
+    ap.add_argument("--keep-corpus", action="store_true", help="reuse OUT/corpus if it exists")
+    ap.add_argument("--batch-size", type=int, default=16, help="osum-infer batch size")
+    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for osum-train")
+    args = ap.parse_args(argv)
+    out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus, run, pkg = out / "corpus", out / "run", out / "package"
+    stages = Stages(out)
+    t_start = time.time()
+
+    if not (args.keep_corpus and (corpus / "corpus.json").is_file()):
+        stages.run("corpus", [sys.executable, "scripts/make_demo_corpus.py", "--out", str(corpus),
+                              "--seed", str(args.seed)])
+    for old in (run, pkg, out / "eval"):
+        shutil.rmtree(old, ignore_errors=True)  # every figure in the report comes from this run
+
+    overrides = [f"data.train={corpus / 'shards' / 'shards_list.txt'}", f"data.dev={corpus / 'dev.list'}",
+                 f"data.tokenizer={corpus / 'tokenizer'}", f"data.prompts={corpus / 'prompts.yaml'}",
+                 f"train.output_dir={run}"]
+    if args.steps:
+        overrides.append(f"train.steps={args.steps}")
+    overrides += args.overrides
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices}", "JAX_PLATFORMS": "cpu"}
+    stages.run("train", [_bin("osum-train"), args.config, *overrides], env=env, log=out / "train.log")
+    stages.run("export", [_bin("osum-convert"), "export-torch", str(run), "--tokenizer", str(corpus / "tokenizer"),
+                          "--out", str(pkg), "--dtype", "fp32", "--force"])
+    stages.run("infer", [_bin("osum-infer"), "--model", str(pkg), "--data", str(corpus / "test.list"),
+                         "--device", "cpu", "--dtype", "fp32", "--batch-size", str(args.batch_size),
+                         "--out", str(out / "results.jsonl")])
+    stages.run("eval", [_bin("osum-eval"), "--ref", str(corpus / "test.list"), "--hyp", str(out / "results.jsonl"),
+                        "--out", str(out / "eval")], log=out / "eval.log")
+
+    train, evals = loss_curve(run / "metrics.jsonl")
+    plot_loss(train, evals, out / "loss.png")
+    report = json.loads((out / "eval" / "report.json").read_text(encoding="utf-8"))
+    refs = {json.loads(ln)["key"]: json.loads(ln)["txt"] for ln in (corpus / "test.list").read_text().splitlines()}
+    hyps = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    examples = [(h["key"], refs[h["key"]], h.get("text", "")) for h in hyps[:6]]
+    corpus_info = json.loads((corpus / "corpus.json").read_text(encoding="utf-8"))
+    (out / "commands.sh").write_text("#!/usr/bin/env bash\n# the demo's commands, as run by scripts/demo.py\n"
+                                     + "\n".join(stages.commands) + "\n", encoding="utf-8")
+    text = report_text(out, corpus_info, train, evals, report, stages, examples, args.devices)
+    (out / "report.md").write_text(text, encoding="utf-8")
+    print("\n" + text)
+    total = time.time() - t_start
+    if total > BUDGET_S:
+        print(f"note: the demo took {total / 60:.1f} min, over its {BUDGET_S // 60}-minute budget", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
