@@ -7,8 +7,10 @@ Builds a random bfloat16 checkpoint in OSUM's exact key layout (aliases sharing 
 kernel's high-water mark, ``wait4`` ru_maxrss) and the peak of anonymous memory (``RssAnon`` sampled every
 0.1 s; file-backed pages of memory-mapped files are reclaimable and not in it). ``--layers N`` scales the
 Whisper and Qwen2 stacks down when the disk is too small (the script checks free space first: about
-4x the checkpoint size is needed: source .pt, staging, JAX checkpoint, exported .pt; the source is deleted
-before the export to save space).
+3x the checkpoint size is needed: source .pt, JAX checkpoint, exported .pt; the source is deleted before the
+export to save space unless ``--verify``). ``--verify`` then checks, in another process, that the export
+equals the source bit for bit (keys, order, dtypes, shapes, bytes, alias storage; loaded with ``mmap=True``)
+and that every zip record's CRC-32 is right.
 """
 
 from __future__ import annotations
@@ -101,14 +103,43 @@ def run(cmd: list[str]) -> dict:
             "file_gib": peak["RssFile"] / 2**20, "log": out.strip().splitlines()[-1] if out.strip() else ""}
 
 
+def verify(src: Path, out: Path) -> str:
+    """``out`` equals ``src`` bit for bit (mmap loads, one tensor at a time) and its CRC-32s are right."""
+    import zipfile
+
+    import torch
+
+    a, b = torch.load(src, weights_only=True, mmap=True), torch.load(out, weights_only=True, mmap=True)
+    assert list(a) == list(b), "keys or order differ"
+    for k in a:
+        x, y = a[k], b[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), k
+    ptr = {}
+    for k in b:
+        ptr.setdefault(b[k].untyped_storage().data_ptr(), []).append(k)
+    shared = sorted(tuple(v) for v in ptr.values() if len(v) > 1)
+    del a, b
+    with zipfile.ZipFile(out) as z:
+        bad = z.testzip()
+        assert bad is None, f"bad CRC-32: {bad}"
+        n = len(z.infolist())
+    return f"verified: {len(ptr)} storages bit-exact, shared {shared}, {n} zip records with correct CRC-32"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs/osum_full.yaml"))
     ap.add_argument("--layers", type=int, help="scale the encoder and LLM stacks down to N layers")
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     ap.add_argument("--keep", action="store_true", help="keep the files")
+    ap.add_argument("--verify", action="store_true", help="check the export against the source (bit-exact)")
     ap.add_argument("--build-only", help=argparse.SUPPRESS)  # internal: write the .pt in a child process
+    ap.add_argument("--verify-only", nargs=2, help=argparse.SUPPRESS)  # internal: SRC OUT, in a child process
     args = ap.parse_args()
+    if args.verify_only:
+        print(verify(Path(args.verify_only[0]), Path(args.verify_only[1])))
+        return
     from osum_jax.config import load_config
 
     overrides = [] if args.layers is None else [f"model.encoder.num_layers={args.layers}",
@@ -125,9 +156,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     free = shutil.disk_usage(work).free
     print(f"synthetic checkpoint ~{est / 2**30:.1f} GiB; free disk {free / 2**30:.1f} GiB at {work}", flush=True)
-    if free < 3.3 * est:
+    if free < 3.1 * est:
         shutil.rmtree(work)
-        raise SystemExit(f"not enough disk for ~{3.3 * est / 2**30:.0f} GiB; use --layers N to scale down")
+        raise SystemExit(f"not enough disk for ~{3.1 * est / 2**30:.0f} GiB; use --layers N to scale down")
     try:
         pt, ckpt, back = work / "infer.pt", work / "ckpt", work / "back.pt"
         t0 = time.perf_counter()
@@ -148,10 +179,18 @@ def main() -> None:
         print(f"import-osum: {imp['wall_s']:.0f} s, peak RSS {imp['maxrss_gib']:.2f} GiB (anonymous "
               f"{imp['anon_gib']:.2f} GiB, file-backed {imp['file_gib']:.2f} GiB); checkpoint "
               f"{ck_size / 2**30:.2f} GiB; {imp['log']}", flush=True)
-        pt.unlink()  # room for the export's staging + output
+        if not args.verify:
+            pt.unlink()  # room for the export
         exp = run(cli + ["export-osum", str(ckpt), "--out", str(back), "--no-progress"])
         print(f"export-osum: {exp['wall_s']:.0f} s, peak RSS {exp['maxrss_gib']:.2f} GiB (anonymous "
               f"{exp['anon_gib']:.2f} GiB, file-backed {exp['file_gib']:.2f} GiB); {exp['log']}", flush=True)
+        if args.verify:
+            t0 = time.perf_counter()
+            ok = subprocess.run([sys.executable, __file__, "--verify-only", str(pt), str(back)],
+                                capture_output=True, text=True)
+            if ok.returncode:
+                raise SystemExit(f"verification failed:\n{ok.stdout[-2000:]}{ok.stderr[-4000:]}")
+            print(f"{ok.stdout.strip()} ({time.perf_counter() - t0:.0f} s)", flush=True)
     finally:
         if args.keep:
             print(f"kept {work}")

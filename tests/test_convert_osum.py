@@ -8,6 +8,7 @@ formulation (wenet attention written out; HF Qwen2 + peft for the LLM).
 
 import math
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from osum_jax.convert import checkpoint as ck
+from osum_jax.convert import commands
 from osum_jax.convert.cli import main
 from osum_jax.convert.osum_pt import canonical_keys
 from tests.helpers import TINY, rel_err, tiny_model_config
@@ -203,6 +205,40 @@ def test_round_trip_is_bit_exact(files):
     # the aliases are one storage again (the file does not store them twice)
     assert b["embed_tokens.weight"].data_ptr() == b["llama_model.base_model.model.model.embed_tokens.weight"].data_ptr()
     assert back.stat().st_size < pt.stat().st_size * 1.05
+
+
+def _records(path) -> dict:
+    """``data/N`` record -> (size, CRC-32), the archive's root folder left out."""
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None  # every record's CRC-32 matches its bytes
+        return {i.filename.split("/", 1)[1]: (i.file_size, i.CRC) for i in z.infolist() if "/data/" in i.filename}
+
+
+@pytest.mark.parametrize("block_bytes", [None, 4096])
+def test_export_streams_the_archive_torch_save_writes(files, tmp_path, monkeypatch, block_bytes):
+    """export-osum fills a ``skip_data`` skeleton in place: the result must be the archive ``torch.save`` writes
+    for the same tensors (same records, sizes and CRC-32s), load with ``mmap=True`` and share the alias storage;
+    a small ``BLOCK_BYTES`` sends the embedding / projection matrices through the banded path."""
+    d, _, pt, ckpt = files
+    if block_bytes:
+        monkeypatch.setattr(commands, "BLOCK_BYTES", block_bytes)
+    back = tmp_path / "stream.pt"
+    assert main(["export-osum", str(ckpt), "--out", str(back), "--no-progress"]) == 0
+    assert not list(tmp_path.glob(".*"))  # no temporaries left
+    a, b = torch.load(pt, weights_only=True), torch.load(back, weights_only=True, mmap=True)
+    _assert_same_state(a, b)
+    for alias, of in (("embed_tokens.weight", "llama_model.base_model.model.model.embed_tokens.weight"),
+                      ("lm_head.weight", "llama_model.base_model.model.lm_head.weight")):
+        assert b[alias].untyped_storage().data_ptr() == b[of].untyped_storage().data_ptr()
+    ref = tmp_path / "ref.pt"
+    torch.save(a, ref)
+    assert _records(back) == _records(ref)
+    # a cast export streams the cast bytes
+    f32 = tmp_path / "f32.pt"
+    assert main(["export-osum", str(ckpt), "--out", str(f32), "--dtype", "float32", "--no-progress"]) == 0
+    c = torch.load(f32, weights_only=True, mmap=True)
+    assert list(c) == list(a) and all(c[k].dtype == torch.float32 and torch.equal(c[k], a[k].float()) for k in a)
+    _records(f32)
 
 
 def test_checkpoint_layout_and_restore(files):
