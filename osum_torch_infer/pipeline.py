@@ -84,12 +84,15 @@ def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: floa
 
 def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | None = None, batch_size: int = 8,
         decoding: str = "greedy", max_new_tokens: int | None = None, num_beams: int | None = None,
-        max_seconds: float = MAX_SECONDS, progress: bool = True) -> Iterator[dict]:
+        max_seconds: float = MAX_SECONDS, progress: bool = True, engine: str = "auto",
+        cache_implementation: str | None = None) -> Iterator[dict]:
     """Yield one result per item, in input order.
 
     A result has ``key``, ``wav``, ``task``, ``prompt``, ``text`` (the raw output; windows joined), the parsed
     ``transcript`` and ``tags`` (+ ``timestamps`` for SRWT, ``answer`` for chat) and ``windows``; an unreadable
     file gives ``{"key", "wav", "task", "prompt", "error"}`` and the others continue. ``task`` overrides the items' own tasks.
+    ``engine`` and ``cache_implementation`` (``"static"`` or the default dynamic cache) go to
+    :meth:`OSUMForConditionalGeneration.generate`.
     """
     bar = None
     if progress:
@@ -97,7 +100,7 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
 
         bar = tqdm(total=len(items), desc="osum-infer", unit="utt", file=sys.stderr, dynamic_ncols=True)
     chunk = max(1, batch_size) * 16
-    overrides = {"max_new_tokens": max_new_tokens}
+    overrides = {"max_new_tokens": max_new_tokens, "cache_implementation": cache_implementation}
     if num_beams is not None:
         overrides["num_beams"] = num_beams
     try:
@@ -130,7 +133,7 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
                     feats[j, :u.feats.shape[0]] = u.feats
                 lengths = np.array([u.feats.shape[0] for u in batch], np.int64)
                 tokens = model.generate(feats, lengths, [u.prompt_ids for u in batch], decoding=decoding,
-                                        **overrides)
+                                        engine=engine, **overrides)
                 for k, toks in zip(idx, tokens):
                     texts[k] = model.decode_text(toks)
             per_item: dict[int, list[tuple[float, str]]] = {}

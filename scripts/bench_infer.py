@@ -8,9 +8,17 @@
 A random model of ``--config`` (default ``configs/small.yaml``, random non-zero LoRA B) is built in JAX and
 exported with ``osum_jax.convert.torch_package`` (merged and ``--no-merge-lora`` packages). Every run decodes
 exactly ``--new-tokens`` tokens (``min_new_tokens``), after one warm-up. Reports decode tokens/s and latency
-(seconds per ``generate`` call, including the audio tower and the prefill).
+(seconds per ``generate`` call, including the audio tower and the prefill), each path timed in alternation
+(round-robin over the paths, ``--repeats`` rounds, median per path) so that load from other processes hits all
+paths alike. The tokens of every path are checked to be identical (utterance 0 of every path equals the
+OSUM-style tokens; batch 8 equals one-by-one). Also reports where the time goes: audio tower, prefill and the
+per-token decode step of each path.
 
-    python scripts/bench_infer.py [--config configs/small.yaml] [--new-tokens 32] [--repeats 3] [--device cpu]
+``osum_torch_infer`` runs with ``engine="auto"`` (its lean greedy loop; ``--engine hf`` for transformers'
+``generate``) and ``--cache dynamic|static`` (the KV cache of both).
+
+    python scripts/bench_infer.py [--config configs/small.yaml] [--new-tokens 32] [--repeats 5] [--device cpu]
+                                  [--engine auto|hf] [--cache dynamic|static] [--threads N]
 """
 
 from __future__ import annotations
@@ -65,22 +73,28 @@ def build_packages(config: str, root: Path) -> tuple[Path, Path]:
     return merged, unmerged
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _time_round_robin(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each function; one warm-up each, then ``repeats`` rounds over all of them."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/small.yaml")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--engine", default="auto", choices=["auto", "hf"], help="osum_torch_infer's decoding loop")
+    ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="KV cache (both paths)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
 
@@ -90,6 +104,9 @@ def main(argv=None) -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from osum_torch_infer.modeling import OSUMForConditionalGeneration
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -113,51 +130,99 @@ def main(argv=None) -> int:
         feats = rng.standard_normal((8, int(lengths.max()), n_mels)).astype(np.float32)
         prompt = model.encode_text("transcribe the speech into text")
         n = args.new_tokens
-        gc = model.generation_config("greedy", max_new_tokens=n, min_new_tokens=n)
+        cache = None if args.cache == "dynamic" else "static"
+        gc = model.generation_config("greedy", max_new_tokens=n, min_new_tokens=n, cache_implementation=cache)
+        gc_osum = model.generation_config("greedy", max_new_tokens=n, min_new_tokens=n)  # OSUM: default cache
+        tokens = {}
 
         def ours(b):
-            out = model.generate(feats[:b, :int(lengths[:b].max())], lengths[:b], [prompt] * b, generation_config=gc)
+            out = model.generate(feats[:b, :int(lengths[:b].max())], lengths[:b], [prompt] * b, generation_config=gc,
+                                 engine=args.engine)
             assert all(len(r) == n for r in out), [len(r) for r in out]
+            tokens[f"ours{b}"] = out
 
         @torch.inference_mode()
-        def osum_style():
-            f = torch.from_numpy(feats[:1, :int(lengths[0])]).to(dev)
-            speech, slen = model.encode_speech(f, torch.from_numpy(lengths[:1]).to(dev))
+        def osum_prefix(i):
+            f = torch.from_numpy(feats[i:i + 1, :int(lengths[i])]).to(dev)
+            speech, slen = model.encode_speech(f, torch.from_numpy(lengths[i:i + 1]).to(dev))
             k = model.config.speech_token_num
             emb = osum_llm.get_input_embeddings()(torch.tensor([prompt], device=dev))
-            x = torch.cat([emb, model.speech_embed.weight[k:k + 1][None], speech,
-                           model.speech_embed.weight[k + 1:k + 2][None]], dim=1)
-            out = osum_llm.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
-                                                                                device=dev), generation_config=gc)
-            assert out.shape[1] == n
+            return torch.cat([emb, model.speech_embed.weight[k:k + 1][None], speech,
+                              model.speech_embed.weight[k + 1:k + 2][None]], dim=1)
 
-        # the two LLM paths compute the same function: same first tokens (greedy)
+        @torch.inference_mode()
+        def osum_style(i=0):
+            x = osum_prefix(i)
+            out = osum_llm.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
+                                                                                device=dev), generation_config=gc_osum)
+            assert out.shape[1] == n
+            tokens.setdefault("osum", {})[i] = out[0].tolist()
+
+        # the two LLM paths compute the same function: same logits (merged vs unmerged LoRA) ...
         x, mask = model.build_prefix(feats[:1, :int(lengths[0])], lengths[:1], [prompt])
         with torch.inference_mode():
             a = model.llm(inputs_embeds=x, attention_mask=mask).logits
             b = osum_llm(inputs_embeds=x, attention_mask=mask).logits
         max_diff = float((a - b).abs().max() / a.abs().max())
 
-        t1 = _time(lambda: ours(1), args.repeats)
-        t8 = _time(lambda: ours(8), args.repeats)
-        to = _time(osum_style, args.repeats)
+        t = _time_round_robin({"osum": osum_style, "ours1": lambda: ours(1), "ours8": lambda: ours(8)}, args.repeats)
+        to, t1, t8 = t["osum"], t["ours1"], t["ours8"]
+        # ... and the same tokens: OSUM-style one by one == this package at batch 1 and at batch 8
+        for i in range(1, 8):
+            osum_style(i)
+        same_tokens = (tokens["ours1"][0] == tokens["osum"][0]
+                       and tokens["ours8"] == [tokens["osum"][i] for i in range(8)])
+        if not same_tokens:
+            raise SystemExit("token mismatch between the OSUM-style path and osum_torch_infer")
+
+        # where the time goes (batch 1 and 8): audio tower, prefill, decode per token
+        def audio(b):
+            with torch.inference_mode():
+                model.encode_speech(torch.from_numpy(feats[:b, :int(lengths[:b].max())]).to(dev),
+                                    torch.from_numpy(lengths[:b]).to(dev))
+
+        def prefill(llm, b):
+            xb, mb = model.build_prefix(feats[:b, :int(lengths[:b].max())], lengths[:b], [prompt] * b)
+            mb = None if bool(mb.all()) else mb
+            return lambda: llm(inputs_embeds=xb, attention_mask=mb, logits_to_keep=1)
+
+        with torch.inference_mode():
+            parts = _time_round_robin({"audio1": lambda: audio(1), "audio8": lambda: audio(8),
+                                       "prefill_osum1": prefill(osum_llm, 1), "prefill1": prefill(model.llm, 1),
+                                       "prefill8": prefill(model.llm, 8)}, args.repeats)
+        breakdown = {
+            "osum-style batch 1": {"audio_tower_s": parts["audio1"], "prefill_s": parts["prefill_osum1"],
+                                   "decode_s_per_token": (to - parts["audio1"] - parts["prefill_osum1"]) / (n - 1)},
+            "osum_torch_infer batch 1": {"audio_tower_s": parts["audio1"], "prefill_s": parts["prefill1"],
+                                         "decode_s_per_token": (t1 - parts["audio1"] - parts["prefill1"]) / (n - 1)},
+            "osum_torch_infer batch 8": {"audio_tower_s": parts["audio8"], "prefill_s": parts["prefill8"],
+                                         "decode_s_per_token": (t8 - parts["audio8"] - parts["prefill8"]) / (n - 1)},
+        }
     rows = {
         "osum-style (peft unmerged, batch 1)": {"batch": 1, "latency_s": to, "tokens_per_s": n / to},
         "osum_torch_infer batch 1": {"batch": 1, "latency_s": t1, "tokens_per_s": n / t1},
         "osum_torch_infer batch 8": {"batch": 8, "latency_s": t8, "tokens_per_s": 8 * n / t8},
     }
     info = {"config": args.config, "device": str(dev), "threads": torch.get_num_threads(), "new_tokens": n,
-            "audio_frames": lengths.tolist(), "repeats": args.repeats, "build_and_export_s": round(build_s, 1),
-            "merged_vs_peft_max_rel_logit_diff": max_diff, "results": rows,
+            "engine": args.engine, "cache": args.cache, "audio_frames": lengths.tolist(), "repeats": args.repeats,
+            "build_and_export_s": round(build_s, 1), "merged_vs_peft_max_rel_logit_diff": max_diff,
+            "same_tokens": same_tokens, "results": rows, "breakdown": breakdown,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "speedup_batch1": to / t1, "throughput_gain_batch8": (8 * n / t8) / (n / to)}
     print(f"config {args.config}, device {dev}, {torch.get_num_threads()} threads, {n} new tokens per utterance, "
-          f"median of {args.repeats}")
-    print("| path | batch | latency (s / generate call) | decode tokens/s |")
-    print("|---|---|---|---|")
+          f"engine {args.engine}, {args.cache} cache, median of {args.repeats} (round-robin)")
+    print("| path | batch | latency (s / generate call) | decode tokens/s | vs OSUM-style |")
+    print("|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['batch']} | {r['latency_s']:.3f} | {r['tokens_per_s']:.1f} |")
+        print(f"| {name} | {r['batch']} | {r['latency_s']:.3f} | {r['tokens_per_s']:.1f} | "
+              f"{r['tokens_per_s'] / rows['osum-style (peft unmerged, batch 1)']['tokens_per_s']:.2f} |")
+    print("| path | audio tower (s) | prefill (s) | decode (ms / token, derived) |")
+    print("|---|---|---|---|")
+    for name, r in breakdown.items():
+        print(f"| {name} | {r['audio_tower_s']:.3f} | {r['prefill_s']:.3f} | {1000 * r['decode_s_per_token']:.2f} |")
     print(f"speed-up at batch 1: {info['speedup_batch1']:.2f}x; throughput at batch 8 vs OSUM-style batch 1: "
-          f"{info['throughput_gain_batch8']:.2f}x; merged vs peft logits max rel diff {max_diff:.2e}")
+          f"{info['throughput_gain_batch8']:.2f}x; tokens identical: {same_tokens}; merged vs peft logits max rel "
+          f"diff {max_diff:.2e}; load average {info['load_average']}")
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
     return 0

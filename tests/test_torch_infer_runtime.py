@@ -152,3 +152,88 @@ def test_osum_eval_cli_reports_per_task(tmp_path, capsys):
     bad.write_text('{"key": "u1", "text": "x"}\n{"nokey": 1}\n')
     assert evaluate.main(["--ref", str(ref), "--hyp", str(bad)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+# -- the lean greedy loop (engine="auto"/"fast") against transformers' generate ------------------------------------
+
+
+def _random_osum(eos: int = 299):
+    """A tiny randomly initialised model (no package, no JAX): enough to compare two decoding loops."""
+    import torch
+
+    from osum_torch_infer.modeling import AdapterConfig, EncoderConfig, OSUMConfig, OSUMForConditionalGeneration
+
+    llm = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
+               tie_word_embeddings=False, rms_norm_eps=1e-6)
+    cfg = OSUMConfig(encoder=EncoderConfig(d_model=32, num_layers=1, num_heads=2, ffn_dim=64),
+                     adapter=AdapterConfig(num_layers=1, num_heads=2, ffn_dim=64, max_positions=256),
+                     llm=llm, speech_token_num=10, eos_token_id=eos, torch_dtype="float32")
+    torch.manual_seed(0)
+    model = OSUMForConditionalGeneration(cfg).eval().requires_grad_(False)
+    with torch.no_grad():  # a peaky output distribution, so that greedy decoding has no near-ties
+        model.llm.lm_head.weight.mul_(50.0)
+    return model
+
+
+def _inputs(seed=0, lengths=(173, 64, 120)):
+    rng = np.random.default_rng(seed)
+    lengths = np.array(lengths)
+    feats = rng.standard_normal((len(lengths), int(lengths.max()), 80)).astype(np.float32)
+    prompts = [list(rng.integers(0, 280, n)) for n in (5, 2, 7)[:len(lengths)]]
+    return feats, lengths, prompts
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+@pytest.mark.parametrize("min_new", [0, 12])
+def test_fast_greedy_equals_transformers_generate(cache, min_new):
+    model = _random_osum()
+    feats, lengths, prompts = _inputs()
+    kw = dict(max_new_tokens=12, min_new_tokens=min_new, cache_implementation=cache)
+    ref = model.generate(feats, lengths, prompts, engine="hf", **kw)
+    assert model.generate(feats, lengths, prompts, engine="fast", **kw) == ref
+    assert model.generate(feats, lengths, prompts, **kw) == ref  # auto -> fast loop for greedy
+    # batch 1 (no padding: no attention mask at all, as generate does)
+    for i in range(len(lengths)):
+        one = model.generate(feats[i:i + 1, :lengths[i]], lengths[i:i + 1], prompts[i:i + 1], engine="fast", **kw)
+        assert one == model.generate(feats[i:i + 1, :lengths[i]], lengths[i:i + 1], prompts[i:i + 1], engine="hf",
+                                     **kw) == [ref[i]]
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_fast_greedy_stops_like_generate(cache):
+    """Rows ending at different steps (EOS), min_new_tokens holding EOS back, and a list of EOS ids."""
+    feats, lengths, prompts = _inputs(1)
+    probe = _random_osum().generate(feats, lengths, prompts, engine="hf", max_new_tokens=10)
+    eos = probe[1][3]  # a token row 1 produces at step 3: make it the end-of-text id
+    model = _random_osum(eos=eos)
+    for kw in (dict(max_new_tokens=10), dict(max_new_tokens=10, min_new_tokens=5),
+               dict(max_new_tokens=10, eos_token_id=[eos, probe[0][2]])):
+        ref = model.generate(feats, lengths, prompts, engine="hf", cache_implementation=cache, **kw)
+        assert model.generate(feats, lengths, prompts, engine="fast", cache_implementation=cache, **kw) == ref
+        if "min_new_tokens" not in kw:
+            assert min(len(r) for r in ref) < 10
+    assert len(model.generate(feats, lengths, prompts, engine="fast", max_new_tokens=10)[1]) == 3
+
+
+def test_engine_selection():
+    from osum_torch_infer.modeling import fast_greedy_unsupported
+
+    model = _random_osum()
+    assert fast_greedy_unsupported(model.generation_config("greedy", max_new_tokens=5)) == ""
+    assert fast_greedy_unsupported(model.generation_config("greedy", cache_implementation="static")) == ""
+    assert "repetition_penalty" in fast_greedy_unsupported(model.generation_config("greedy", repetition_penalty=1.1))
+    assert fast_greedy_unsupported(model.generation_config("beam"))
+    assert fast_greedy_unsupported(model.generation_config("osum"))
+    feats, lengths, prompts = _inputs(2)
+    calls = []
+    orig = model.greedy_decode
+    model.greedy_decode = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    model.generate(feats, lengths, prompts, max_new_tokens=3)
+    model.generate(feats, lengths, prompts, decoding="beam", max_new_tokens=3)  # falls back to generate
+    model.generate(feats, lengths, prompts, max_new_tokens=3, engine="hf")
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="plain greedy"):
+        model.generate(feats, lengths, prompts, decoding="beam", max_new_tokens=3, engine="fast")
+    with pytest.raises(ValueError, match="unknown engine"):
+        model.generate(feats, lengths, prompts, engine="turbo")

@@ -22,7 +22,7 @@ from flax import nnx
 from ..config import AdapterConfig
 from .attention import key_padding_mask, padding_mask
 from .encoder_block import EncoderBlock
-from .layers import Buffer, Conv1d, LayerNorm, Linear, as_dtype, dropout, param, split_key
+from .layers import Buffer, Conv1d, LayerNorm, Linear, as_dtype, dropout, gelu, param, split_key
 from .positions import espnet_sinusoids
 from .stack import create_stacked, run_stacked
 
@@ -47,7 +47,7 @@ class CausalConvDownsampler(nnx.Module):
 
     def __call__(self, x: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
         for conv in self.convs:
-            x = jax.nn.gelu(conv(x), approximate=False)
+            x = gelu(conv(x))
         return x, conv_stack_lengths(lengths, self.strides)
 
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from ..config import LLMConfig, LoRAConfig
 from .attention import causal_padding_mask, dot_product_attention
-from .layers import RMSNorm, as_dtype, param, split_key
+from .layers import RMSNorm, as_dtype, param, silu, split_key
 from .lora import LoRALinear
 from .positions import apply_rope, rope_cos_sin
 from .stack import create_stacked, run_stacked
@@ -79,7 +79,7 @@ class Qwen2MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         kg, ku, kd = split_key(dropout_key, 3)
-        return self.down_proj(jax.nn.silu(self.gate_proj(x, kg)) * self.up_proj(x, ku), kd)
+        return self.down_proj(silu(self.gate_proj(x, kg)) * self.up_proj(x, ku), kd)
 
 
 class Qwen2DecoderLayer(nnx.Module):

@@ -27,7 +27,7 @@ from flax import nnx
 from ..config import EncoderConfig
 from .attention import key_padding_mask, padding_mask
 from .encoder_block import EncoderBlock
-from .layers import Buffer, Conv1d, LayerNorm, as_dtype, dropout, param, split_key
+from .layers import Buffer, Conv1d, LayerNorm, as_dtype, dropout, gelu, param, split_key
 from .positions import whisper_sinusoids
 from .stack import create_stacked, run_stacked
 
@@ -70,9 +70,9 @@ class WhisperEncoder(nnx.Module):
         k_pos, k_layers = split_key(dropout_key, 2)
         valid = padding_mask(lengths, t)[..., None]
         x = jnp.where(valid, feats, 0).astype(self.dtype)
-        x = jax.nn.gelu(self.conv1(x), approximate=False)
+        x = gelu(self.conv1(x))
         x = jnp.where(valid, x, 0)  # the stride-2 conv must not see activations of padding frames
-        x = jax.nn.gelu(self.conv2(x), approximate=False)
+        x = gelu(self.conv2(x))
         t1 = x.shape[1]
         out_lengths = whisper_output_lengths(lengths)
         x = x + self.embed_positions[:t1].astype(self.dtype)
