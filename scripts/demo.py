@@ -115,7 +115,7 @@ def pooled(report: dict) -> dict:
 
 
 def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], report: dict, stages: Stages,
-                examples: list[tuple[str, str, str]], devices: int) -> str:
+                examples: list[tuple[str, str, str]], devices: int, mesh: dict) -> str:
     total = sum(stages.times.values())
     k = max(1, len(train) // 10)
     first, last = train[0], train[-1]
@@ -126,7 +126,8 @@ def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], r
               f"{sp['test']['utterances']} test utterances of espeak-ng speech ({sp['train']['minutes']:.1f} min "
               f"of training audio); test sentences never occur in training", ""]
     lines += ["## training (osum-train, JAX)", "",
-              f"- {last['step']} optimizer steps on {devices} simulated CPU devices (mesh data 1 x fsdp 4 x tensor 2),"
+              f"- {last['step']} optimizer steps on {devices} simulated CPU devices (mesh data {mesh['data']} x "
+              f"fsdp {mesh['fsdp']} x tensor {mesh['tensor']}),"
               f" {last.get('compiled_shapes', '?'):.0f} compiled batch shapes",
               f"- train loss: step {first['step']} {first['loss']:.3f} -> step {last['step']} {last['loss']:.3f} "
               f"(lowest {best['loss']:.3f} at step {best['step']}); mean per tenth of the run: "
@@ -218,7 +219,12 @@ def main(argv=None) -> int:
     corpus_info = json.loads((corpus / "corpus.json").read_text(encoding="utf-8"))
     (out / "commands.sh").write_text("#!/usr/bin/env bash\n# the demo's commands, as run by scripts/demo.py\n"
                                      + "\n".join(stages.commands) + "\n", encoding="utf-8")
-    text = report_text(out, corpus_info, train, evals, report, stages, examples, args.devices)
+    import yaml
+
+    mesh = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["train"]["mesh"]
+    if mesh.get("fsdp") == -1:  # -1 fills the remaining devices
+        mesh["fsdp"] = args.devices // (mesh["data"] * mesh["tensor"])
+    text = report_text(out, corpus_info, train, evals, report, stages, examples, args.devices, mesh)
     (out / "report.md").write_text(text, encoding="utf-8")
     print("\n" + text)
     total = time.time() - t_start

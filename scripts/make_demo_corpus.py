@@ -5,8 +5,10 @@
 
 What makes OSUM's tasks meaningful at toy scale:
 
-* ASR: commands from a small grammar ("open the red door") and strings of 3-5 digits ("seven two nine four");
-  the dev and test sentences never occur in training, so the transcripts must be recognised, not remembered.
+* ASR: phrases of 1-3 words from a 20-word vocabulary (the digits and ten commands: "seven", "go left",
+  "two stop nine"); no multi-word phrase of dev or test occurs in training, so transcripts must be recognised,
+  not remembered. (Single words are the toy equivalent of keyword spotting; they make the task learnable by a
+  model trained from scratch in a few minutes on a CPU.)
 * SGC (gender): espeak-ng male variants (m1..m4) vs female variants (f1..f4) over en-us and en-gb.
 * SAP (age): pitch and speed variants stand in for age: child = high pitch, fast; old = low pitch, slow; adult in
   between (each jittered per utterance).
@@ -19,7 +21,7 @@ Writes, under ``--out`` (all paths in the lists are relative to it, so the folde
     train.list dev.list test.list   raw data.lists (jsonl: key, wav, txt, task, gender, speaker, extra)
     shards/shards_list.txt    the training split as 16 kHz tar shards (osum-data make-shards)
     tokenizer/tokenizer.json  a byte-level BPE trained on the training text and the prompts
-    prompts.yaml              the shipped prompts of the four tasks used (OSUM's prompt_config.yaml format)
+    prompts.yaml              short prompts for the four tasks (OSUM's prompt_config.yaml format)
     corpus.json               what was made: counts, hours, label balance, the seed
 
 Deterministic: the same seed gives the same lists, labels and audio.
@@ -43,27 +45,29 @@ import numpy as np
 import soundfile as sf
 import yaml
 
-VERBS = ["open", "close", "find", "move", "paint", "clean"]
-COLORS = ["red", "green", "blue", "yellow", "black", "white", "brown", "orange"]
-OBJECTS = ["door", "window", "box", "chair", "table", "lamp", "cup", "book"]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+COMMANDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
+WORDS = DIGITS + COMMANDS
+# utterance length in words -> share; single words make the toy ASR task learnable in minutes on a CPU
+LENGTHS = {1: 0.4, 2: 0.4, 3: 0.2}
 
 VOICES = {"male": ["en-us+m1", "en-gb+m2", "en-us+m3", "en-gb+m4"],
           "female": ["en-us+f1", "en-gb+f2", "en-us+f3", "en-gb+f4"]}
 # age -> (espeak pitch 0..99, words per minute); jittered by +-PITCH_JITTER / +-SPEED_JITTER per utterance
-AGES = {"child": (80, 190), "adult": (50, 155), "old": (20, 120)}
+AGES = {"child": (70, 190), "adult": (50, 155), "old": (30, 120)}
 PITCH_JITTER, SPEED_JITTER = 6, 10
+PROMPTS = {"<TRANSCRIBE>": ["Transcribe the speech.", "What is said?"],
+           "<TRANSCRIBE> <GENDER>": ["Transcribe, then tag the gender.", "What is said, and by a man or a woman?"],
+           "<TRANSCRIBE> <AGE> <GENDER>": ["Transcribe, then tag age and gender.",
+                                           "What is said? Then the age and the gender."],
+           "<AGE> <GENDER>": ["Only tag age and gender.", "Age and gender only."]}
 # task -> share of utterances; the label format of each follows OSUM (tags after the transcript, no spaces)
-TASKS = {"<TRANSCRIBE>": 0.35, "<TRANSCRIBE> <GENDER>": 0.25, "<TRANSCRIBE> <AGE> <GENDER>": 0.25,
+TASKS = {"<TRANSCRIBE>": 0.55, "<TRANSCRIBE> <GENDER>": 0.15, "<TRANSCRIBE> <AGE> <GENDER>": 0.15,
          "<AGE> <GENDER>": 0.15}
 
 
-def command_sentences() -> list[str]:
-    return [f"{v} the {c} {o}" for v in VERBS for c in COLORS for o in OBJECTS]
-
-
-def digit_string(rng: np.random.Generator) -> str:
-    return " ".join(DIGITS[int(i)] for i in rng.integers(0, 10, size=int(rng.integers(3, 6))))
+def phrase(rng: np.random.Generator, n_words: int) -> str:
+    return " ".join(WORDS[int(i)] for i in rng.integers(0, len(WORDS), size=n_words))
 
 
 def label(text: str, task: str, gender: str, age: str) -> str:
@@ -76,26 +80,20 @@ def label(text: str, task: str, gender: str, age: str) -> str:
 def plan(seed: int, n_train: int, n_dev: int, n_test: int) -> dict[str, list[dict]]:
     """Every utterance's sentence, voice, age, pitch, speed and task; disjoint sentences across splits."""
     rng = np.random.default_rng(seed)
-    # commands: a fixed share of the 384 is held out for dev/test, training repeats the rest with other voices;
-    # digit strings (3-5 digits) are drawn fresh and never repeat across splits
-    cmds = [command_sentences()[i] for i in rng.permutation(len(command_sentences()))]
-    n_heldout_cmds = (n_dev + n_test) * 2 // 5
-    heldout_cmds, train_cmds = cmds[:n_heldout_cmds], cmds[n_heldout_cmds:]
-    seen: set[str] = set()
+    # phrases of 2-3 words never repeat across splits (dev/test ones are unseen in training); the 20 single
+    # words necessarily occur everywhere, each spoken by other voices at other pitches and speeds
+    seen: dict[str, str] = {}
     splits = {}
     tasks, weights = list(TASKS), np.array(list(TASKS.values()))
+    lengths, length_w = list(LENGTHS), np.array(list(LENGTHS.values()))
     for name, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
-        nc = n * 2 // 5
-        if name == "train":
-            chosen = [train_cmds[i % len(train_cmds)] for i in range(nc)]
-        else:
-            chosen = heldout_cmds[:nc]
-            heldout_cmds = heldout_cmds[nc:]
+        chosen = []
         while len(chosen) < n:
-            d = digit_string(rng)
-            if d not in seen:
-                seen.add(d)
-                chosen.append(d)
+            k = lengths[int(rng.choice(len(lengths), p=length_w / length_w.sum()))]
+            text = phrase(rng, k)
+            if k > 1 and seen.setdefault(text, name) != name:
+                continue
+            chosen.append(text)
         chosen = [chosen[i] for i in rng.permutation(len(chosen))]
         # labels are balanced by quota, then shuffled: gender alternates, age and task follow their shares
         quota = np.floor(weights / weights.sum() * n).astype(int)
@@ -145,7 +143,8 @@ def build(out: Path, seed: int, n_train: int, n_dev: int, n_test: int, workers: 
                 lines.append({"key": r["key"], "wav": f"wav/{r['key']}.wav",
                               "txt": label(r["text"], r["task"], r["gender"], r["age"]), "task": r["task"],
                               "gender": r["gender"], "speaker": r["voice"],
-                              "extra": {"age": r["age"], "pitch": r["pitch"], "speed": r["speed"]}})
+                              "extra": {"age": r["age"], "pitch": r["pitch"], "speed": r["speed"],
+                                        "text": r["text"]}})
             (tmp / f"{name}.list").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
             seconds = sum(sf.info(str(tmp / "wav" / f"{r['key']}.wav")).duration for r in split)
             summary["splits"][name] = {
@@ -165,12 +164,15 @@ def build(out: Path, seed: int, n_train: int, n_dev: int, n_test: int, workers: 
         shard_list.write_text("".join(Path(p).name + "\n" for p in shard_list.read_text().split()), encoding="utf-8")
         summary["shards"] = {"files": res["shards"], "utterances": res["utterances"], "skipped": res["skipped"]}
         texts = [normalize_label(json.loads(x)["txt"]) for x in (tmp / "train.list").read_text().splitlines()]
-        texts += [p for ps in PromptBook.load().prompts.values() for p in ps]  # all of them: other tasks later
-        train_bpe_tokenizer(texts, tmp / "tokenizer", vocab_size=vocab_size)
-        # the shipped prompts of the tasks this corpus uses (data.prompts), so prompt padding stays short
-        book = PromptBook.load()
-        used = {t: book.prompts[t] for t in TASKS}
-        (tmp / "prompts.yaml").write_text(yaml.safe_dump(used, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        texts += [p for ps in PromptBook.load().prompts.values() for p in ps]  # the shipped ones too
+        texts += [p for ps in PROMPTS.values() for p in ps]
+        # the tags are single tokens, so a tag decision is one prediction (Qwen2's own tokenizer splits them)
+        tags = [f"<{x.upper()}>" for x in ("male", "female", *AGES)]
+        train_bpe_tokenizer(texts, tmp / "tokenizer", vocab_size=vocab_size, added_tokens=tags)
+        # short prompts for the four tasks (data.prompts, OSUM's prompt_config.yaml format): a model this small,
+        # trained for minutes, learns to listen much sooner when it does not have to read past 50 prompt tokens
+        (tmp / "prompts.yaml").write_text(yaml.safe_dump(PROMPTS, allow_unicode=True, sort_keys=False),
+                                          encoding="utf-8")
         (tmp / "corpus.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)

@@ -43,7 +43,7 @@ def test_demo_corpus_is_deterministic_and_well_formed(tmp_path):
     root = tmp_path / "a"
     splits = {name: _rows(root / f"{name}.list") for name in ("train", "dev", "test")}
     assert [len(v) for v in splits.values()] == [24, 6, 12]
-    from scripts.make_demo_corpus import AGES, VOICES  # the script's own label tables
+    from scripts.make_demo_corpus import AGES, VOICES, WORDS  # the script's own label tables
 
     sentences = {}
     for name, rows in splits.items():
@@ -56,11 +56,13 @@ def test_demo_corpus_is_deterministic_and_well_formed(tmp_path):
             if "<AGE>" in r["task"]:
                 assert parsed["tags"]["age"] == r["extra"]["age"] in AGES
             if "<TRANSCRIBE>" in r["task"]:
-                sentences.setdefault(name, set()).add(parsed["transcript"])
+                assert parsed["transcript"] and set(parsed["transcript"].split()) <= set(WORDS)
             else:
                 assert parsed["transcript"] == ""
+            if len(r["extra"]["text"].split()) > 1:
+                sentences.setdefault(name, set()).add(r["extra"]["text"])
         assert {r["gender"] for r in rows} == {"male", "female"}
-    # held-out sentences really are held out
+    # held-out multi-word phrases really are held out
     assert not sentences["train"] & (sentences["dev"] | sentences["test"])
     # the shards hold the training split (relative paths: the corpus folder can be moved)
     moved = tmp_path / "moved"

@@ -113,10 +113,12 @@ class PromptBook:
 
 
 def train_bpe_tokenizer(texts, out_dir: str | Path, vocab_size: int = 400,
-                        eod_token: str = "<|endoftext|>") -> Path:
+                        eod_token: str = "<|endoftext|>", added_tokens=()) -> Path:
     """Train a byte-level BPE tokenizer (Qwen2's kind, at toy size) on ``texts``; write ``out_dir/tokenizer.json``.
 
-    For demos and tests, where no hub tokenizer can be downloaded. Deterministic for the same texts.
+    ``added_tokens`` (e.g. tags such as ``<MALE>``) become single, non-special tokens: matched before BPE,
+    kept by decoding. For demos and tests, where no hub tokenizer can be downloaded. Deterministic for the same
+    texts.
     """
     from tokenizers import Tokenizer as _Tok
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -127,6 +129,8 @@ def train_bpe_tokenizer(texts, out_dir: str | Path, vocab_size: int = 400,
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eod_token], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts), trainer)
+    if added_tokens:
+        tok.add_tokens(list(added_tokens))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "tokenizer.json.tmp"
