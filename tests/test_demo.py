@@ -71,6 +71,8 @@ def test_demo_corpus_is_deterministic_and_well_formed(tmp_path):
     assert len(shards) == 24
     tok = Tokenizer(moved / "tokenizer")
     assert tok.vocab_size <= 512  # fits configs/demo.yaml's vocabulary
+    for tag in ("<MALE>", "<FEMALE>", *(f"<{a.upper()}>" for a in AGES)):  # one token each, kept by decoding
+        assert len(tok.encode(tag)) == 1 and tok.decode(tok.encode("two" + tag)) == "two" + tag
     book = PromptBook.load(moved / "prompts.yaml")
     book.check_tasks(r["task"] for rows in splits.values() for r in rows)
 
