@@ -51,10 +51,11 @@ WORDS = DIGITS + COMMANDS
 # utterance length in words -> share; single words make the toy ASR task learnable in minutes on a CPU
 LENGTHS = {1: 0.4, 2: 0.4, 3: 0.2}
 
-VOICES = {"male": ["en-us+m1", "en-gb+m2", "en-us+m3", "en-gb+m4"],
-          "female": ["en-us+f1", "en-gb+f2", "en-us+f3", "en-gb+f4"]}
-# age -> (espeak pitch 0..99, words per minute); jittered by +-PITCH_JITTER / +-SPEED_JITTER per utterance
-AGES = {"child": (70, 190), "adult": (50, 155), "old": (30, 120)}
+VOICES = {"male": ["en-us+m1", "en-gb-x-rp+m2", "en-us+m3", "en-gb-x-rp+m4"],
+          "female": ["en-us+f1", "en-gb-x-rp+f2", "en-us+f3", "en-gb-x-rp+f4"]}
+# age -> (espeak pitch 0..99, words per minute); jittered by +-PITCH_JITTER / +-SPEED_JITTER per utterance. The
+# pitch steps are small enough that every female voice stays well above every male one (tests/test_demo.py)
+AGES = {"child": (62, 190), "adult": (50, 155), "old": (38, 120)}
 PITCH_JITTER, SPEED_JITTER = 6, 10
 PROMPTS = {"<TRANSCRIBE>": ["Transcribe the speech.", "What is said?"],
            "<TRANSCRIBE> <GENDER>": ["Transcribe, then tag the gender.", "What is said, and by a man or a woman?"],
