@@ -17,7 +17,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
 
-# The whole product end to end on a synthesised speech corpus (about 13 minutes on 2 CPU cores from a fresh clone); see README.
+# The whole product end to end on a synthesised speech corpus (about 14 minutes on 2 CPU cores from a fresh clone); see README.
 demo: $(STAMP) espeak
 	$(PY) scripts/demo.py
 
