@@ -294,6 +294,8 @@ class TrainConfig:
     eval_decode_batches: int = 2  # greedy-decode this many dev batches for WER/CER/tag accuracy
     eval_max_new_tokens: int = 64
     progress: bool = True
+    # persistent XLA compilation cache (shared by restarts and re-runs; "" = off, or JAX_COMPILATION_CACHE_DIR)
+    compilation_cache_dir: str = ""
     peak_tflops_per_device: float = 0.0  # for MFU (e.g. 989 for H100 bf16 dense); 0 = not reported
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)

@@ -7,6 +7,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One persistent XLA compilation cache per test session (xdist workers inherit the controller's environment, and
+# so do the subprocess runs of osum-train): the tiny model's init / train / eval programs, compiled again and again
+# by fresh Trainers and CLI runs, compile once. Executables are the same programs, so results are unchanged.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _xla_cache = tempfile.mkdtemp(prefix="osum-jax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    # a size limit turns on JAX's file lock around cache reads/writes (two xdist workers share the directory)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+    atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
 
 import jax  # noqa: E402
 

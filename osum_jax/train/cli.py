@@ -30,6 +30,16 @@ def _init_distributed(cfg) -> None:
         jax.distributed.initialize()  # cluster auto-detection (TPU, SLURM, ...)
 
 
+def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in ``path``: a restarted or repeated run loads its compiled steps
+    instead of compiling them again (the key covers the program, shardings, devices and jax/XLA versions).
+    Must run before the first compilation in the process."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="osum-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,8 +48,11 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", action="store_true", help="print per-device memory and exit (allocates nothing)")
     ap.add_argument("--devices", type=int, default=0, help="--plan: number of devices (default: those present)")
     ap.add_argument("--device-memory-gb", type=float, default=0.0, help="--plan: memory per device")
+    ap.add_argument("--verbose", action="store_true", help="also show orbax's/absl's per-checkpoint INFO logs")
     args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # orbax logs ~60 INFO lines per checkpoint through absl
+        logging.getLogger("absl").setLevel(logging.WARNING)
     from ..config import ConfigError, load_config
 
     try:
@@ -56,6 +69,8 @@ def main(argv=None) -> int:
             print(f"osum-train: config error: {e}", file=sys.stderr)
             return 2
         return 0
+    if cfg.train.compilation_cache_dir:
+        enable_compilation_cache(cfg.train.compilation_cache_dir)
     _init_distributed(cfg)
     from .trainer import Trainer
 
