@@ -150,3 +150,18 @@ def test_two_processes_train_together(speech_corpus, tmp_path):
     losses = _losses(tmp_path / "mp")
     assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
     assert (tmp_path / "mp" / "checkpoints" / "3").is_dir()
+
+
+def test_compilation_cache_dir_stores_compiled_programs(tmp_path):
+    """train.compilation_cache_dir: compiled programs land in the directory (a fresh process, no inherited cache)."""
+    code = ("import sys, jax, jax.numpy as jnp\n"
+            "from osum_jax.train.cli import enable_compilation_cache\n"
+            "enable_compilation_cache(sys.argv[1])\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            "print(float(jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64)))))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    cache = tmp_path / "xla"
+    res = subprocess.run([sys.executable, "-c", code, str(cache)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert any(p.name.startswith("jit_") for p in cache.iterdir()), sorted(cache.iterdir())
