@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from osum_torch_infer import evaluate, scoring
 from osum_torch_infer.parsing import join_windows, normalize_task, parse_output
@@ -225,6 +226,21 @@ def test_engine_selection():
     assert "repetition_penalty" in fast_greedy_unsupported(model.generation_config("greedy", repetition_penalty=1.1))
     assert fast_greedy_unsupported(model.generation_config("beam"))
     assert fast_greedy_unsupported(model.generation_config("osum"))
+    # a static cache where transformers' generate would torch.compile the decode step: auto leaves it to generate
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from osum_torch_infer.modeling import hf_compiles_decode
+
+    static = model.generation_config("greedy", cache_implementation="static")
+    assert hf_compiles_decode(static, torch.device("cpu")) == ""
+    assert "compiles" in hf_compiles_decode(static, torch.device("cuda"))
+    assert hf_compiles_decode(model.generation_config("greedy", max_new_tokens=5), torch.device("cuda")) == ""
+    assert hf_compiles_decode(model.generation_config("greedy", cache_implementation="static", disable_compile=True),
+                              torch.device("cuda")) == ""
+    every = CompileConfig()
+    every._compile_all_devices = True
+    assert "compiles" in hf_compiles_decode(
+        model.generation_config("greedy", cache_implementation="static", compile_config=every), torch.device("cpu"))
     feats, lengths, prompts = _inputs(2)
     calls = []
     orig = model.greedy_decode
