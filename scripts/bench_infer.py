@@ -18,7 +18,7 @@ per-token decode step of each path.
 ``generate``) and ``--cache dynamic|static`` (the KV cache of both).
 
     python scripts/bench_infer.py [--config configs/small.yaml] [--new-tokens 32] [--repeats 5] [--device cpu]
-                                  [--engine auto|hf] [--cache dynamic|static] [--threads N]
+                                  [--engine auto|hf] [--cache dynamic|static] [--threads N] [--compile-probe]
 """
 
 from __future__ import annotations
@@ -86,6 +86,47 @@ def _time_round_robin(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def compile_probe(model, feats, lengths, prompt, n: int, repeats: int = 5) -> dict:
+    """Per-token time of the static-cache decode step (``Qwen2ForCausalLM`` forward, one token, fixed shapes:
+    the full-length mask and explicit cache positions) eager vs ``torch.compile``d (transformers'
+    ``get_compiled_call``, inductor, ``fullgraph=True``, mode ``default``: no CUDA graphs on CPU)."""
+    import torch
+    from transformers import StaticCache
+    from transformers.generation.configuration_utils import CompileConfig
+
+    llm = model.llm
+    x, _ = model.build_prefix(feats, lengths, [prompt])
+    s = x.shape[1]
+    compiled = llm.get_compiled_call(CompileConfig(mode="default", fullgraph=True))
+
+    @torch.inference_mode()
+    def decode(fn):
+        cache = StaticCache(config=llm.config, max_cache_len=s + n)
+        full = torch.ones(1, s + n, dtype=torch.long, device=x.device)
+        out = llm(inputs_embeds=x, attention_mask=full[:, :s], past_key_values=cache, use_cache=True,
+                  logits_to_keep=1, cache_position=torch.arange(s, device=x.device))
+        nxt, toks = out.logits[:, -1].argmax(-1), []
+        t0 = time.perf_counter()
+        for t in range(n - 1):
+            cp = torch.tensor([s + t], device=x.device)
+            o = fn(input_ids=nxt[:, None], position_ids=cp[None], cache_position=cp, past_key_values=cache,
+                   attention_mask=full, use_cache=True, logits_to_keep=1)
+            nxt = o.logits[:, -1].argmax(-1)
+            toks.append(int(nxt))
+        return (time.perf_counter() - t0) / (n - 1), toks
+
+    t0 = time.perf_counter()
+    _, toks_c = decode(compiled)
+    compile_s = time.perf_counter() - t0
+    _, toks_e = decode(llm.__call__)
+    eager, comp = [], []
+    for _ in range(repeats):
+        eager.append(decode(llm.__call__)[0])
+        comp.append(decode(compiled)[0])
+    return {"eager_s_per_token": statistics.median(eager), "compiled_s_per_token": statistics.median(comp),
+            "compile_pass_s": compile_s, "same_tokens": toks_c == toks_e}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/small.yaml")
@@ -95,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="auto", choices=["auto", "hf"], help="osum_torch_infer's decoding loop")
     ap.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="KV cache (both paths)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--compile-probe", action="store_true",
+                    help="also time torch.compile (inductor) of the static-cache decode step vs eager, batch 1")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
 
@@ -198,6 +241,8 @@ def main(argv=None) -> int:
             "osum_torch_infer batch 8": {"audio_tower_s": parts["audio8"], "prefill_s": parts["prefill8"],
                                          "decode_s_per_token": (t8 - parts["audio8"] - parts["prefill8"]) / (n - 1)},
         }
+        if args.compile_probe:
+            probe = compile_probe(model, feats[:1, :int(lengths[0])], lengths[:1], prompt, n)
     rows = {
         "osum-style (peft unmerged, batch 1)": {"batch": 1, "latency_s": to, "tokens_per_s": n / to},
         "osum_torch_infer batch 1": {"batch": 1, "latency_s": t1, "tokens_per_s": n / t1},
@@ -223,6 +268,12 @@ def main(argv=None) -> int:
     print(f"speed-up at batch 1: {info['speedup_batch1']:.2f}x; throughput at batch 8 vs OSUM-style batch 1: "
           f"{info['throughput_gain_batch8']:.2f}x; tokens identical: {same_tokens}; merged vs peft logits max rel "
           f"diff {max_diff:.2e}; load average {info['load_average']}")
+    if args.compile_probe:
+        info["compile_probe"] = probe
+        print(f"torch.compile probe (static cache, batch 1, {n - 1} decode steps): eager "
+              f"{1000 * probe['eager_s_per_token']:.2f} ms/token, compiled {1000 * probe['compiled_s_per_token']:.2f} "
+              f"ms/token (median of {args.repeats} after a compiling pass of {probe['compile_pass_s']:.1f} s); "
+              f"same tokens: {probe['same_tokens']}")
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
     return 0
