@@ -1,4 +1,5 @@
-"""Audio decoding and the Whisper/OSUM log-mel front end (numpy only; same formula as the training pipeline).
+"""Audio decoding and the Whisper/OSUM log-mel front end (numpy only): the one implementation, shared by this
+runtime and the JAX training pipeline (``osum_jax.data.audio`` re-exports it), so both compute the same features.
 
 ``log_mel_spectrogram``: STFT with ``n_fft=400``, ``hop=160``, periodic Hann window, centred with reflect padding;
 power spectrum without the last frame (``T = floor(N / 160)``); Slaney mel filters; ``log10(max(x, 1e-10))``;
@@ -24,9 +25,14 @@ class AudioError(ValueError):
     """Audio that cannot be used (unreadable, empty, non-finite, too short)."""
 
 
-def load_audio(src: str | bytes | BinaryIO, *, start: float | None = None, end: float | None = None,
-               sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode ``src`` (path, bytes or file) to mono float32 at ``sample_rate`` (channels averaged, soxr HQ)."""
+def decode_audio(src: str | bytes | BinaryIO, *, start: float | None = None, end: float | None = None,
+                 target_sr: int = SAMPLE_RATE) -> tuple[np.ndarray, int, int]:
+    """Decode ``src`` (path, bytes or file) to mono float32 at ``target_sr`` (channels averaged, soxr HQ).
+
+    Returns ``(wave, original_sample_rate, original_num_samples)``; ``start``/``end`` (seconds) select a segment.
+    Raises :class:`AudioError` for unreadable, empty or non-finite audio. The training pipeline
+    (``osum_jax.data``) uses this same function, so training and serving see the same samples.
+    """
     import soundfile as sf
 
     f = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
@@ -51,11 +57,18 @@ def load_audio(src: str | bytes | BinaryIO, *, start: float | None = None, end: 
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(wave).all():
         raise AudioError("audio contains NaN or Inf samples")
-    if sr != sample_rate:
+    n_orig = wave.shape[0]
+    if sr != target_sr:
         import soxr
 
-        wave = soxr.resample(wave, sr, sample_rate, quality="HQ")
-    return np.ascontiguousarray(wave, dtype=np.float32)
+        wave = soxr.resample(wave, sr, target_sr, quality="HQ")
+    return np.ascontiguousarray(wave, dtype=np.float32), sr, n_orig
+
+
+def load_audio(src: str | bytes | BinaryIO, *, start: float | None = None, end: float | None = None,
+               sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """:func:`decode_audio`'s samples only: mono float32 ``[N]`` at ``sample_rate``."""
+    return decode_audio(src, start=start, end=end, target_sr=sample_rate)[0]
 
 
 def _hz_to_mel(f):
@@ -72,7 +85,7 @@ def _mel_to_hz(m):
 
 @functools.lru_cache(maxsize=8)
 def mel_filters(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = 80) -> np.ndarray:
-    """Slaney-scale, Slaney-normalised triangular filters ``[n_mels, n_fft // 2 + 1]`` (float64)."""
+    """Slaney-scale, Slaney-normalised triangular filters ``[n_mels, n_fft // 2 + 1]`` (float64; librosa's default)."""
     freqs = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
     hz = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2))
     ramps = hz[:, None] - freqs[None, :]
@@ -87,8 +100,10 @@ def log_mel_spectrogram(wave: np.ndarray, n_mels: int = 80, *, sample_rate: int 
     x = np.asarray(wave, np.float64)
     if x.ndim != 1:
         raise AudioError(f"expected mono audio [N], got shape {x.shape}")
-    if x.shape[0] < hop or x.shape[0] <= n_fft // 2:
-        raise AudioError(f"audio has {x.shape[0]} samples; at least {max(hop, n_fft // 2 + 1)} are needed")
+    if x.shape[0] < hop:
+        raise AudioError(f"audio has {x.shape[0]} samples; at least {hop} (one frame) are needed")
+    if x.shape[0] <= n_fft // 2:  # reflect padding needs more samples than the pad width
+        raise AudioError(f"audio too short for the STFT ({x.shape[0]} samples; at least {n_fft // 2 + 1} needed)")
     x = np.pad(x, (n_fft // 2, n_fft // 2), mode="reflect")
     n_frames = 1 + (x.shape[0] - n_fft) // hop
     frames = np.lib.stride_tricks.as_strided(x, (n_frames, n_fft), (x.strides[0] * hop, x.strides[0]))
