@@ -165,3 +165,16 @@ def test_compilation_cache_dir_stores_compiled_programs(tmp_path):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert any(p.name.startswith("jit_") for p in cache.iterdir()), sorted(cache.iterdir())
+
+
+def test_tensorboard_tags_are_valid_and_distinct():
+    from tensorboardX.summary import _clean_tag
+
+    from osum_jax.train.trainer import tensorboard_tag
+
+    names = ["loss", "eval/loss", "eval/<TRANSCRIBE>/wer", "eval/<TRANSCRIBE><GENDER>/gender_accuracy",
+             "eval/<TRANSCRIBE> <AGE> <GENDER>/cer", "eval/<TRANSCRIBE><AGE><GENDER>/wer"]
+    tags = [tensorboard_tag(n) for n in names]
+    assert tags[2] == "eval/TRANSCRIBE/wer" and tags[3] == "eval/TRANSCRIBE-GENDER/gender_accuracy"
+    assert all(_clean_tag(t) == t for t in tags)  # tensorboardX accepts them as they are
+    assert len(set(tags)) == len(tags) and tags[4].startswith("eval/TRANSCRIBE-AGE-GENDER/")

@@ -41,9 +41,10 @@ log = logging.getLogger("osum_jax.train")
 
 
 def tensorboard_tag(name: str) -> str:
-    """``eval/<TRANSCRIBE><GENDER>/wer`` -> ``eval/TRANSCRIBE+GENDER/wer`` (TensorBoard rejects ``<`` ``>``)."""
-    name = re.sub(r">\s*<", "+", name)
-    return re.sub(r"[^A-Za-z0-9_./+-]", "", name)
+    """``eval/<TRANSCRIBE><GENDER>/wer`` -> ``eval/TRANSCRIBE-GENDER/wer``: TensorBoard tags allow only letters,
+    digits, ``_ - . /`` (tensorboardX otherwise renames them itself and logs a line per tag and evaluation)."""
+    name = re.sub(r">\s*<", "-", name)
+    return re.sub(r"[^A-Za-z0-9_./-]", "", name)
 
 
 class MetricsWriter:
