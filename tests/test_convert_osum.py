@@ -337,6 +337,23 @@ def test_missing_extra_and_wrong_shape_keys_abort(files, capsys, tmp_path):
                     "--out", str(tmp_path / "dims")], r"mlp\.up_proj\.weight: shape \[160, 64\].*needs \[128, 64\]")
 
 
+def test_file_without_the_unused_extras_imports_and_round_trips(files, tmp_path):
+    """``ln_speech.*`` / ``speaker_head.*`` are on the ignore list: a file without them is still a valid OSUM file
+    (orbax refuses an empty item, so the checkpoint then has no ``extras`` item at all)."""
+    def drop(state):
+        for k in [k for k in state if k.startswith(("ln_speech.", "speaker_head."))]:
+            del state[k]
+        state["embed_tokens.weight"] = state["llama_model.base_model.model.model.embed_tokens.weight"]
+        state["lm_head.weight"] = state["llama_model.base_model.model.lm_head.weight"]
+
+    pt = _variant(files, "no_extras", drop)
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back.pt"
+    assert main(["import-osum", str(pt), "--config", TINY, "--out", str(ckpt), "--no-progress"]) == 0
+    assert not (ckpt / "0" / "extras").exists() and ck.restore_extras(ckpt, 0) == {}
+    assert main(["export-osum", str(ckpt), "--out", str(back), "--no-progress"]) == 0
+    _assert_same_state(torch.load(pt, weights_only=True), torch.load(back, weights_only=True))
+
+
 def test_alias_that_differs_is_an_error(files, capsys, tmp_path):
     def edit(s):
         s["lm_head.weight"] = s["lm_head.weight"].clone()

@@ -132,3 +132,39 @@ def test_bfloat16_frozen_weights():
     assert trainer.model.llm.layers.self_attn.q_proj.lora_a.get_value().dtype == jax.numpy.float32
     out = trainer.train_micro_step(trainer.micro_batch(_batch(0)))
     assert np.isfinite(float(out["loss"]))
+
+
+def test_init_from_restores_straight_onto_the_mesh(tmp_path):
+    """train.init_from (a converter checkpoint, then a run directory) restores every array with the sharding the
+    run's mesh gives it: values equal to the source, and each device holds only its shard."""
+    from osum_jax.convert import checkpoint as ck
+    from osum_jax.convert.tree import flat_variables
+    from osum_jax.models import OSUM
+
+    base = _cfg(fire_module="all")
+    src = OSUM(base.model, rngs=nnx.Rngs(123))  # a different seed than the trainer's own initialisation
+    want = {k: np.asarray(v.get_value()) for k, v in flat_variables(src).items()}
+    ck.write_checkpoint(tmp_path / "init", {k: ck.StreamedArray.of(a) for k, a in want.items()}, base, {}, {})
+    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    tr = Trainer(_cfg(fire_module="all", init_from=str(tmp_path / "init"), **mesh))
+    got = flat_variables(tr.model)
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(np.asarray(jax.device_get(got[name].get_value())), value, err_msg=name)
+    k = tr.model.llm.layers.mlp.gate_proj.kernel.get_value()  # [layers, hidden, intermediate]
+    assert k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert {s.data.shape for s in k.addressable_shards} == {(k.shape[0], k.shape[1] // 2, k.shape[2] // 2)}
+    # a run directory written on that mesh starts a one-device run
+    tr.step, tr.out_dir = 1, tmp_path / "run"
+    tr.open_checkpoints()
+    tr.save()
+    tr.checkpointer.close()
+    one = Trainer(_cfg(fire_module="lora", init_from=str(tmp_path / "run"), **{"mesh.fsdp": 1}),
+                  devices=jax.devices()[:1])
+    for name, var in flat_variables(one.model).items():
+        np.testing.assert_array_equal(np.asarray(var.get_value()), want[name], err_msg=name)
+    # a checkpoint of another model size is refused before anything is read
+    other = load_config("configs/tiny.yaml", ["train.output_dir=/tmp/unused", "model.llm.num_layers=3",
+                                              f"train.init_from={tmp_path / 'init'}", "train.mesh.fsdp=1"])
+    with pytest.raises(ValueError, match="model.llm differs"):
+        Trainer(other, devices=jax.devices()[:1])

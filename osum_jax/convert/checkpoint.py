@@ -198,12 +198,11 @@ def write_checkpoint(directory: Path, params: Mapping[str, StreamedArray], confi
         with ocp.CheckpointManager(
                 directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
         ) as mgr:
-            mgr.save(step, args=ocp.args.Composite(
-                params=ocp.args.PyTreeSave(nest(params)),
-                config=ocp.args.JsonSave(config.to_dict()),
-                extras=ocp.args.PyTreeSave(nest(extras)),
-                osum_layout=ocp.args.JsonSave(dict(layout, format=LAYOUT_FORMAT)),
-            ))
+            items = dict(params=ocp.args.PyTreeSave(nest(params)), config=ocp.args.JsonSave(config.to_dict()),
+                         osum_layout=ocp.args.JsonSave(dict(layout, format=LAYOUT_FORMAT)))
+            if extras:  # orbax refuses an empty PyTree item ("Found empty item"); no extras = no item
+                items["extras"] = ocp.args.PyTreeSave(nest(extras))
+            mgr.save(step, args=ocp.args.Composite(**items))
             mgr.wait_until_finished()
     finally:
         _progress = None
@@ -305,11 +304,13 @@ def model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 
 def restore_params(path: str | Path, step: int | None = None, cfg: Config | None = None, *,
-                   dtype: str | None = None, device=None) -> dict[str, jax.Array]:
+                   dtype: str | None = None, device=None,
+                   shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> dict[str, jax.Array]:
     """``{dotted path: jax.Array}`` of ``step``, cast to ``dtype`` (default: the config's ``param_dtype``).
 
-    Restores on ``device`` (default: the first CPU device) against abstract targets with explicit
-    single-device shardings, so it works whatever topology wrote the checkpoint.
+    Restores against abstract targets with explicit shardings, so it works whatever topology wrote the
+    checkpoint: ``shardings[name]`` where given (e.g. a training mesh: each process reads only the shards its
+    devices hold, and no host ever holds the whole model), else a single ``device`` (default: the first CPU).
     """
     cfg = cfg or read_config(path, step)
     root, s = resolve(path, step)
@@ -330,7 +331,8 @@ def restore_params(path: str | Path, step: int | None = None, cfg: Config | None
                  if k in stored and tuple(stored[k].shape) != shapes[k]]
     if problems:
         raise CheckpointMismatch(f"{root / str(s)}/params does not match its config:\n  " + "\n  ".join(problems))
-    target = nest({k: jax.ShapeDtypeStruct(v, dt, sharding=sharding) for k, v in shapes.items()})
+    shardings = shardings or {}
+    target = nest({k: jax.ShapeDtypeStruct(v, dt, sharding=shardings.get(k, sharding)) for k, v in shapes.items()})
     try:
         with ocp.CheckpointManager(root) as mgr:
             out = mgr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
@@ -340,7 +342,10 @@ def restore_params(path: str | Path, step: int | None = None, cfg: Config | None
 
 
 def restore_extras(path: str | Path, step: int) -> dict[str, np.ndarray]:
-    """The ``extras`` item as numpy arrays in their stored dtype (small tensors)."""
+    """The ``extras`` item as numpy arrays in their stored dtype (small tensors); ``{}`` when the checkpoint has
+    none (a source without OSUM's unused ``ln_speech`` / ``speaker_head`` tensors)."""
+    if not (_step_dir(path, step) / "extras").is_dir():
+        return {}
     meta = leaf_metadata(path, step, "extras")
     out = {}
     for name in meta:

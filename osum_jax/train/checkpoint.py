@@ -74,8 +74,23 @@ def is_run_directory(path: str | Path) -> bool:
     return (p / "checkpoints").is_dir() or (p.name == "checkpoints" and p.is_dir())
 
 
-def load_run_model(path: str | Path, step: int | None = None, overrides=()):
-    """``(OSUM model, Config, step)`` from an ``osum-train`` run, restored on one CPU device (any topology).
+def read_run_config(path: str | Path, step: int | None = None, overrides=()):
+    """The :class:`~osum_jax.config.Config` stored with an ``osum-train`` run's checkpoint (latest by default)."""
+    from ..config import config_from_dict
+
+    p = Path(path)
+    ckpt_dir = p if p.name == "checkpoints" else p / "checkpoints"
+    with ocp.CheckpointManager(ckpt_dir.absolute(), item_names=ITEMS) as mgr:
+        step = mgr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return config_from_dict(meta["config"], overrides, source=f"{ckpt_dir}/{step}/meta")
+
+
+def load_run_model(path: str | Path, step: int | None = None, overrides=(), *, shardings=None):
+    """``(OSUM model, Config, step)`` from an ``osum-train`` run, restored on one CPU device (any topology), or
+    with ``shardings`` (``{dotted path: Sharding}``, e.g. a training mesh's) where given.
 
     Only the ``model`` and ``meta`` items are read; the optimizer state is left on disk.
     """
@@ -93,7 +108,10 @@ def load_run_model(path: str | Path, step: int | None = None, overrides=()):
         model = nnx.eval_shape(lambda: OSUM(cfg.model, rngs=nnx.Rngs(0)))
         state = nnx.state(model)
         cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), nnx.to_pure_dict(state))
+        shardings = shardings or {}
+        target = jax.tree_util.tree_map_with_path(
+            lambda kp, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings.get(
+                ".".join(str(getattr(k, "key", k)) for k in kp), cpu)), nnx.to_pure_dict(state))
         restored = mgr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target))).model
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)

@@ -139,20 +139,28 @@ class Trainer:
         return nnx.merge(graphdef, state)
 
     def _load_initial_weights(self, path: str) -> None:
-        """Start from a converter checkpoint (``osum-convert import-*``) or another run's weights."""
-        from ..convert.export_torch import load_any
+        """Start from a converter checkpoint (``osum-convert import-*``) or another run's weights.
 
-        src, src_cfg = load_any(path)
+        Restored straight onto this run's mesh: every array is read with the sharding it has in the model, so
+        each process reads only its devices' shards (no host materialises the full model)."""
+        from ..convert.checkpoint import read_config, restore_params
+        from ..convert.tree import flat_variables, load_flat
+        from .checkpoint import is_run_directory, load_run_model, read_run_config
+
+        src_cfg = read_run_config(path) if is_run_directory(path) else read_config(path)
         mine, theirs = self.cfg.model, src_cfg.model
         for part in ("encoder", "adapter", "llm", "lora", "speech_token_num"):
             if getattr(mine, part) != getattr(theirs, part):
                 raise ValueError(f"train.init_from={path}: model.{part} differs from this run's config:\n"
                                  f"  checkpoint: {getattr(theirs, part)}\n  config:     {getattr(mine, part)}")
-        shardings = state_shardings(nnx.state(self.model), self.mesh, self.rules)
-        state = nnx.state(src)
-        target = nnx.state(self.model)
-        state = jax.tree.map(lambda a, t: a.astype(t.dtype), state, target)
-        nnx.update(self.model, jax.device_put(state, shardings))
+        targets = flat_variables(self.model)  # parameters and fixed buffers, as both checkpoint kinds store them
+        shardings = {k: v.get_value().sharding for k, v in targets.items()}
+        if is_run_directory(path):
+            src, _, _ = load_run_model(path, shardings=shardings)
+            flat = {k: v.get_value() for k, v in flat_variables(src).items()}
+        else:
+            flat = restore_params(path, cfg=src_cfg, dtype=mine.param_dtype, shardings=shardings)
+        load_flat(self.model, flat, source=f"train.init_from={path}")
         log.info("initialised weights from %s", path)
 
     def _make_train_step(self):
