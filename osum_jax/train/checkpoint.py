@@ -74,18 +74,27 @@ def is_run_directory(path: str | Path) -> bool:
     return (p / "checkpoints").is_dir() or (p.name == "checkpoints" and p.is_dir())
 
 
-def read_run_config(path: str | Path, step: int | None = None, overrides=()):
-    """The :class:`~osum_jax.config.Config` stored with an ``osum-train`` run's checkpoint (latest by default)."""
-    from ..config import config_from_dict
-
+def _run_manager(path: str | Path) -> tuple[Path, ocp.CheckpointManager]:
     p = Path(path)
     ckpt_dir = p if p.name == "checkpoints" else p / "checkpoints"
-    with ocp.CheckpointManager(ckpt_dir.absolute(), item_names=ITEMS) as mgr:
-        step = mgr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    return config_from_dict(meta["config"], overrides, source=f"{ckpt_dir}/{step}/meta")
+    return ckpt_dir, ocp.CheckpointManager(ckpt_dir.absolute(), item_names=ITEMS)
+
+
+def _run_step_config(ckpt_dir: Path, mgr: ocp.CheckpointManager, step: int | None, overrides):
+    from ..config import config_from_dict
+
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return step, config_from_dict(meta["config"], overrides, source=f"{ckpt_dir}/{step}/meta")
+
+
+def read_run_config(path: str | Path, step: int | None = None, overrides=()):
+    """The :class:`~osum_jax.config.Config` stored with an ``osum-train`` run's checkpoint (latest by default)."""
+    ckpt_dir, mgr = _run_manager(path)
+    with mgr:
+        return _run_step_config(ckpt_dir, mgr, step, overrides)[1]
 
 
 def load_run_model(path: str | Path, step: int | None = None, overrides=(), *, shardings=None):
@@ -94,17 +103,11 @@ def load_run_model(path: str | Path, step: int | None = None, overrides=(), *, s
 
     Only the ``model`` and ``meta`` items are read; the optimizer state is left on disk.
     """
-    from ..config import config_from_dict
     from ..models import OSUM
 
-    p = Path(path)
-    ckpt_dir = p if p.name == "checkpoints" else p / "checkpoints"
-    with ocp.CheckpointManager(ckpt_dir.absolute(), item_names=ITEMS) as mgr:
-        step = mgr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        cfg = config_from_dict(meta["config"], overrides, source=f"{ckpt_dir}/{step}/meta")
+    ckpt_dir, mgr = _run_manager(path)
+    with mgr:
+        step, cfg = _run_step_config(ckpt_dir, mgr, step, overrides)
         model = nnx.eval_shape(lambda: OSUM(cfg.model, rngs=nnx.Rngs(0)))
         state = nnx.state(model)
         cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
