@@ -1,4 +1,5 @@
-"""Time and peak memory of ``osum-convert import-osum`` and ``export-osum`` on a synthetic full-size OSUM ``.pt``.
+"""Time and peak memory of ``osum-convert import-osum``, ``export-osum`` and ``export-torch`` on a synthetic
+full-size OSUM ``.pt``.
 
     python scripts/bench_convert.py [--config configs/osum_full.yaml] [--layers N] [--workdir DIR] [--keep]
 
@@ -191,6 +192,18 @@ def main() -> None:
             if ok.returncode:
                 raise SystemExit(f"verification failed:\n{ok.stdout[-2000:]}{ok.stderr[-4000:]}")
             print(f"{ok.stdout.strip()} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        back.unlink()  # room for the package
+        from osum_jax.data.text import train_bpe_tokenizer
+
+        tok = train_bpe_tokenizer(["transcribe the speech into text"], work / "tok", 300)
+        pkg = work / "pkg"
+        tex = run(cli + ["export-torch", str(ckpt), "--tokenizer", str(tok), "--out", str(pkg), "--dtype", "bf16",
+                         "--no-progress"])
+        pkg_size = sum(f.stat().st_size for f in pkg.iterdir())
+        print(f"export-torch (bf16, LoRA merged): {tex['wall_s']:.0f} s, peak RSS {tex['maxrss_gib']:.2f} GiB "
+              f"(anonymous {tex['anon_gib']:.2f} GiB, file-backed {tex['file_gib']:.2f} GiB); package "
+              f"{pkg_size / 2**30:.2f} GiB in {len(list(pkg.glob('*.safetensors')))} safetensors shards; "
+              f"{tex['log']}", flush=True)
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -318,19 +318,8 @@ def restore_params(path: str | Path, step: int | None = None, cfg: Config | None
     sharding = jax.sharding.SingleDeviceSharding(device)
     dt = np.dtype(dtype or cfg.model.param_dtype) if (dtype or cfg.model.param_dtype) != "bfloat16" else \
         np_dtype("bfloat16")
-    stored = leaf_metadata(root, s)
+    check_leaves(leaf_metadata(root, s), cfg, f"{root / str(s)}/params")
     shapes = model_shapes(cfg)
-    problems = []
-    missing = sorted(set(shapes) - set(stored))
-    unexpected = sorted(set(stored) - set(shapes))
-    if missing:
-        problems.append(f"missing: {missing[:20]}")
-    if unexpected:
-        problems.append(f"unexpected: {unexpected[:20]}")
-    problems += [f"{k}: stored {tuple(stored[k].shape)} != config {shapes[k]}" for k in shapes
-                 if k in stored and tuple(stored[k].shape) != shapes[k]]
-    if problems:
-        raise CheckpointMismatch(f"{root / str(s)}/params does not match its config:\n  " + "\n  ".join(problems))
     shardings = shardings or {}
     target = nest({k: jax.ShapeDtypeStruct(v, dt, sharding=shardings.get(k, sharding)) for k, v in shapes.items()})
     try:
@@ -339,6 +328,52 @@ def restore_params(path: str | Path, step: int | None = None, cfg: Config | None
     except Exception as e:
         raise CheckpointError(f"{root / str(s)}: cannot restore params ({type(e).__name__}: {e})") from None
     return flatten(out)
+
+
+class LazyLeaf:
+    """One stored array, read from disk only when asked: ``shape``, ``dtype``, ``leaf[i]`` (e.g. one layer of a
+    stacked variable) and ``get_value()`` (all of it). Lets an exporter stream a checkpoint tensor by tensor."""
+
+    def __init__(self, store: ts.TensorStore, where: str):
+        self.store, self.where = store, where
+        self.shape = tuple(int(n) for n in store.shape)
+        self.dtype = store.dtype.numpy_dtype
+
+    def _read(self, index) -> np.ndarray:
+        try:
+            return np.asarray(self.store[index].read().result())
+        except Exception as e:
+            raise CheckpointError(f"{self.where}: cannot read ({type(e).__name__}: {e})") from None
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self._read(index)
+
+    def get_value(self) -> np.ndarray:
+        return self._read(...)
+
+
+def lazy_leaves(path: str | Path, step: int | None = None, item: str = "params") -> dict[str, LazyLeaf]:
+    """``{dotted path: LazyLeaf}`` of an orbax PyTree item (``params`` of a converter checkpoint, ``model`` of an
+    ``osum-train`` run's ``checkpoints`` directory); nothing is read until a leaf is indexed."""
+    root, s = resolve(path, step)
+    meta = leaf_metadata(root, s, item)
+    return {name: LazyLeaf(open_leaf(root, s, name, item, meta), f"{root / str(s) / item}:{name}")
+            for name in meta}
+
+
+def check_leaves(leaves: Mapping[str, Any], cfg: Config, where: str) -> None:
+    """Names and shapes of stored leaves == the model ``cfg`` describes (raises :class:`CheckpointMismatch`)."""
+    shapes = model_shapes(cfg)
+    problems = []
+    missing, unexpected = sorted(set(shapes) - set(leaves)), sorted(set(leaves) - set(shapes))
+    if missing:
+        problems.append(f"missing: {missing[:20]}")
+    if unexpected:
+        problems.append(f"unexpected: {unexpected[:20]}")
+    problems += [f"{k}: stored {tuple(leaves[k].shape)} != config {shapes[k]}" for k in shapes
+                 if k in leaves and tuple(leaves[k].shape) != shapes[k]]
+    if problems:
+        raise CheckpointMismatch(f"{where} does not match its config:\n  " + "\n  ".join(problems))
 
 
 def restore_extras(path: str | Path, step: int) -> dict[str, np.ndarray]:

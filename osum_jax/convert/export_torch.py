@@ -6,16 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_any(ckpt: str | Path, step: int | None = None, overrides=()):
-    """``(model, Config)`` from a training run directory or a converter checkpoint, on one CPU device."""
-    from ..train.checkpoint import is_run_directory, load_run_model
+def lazy_checkpoint(ckpt: str | Path, step: int | None = None, overrides=()):
+    """``({dotted path: LazyLeaf}, Config)`` of a training run directory or a converter checkpoint: names and
+    shapes checked against the stored config, no tensor read yet (an export then streams it tensor by tensor;
+    a stacked variable one layer at a time)."""
+    from ..train.checkpoint import is_run_directory, read_run_config
+    from .checkpoint import check_leaves, lazy_leaves, read_config, resolve
 
     if is_run_directory(ckpt):
-        model, cfg, _ = load_run_model(ckpt, step, overrides)
-        return model, cfg
-    from .checkpoint import load_model
-
-    return load_model(ckpt, step, overrides)
+        p = Path(ckpt)
+        root, s = resolve(p if p.name == "checkpoints" else p / "checkpoints", step)
+        cfg = read_run_config(root, s, overrides)
+        leaves = lazy_leaves(root, s, item="model")
+    else:
+        root, s = resolve(ckpt, step)
+        cfg = read_config(root, s, overrides)
+        leaves = lazy_leaves(root, s)
+    check_leaves(leaves, cfg, f"{root / str(s)}")
+    return leaves, cfg
 
 
 def export_torch(ckpt: str | Path, *, out: str | Path, tokenizer: str | Path, prompts: str | Path | None = None,
@@ -25,8 +33,8 @@ def export_torch(ckpt: str | Path, *, out: str | Path, tokenizer: str | Path, pr
 
     if not Path(tokenizer).exists():
         raise FileNotFoundError(f"tokenizer directory {tokenizer} does not exist")
-    model, cfg = load_any(ckpt, step, overrides)
+    leaves, cfg = lazy_checkpoint(ckpt, step, overrides)
     prompts = prompts or (cfg.data.prompts or None)
-    return export_torch_package(model, cfg.model, out, tokenizer_dir=tokenizer, prompts_path=prompts, dtype=dtype,
+    return export_torch_package(leaves, cfg.model, out, tokenizer_dir=tokenizer, prompts_path=prompts, dtype=dtype,
                                 merge_lora=merge_lora, force=force, eod_token=cfg.data.eod_token, progress=progress,
                                 extra_metadata={"source_checkpoint": str(Path(ckpt).absolute())})

@@ -29,7 +29,7 @@ import sys
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -112,8 +112,11 @@ def _var_value(var) -> np.ndarray:
 
 
 def _plan(model, cfg: ModelConfig, merge_lora: bool) -> list[_Tensor]:
-    """Every output tensor in a fixed order, with lazy producers (one layer of a stacked variable each)."""
-    variables = flat_variables(model)
+    """Every output tensor in a fixed order, with lazy producers (one layer of a stacked variable each).
+
+    ``model``: an OSUM module, or ``{dotted path: leaf}`` with leaves that have ``shape``, ``leaf[i]`` and
+    ``get_value()`` (e.g. :class:`osum_jax.convert.checkpoint.LazyLeaf`, read from disk on demand)."""
+    variables = dict(model) if isinstance(model, Mapping) else flat_variables(model)
     used: set[str] = set()
     out: list[_Tensor] = []
 
@@ -240,6 +243,17 @@ class _Progress:
             self.bar.close()
 
 
+def _bands(arr: np.ndarray, band_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+    """Row bands of ``arr`` of about ``band_bytes`` in float32: a large tensor (the 152k x 3584 embedding) is
+    converted and written piece by piece instead of as whole float32 / target-dtype / bytes copies."""
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        yield arr
+        return
+    rows = max(1, band_bytes // max(4, 4 * (arr.size // arr.shape[0])))
+    for lo in range(0, arr.shape[0], rows):
+        yield arr[lo:lo + rows]
+
+
 def _write_shards(directory: Path, stem: str, shards: list[list[_Tensor]], np_dt: np.dtype, st_dtype: str,
                   check_fp16: bool, offenders: list[tuple[str, float]], progress: _Progress,
                   always_single: bool = False) -> dict[str, str]:
@@ -252,19 +266,23 @@ def _write_shards(directory: Path, stem: str, shards: list[list[_Tensor]], np_dt
         with open(directory / fname, "wb") as f:
             f.write(_header(tensors, st_dtype, itemsize))
             for t in tensors:
-                arr = np.asarray(t.produce(), np.float32)
+                arr = np.asarray(t.produce())  # in its stored dtype; converted band by band below
                 if arr.shape != t.shape:
                     raise PackageError(f"{t.name}: produced shape {arr.shape} != planned {t.shape}")
-                if not np.isfinite(arr).all():
-                    raise PackageError(f"{t.name}: the model holds NaN/Inf values; refusing to export them")
-                if check_fp16:
-                    peak = float(np.abs(arr).max()) if arr.size else 0.0
-                    if peak > FP16_MAX:
-                        offenders.append((t.name, peak))
+                peak = 0.0
+                for band in _bands(arr):
+                    band = np.asarray(band, np.float32)
+                    if not np.isfinite(band).all():
+                        raise PackageError(f"{t.name}: the model holds NaN/Inf values; refusing to export them")
+                    if check_fp16 and band.size:
+                        peak = max(peak, float(np.abs(band).max()))
+                if check_fp16 and peak > FP16_MAX:
+                    offenders.append((t.name, peak))
                 if offenders:  # keep scanning to report every offender, write nothing more
                     progress.update(arr.size * itemsize)
                     continue
-                f.write(np.ascontiguousarray(arr.astype(np_dt)).tobytes())
+                for band in _bands(arr):
+                    f.write(np.asarray(band, np.float32).astype(np_dt).tobytes())
                 weight_map[t.name] = fname
                 progress.update(arr.size * itemsize)
     return weight_map
