@@ -29,8 +29,8 @@ espeak:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng; } \
 	  || { echo "could not install espeak-ng; install it (e.g. apt-get install espeak-ng) and re-run"; exit 1; }
 
-# The CPU benchmark suite; figures go to docs/benchmarks.md. bench_convert writes a 15 GiB file and takes
-# ~15 minutes; `make bench-quick` leaves it out.
+# The CPU benchmark suite; figures go to docs/benchmarks.md. bench_convert needs ~45 GiB of free disk (a 15 GiB
+# source .pt, the JAX checkpoint, then the exports) and takes 5-15 minutes; `make bench-quick` leaves it out.
 bench: bench-quick
 	$(PY) scripts/bench_convert.py
 
