@@ -159,6 +159,11 @@ def test_init_from_restores_straight_onto_the_mesh(tmp_path):
     tr.open_checkpoints()
     tr.save()
     tr.checkpointer.close()
+    from osum_jax.convert.commands import inspect
+
+    report = inspect(tmp_path / "run")  # `osum-convert inspect RUN_DIR`
+    assert report.startswith(f"osum-train run {tmp_path / 'run'}") and "steps [1]" in report
+    assert "llm.layers (LoRA)" in report and "optimizer state:" in report and "fire_module all" in report
     one = Trainer(_cfg(fire_module="lora", init_from=str(tmp_path / "run"), **{"mesh.fsdp": 1}),
                   devices=jax.devices()[:1])
     for name, var in flat_variables(one.model).items():

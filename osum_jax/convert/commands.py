@@ -656,24 +656,44 @@ def _summarise(items: Iterator[tuple[str, tuple[int, ...], str]], lora: bool = T
         r = rows[g]
         r["tensors"] += 1
         r["params"] += n
-        r["bytes"] += n * np_dtype(dt).itemsize
+        r["bytes"] += n * (np_dtype(dt).itemsize if dt in ("bfloat16", "bool") else np.dtype(dt).itemsize)
         r["dtypes"].add(dt)
     return rows
 
 
+def _steps(root: Path) -> list[int]:
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+
+
+def _config_line(cfg: Config) -> str:
+    m = cfg.model
+    return (f"  config: encoder {m.encoder.num_layers}x{m.encoder.d_model}, adapter {m.adapter.num_layers} blocks, "
+            f"llm {m.llm.num_layers}x{m.llm.hidden_size} (vocab {m.llm.vocab_size}), lora r={m.lora.rank} "
+            f"{list(m.lora.targets)}, param_dtype {m.param_dtype}")
+
+
 def inspect(path: str | Path) -> str:
-    """A text report of what ``path`` holds: JAX checkpoint, OSUM/torch ``.pt``, or safetensors file/dir."""
+    """A text report of what ``path`` holds: an ``osum-train`` run, a JAX checkpoint, an OSUM/torch ``.pt``, or a
+    safetensors file/directory."""
+    from ..train.checkpoint import is_run_directory, read_run_config
+
     path = Path(path)
+    if path.is_dir() and is_run_directory(path):
+        root, s = ck.resolve(path if path.name == "checkpoints" else path / "checkpoints")
+        cfg = read_run_config(root, s)
+        lines = [f"osum-train run {path} (orbax CheckpointManager); steps {_steps(root)}; showing step {s}",
+                 f"  items: {sorted(p.name for p in (root / str(s)).iterdir() if p.is_dir())}",
+                 _config_line(cfg), f"  fire_module {cfg.train.fire_module}"]
+        for item, title in (("model", "model:"), ("opt", "optimizer state:")):
+            meta = ck.leaf_metadata(root, s, item)
+            lines.append(_table(_summarise(((k, tuple(v.shape), dtype_name(v.dtype)) for k, v in meta.items())),
+                                title))
+        return "\n".join(lines)
     if path.is_dir() and not list(path.glob("*.safetensors")):
         root, s = ck.resolve(path)
-        steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
         cfg = ck.read_config(root, s)
-        m = cfg.model
-        lines = [f"JAX checkpoint {root} (orbax CheckpointManager); steps {steps}; showing step {s}",
-                 f"  items: {sorted(p.name for p in (root / str(s)).iterdir() if p.is_dir())}",
-                 f"  config: encoder {m.encoder.num_layers}x{m.encoder.d_model}, adapter {m.adapter.num_layers} "
-                 f"blocks, llm {m.llm.num_layers}x{m.llm.hidden_size} (vocab {m.llm.vocab_size}), lora r={m.lora.rank} "
-                 f"{list(m.lora.targets)}, param_dtype {m.param_dtype}"]
+        lines = [f"JAX checkpoint {root} (orbax CheckpointManager); steps {_steps(root)}; showing step {s}",
+                 f"  items: {sorted(p.name for p in (root / str(s)).iterdir() if p.is_dir())}", _config_line(cfg)]
         meta = ck.leaf_metadata(root, s)
         lines.append(_table(_summarise(((k, tuple(v.shape), dtype_name(v.dtype)) for k, v in meta.items())),
                             "params:"))
