@@ -318,8 +318,7 @@ def restore_params(path: str | Path, step: int | None = None, cfg: Config | None
     sharding = jax.sharding.SingleDeviceSharding(device)
     dt = np.dtype(dtype or cfg.model.param_dtype) if (dtype or cfg.model.param_dtype) != "bfloat16" else \
         np_dtype("bfloat16")
-    check_leaves(leaf_metadata(root, s), cfg, f"{root / str(s)}/params")
-    shapes = model_shapes(cfg)
+    shapes = check_leaves(leaf_metadata(root, s), cfg, f"{root / str(s)}/params")
     shardings = shardings or {}
     target = nest({k: jax.ShapeDtypeStruct(v, dt, sharding=shardings.get(k, sharding)) for k, v in shapes.items()})
     try:
@@ -361,8 +360,9 @@ def lazy_leaves(path: str | Path, step: int | None = None, item: str = "params")
             for name in meta}
 
 
-def check_leaves(leaves: Mapping[str, Any], cfg: Config, where: str) -> None:
-    """Names and shapes of stored leaves == the model ``cfg`` describes (raises :class:`CheckpointMismatch`)."""
+def check_leaves(leaves: Mapping[str, Any], cfg: Config, where: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of stored leaves == the model ``cfg`` describes (raises :class:`CheckpointMismatch`);
+    returns the model's ``{dotted path: shape}``."""
     shapes = model_shapes(cfg)
     problems = []
     missing, unexpected = sorted(set(shapes) - set(leaves)), sorted(set(leaves) - set(shapes))
@@ -374,6 +374,7 @@ def check_leaves(leaves: Mapping[str, Any], cfg: Config, where: str) -> None:
                  if k in leaves and tuple(leaves[k].shape) != shapes[k]]
     if problems:
         raise CheckpointMismatch(f"{where} does not match its config:\n  " + "\n  ".join(problems))
+    return shapes
 
 
 def restore_extras(path: str | Path, step: int) -> dict[str, np.ndarray]:

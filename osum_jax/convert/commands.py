@@ -656,7 +656,7 @@ def _summarise(items: Iterator[tuple[str, tuple[int, ...], str]], lora: bool = T
         r = rows[g]
         r["tensors"] += 1
         r["params"] += n
-        r["bytes"] += n * (np_dtype(dt).itemsize if dt in ("bfloat16", "bool") else np.dtype(dt).itemsize)
+        r["bytes"] += n * (np_dtype(dt) if dt == "bfloat16" else np.dtype(dt)).itemsize
         r["dtypes"].add(dt)
     return rows
 
@@ -675,11 +675,11 @@ def _config_line(cfg: Config) -> str:
 def inspect(path: str | Path) -> str:
     """A text report of what ``path`` holds: an ``osum-train`` run, a JAX checkpoint, an OSUM/torch ``.pt``, or a
     safetensors file/directory."""
-    from ..train.checkpoint import is_run_directory, read_run_config
+    from ..train.checkpoint import is_run_directory, read_run_config, run_checkpoints_dir
 
     path = Path(path)
     if path.is_dir() and is_run_directory(path):
-        root, s = ck.resolve(path if path.name == "checkpoints" else path / "checkpoints")
+        root, s = ck.resolve(run_checkpoints_dir(path))
         cfg = read_run_config(root, s)
         lines = [f"osum-train run {path} (orbax CheckpointManager); steps {_steps(root)}; showing step {s}",
                  f"  items: {sorted(p.name for p in (root / str(s)).iterdir() if p.is_dir())}",

@@ -269,6 +269,8 @@ def _write_shards(directory: Path, stem: str, shards: list[list[_Tensor]], np_dt
                 arr = np.asarray(t.produce())  # in its stored dtype; converted band by band below
                 if arr.shape != t.shape:
                     raise PackageError(f"{t.name}: produced shape {arr.shape} != planned {t.shape}")
+                # one pass: convert, check and (while no fp16 offender is known) write each band; an overflow
+                # fails the whole export, whose temporary directory is then removed
                 peak = 0.0
                 for band in _bands(arr):
                     band = np.asarray(band, np.float32)
@@ -276,15 +278,14 @@ def _write_shards(directory: Path, stem: str, shards: list[list[_Tensor]], np_dt
                         raise PackageError(f"{t.name}: the model holds NaN/Inf values; refusing to export them")
                     if check_fp16 and band.size:
                         peak = max(peak, float(np.abs(band).max()))
+                    if not offenders and peak <= FP16_MAX:
+                        f.write(band.astype(np_dt).tobytes())
                 if check_fp16 and peak > FP16_MAX:
                     offenders.append((t.name, peak))
-                if offenders:  # keep scanning to report every offender, write nothing more
-                    progress.update(arr.size * itemsize)
-                    continue
-                for band in _bands(arr):
-                    f.write(np.asarray(band, np.float32).astype(np_dt).tobytes())
-                weight_map[t.name] = fname
                 progress.update(arr.size * itemsize)
+                if offenders:  # keep scanning to report every offender
+                    continue
+                weight_map[t.name] = fname
     return weight_map
 
 

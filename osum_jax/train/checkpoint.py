@@ -74,9 +74,14 @@ def is_run_directory(path: str | Path) -> bool:
     return (p / "checkpoints").is_dir() or (p.name == "checkpoints" and p.is_dir())
 
 
-def _run_manager(path: str | Path) -> tuple[Path, ocp.CheckpointManager]:
+def run_checkpoints_dir(path: str | Path) -> Path:
+    """The ``checkpoints`` folder of an ``osum-train`` run (``path`` may be the run or that folder)."""
     p = Path(path)
-    ckpt_dir = p if p.name == "checkpoints" else p / "checkpoints"
+    return p if p.name == "checkpoints" else p / "checkpoints"
+
+
+def _run_manager(path: str | Path) -> tuple[Path, ocp.CheckpointManager]:
+    ckpt_dir = run_checkpoints_dir(path)
     return ckpt_dir, ocp.CheckpointManager(ckpt_dir.absolute(), item_names=ITEMS)
 
 
