@@ -388,3 +388,93 @@ def test_inspect_reports_modules(files, capsys):
     assert main(["inspect", str(pt)]) == 0
     text = capsys.readouterr().out
     assert "speech_transformer" in text and "shared-storage aliases: ['embed_tokens.weight', 'lm_head.weight']" in text
+
+
+def _save_run(cfg_overrides, out, edit=None):
+    """An osum-train run directory (one device) holding the trainer's model at step 3, after ``edit(model)``."""
+    import jax
+
+    from osum_jax.config import load_config
+    from osum_jax.train.trainer import Trainer
+
+    cfg = load_config(TINY, ["train.output_dir=/tmp/unused", "train.progress=false", "train.mesh.fsdp=1",
+                             "train.async_checkpoint=false"] + cfg_overrides)
+    tr = Trainer(cfg, devices=jax.devices()[:1])
+    if edit is not None:
+        edit(tr.model)
+    tr.step, tr.out_dir = 3, out
+    tr.open_checkpoints()
+    tr.save()
+    tr.checkpointer.close()
+    return tr.model
+
+
+def test_export_osum_from_a_training_run(files, tmp_path):
+    """A model trained here runs in OSUM's code: export-osum of an osum-train run started (train.init_from) from an
+    imported OSUM file writes that file's keys, order and dtypes; the torch OSUM loads it strictly and gives the
+    run's logits; the tensors training did not touch are bit-identical to the original file."""
+    import jax
+
+    from osum_jax.train.checkpoint import load_run_model
+
+    d, _, pt, ckpt = files
+
+    def train(model):  # stand-in for optimizer updates: move a LoRA B and an encoder weight
+        for i, var in enumerate((model.llm.layers.self_attn.v_proj.lora_b, model.encoder.layers.fc1.kernel)):
+            v = var.get_value()
+            var.set_value(v + 0.05 * jax.random.normal(jax.random.key(i), v.shape, v.dtype))
+
+    run = tmp_path / "run"
+    _save_run([f"train.init_from={ckpt}"], run, train)
+    out32, out = tmp_path / "run32.pt", tmp_path / "run.pt"
+    assert main(["export-osum", str(run), "--out", str(out32), "--dtype", "float32", "--no-progress"]) == 0
+    assert main(["export-osum", str(run), "--out", str(out), "--no-progress"]) == 0
+    a, b = torch.load(pt, weights_only=True), torch.load(out, weights_only=True)
+    assert list(a) == list(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    changed = {k for k in a if not torch.equal(a[k].view(torch.int16) if a[k].dtype == torch.bfloat16 else a[k],
+                                               b[k].view(torch.int16) if b[k].dtype == torch.bfloat16 else b[k])}
+    assert changed == {f"llama_model.base_model.model.model.layers.{i}.self_attn.v_proj.lora_B.default.weight"
+                       for i in range(L.num_layers)} | {f"encoder.encoders.{i}.feed_forward.w_1.weight"
+                                                        for i in range(E.num_layers)}
+    # the float32 export carries the trained values exactly; OSUM's module loads it and computes the run's logits
+    model, _, step = load_run_model(run)
+    assert step == 3
+    ref = TorchOSUM().eval()
+    ref.load_state_dict(torch.load(out32, weights_only=True), strict=True)
+    batch = _batch()
+    got = model(batch)["logits"]
+    with torch.no_grad():
+        for i in range(2):
+            p, t, n = batch["prompt_lengths"][i], batch["target_lengths"][i], batch["feats_lengths"][i]
+            want = ref.logits(torch.from_numpy(batch["feats"][i, :n]), torch.from_numpy(batch["prompt"][i, :p]),
+                              torch.from_numpy(batch["target"][i, :t])).numpy()
+            assert rel_err(got[i, :t], want) <= 1e-4
+    # --layout-from names the converter checkpoint explicitly (same result); a run is not one
+    out2 = tmp_path / "run2.pt"
+    assert main(["export-osum", str(run), "--out", str(out2), "--layout-from", str(ckpt), "--no-progress"]) == 0
+    _assert_same_state(torch.load(out2, weights_only=True), b)
+    bad = tmp_path / "bad.pt"
+    assert main(["export-osum", str(run), "--out", str(bad), "--layout-from", str(run), "--no-progress"]) == 1
+    assert not bad.exists()
+
+
+def test_export_osum_from_a_run_trained_from_scratch(tmp_path, capsys):
+    """A run without an OSUM origin exports in OSUM's canonical key order (as import-hf records it) and
+    import-osum reads the file back to the run's exact parameters."""
+    from osum_jax.convert.tree import flat_variables
+
+    model = _save_run([], tmp_path / "run")
+    out = tmp_path / "scratch.pt"
+    assert main(["export-osum", str(tmp_path / "run"), "--out", str(out), "--no-progress"]) == 0
+    assert "canonical key order" in capsys.readouterr().err
+    state = torch.load(out, weights_only=True)
+    assert list(state) == canonical_keys(CFG)
+    assert state["embed_tokens.weight"].data_ptr() == \
+        state["llama_model.base_model.model.model.embed_tokens.weight"].data_ptr()
+    back = tmp_path / "back"
+    assert main(["import-osum", str(out), "--config", TINY, "--out", str(back), "--no-progress"]) == 0
+    restored = ck.restore_params(back)
+    want = {k: np.asarray(v.get_value()) for k, v in flat_variables(model).items()}
+    assert sorted(restored) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(np.asarray(restored[k]), v, err_msg=k)

@@ -2,7 +2,8 @@
 
     osum-convert import-hf --whisper DIR --qwen2 DIR [--config CONFIG] [key=value ...] --out CKPT [--force]
     osum-convert import-osum CHECKPOINT.pt --config CONFIG [key=value ...] --out CKPT [--force]
-    osum-convert export-osum CKPT --out FILE.pt [--step N] [--dtype bfloat16|float16|float32] [--force]
+    osum-convert export-osum CKPT|RUN --out FILE.pt [--step N] [--dtype bfloat16|float16|float32]
+                             [--layout-from CKPT] [--force]
     osum-convert export-torch CKPT --tokenizer DIR --out PKG [--dtype bf16|fp16|fp32] [--no-merge-lora] [--force]
     osum-convert inspect PATH
 
@@ -42,12 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     osum.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     common(osum)
 
-    exp = sub.add_parser("export-osum", help="JAX checkpoint -> OSUM flat state dict (.pt)")
-    exp.add_argument("ckpt", help="JAX checkpoint directory (root or step directory)")
+    exp = sub.add_parser("export-osum", help="JAX checkpoint or osum-train run -> OSUM flat state dict (.pt)")
+    exp.add_argument("ckpt", help="JAX checkpoint directory (root or step directory), or an osum-train output "
+                                  "directory")
     exp.add_argument("--out", required=True, help="output .pt file")
     exp.add_argument("--step", type=int, help="step to export (default: the newest)")
     exp.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                      help="cast every tensor (default: the dtypes recorded at import)")
+    exp.add_argument("--layout-from", metavar="CKPT",
+                     help="converter checkpoint whose OSUM key layout and extras to use (default: the "
+                          "checkpoint's own; for a run, the one its train.init_from started from)")
     common(exp)
 
     tp = sub.add_parser("export-torch", help="JAX checkpoint or osum-train run -> PyTorch package (safetensors)")
@@ -109,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         else:
             info = commands.export_osum(args.ckpt, out=args.out, step=args.step, force=args.force,
-                                        dtype=args.dtype, progress=show)
+                                        dtype=args.dtype, progress=show, layout_from=args.layout_from)
+            print(f"osum-convert export-osum: key layout from {info['layout']}", file=sys.stderr)
     except (ConfigError, CheckpointError, CheckpointMismatch, SourceError, FileExistsError, FileNotFoundError,
             OverflowError) as e:
         print(f"osum-convert {args.command}: error: {e}", file=sys.stderr)

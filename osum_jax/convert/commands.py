@@ -14,6 +14,7 @@ import struct
 import sys
 import zlib
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -487,12 +488,91 @@ def _export_shape(e: Entry, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int,
     return tuple(e.transform.torch_shape(js[1:] if e.layer is not None else js))
 
 
+@dataclass
+class OsumExportSource:
+    """What export-osum reads: the weights (``item`` of ``root``/``step``), their config, and the OSUM key layout
+    (key order, dtypes, roles) with the extras (``ln_speech``/``speaker_head``) it came with."""
+
+    root: Path
+    step: int
+    item: str  # "params" (converter checkpoint) or "model" (osum-train run)
+    cfg: Config
+    layout: dict
+    extras: dict[str, np.ndarray]
+    layout_origin: str  # where the layout came from, for messages
+
+
+def _layout_checkpoint(path: Path, seen: set[Path]) -> tuple[Path, dict] | None:
+    """``(converter checkpoint root, layout)`` for a checkpoint with an ``osum_layout``: ``path`` itself, or for an
+    osum-train run the checkpoint its ``train.init_from`` started from (followed through runs started from runs);
+    ``None`` when the chain ends without one (a run trained from scratch, or a moved source)."""
+    from ..train.checkpoint import is_run_directory, read_run_config, run_checkpoints_dir
+
+    path = Path(path).absolute()
+    if path in seen or not path.is_dir():
+        return None
+    seen.add(path)
+    try:
+        if is_run_directory(path):
+            init = read_run_config(run_checkpoints_dir(path)).train.init_from
+            return _layout_checkpoint(Path(init), seen) if init else None
+        root, s = ck.resolve(path)
+        return root, ck.read_layout(root, s)
+    except (ck.CheckpointError, FileNotFoundError, ConfigError):
+        return None
+
+
+def osum_export_source(ckpt: str | Path, step: int | None = None,
+                       layout_from: str | Path | None = None) -> OsumExportSource:
+    """Resolve what :func:`export_osum` exports.
+
+    * a converter checkpoint (import-osum / import-hf): its ``params`` and its own ``osum_layout``/``extras``;
+    * an osum-train run directory: its ``model`` item at ``step`` (newest by default) and the layout/extras of
+      the converter checkpoint it started from (``train.init_from``, followed through runs started from runs);
+      a run trained from scratch gets OSUM's canonical key order (as import-hf writes it) with each tensor in
+      its stored dtype and freshly initialised ``ln_speech``/``speaker_head`` (unused by OSUM's forward pass).
+
+    ``layout_from`` names the converter checkpoint whose layout/extras to use instead (e.g. when the run's
+    ``init_from`` moved)."""
+    from ..train.checkpoint import is_run_directory, read_run_config, run_checkpoints_dir
+
+    ckpt = Path(ckpt)
+    if is_run_directory(ckpt):
+        root, s = ck.resolve(run_checkpoints_dir(ckpt), step)
+        cfg, item = read_run_config(root, s), "model"
+    else:
+        root, s = ck.resolve(ckpt, step)
+        cfg, item = ck.read_config(root, s), "params"
+    if layout_from is not None:
+        if is_run_directory(layout_from):
+            raise ck.CheckpointError(f"--layout-from {layout_from}: expected a converter checkpoint "
+                                     f"(import-osum / import-hf output), not an osum-train run")
+        lroot, ls = ck.resolve(layout_from)
+        found: tuple[Path, dict] | None = (lroot, ck.read_layout(lroot, ls))
+    elif item == "params":
+        found = (root, ck.read_layout(root, s))
+    else:
+        found = _layout_checkpoint(ckpt, set())
+    if found is not None:
+        lroot, layout = found
+        return OsumExportSource(root, s, item, cfg, layout, ck.restore_extras(lroot, layout["step"]),
+                                f"{lroot}/{layout['step']}/osum_layout")
+    meta = ck.leaf_metadata(root, s, item)
+    extras = _fresh_extras(cfg, 0)
+    keys = _canonical_layout(cfg, {p: m.dtype for p, m in meta.items()}, extras)
+    return OsumExportSource(root, s, item, cfg, {"keys": keys, "source": {"kind": "canonical"}}, extras,
+                            "OSUM's canonical key order (the run has no train.init_from with an osum_layout)")
+
+
 def export_osum(ckpt: str | Path, *, out: str | Path, step: int | None = None, force: bool = False,
-                dtype: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """JAX checkpoint -> OSUM's flat ``.pt`` (keys, order, dtypes of the imported file; aliases shared).
+                dtype: str | None = None, progress: bool = True,
+                layout_from: str | Path | None = None) -> dict[str, Any]:
+    """JAX checkpoint or osum-train run -> OSUM's flat ``.pt`` (keys, order, dtypes of the imported file; aliases
+    shared). What is read from where: :func:`osum_export_source`.
 
     ``dtype`` (``bfloat16``/``float16``/``float32``) casts every tensor; by default each key keeps the dtype
-    recorded at import. The file is written by ``torch.save`` under ``torch.serialization.skip_data`` (pickle
+    recorded at import (a run's trained float32 weights are then rounded to the layout's dtype, bf16 for
+    OSUM's release; pass ``float32`` to keep them exact). The file is written by ``torch.save`` under ``torch.serialization.skip_data`` (pickle
     and zip records, with room reserved for the tensor bytes), then each tensor's bytes are read from the
     checkpoint one layer or band at a time and written (``pwrite``) at the offset that ``torch.load`` under
     ``FakeTensorMode`` reports for it (PyTorch's documented recipe for filling a ``skip_data`` checkpoint);
@@ -506,17 +586,15 @@ def export_osum(ckpt: str | Path, *, out: str | Path, step: int | None = None, f
                            f"under FakeTensorMode); this is torch {torch.__version__}")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    root, s = ck.resolve(ckpt, step)
-    cfg = ck.read_config(root, s)
-    layout = ck.read_layout(root, s)
+    src = osum_export_source(ckpt, step, layout_from)
+    root, s, item, cfg, layout, extras = src.root, src.step, src.item, src.cfg, src.layout, src.extras
     plan = export_sources(layout["keys"], cfg.model)
-    meta = ck.leaf_metadata(root, s)
+    meta = ck.leaf_metadata(root, s, item)
     shapes = ck.model_shapes(cfg)
     bad = [f"{p}: stored {tuple(meta[p].shape) if p in meta else None} != config {shapes[p]}" for p in shapes
            if p not in meta or tuple(meta[p].shape) != shapes[p]]
     if bad:
-        raise CheckpointMismatch(f"{root / str(s)}/params does not match its config:\n  " + "\n  ".join(bad))
-    extras = ck.restore_extras(root, layout["step"])
+        raise CheckpointMismatch(f"{root / str(s)}/{item} does not match its config:\n  " + "\n  ".join(bad))
     recs = {r["key"]: r for r in layout["keys"]}
     out = Path(out)
     if out.exists() and not force:
@@ -550,7 +628,7 @@ def export_osum(ckpt: str | Path, *, out: str | Path, step: int | None = None, f
         """``(key, blocks)`` for each stored tensor: its bytes in order, as C-contiguous arrays of the target
         dtype (whole tensors, or row bands of at most ``BLOCK_BYTES`` for large un-stacked matrices)."""
         for path, items in by_leaf.items():
-            t = ck.open_leaf(root, s, path, meta=meta)
+            t = ck.open_leaf(root, s, path, item, meta=meta)
             if items[0][1].layer is not None:
                 for key, e in sorted(items, key=lambda x: x[1].layer):
                     yield key, iter([e.transform.inverse(t[e.layer].read().result())])
@@ -610,7 +688,7 @@ def export_osum(ckpt: str | Path, *, out: str | Path, step: int | None = None, f
             _set_crcs(tmp, crcs)
     finally:
         bar.close()
-    return {"tensors": n_tensors, "bytes": total}
+    return {"tensors": n_tensors, "bytes": total, "layout": src.layout_origin}
 
 
 # -- inspect ----------------------------------------------------------------------------------------------------------
