@@ -272,6 +272,7 @@ class TrainConfig:
 
     output_dir: str = "runs/osum"
     init_from: str = ""  # a checkpoint written by osum-convert (weights only) to start from
+    resume_data: bool = True  # on resume, continue the data order exactly (needs the same processes/workers)
     fire_module: str = "link_and_encoder_and_lora"  # what trains; see FIRE_MODULES
     frozen_param_dtype: str = "float32"  # bfloat16 halves the memory of frozen weights
     steps: int = 100_000  # optimizer steps (each = grad_accum micro-batches)

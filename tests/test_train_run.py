@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,20 +137,37 @@ def test_plan_reports_full_osum_memory(capsys):
     assert main(["configs/osum_full.yaml", "--plan", "train.mesh.tensor=3", "--devices", "8"]) == 2
 
 
-def test_two_processes_train_together(speech_corpus, tmp_path):
-    port = 20000 + os.getpid() % 20000
+def _two_processes(corpus, out, port, **kw):
     procs = []
     for pid in range(2):
-        args = _overrides(speech_corpus, tmp_path / "mp", **{"train.steps": 3, "train.checkpoint_every": 3,
-                                                            "train.mesh.data": 2})
         env = {"OSUM_COORDINATOR": f"127.0.0.1:{port}", "OSUM_NUM_PROCESSES": "2", "OSUM_PROCESS_ID": str(pid)}
-        procs.append(_run(args, env))
+        procs.append(_run(_overrides(corpus, out, **{"train.mesh.data": 2, **kw}), env))
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
-    losses = _losses(tmp_path / "mp")
-    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
-    assert (tmp_path / "mp" / "checkpoints" / "3").is_dir()
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    return outs
+
+
+def test_two_processes_train_together_and_resume_exactly(speech_corpus, tmp_path):
+    """Two processes over loopback train together; each saves its own data-iterator position, so a restart from
+    the step-2 checkpoint reproduces steps 3-4 bit-identically (each process reads its own shard)."""
+    port = 20000 + os.getpid() % 20000
+    run = tmp_path / "mp"
+    common = {"train.steps": 4, "train.checkpoint_every": 2, "train.learning_rate": 1e-3, "train.warmup_steps": 2}
+    _two_processes(speech_corpus, run, port, **common)
+    expected = _losses(run)
+    assert sorted(expected) == [1, 2, 3, 4] and all(np.isfinite(v) for v in expected.values())
+    assert sorted(p.name for p in (run / "checkpoints" / "2" / "data").glob("*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    shutil.rmtree(run / "checkpoints" / "4")  # as if the run had died after its step-2 checkpoint
+    before = len((run / "metrics.jsonl").read_text().splitlines())
+    outs = _two_processes(speech_corpus, run, port + 1, **common)
+    assert all("resumed from" in o for o in outs)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[before:]]
+    got = {r["step"]: r["loss"] for r in rows if "loss" in r}  # what the resumed run logged
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step] == expected[step], step
 
 
 def test_compilation_cache_dir_stores_compiled_programs(tmp_path):

@@ -173,3 +173,35 @@ def test_init_from_restores_straight_onto_the_mesh(tmp_path):
                                               f"train.init_from={tmp_path / 'init'}", "train.mesh.fsdp=1"])
     with pytest.raises(ValueError, match="model.llm differs"):
         Trainer(other, devices=jax.devices()[:1])
+
+
+def test_data_state_is_per_process_and_tied_to_the_data_layout(tmp_path):
+    """The data item holds this process's iterator state in its own file (Grain's handler); a resume whose
+    process count or data.num_workers differ from the checkpoint's is refused with both named, unless
+    train.resume_data=false (model and optimizer restored, data started afresh)."""
+    state = {"next_index": 17, "buffers": [[3, 5]], "skipped": {"too_long": 2}}
+    tr = Trainer(_cfg(**{"mesh.fsdp": 1, "output_dir": tmp_path / "run", "async_checkpoint": "true"}),
+                 devices=jax.devices()[:1])
+    b = tr.model.llm.layers.self_attn.q_proj.lora_b  # not what a fresh initialisation gives
+    b.set_value(b.get_value() + 1.0)
+    tr.step, tr.data_state, tr.out_dir = 2, state, tmp_path / "run"
+    tr.open_checkpoints()
+    tr.save()
+    tr.checkpointer.close()
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints/2/data").glob("*.json")) == ["process_0-of-1.json"]
+    same = Trainer(_cfg(**{"mesh.fsdp": 1, "output_dir": tmp_path / "run"}), devices=jax.devices()[:1])
+    same.open_checkpoints()
+    assert same.restore_latest() and same.step == 2 and same.data_state == state
+    more = load_config("configs/tiny.yaml", ["train.mesh.fsdp=1", f"train.output_dir={tmp_path / 'run'}",
+                                             "data.num_workers=2"])
+    other = Trainer(more, devices=jax.devices()[:1])
+    other.open_checkpoints()
+    with pytest.raises(ValueError, match=r"'workers': 0.*'workers': 2.*train.resume_data=false"):
+        other.restore_latest()
+    fresh = Trainer(load_config("configs/tiny.yaml", ["train.mesh.fsdp=1", f"train.output_dir={tmp_path / 'run'}",
+                                                      "data.num_workers=2", "train.resume_data=false"]),
+                    devices=jax.devices()[:1])
+    fresh.open_checkpoints()
+    assert fresh.restore_latest() and fresh.step == 2 and fresh.data_state is None
+    for a, b in zip(_params(tr).values(), _params(fresh).values()):
+        np.testing.assert_array_equal(a, b)

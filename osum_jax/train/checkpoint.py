@@ -1,17 +1,20 @@
 """orbax checkpoints of a training run: model + optimizer state + step + data-iterator state + config.
 
 One orbax step directory per saved optimizer step (``OUTPUT/checkpoints/STEP``) with items ``model`` and
-``opt`` (array trees, saved sharded), ``data`` (the Grain iterator state, JSON) and ``meta`` (step, config;
-JSON). Restores always go through abstract targets with explicit shardings, so a run saved on 8 devices
+``opt`` (array trees, saved sharded), ``data`` (the Grain iterator state of every process, one
+``process_I-of-N.json`` each, written by Grain's orbax handler) and ``meta`` (step, config, and the process and
+worker counts the data state belongs to; JSON). Restores always go through abstract targets with explicit shardings, so a run saved on 8 devices
 restores onto 1 (or another mesh). Saves are asynchronous; an interrupted save never becomes "latest" because
 orbax finalises a step directory only when it is complete.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -29,6 +32,30 @@ def _abstract(state: nnx.State, shardings) -> dict:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, shard)
 
 
+class DataState:
+    """A Grain iterator state captured at an optimizer-step boundary (``it.get_state()``), in the form Grain's
+    orbax handler (``grain.checkpoint.CheckpointHandler``) saves and restores: JSON bytes, one file per process,
+    so every process of a multi-host run gets its own position back (orbax's JSON items are written by the
+    primary process only)."""
+
+    def __init__(self, state: Any = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state if self.state is not None else {}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:  # called by the handler after set_state; nothing runs ahead here
+        pass
+
+
+def data_state_file(step_dir: Path) -> Path:
+    """This process's file in the ``data`` item of a step directory."""
+    return Path(step_dir) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
 class RunCheckpointer:
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
@@ -44,21 +71,30 @@ class RunCheckpointer:
         args = ocp.args.Composite(
             model=ocp.args.StandardSave(_pure(model_state)),
             opt=ocp.args.StandardSave(_pure(opt_state)),
-            data=ocp.args.JsonSave(data_state),
+            data=grain.checkpoint.CheckpointSave(DataState(data_state)),
             meta=ocp.args.JsonSave(meta),
         )
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, model_state: nnx.State, model_shardings, opt_state: nnx.State, opt_shardings):
-        """Restore onto the given (current-mesh) shardings; returns (model pure dict, opt pure dict, data, meta)."""
-        args = ocp.args.Composite(
-            model=ocp.args.StandardRestore(_abstract(model_state, model_shardings)),
-            opt=ocp.args.StandardRestore(_abstract(opt_state, opt_shardings)),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        )
-        r = self.manager.restore(step, args=args)
-        return r.model, r.opt, r.data, r.meta
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore(self, step: int, model_state: nnx.State, model_shardings, opt_state: nnx.State, opt_shardings,
+                *, data: bool = True):
+        """Restore onto the given (current-mesh) shardings; returns (model pure dict, opt pure dict, data state or
+        None, meta). ``data=False`` leaves the iterator state on disk (it belongs to another process layout)."""
+        args = dict(model=ocp.args.StandardRestore(_abstract(model_state, model_shardings)),
+                    opt=ocp.args.StandardRestore(_abstract(opt_state, opt_shardings)),
+                    meta=ocp.args.JsonRestore())
+        if data:
+            f = data_state_file(self.directory / str(step))
+            if not f.is_file():
+                have = sorted(p.name for p in f.parent.glob("*.json")) if f.parent.is_dir() else []
+                raise FileNotFoundError(f"{f.parent}: no data-iterator state for process {jax.process_index()} of "
+                                        f"{jax.process_count()} (the step holds {have or 'none'})")
+            args["data"] = grain.checkpoint.CheckpointRestore(DataState())
+        r = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return r.model, r.opt, (r.data.state if data else None), r.meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

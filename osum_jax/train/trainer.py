@@ -202,9 +202,14 @@ class Trainer:
         self.checkpointer = RunCheckpointer(self.out_dir / "checkpoints", keep=tc.keep_checkpoints,
                                             async_save=tc.async_checkpoint)
 
+    def _data_layout(self) -> dict[str, int]:
+        """What the data order depends on besides the seed: each process reads its own shard, and each worker
+        batches its own slice of it."""
+        return {"processes": jax.process_count(), "workers": self.cfg.data.num_workers}
+
     def save(self, force: bool = False) -> None:
         meta = {"step": self.step, "micro_step": self.micro_step, "nonfinite_steps": self.nonfinite_steps,
-                "config": self.cfg.to_dict()}
+                "data_layout": self._data_layout(), "config": self.cfg.to_dict()}
         self.checkpointer.save(self.step, nnx.state(self.model), nnx.state(self.optimizer), self.data_state or {},
                                meta, force=force)
 
@@ -212,8 +217,22 @@ class Trainer:
         step = self.checkpointer.latest_step()
         if step is None:
             return False
+        saved = self.checkpointer.restore_meta(step).get("data_layout")
+        now = self._data_layout()
+        same = saved == now
+        if not same and self.cfg.train.resume_data:
+            raise ValueError(
+                f"{self.checkpointer.directory}/{step}: its data-iterator state was written with "
+                f"{saved or 'an unrecorded layout (an older osum-jax)'} and this run has {now}; the batch order "
+                f"depends on the process count and data.num_workers, so it cannot be resumed exactly. Restart "
+                f"with the same ones, or set train.resume_data=false to restore the model and optimizer and "
+                f"start the data afresh (each process from the beginning of its shard).")
         model, opt, data, meta = self.checkpointer.restore(step, nnx.state(self.model), self.model_shardings,
-                                                           nnx.state(self.optimizer), self.opt_shardings)
+                                                           nnx.state(self.optimizer), self.opt_shardings,
+                                                           data=same and self.cfg.train.resume_data)
+        if not (same and self.cfg.train.resume_data):
+            log.warning("train.resume_data=false: model and optimizer restored from step %d, data iterator "
+                        "started afresh", step)
         mstate = nnx.state(self.model)
         nnx.replace_by_pure_dict(mstate, model)
         nnx.update(self.model, mstate)
