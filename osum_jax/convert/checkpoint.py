@@ -278,14 +278,25 @@ def leaf_metadata(path: str | Path, step: int | None = None, item: str = "params
     return flatten(meta.tree)
 
 
-def open_leaf(path: str | Path, step: int | None, name: str, item: str = "params", meta=None) -> ts.TensorStore:
-    """A TensorStore handle on one stored leaf (read slices of it without restoring the whole array)."""
+def item_store_format(d: Path) -> tuple[bool, bool]:
+    """``(use_zarr3, use_ocdbt)`` of an orbax PyTree item directory."""
+    try:
+        use_zarr3 = bool(getattr(ocp.PyTreeCheckpointHandler().metadata(d), "use_zarr3", False))
+    except Exception as e:
+        raise CheckpointError(f"{d}: cannot read orbax metadata ({type(e).__name__}: {e})") from None
+    return use_zarr3, (d / "manifest.ocdbt").exists()
+
+
+def open_leaf(path: str | Path, step: int | None, name: str, item: str = "params", meta=None,
+              store_format: tuple[bool, bool] | None = None) -> ts.TensorStore:
+    """A TensorStore handle on one stored leaf (read slices of it without restoring the whole array). ``meta``
+    (:func:`leaf_metadata`) and ``store_format`` (:func:`item_store_format`) may be passed in when opening many
+    leaves of one item, so its metadata is read once."""
     d = _step_dir(path, step) / item
     meta = meta or leaf_metadata(path, step, item)
     if name not in meta:
         raise CheckpointError(f"{d}: no leaf {name!r}")
-    use_zarr3 = bool(getattr(ocp.PyTreeCheckpointHandler().metadata(d), "use_zarr3", False))
-    use_ocdbt = (d / "manifest.ocdbt").exists()
+    use_zarr3, use_ocdbt = store_format or item_store_format(d)
     spec = ts_utils.ArrayReadSpec(str(d), name, use_zarr3, use_ocdbt=use_ocdbt).json
     try:
         return ts.open(spec, open=True, context=ts_utils.get_ts_context(use_ocdbt=use_ocdbt)).result()
@@ -356,7 +367,8 @@ def lazy_leaves(path: str | Path, step: int | None = None, item: str = "params")
     ``osum-train`` run's ``checkpoints`` directory); nothing is read until a leaf is indexed."""
     root, s = resolve(path, step)
     meta = leaf_metadata(root, s, item)
-    return {name: LazyLeaf(open_leaf(root, s, name, item, meta), f"{root / str(s) / item}:{name}")
+    fmt = item_store_format(root / str(s) / item)
+    return {name: LazyLeaf(open_leaf(root, s, name, item, meta, fmt), f"{root / str(s) / item}:{name}")
             for name in meta}
 
 
@@ -383,9 +395,10 @@ def restore_extras(path: str | Path, step: int) -> dict[str, np.ndarray]:
     if not (_step_dir(path, step) / "extras").is_dir():
         return {}
     meta = leaf_metadata(path, step, "extras")
+    fmt = item_store_format(_step_dir(path, step) / "extras")
     out = {}
     for name in meta:
-        out[name] = open_leaf(path, step, name, "extras", meta).read().result()
+        out[name] = open_leaf(path, step, name, "extras", meta, fmt).read().result()
     return out
 
 

@@ -624,11 +624,13 @@ def export_osum(ckpt: str | Path, *, out: str | Path, step: int | None = None, f
     total = sum(math.prod(sh) * dt.itemsize for sh, dt in want.values())
     bar = Progress("export-osum", total, n_tensors, progress)
 
+    fmt = ck.item_store_format(root / str(s) / item)
+
     def sources() -> Iterator[tuple[str, Iterator[np.ndarray]]]:
         """``(key, blocks)`` for each stored tensor: its bytes in order, as C-contiguous arrays of the target
         dtype (whole tensors, or row bands of at most ``BLOCK_BYTES`` for large un-stacked matrices)."""
         for path, items in by_leaf.items():
-            t = ck.open_leaf(root, s, path, item, meta=meta)
+            t = ck.open_leaf(root, s, path, item, meta=meta, store_format=fmt)
             if items[0][1].layer is not None:
                 for key, e in sorted(items, key=lambda x: x[1].layer):
                     yield key, iter([e.transform.inverse(t[e.layer].read().result())])
