@@ -148,15 +148,38 @@ def _two_processes(corpus, out, port, **kw):
     return outs
 
 
+def _eval_rows(out_dir):
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval/loss" in r]
+
+
 def test_two_processes_train_together_and_resume_exactly(speech_corpus, tmp_path):
     """Two processes over loopback train together; each saves its own data-iterator position, so a restart from
-    the step-2 checkpoint reproduces steps 3-4 bit-identically (each process reads its own shard)."""
+    the step-2 checkpoint reproduces steps 3-4 bit-identically (each process reads its own shard). Evaluation
+    during training covers both processes' dev shares: the same held-out loss and number of decoded utterances
+    as one process evaluating the same checkpoint over the whole dev list."""
+    import jax
+
+    from osum_jax.config import load_config
+    from osum_jax.train.trainer import Trainer
+
     port = 20000 + os.getpid() % 20000
     run = tmp_path / "mp"
-    common = {"train.steps": 4, "train.checkpoint_every": 2, "train.learning_rate": 1e-3, "train.warmup_steps": 2}
+    common = {"train.steps": 4, "train.checkpoint_every": 2, "train.learning_rate": 1e-3, "train.warmup_steps": 2,
+              "train.eval_every": 4, "train.eval_batches": 100, "train.eval_decode_batches": 100,
+              "train.eval_max_new_tokens": 4}
     _two_processes(speech_corpus, run, port, **common)
     expected = _losses(run)
     assert sorted(expected) == [1, 2, 3, 4] and all(np.isfinite(v) for v in expected.values())
+    (ev,) = _eval_rows(run)
+    one = Trainer(load_config("configs/tiny.yaml", _overrides(speech_corpus, run, **common, **{
+        "train.resume_data": "false"})), devices=jax.devices()[:1])
+    one.open_checkpoints()
+    assert one.restore_latest() and one.step == 4  # the data layout differs (1 process), so resume_data=false
+    ref = one.evaluate()
+    one.checkpointer.close()
+    assert ev["eval/decoded_utterances"] == ref["eval/decoded_utterances"] >= len(speech_corpus["entries"]) - 2
+    assert abs(ev["eval/loss"] - ref["eval/loss"]) <= 1e-5 * abs(ref["eval/loss"])
     assert sorted(p.name for p in (run / "checkpoints" / "2" / "data").glob("*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
     shutil.rmtree(run / "checkpoints" / "4")  # as if the run had died after its step-2 checkpoint

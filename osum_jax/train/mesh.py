@@ -80,6 +80,50 @@ def align_across_processes(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     return pad_batch(batch, int(b), int(t), int(p), int(l_))
 
 
+def empty_batch(mel_bins: int) -> dict[str, np.ndarray]:
+    """A batch of no rows (the data pipeline's dtypes): what a process whose data ran out contributes to a
+    multi-host step that others still have data for; ``align_across_processes`` pads it to padding rows."""
+    z = np.zeros((0,), np.int32)
+    return {"feats": np.zeros((0, 0, mel_bins), np.float32), "feats_lengths": z, "prompt": np.zeros((0, 0), np.int32),
+            "prompt_lengths": z, "target": np.zeros((0, 0), np.int32), "target_lengths": z, "num_real": np.int32(0)}
+
+
+def process_flags(*flags: bool) -> np.ndarray:
+    """``[processes, len(flags)]`` booleans: every process's ``flags`` (a tiny all-gather; with one process just
+    ours). Multi-host SPMD must agree on control flow: when the data ends, when to stop, when to evaluate."""
+    local = np.asarray(flags, np.int32)
+    if jax.process_count() == 1:
+        return local[None].astype(bool)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1).astype(bool)
+
+
+def process_sum(values) -> np.ndarray:
+    """Element-wise sum of ``values`` (float64) over all processes."""
+    local = np.asarray(values, np.float64)
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1).sum(axis=0)
+
+
+def global_to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a global array on every process (rows of all processes, in global order)."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def put_rows(x: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+    """This process's rows ``[b, ...]`` -> a global array sharded over ``data x fsdp`` like a batch."""
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+
 def pad_batch(batch: Mapping[str, np.ndarray], b: int, t: int, p: int, l_: int) -> dict[str, np.ndarray]:
     out = {}
     f = batch["feats"]
@@ -102,6 +146,5 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
     for k in BATCH_KEYS:
         if k not in batch:
             continue
-        x = np.asarray(batch[k])
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+        out[k] = put_rows(batch[k], mesh)
     return out

@@ -33,7 +33,8 @@ from ..models.generate import greedy_decode
 from ..models.layers import as_dtype
 from .checkpoint import RunCheckpointer
 from .flops import train_step_flops
-from .mesh import align_across_processes, build_mesh, data_parallel_size, put_batch, rules_of, state_shardings
+from .mesh import (align_across_processes, build_mesh, data_parallel_size, empty_batch, global_to_host,
+                   process_flags, process_sum, put_batch, put_rows, rules_of, state_shardings)
 from .optim import learning_rate_schedule, make_optimizer
 from .trainable import cast_frozen_, count, trainable_filter
 
@@ -266,19 +267,30 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss over ``eval_batches`` dev batches, then greedy decoding of ``eval_decode_batches``."""
+        """Held-out loss over ``eval_batches`` dev batches, then greedy decoding of ``eval_decode_batches``.
+
+        Multi-host: each process reads its own share of the dev list; the processes agree on how many batches
+        there are (one whose share ran out contributes padding rows), and the decoded tokens, references and
+        tasks of all rows are gathered in global order, so every process scores the same whole set."""
         from osum_torch_infer.scoring import score
+
+        from ..data.text import normalize_task
 
         tc = self.cfg.train
         if self._dev_pipe is None:  # indexes, tokenizer and prompt checks once per run, not per evaluation
             self._dev_pipe = self.data_pipeline(train=False)
         pipe = self._dev_pipe
+        task_table = sorted(pipe.prompts.prompts)
+        task_id = {t: i for i, t in enumerate(task_table)}
         it = iter(pipe.dataset())
         losses, tokens = [], []
         refs, hyps, tasks = [], [], []
-        for i, host in enumerate(it):
-            if i >= max(tc.eval_batches, tc.eval_decode_batches):
-                break
+        for i in range(max(tc.eval_batches, tc.eval_decode_batches)):
+            host = next(it, None)
+            if not process_flags(host is not None).any():
+                break  # every process's share is used up
+            if host is None:  # others still have dev batches: take part with padding rows only
+                host = empty_batch(self.cfg.data.num_mel_bins)
             batch = self.micro_batch(host)
             with jax.set_mesh(self.mesh):
                 if i < tc.eval_batches:
@@ -291,13 +303,17 @@ class Trainer:
                     toks, lens = self._decode(self.model, dec, max_new_tokens=tc.eval_max_new_tokens,
                                               eos_id=pipe.tokenizer.eod_id)
             if i < tc.eval_decode_batches:
-                toks, lens = np.asarray(jax.device_get(toks)), np.asarray(jax.device_get(lens))
-                for r in range(int(host["num_real"])):
-                    t = host["target"][r, : host["target_lengths"][r] - 1]
-                    refs.append(pipe.tokenizer.decode(t))
+                local_tasks = np.full(batch["target"].shape[0] // jax.process_count(), -1, np.int32)  # aligned rows
+                for r in range(int(host.get("num_real", 0))):
+                    local_tasks[r] = task_id[normalize_task(str(host["tasks"][r]))]
+                g_tasks = global_to_host(put_rows(local_tasks, self.mesh))
+                toks, lens = global_to_host(toks), global_to_host(lens)
+                target, tlen = global_to_host(batch["target"]), global_to_host(batch["target_lengths"])
+                for r in np.flatnonzero(g_tasks >= 0):
+                    refs.append(pipe.tokenizer.decode(target[r, : tlen[r] - 1]))
                     hyps.append(pipe.tokenizer.decode(toks[r, : lens[r]]))
-                    tasks.append(str(host["tasks"][r]))
-        metrics = {"eval/loss": sum(losses) / max(sum(tokens), 1.0)}
+                    tasks.append(task_table[g_tasks[r]])
+        metrics = {"eval/loss": sum(losses) / max(sum(tokens), 1.0), "eval/decoded_utterances": float(len(refs))}
         if refs:
             keys = [str(i) for i in range(len(refs))]
             report = score(dict(zip(keys, refs)), dict(zip(keys, hyps)), dict(zip(keys, tasks)))
@@ -333,10 +349,11 @@ class Trainer:
         try:
             while self.step < tc.steps:
                 t0 = time.perf_counter()
-                try:
-                    host = next(it)
-                except StopIteration:
-                    log.info("data exhausted after %d optimizer steps", self.step)
+                host = next(it, None)
+                have = process_flags(host is not None)[:, 0]  # all processes stop together
+                if not have.all():
+                    log.info("data exhausted after %d optimizer steps (process(es) %s)", self.step,
+                             np.flatnonzero(~have).tolist())
                     break
                 batch = self.micro_batch(host)
                 out = self.train_micro_step(batch)
@@ -347,6 +364,7 @@ class Trainer:
                     continue
                 self.step += 1
                 self.data_state = it.get_state()
+                self._stop = bool(process_flags(self._stop).any())  # a SIGTERM on any process stops all at this step
                 metrics = acc.flush(self, self.schedule(self.step - 1))
                 self.nonfinite_steps += metrics["nonfinite"]
                 metrics["nonfinite_steps"] = self.nonfinite_steps
@@ -399,6 +417,7 @@ class _Accumulator:
     def flush(self, trainer: Trainer, lr) -> dict[str, float]:
         outs = jax.device_get(self.outs)  # waits for the step's computation
         step_time = time.perf_counter() - self.started
+        self.tokens, self.audio_s = process_sum([self.tokens, self.audio_s])  # every process's rows
         n = np.array([float(o["num_tokens"]) for o in outs])
         losses = np.array([float(o["loss"]) for o in outs])
         gnorms = np.array([float(o["grad_norm"]) for o in outs])
