@@ -161,8 +161,28 @@ def join_windows(parts: list[tuple[float, str]], task: str | None) -> dict:
                                 for off, p in parsed for item in p["timestamps"]]
     if is_chat(task):
         result["answer"] = " ".join(p["answer"] for _, p in parsed if p["answer"])
-    result["text"] = " ".join(texts)
+    # one window: the model's own text; several: the joined fields written back in OSUM's output format, so
+    # whatever re-parses ``text`` (osum-eval, the key<TAB>text format) sees the shifted timestamps, the
+    # majority tags and a single answer separator
+    result["text"] = texts[0] if len(texts) == 1 else format_output(result, task)
+    if len(texts) > 1:
+        result["window_texts"] = texts
     return result
+
+
+def format_output(fields: dict, task: str | None) -> str:
+    """Result fields -> a text in OSUM's output format for ``task`` (the inverse of :func:`parse_output`):
+    ``transcript<tag>...``, ``word<0.0,1.2>word<1.2,1.5>...<tag>``, ``transcript<开始回答>answer``, ``<tag>...``."""
+    task = normalize_task(task)
+    if is_align(task):
+        body = "".join(f"{t['token']}<{t['start']},{t['end']}>" for t in fields.get("timestamps", []))
+    else:
+        body = fields.get("transcript", "") if is_transcribe(task) else ""
+    tags = fields.get("tags", {})
+    body += "".join(f"<{tags[f]}>" for f in expected_tags(task) if f in tags)
+    if is_chat(task):
+        body += ANSWER_SEP + fields.get("answer", "")
+    return body
 
 
 def _is_cjk(ch: str) -> bool:

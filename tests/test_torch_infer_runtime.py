@@ -88,6 +88,35 @@ def test_task_aware_parsing():
     assert join_windows([(0.0, "你好"), (30.0, "世界")], "<TRANSCRIBE>")["transcript"] == "你好世界"
 
 
+@pytest.mark.parametrize("task,windows,ref", [
+    ("<TRANSCRIBE> <ALIGN>", [(0.0, "hello<0.0,0.5>world<0.5,1.0>"), (20.0, "again<0.1,0.6>")],
+     "hello<0.0,0.5>world<0.5,1.0>again<20.1,20.6>"),
+    ("<TRANSCRIBE> <EMOTION>", [(0.0, "one<happy>"), (20.0, "two<sad>"), (40.0, "three<sad>")], "one two three<sad>"),
+    ("<TRANSCRIBE> <AGE> <GENDER>", [(0.0, "a<adult><male>"), (20.0, "b<child><male>"), (40.0, "c<child><female>")],
+     "a b c<child><male>"),
+    ("<TRANSCRIBE> <S2TCHAT>", [(0.0, "你好<开始回答>嗨"), (30.0, "世界<开始回答>在")], "你好世界<开始回答>嗨 在"),
+    ("<AGE> <GENDER>", [(0.0, "<old><female>"), (30.0, "<old><male>"), (60.0, "<adult><female>")], "<old><female>"),
+])
+def test_joined_windows_score_like_their_fields(task, windows, ref):
+    """A long recording's result ``text`` re-parses to its joined fields (shifted SRWT stamps, majority tags, one
+    answer separator), so osum-eval scores a perfect multi-window hypothesis as perfect; the raw window outputs
+    are kept in ``window_texts``."""
+    j = join_windows(windows, task)
+    assert j["window_texts"] == [t for _, t in windows]
+    again = parse_output(j["text"], task)
+    assert {k: again[k] for k in again} == {k: j[k] for k in again}
+    report = scoring.score({"u": ref}, {"u": j["text"]}, {"u": task})["tasks"][normalize_task(task)]
+    for metric in ("wer", "cer"):
+        if metric in report:
+            assert report[metric]["rate"] == 0.0, report
+    for field in report.get("tags", {}).values():
+        assert field["accuracy"] == 1.0, report
+    if "timestamps" in report:
+        assert report["timestamps"]["mean_abs_boundary_s"] == 0.0, report
+    # one window: the model's own text, unchanged
+    assert join_windows(windows[:1], task)["text"] == windows[0][1]
+
+
 def test_scoring_numbers_by_hand():
     assert scoring.tokenize_for_wer("The cat, sat. <MALE> 你好，世界") == ["THE", "CAT", "SAT", "你", "好", "世", "界"]
     refs = ["the cat sat on the mat", "你好世界"]

@@ -219,3 +219,20 @@ def test_tensorboard_tags_are_valid_and_distinct():
     assert tags[2] == "eval/TRANSCRIBE/wer" and tags[3] == "eval/TRANSCRIBE-GENDER/gender_accuracy"
     assert all(_clean_tag(t) == t for t in tags)  # tensorboardX accepts them as they are
     assert len(set(tags)) == len(tags) and tags[4].startswith("eval/TRANSCRIBE-AGE-GENDER/")
+
+
+def test_data_running_out_still_saves_the_last_step(speech_corpus, tmp_path):
+    """data.num_epochs=1 with more train.steps than the data covers: the run stops when the data ends and saves
+    that step, although it is not a multiple of checkpoint_every."""
+    import jax
+
+    from osum_jax.config import load_config
+    from osum_jax.train.trainer import Trainer
+
+    cfg = load_config("configs/tiny.yaml", _overrides(speech_corpus, tmp_path / "ep", **{
+        "train.steps": 1000, "train.checkpoint_every": 1000, "data.num_epochs": 1}))
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    trainer.train()
+    last = max(_losses(tmp_path / "ep"))
+    assert 1 <= last < 1000
+    assert [int(d.name) for d in (tmp_path / "ep" / "checkpoints").glob("*") if d.name.isdigit()] == [last]

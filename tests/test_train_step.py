@@ -109,20 +109,45 @@ def test_fire_module_freezes_exactly(fire_module, moves, frozen):
             np.testing.assert_array_equal(after[name], value, err_msg=f"{name} must stay bit-identical")
 
 
-def test_nonfinite_gradient_skips_the_update():
-    trainer = Trainer(_cfg(fire_module="link", **{"mesh.fsdp": 1}), devices=jax.devices()[:1])
+def _no_dropout(cfg):
+    import dataclasses
+
+    m = cfg.model
+    model = dataclasses.replace(
+        m, encoder=dataclasses.replace(m.encoder, dropout=0.0, positional_dropout=0.0),
+        adapter=dataclasses.replace(m.adapter, dropout=0.0, positional_dropout=0.0),
+        lora=dataclasses.replace(m.lora, dropout=0.0))
+    return dataclasses.replace(cfg, model=model)
+
+
+def test_nonfinite_gradient_skips_the_whole_window():
+    """grad_accum=2: a NaN in the first micro-batch of a window skips that window's update (parameters, Adam state
+    and step count untouched, counted); the next window is exactly a fresh run's first window, and windows stay
+    aligned with the optimizer steps (the old optax.apply_if_finite(MultiSteps) shifted them by one)."""
+    cfg = _no_dropout(_cfg(fire_module="link", grad_accum=2, **{"mesh.fsdp": 1}))
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
     before = _params(trainer)
     bad = _batch(0)
     bad["feats"] = bad["feats"].copy()
     bad["feats"][0, 0, 0] = np.nan
     out = trainer.train_micro_step(trainer.micro_batch(bad))
     assert not np.isfinite(float(out["loss"]))
+    out = trainer.train_micro_step(trainer.micro_batch(_batch(3)))  # the window's end: skipped as a whole
+    assert np.isfinite(float(out["loss"])) and int(out["skipped_windows"]) == 1
     after = _params(trainer)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-    out = trainer.train_micro_step(trainer.micro_batch(_batch(1)))  # training continues afterwards
-    assert np.isfinite(float(out["loss"]))
-    assert any(not np.array_equal(_params(trainer)[n], before[n]) for n in before)
+    for seed in (1, 2):  # the next window trains, as a fresh run's first window does
+        out = trainer.train_micro_step(trainer.micro_batch(_batch(seed)))
+    assert int(out["skipped_windows"]) == 1 and np.isfinite(float(out["window_grad_norm"]))
+    fresh = Trainer(cfg, devices=jax.devices()[:1])
+    for seed in (1, 2):
+        ref = fresh.train_micro_step(fresh.micro_batch(_batch(seed)))
+    assert float(ref["window_grad_norm"]) == float(out["window_grad_norm"])
+    got, want = _params(trainer), _params(fresh)
+    assert any(not np.array_equal(got[n], before[n]) for n in before)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def test_bfloat16_frozen_weights():
@@ -193,15 +218,22 @@ def test_data_state_is_per_process_and_tied_to_the_data_layout(tmp_path):
     same.open_checkpoints()
     assert same.restore_latest() and same.step == 2 and same.data_state == state
     more = load_config("configs/tiny.yaml", ["train.mesh.fsdp=1", f"train.output_dir={tmp_path / 'run'}",
-                                             "data.num_workers=2"])
+                                             "data.num_workers=2", "train.grad_accum=1"])
     other = Trainer(more, devices=jax.devices()[:1])
     other.open_checkpoints()
     with pytest.raises(ValueError, match=r"'workers': 0.*'workers': 2.*train.resume_data=false"):
         other.restore_latest()
     fresh = Trainer(load_config("configs/tiny.yaml", ["train.mesh.fsdp=1", f"train.output_dir={tmp_path / 'run'}",
-                                                      "data.num_workers=2", "train.resume_data=false"]),
+                                                      "data.num_workers=2", "train.resume_data=false",
+                                                      "train.grad_accum=1"]),
                     devices=jax.devices()[:1])
     fresh.open_checkpoints()
     assert fresh.restore_latest() and fresh.step == 2 and fresh.data_state is None
     for a, b in zip(_params(tr).values(), _params(fresh).values()):
         np.testing.assert_array_equal(a, b)
+    # an optimizer state of another structure (an accumulator exists only for grad_accum > 1) is named, not dumped
+    accum = Trainer(load_config("configs/tiny.yaml", ["train.mesh.fsdp=1", f"train.output_dir={tmp_path / 'run'}",
+                                                      "train.grad_accum=4"]), devices=jax.devices()[:1])
+    accum.open_checkpoints()
+    with pytest.raises(ValueError, match="train.grad_accum=1.*train.grad_accum=4"):
+        accum.restore_latest()

@@ -3,6 +3,9 @@ and skipping of non-finite updates."""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -23,17 +26,70 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.constant_schedule(lr)
 
 
+class AccumulateState(NamedTuple):
+    mini_step: jax.Array  # micro-batches accumulated in the current window, int32
+    acc: Any  # running mean of the window's gradients (like the trainable params); () when grad_accum == 1
+    bad: jax.Array  # a micro-batch of the current window had a non-finite gradient, bool
+    inner: optax.OptState
+    skipped: jax.Array  # windows skipped so far, int32
+    last_norm: jax.Array  # global norm of the last window's mean gradient (before clipping), float32
+
+
+def accumulate_skipping_nonfinite(inner: optax.GradientTransformation, k: int) -> optax.GradientTransformation:
+    """Average the gradients of ``k`` micro-batches and apply ``inner`` once per window, skipping the whole
+    window's update if any of its micro-batches had a non-finite gradient.
+
+    The window boundary is every ``k``-th call, whatever happens, so it stays aligned with the trainer's
+    optimizer steps. A bad window leaves the parameters and ``inner``'s state (Adam moments, step count) as
+    they were, and counts in ``skipped``. Non-finite gradients are zeroed before they are added, so they never
+    reach the accumulator (``0 * nan`` would poison every later window). ``last_norm`` is the norm of the
+    window's mean gradient: the one clipping sees.
+    """
+
+    def init(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params) if k > 1 else ()  # p's sharding
+        return AccumulateState(jnp.zeros([], jnp.int32), zeros, jnp.zeros([], bool), inner.init(params),
+                               jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32))
+
+    def update(grads, state, params=None):
+        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)).astype(jnp.float32), grads)
+        mean = safe if k == 1 else jax.tree.map(lambda a, g: a + g / k, state.acc, safe)
+        bad = state.bad | ~finite
+        emit = state.mini_step == k - 1
+        apply = emit & ~bad
+
+        def step(_):
+            upd, new_inner = inner.update(mean, state.inner, params)
+            return jax.tree.map(lambda u, g: u.astype(g.dtype), upd, grads), new_inner
+
+        def hold(_):
+            return jax.tree.map(jnp.zeros_like, grads), state.inner
+
+        updates, new_inner = jax.lax.cond(apply, step, hold, None)
+        new_state = AccumulateState(
+            mini_step=jnp.where(emit, 0, state.mini_step + 1).astype(jnp.int32),
+            acc=() if k == 1 else jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), mean),
+            bad=jnp.where(emit, False, bad),
+            inner=new_inner,
+            skipped=state.skipped + (emit & bad).astype(jnp.int32),
+            last_norm=jnp.where(emit, optax.tree.norm(mean), state.last_norm).astype(jnp.float32))
+        return updates, new_state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """Micro-steps accumulate ``grad_accum`` gradients (averaged); every boundary clips to ``grad_clip`` and
     applies AdamW (OSUM: weight decay on every trainable tensor, norms and biases included).
 
-    A micro-batch whose gradient is non-finite is skipped before accumulation: it changes neither the
-    parameters nor the accumulated gradient nor the optimizer's counters (the trainer counts such steps).
+    A window (the ``grad_accum`` micro-batches of one optimizer step) with a non-finite gradient anywhere is
+    skipped as a whole: parameters, Adam moments and step count stay as they were, and the next window starts
+    clean (:func:`accumulate_skipping_nonfinite`; the trainer counts such steps).
     """
     inner = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                     weight_decay=cfg.weight_decay),
     )
-    accumulated = optax.MultiSteps(inner, every_k_schedule=cfg.grad_accum)
-    return optax.apply_if_finite(accumulated, max_consecutive_errors=1_000_000)
+    return accumulate_skipping_nonfinite(inner, cfg.grad_accum)

@@ -1,12 +1,13 @@
 """The training loop behind ``osum-train``.
 
 One micro-step = one data batch (static shape from the data buckets) -> forward/backward on the mesh ->
-``optax.MultiSteps`` accumulation; every ``grad_accum`` micro-steps the optimizer applies an update (an
-"optimizer step", the unit of ``train.steps``, logging, evaluation and checkpoints).
+accumulation (``optim.accumulate_skipping_nonfinite``); every ``grad_accum`` micro-steps the optimizer applies an
+update, or skips it if the window had a non-finite gradient (an "optimizer step", the unit of ``train.steps``,
+logging, evaluation and checkpoints).
 
 Determinism: parameters come from ``train.seed``; the dropout key of micro-step ``m`` is
-``fold_in(key(seed), m)``; the data order is a pure function of ``data.seed`` and the iterator state, which is
-checkpointed with the model. A resumed run therefore repeats an uninterrupted one bit for bit (on CPU).
+``fold_in(fold_in(key(seed), 0xD20), m)``; the data order is a pure function of ``data.seed`` and the iterator
+state, which is checkpointed with the model. A resumed run therefore repeats an uninterrupted one bit for bit (on CPU).
 """
 
 from __future__ import annotations
@@ -180,7 +181,9 @@ class Trainer:
             # keep every array on its original sharding: the next call then reuses this compilation
             nnx.update(model, jax.lax.with_sharding_constraint(nnx.state(model), model_shardings))
             nnx.update(optimizer, jax.lax.with_sharding_constraint(nnx.state(optimizer), opt_shardings))
-            return {"loss": loss, "grad_norm": gnorm, "num_tokens": ntok}
+            st = optimizer.opt_state  # accumulate_skipping_nonfinite's state: updated at each window's end
+            return {"loss": loss, "grad_norm": gnorm, "num_tokens": ntok, "window_grad_norm": st.last_norm[...],
+                    "skipped_windows": st.skipped[...]}
 
         return train_step
 
@@ -218,7 +221,15 @@ class Trainer:
         step = self.checkpointer.latest_step()
         if step is None:
             return False
-        saved = self.checkpointer.restore_meta(step).get("data_layout")
+        saved_meta = self.checkpointer.restore_meta(step)
+        k_then = int(saved_meta.get("config", {}).get("train", {}).get("grad_accum", self.cfg.train.grad_accum))
+        k_now = self.cfg.train.grad_accum
+        if (k_then > 1) != (k_now > 1):
+            raise ValueError(f"{self.checkpointer.directory}/{step} was written with train.grad_accum={k_then} and "
+                             f"this run has train.grad_accum={k_now}: the optimizer state differs in structure (a "
+                             f"gradient accumulator exists only for grad_accum > 1); resume with "
+                             f"train.grad_accum={k_then}, or with any value on the same side of 1")
+        saved = saved_meta.get("data_layout")
         now = self._data_layout()
         same = saved == now
         if not same and self.cfg.train.resume_data:
@@ -258,7 +269,8 @@ class Trainer:
         return batch
 
     def train_micro_step(self, batch: dict) -> dict:
-        key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), self.micro_step)
+        # a stream of its own (nnx.Rngs(seed) hands out fold_in(key(seed), i) for parameter initialisation)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.train.seed), 0xD20), self.micro_step)
         with jax.set_mesh(self.mesh):
             out = self._train_step(self.model, self.optimizer, batch, key)
         self.micro_step += 1
@@ -354,6 +366,8 @@ class Trainer:
                 if not have.all():
                     log.info("data exhausted after %d optimizer steps (process(es) %s)", self.step,
                              np.flatnonzero(~have).tolist())
+                    if self.step and self.checkpointer.latest_step() != self.step:
+                        self.save()  # keep the steps since the last checkpoint
                     break
                 batch = self.micro_batch(host)
                 out = self.train_micro_step(batch)
@@ -365,7 +379,8 @@ class Trainer:
                 self.step += 1
                 self.data_state = it.get_state()
                 self._stop = bool(process_flags(self._stop).any())  # a SIGTERM on any process stops all at this step
-                metrics = acc.flush(self, self.schedule(self.step - 1))
+                # the schedule counts applied updates: skipped windows do not advance it
+                metrics = acc.flush(self, self.schedule(self.step - 1 - self.nonfinite_steps))
                 self.nonfinite_steps += metrics["nonfinite"]
                 metrics["nonfinite_steps"] = self.nonfinite_steps
                 summary = metrics
@@ -420,11 +435,13 @@ class _Accumulator:
         self.tokens, self.audio_s = process_sum([self.tokens, self.audio_s])  # every process's rows
         n = np.array([float(o["num_tokens"]) for o in outs])
         losses = np.array([float(o["loss"]) for o in outs])
-        gnorms = np.array([float(o["grad_norm"]) for o in outs])
-        finite = bool(np.all(np.isfinite(losses)) and np.all(np.isfinite(gnorms)))
+        # the optimizer skipped this window iff its skip counter moved (a non-finite gradient anywhere in it)
+        skipped = int(outs[-1]["skipped_windows"]) > trainer.nonfinite_steps
+        finite = bool(np.all(np.isfinite(losses))) and not skipped
         metrics = {
             "loss": float(np.sum(losses * n) / max(n.sum(), 1.0)) if finite else float("nan"),
-            "grad_norm": float(np.mean(gnorms)),
+            # norm of the window's mean gradient, the one clipping sees (nan for a skipped window)
+            "grad_norm": float(outs[-1]["window_grad_norm"]) if not skipped else float("nan"),
             "learning_rate": float(lr),
             "step_time_s": step_time,
             "target_tokens_per_s": self.tokens / step_time if step_time else 0.0,
