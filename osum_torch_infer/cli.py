@@ -79,7 +79,7 @@ def _export(args) -> int:
 
 def _infer(args) -> int:
     from .modeling import OSUMForConditionalGeneration, PackageError
-    from .pipeline import Item, read_list, run, write_results
+    from .pipeline import Item, check_run_args, read_list, run, write_results
 
     try:
         if args.data:
@@ -96,6 +96,7 @@ def _infer(args) -> int:
 
             for t in {normalize_task(args.task or it.task) for it in items}:
                 model.prompt_for(t)  # unknown tasks fail here, before any audio is processed
+        check_run_args(model, items, args.max_seconds)
     except (PackageError, ValueError, RuntimeError) as e:
         print(f"osum-infer: error: {e}", file=sys.stderr)
         return 2

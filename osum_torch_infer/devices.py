@@ -76,6 +76,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, package
         dt = DTYPES.get(package_dtype, torch.bfloat16)
         if dt == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             return torch.float16
+        if dt == torch.bfloat16 and device.type == "npu":  # Ascend 310P has no bf16
+            probe = getattr(getattr(torch, "npu", None), "is_bf16_supported", None)  # registered by torch_npu
+            if probe is not None and not probe():
+                return torch.float16
         return dt
     try:
         return DTYPES[str(dtype).lower()]

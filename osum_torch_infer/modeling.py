@@ -12,6 +12,7 @@ utterance in a padded batch gets exactly its batch-size-1 result. LayerNorm runs
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -321,7 +322,21 @@ class OSUMForConditionalGeneration(nn.Module):
             raise PackageError(f"{root} does not match its config.json: missing {missing[:10]} "
                                f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), "
                                f"shape mismatches {bad[:10]}")
-        state = {k: v.to(device=dev, dtype=dt) for k, v in state.items()}
+        # one tensor at a time (the source copy is dropped as soon as it is converted); a cast to float16 must
+        # not turn large values into inf silently (the Ascend 310P path has no bf16)
+        overflow = []
+        for k in list(state):
+            src = state.pop(k)
+            t = src.to(device=dev, dtype=dt)
+            if dt == torch.float16 and src.dtype != torch.float16 and src.is_floating_point():
+                if not bool(torch.isfinite(t).all()) and bool(torch.isfinite(src).all()):
+                    overflow.append(f"{k} (max |x| {float(src.abs().max()):.4g})")
+            state[k] = t
+            del src
+        if overflow:
+            raise PackageError(f"{root}: values beyond the float16 range (65504) in {len(overflow)} tensor(s): "
+                               f"{overflow[:10]}; load in bf16/fp32, or export with --dtype fp16 to see the check "
+                               f"at export time")
         model.load_state_dict(state, strict=not cfg.llm.get("tie_word_embeddings"), assign=True)
         if cfg.llm.get("tie_word_embeddings"):
             model.llm.tie_weights()
@@ -477,7 +492,11 @@ class OSUMForConditionalGeneration(nn.Module):
         ``generate``, less per-token overhead) and everything else (beam search, sampling, repetition penalty,
         ...) with ``transformers``' ``generate``; ``hf`` always uses ``generate``; ``fast`` requires the lean loop
         (``ValueError`` if the configuration needs ``generate``)."""
-        gc = generation_config or self.generation_config(decoding, **overrides)
+        if generation_config is not None:
+            gc = copy.deepcopy(generation_config)
+            gc.update(**{k: v for k, v in overrides.items() if v is not None})  # overrides apply here too
+        else:
+            gc = self.generation_config(decoding, **overrides)
         if engine not in ("auto", "hf", "fast"):
             raise ValueError(f"unknown engine {engine!r}; expected auto, hf or fast")
         why = fast_greedy_unsupported(gc) if engine != "hf" else "engine='hf'"
@@ -490,9 +509,11 @@ class OSUMForConditionalGeneration(nn.Module):
             out = self.llm.generate(inputs_embeds=x, attention_mask=mask, generation_config=gc)
         else:
             out = self.greedy_decode(x, mask, gc)
+        ends = gc.eos_token_id if gc.eos_token_id is not None else self.eos_token_id
+        ends = {ends} if isinstance(ends, int) else set(ends)
         result = []
-        for row in out.tolist():
-            result.append(row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row)
+        for row in out.tolist():  # up to (excluding) the first end id of the configuration
+            result.append(next((row[:i] for i, t in enumerate(row) if t in ends), row))
         return result
 
     @torch.inference_mode()
@@ -640,6 +661,11 @@ def _merge_peft(state: dict[str, torch.Tensor], root: Path, cfg: OSUMConfig) -> 
         r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise PackageError(f"cannot read r/lora_alpha from {acfg_file}: {e}") from None
+    unsupported = {k: acfg[k] for k in ("use_rslora", "use_dora", "fan_in_fan_out") if acfg.get(k)}
+    unsupported.update({k: acfg[k] for k in ("rank_pattern", "alpha_pattern") if acfg.get(k)})
+    if unsupported:
+        raise PackageError(f"{acfg_file}: adapter options {unsupported} are not supported (plain LoRA only: "
+                           f"W += lora_alpha / r * B @ A); merge the adapter with peft before packaging")
     scaling = alpha / r
     adapters = load_file(str(root / "adapter_model.safetensors"))
     pairs: dict[str, dict[str, torch.Tensor]] = {}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,8 @@ import numpy as np
 
 from .features import AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, split_windows
 from .parsing import join_windows, normalize_task
+
+_ONE_LINE = re.compile(r"[\t\r\n\v\f\x1c-\x1e\x85\u2028\u2029]")
 
 
 @dataclass
@@ -82,6 +86,21 @@ def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: floa
     return units
 
 
+def check_run_args(model, items: Sequence[Item], max_seconds: float) -> None:
+    """``ValueError`` (before any audio is read) for a window the encoder cannot take or keys used twice (results
+    are matched to references by key)."""
+    limit = model.encoder.max_frames / 100.0  # log-mel: 100 frames per second
+    if not 0 < max_seconds <= limit:
+        raise ValueError(f"max_seconds={max_seconds:g}: windows must be longer than 0 s and at most {limit:g} s "
+                         f"(the encoder takes {model.encoder.max_frames} frames)")
+    seen: dict[str, str] = {}
+    for it in items:
+        if it.key in seen:
+            raise ValueError(f"key {it.key!r} is used twice ({seen[it.key]} and {it.wav}); keys must be unique "
+                             f"(--wav uses the file name without extension; use --data with explicit keys)")
+        seen[it.key] = str(it.wav)
+
+
 def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | None = None, batch_size: int = 8,
         decoding: str = "greedy", max_new_tokens: int | None = None, num_beams: int | None = None,
         max_seconds: float = MAX_SECONDS, progress: bool = True, engine: str = "auto",
@@ -94,6 +113,7 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
     ``engine`` and ``cache_implementation`` (``"static"`` or the default dynamic cache) go to
     :meth:`OSUMForConditionalGeneration.generate`.
     """
+    check_run_args(model, items, max_seconds)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -151,21 +171,33 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
 
 
 def write_results(results: Iterable[dict], out: str | Path, fmt: str = "jsonl") -> tuple[int, int]:
-    """Write results as jsonl or OSUM's ``key<TAB>text``; returns ``(written, failed)``."""
-    ok = failed = 0
+    """Write results as jsonl or OSUM's ``key<TAB>text`` (line breaks and tabs in a text become spaces, so every
+    result stays one line); returns ``(written, failed)``. Written to a temporary sibling and renamed into
+    place when complete: an interrupted run leaves no half-written file at ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for r in results:
-            if "error" in r:
-                failed += 1
-                if fmt == "jsonl":
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                continue
-            ok += 1
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            ok, failed = _write_lines(results, f, fmt)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ok, failed
+
+
+def _write_lines(results: Iterable[dict], f, fmt: str) -> tuple[int, int]:
+    ok = failed = 0
+    for r in results:
+        if "error" in r:
+            failed += 1
             if fmt == "jsonl":
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            else:
-                f.write(f"{r['key']}\t{r['text']}\n")
-            f.flush()
+            continue
+        ok += 1
+        if fmt == "jsonl":
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        else:
+            f.write(f"{r['key']}\t{_ONE_LINE.sub(' ', r['text'])}\n")
+        f.flush()
     return ok, failed

@@ -67,6 +67,17 @@ def test_infer_then_eval(speech_corpus, package, tmp_path, capsys):
                      "--format", "text", "--out", str(single), "--no-progress"]) == 0
     texts = dict(line.split("\t", 1) for line in single.read_text().splitlines())
     assert texts["utt1"] == by_key["utt1"]["text"]  # same task as in the list, batch 4 vs batch 1
+    # refused before any audio is read, nothing written: windows the encoder cannot take, keys used twice
+    bad = tmp_path / "bad.jsonl"
+    for extra in (["--max-seconds", "0"], ["--max-seconds", "40"]):
+        assert cli.main(["--model", str(package), "--wav", str(root / "utt1.wav"), "--out", str(bad),
+                         "--no-progress", *extra]) == 2
+        assert "max_seconds" in capsys.readouterr().err and not bad.exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "utt1.wav").write_bytes((root / "utt1.wav").read_bytes())
+    assert cli.main(["--model", str(package), "--wav", str(root / "utt1.wav"), str(tmp_path / "other" / "utt1.wav"),
+                     "--out", str(bad), "--no-progress"]) == 2
+    assert "used twice" in capsys.readouterr().err and not bad.exists()
     # osum-eval on the data.list as reference: one report per task
     report_dir = tmp_path / "report"
     assert evaluate.main(["--ref", str(data), "--hyp", str(results), "--out", str(report_dir)]) == 0

@@ -271,3 +271,46 @@ def test_broken_packages_are_named(setup, tmp_path):
         OSUMForConditionalGeneration.from_pretrained(bad, device="cpu")
     with pytest.raises(ValueError, match=r"batch\['feats_lengths'\]"):
         setup["tm"](dict(make_batch(), feats_lengths=np.array([174, 1, 1])))
+
+
+def test_loading_in_fp16_reports_overflow_and_unsupported_adapters(setup, tmp_path):
+    """A bf16/fp32 package loaded with dtype=fp16 must not turn large values into inf silently; adapter options
+    the loader does not implement (rsLoRA, DoRA, per-module ranks) are refused, not merged wrongly."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(setup["merged"], big)
+    (f,) = sorted(big.glob("*.safetensors"))
+    state = load_file(str(f))
+    state["adapter.proj.bias"] = torch.full_like(state["adapter.proj.bias"], 7e4)
+    save_file(state, str(f), metadata={"format": "pt"})
+    OSUMForConditionalGeneration.from_pretrained(big, device="cpu", dtype="fp32")  # fine in fp32
+    with pytest.raises(LoadError, match=r"float16 range.*adapter\.proj\.bias"):
+        OSUMForConditionalGeneration.from_pretrained(big, device="cpu", dtype="fp16")
+    for option in ({"use_rslora": True}, {"use_dora": True}, {"rank_pattern": {"q_proj": 16}}):
+        odd = tmp_path / f"odd-{next(iter(option))}"
+        shutil.copytree(setup["peft"], odd)
+        acfg = json.loads((odd / "adapter_config.json").read_text())
+        (odd / "adapter_config.json").write_text(json.dumps({**acfg, **option}))
+        with pytest.raises(LoadError, match=next(iter(option))):
+            OSUMForConditionalGeneration.from_pretrained(odd, device="cpu")
+
+
+def test_generate_applies_overrides_to_a_given_config_and_stops_at_any_end_id(setup):
+    tm = setup["tm"]
+    b = make_batch(7)
+    prompts = [list(map(int, p[p >= 0])) for p in b["prompt"]]
+    free = tm.generate(b["feats"], b["feats_lengths"], prompts, max_new_tokens=6, min_new_tokens=6)
+    assert all(len(r) == 6 for r in free)
+    gc = tm.generation_config("greedy", max_new_tokens=6, min_new_tokens=6)
+    assert tm.generate(b["feats"], b["feats_lengths"], prompts, generation_config=gc) == free
+    short = tm.generate(b["feats"], b["feats_lengths"], prompts, generation_config=gc, max_new_tokens=3,
+                        min_new_tokens=3)
+    assert short == [r[:3] for r in free]  # the keyword overrides apply to the given config too
+    stop = free[0][2]  # a second end id: every row ends before its first occurrence of it
+    gc2 = tm.generation_config("greedy", max_new_tokens=6, min_new_tokens=0)
+    gc2.eos_token_id = [tm.eos_token_id, stop]
+    ended = tm.generate(b["feats"], b["feats_lengths"], prompts, generation_config=gc2)
+    assert ended[0] == free[0][:free[0].index(stop)] and all(stop not in r for r in ended)

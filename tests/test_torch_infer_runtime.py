@@ -281,3 +281,23 @@ def test_engine_selection():
         model.generate(feats, lengths, prompts, decoding="beam", max_new_tokens=3, engine="fast")
     with pytest.raises(ValueError, match="unknown engine"):
         model.generate(feats, lengths, prompts, engine="turbo")
+
+
+def test_results_files_are_one_line_per_result_and_atomic(tmp_path):
+    from osum_torch_infer.pipeline import write_results
+
+    rows = [{"key": "a", "text": "two\nlines\tand a tab\r\u2028"}, {"key": "b", "text": "fine"},
+            {"key": "c", "wav": "c.wav", "error": "cannot read"}]
+    out = tmp_path / "hyp.txt"
+    assert write_results(iter(rows), out, "text") == (2, 1)
+    assert out.read_text(encoding="utf-8").splitlines() == ["a\ttwo lines and a tab  ", "b\tfine"]
+    texts, _ = evaluate.read_any(out)  # what osum-eval reads back: both results, nothing split off
+    assert sorted(texts) == ["a", "b"]
+
+    def broken():
+        yield rows[1]
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_results(broken(), tmp_path / "half.jsonl")
+    assert list(tmp_path.iterdir()) == [out]  # neither the result nor a temporary is left
