@@ -264,6 +264,7 @@ class DistributedConfig:
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1
+    auto: bool = True  # without the above: initialise when SLURM / Open MPI / a multi-host TPU slice says so
 
 
 @dataclasses.dataclass(frozen=True)

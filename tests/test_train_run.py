@@ -236,3 +236,16 @@ def test_data_running_out_still_saves_the_last_step(speech_corpus, tmp_path):
     last = max(_losses(tmp_path / "ep"))
     assert 1 <= last < 1000
     assert [int(d.name) for d in (tmp_path / "ep" / "checkpoints").glob("*") if d.name.isdigit()] == [last]
+
+
+def test_cluster_detection_for_distributed_start():
+    """osum-train calls jax.distributed.initialize() by itself under the launchers JAX configures (a single
+    process must not: it would wait for a coordinator)."""
+    from osum_jax.train.cli import detected_cluster
+
+    assert detected_cluster({}) == ""
+    assert detected_cluster({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "7"}) == ""  # one task: a plain job
+    assert detected_cluster({"SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16"}) == "SLURM"
+    assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "Open MPI"
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1,t1v-2,t1v-3"}) == "TPU slice"
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) == ""  # a single-host TPU VM

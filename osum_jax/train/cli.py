@@ -5,7 +5,9 @@
 
 Multi-host: set ``train.distributed.coordinator_address/num_processes/process_id`` (or the environment
 variables ``OSUM_COORDINATOR``, ``OSUM_NUM_PROCESSES``, ``OSUM_PROCESS_ID``) and start one process per host;
-each process reads its own share of the data. On TPU pods / SLURM, JAX's auto-detection needs none of them.
+each process reads its own share of the data. Under SLURM (several tasks), Open MPI (several ranks) or on a
+multi-host TPU slice none of them is needed: ``jax.distributed.initialize()`` is called and JAX reads the set-up
+from the cluster (``train.distributed.auto=false`` turns this off).
 """
 
 from __future__ import annotations
@@ -17,6 +19,26 @@ import os
 import sys
 
 
+def detected_cluster(env=os.environ) -> str:
+    """Which multi-process launcher started this process, from its environment (``""`` for none): a SLURM job
+    step with several tasks, Open MPI with several ranks, or a TPU slice with several hosts. These are the
+    clusters ``jax.distributed.initialize()`` configures by itself; a single process must not call it."""
+    def count(name):
+        try:
+            return int(env.get(name, "0").split("(")[0])
+        except ValueError:
+            return 0
+
+    if count("SLURM_STEP_NUM_TASKS") > 1 or count("SLURM_NTASKS") > 1:
+        return "SLURM"
+    if count("OMPI_COMM_WORLD_SIZE") > 1:
+        return "Open MPI"
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1 or count("MEGASCALE_NUM_SLICES") > 1:
+        return "TPU slice"
+    return ""
+
+
 def _init_distributed(cfg) -> None:
     import jax
 
@@ -24,10 +46,13 @@ def _init_distributed(cfg) -> None:
     addr = d.coordinator_address or os.environ.get("OSUM_COORDINATOR", "")
     nproc = d.num_processes or int(os.environ.get("OSUM_NUM_PROCESSES", "0"))
     pid = d.process_id if d.process_id >= 0 else int(os.environ.get("OSUM_PROCESS_ID", "-1"))
+    cluster = detected_cluster() if d.auto else ""
     if addr:
         jax.distributed.initialize(addr, num_processes=nproc or None, process_id=pid if pid >= 0 else None)
-    elif nproc > 1:
-        jax.distributed.initialize()  # cluster auto-detection (TPU, SLURM, ...)
+    elif nproc > 1 or cluster:
+        logging.getLogger(__name__).info("jax.distributed.initialize() with auto-detection (%s)",
+                                         cluster or f"{nproc} processes")
+        jax.distributed.initialize()  # JAX reads the coordinator, process count and id from the cluster
 
 
 def enable_compilation_cache(path: str) -> None:
