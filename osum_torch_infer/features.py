@@ -65,6 +65,26 @@ def decode_audio(src: str | bytes | BinaryIO, *, start: float | None = None, end
     return np.ascontiguousarray(wave, dtype=np.float32), sr, n_orig
 
 
+def audio_length(src: str | bytes | BinaryIO, *, start: float | None = None,
+                 end: float | None = None) -> tuple[int, int]:
+    """``(sample_rate, samples)`` of ``src`` (or of its ``start``/``end`` segment) from the header alone, without
+    decoding: lets a caller reject over-long audio before it costs memory. :class:`AudioError` if unreadable."""
+    import soundfile as sf
+
+    f = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
+    try:
+        info = sf.info(f)
+    except Exception as e:
+        raise AudioError(f"cannot decode audio: {e}") from None
+    finally:
+        if hasattr(f, "seek"):
+            f.seek(0)
+    sr, n = int(info.samplerate), int(info.frames)
+    first = int(round((start or 0.0) * sr))
+    last = n if end is None else min(int(round(end * sr)), n)
+    return sr, max(0, last - first)
+
+
 def load_audio(src: str | bytes | BinaryIO, *, start: float | None = None, end: float | None = None,
                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """:func:`decode_audio`'s samples only: mono float32 ``[N]`` at ``sample_rate``."""

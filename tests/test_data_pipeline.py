@@ -213,7 +213,16 @@ def bad_corpus(pcm_corpus, tmp_path_factory):
     return root
 
 
-def test_bad_input_is_skipped_and_counted(pcm_corpus, bad_corpus):
+def test_bad_input_is_skipped_and_counted(pcm_corpus, bad_corpus, monkeypatch):
+    from osum_jax.data import pipeline as pipeline_module
+
+    decoded = []
+
+    def spy(src, **kw):  # the real decoder, recording what it was asked to decode
+        decoded.append(str(src))
+        return decode_audio(src, **kw)
+
+    monkeypatch.setattr(pipeline_module, "decode_audio", spy)
     cfg = cfg_for(pcm_corpus, num_epochs=1, spec_aug=False, spec_sub=False)
     pipe = DataPipeline(cfg, str(bad_corpus / "data.list"), shard_index=0, shard_count=1, train=False)
     assert pipe.index_skips == {"bad json line": 1, "missing field": 1, "non-utf8 text": 1}
@@ -221,6 +230,8 @@ def test_bad_input_is_skipped_and_counted(pcm_corpus, bad_corpus):
     batches = list(it)
     assert sum(int(b["num_real"]) for b in batches) == 1  # only the good line survives
     assert skip_counts(it.get_state()) == {"bad audio": 4, "too long": 1, "none label": 1}
+    # an over-long file is rejected from its header, before it is decoded and resampled
+    assert decoded and not any(d.endswith("long.wav") for d in decoded)
     spipe = DataPipeline(cfg, str(bad_corpus / "shards.list"), shard_index=0, shard_count=1, train=False)
     assert spipe.index_skips.get("unreadable tar", 0) >= 1
     it = iter(spipe.dataset())

@@ -32,7 +32,7 @@ import grain
 import numpy as np
 
 from ..config import ConfigError, DataConfig
-from .audio import AudioError, decode_audio, log_mel_spectrogram, num_frames
+from .audio import AudioError, audio_length, decode_audio, log_mel_spectrogram, num_frames
 from .augment import spec_aug, spec_sub
 from .sources import SampleError, open_source
 from .text import PromptBook, Tokenizer, normalize_label, normalize_task
@@ -96,7 +96,11 @@ class SampleProcessor:
         prompt = self.tok.encode(prompt_text) if prompt_text else []
         if len(prompt) > cfg.max_prompt_tokens:
             raise SampleError("prompt too long", where, f"{len(prompt)} > data.max_prompt_tokens")
-        try:
+        try:  # the header first: over-long audio is rejected before it is decoded and resampled
+            sr, n_head = audio_length(rec["audio"], start=rec.get("start"), end=rec.get("end"))
+            if num_frames(n_head, sr) > cfg.max_frames:
+                raise SampleError("too long", where, f"{num_frames(n_head, sr)} frames > data.max_frames="
+                                                     f"{cfg.max_frames}")
             wave, sr, n_orig = decode_audio(rec["audio"], start=rec.get("start"), end=rec.get("end"),
                                             target_sr=cfg.sample_rate)
         except AudioError as e:
