@@ -29,30 +29,41 @@ _TAG_SPAN = re.compile(r"<[^<>]*>")
 
 
 def _is_punct(ch: str) -> bool:
-    return ch in OSUM_PUNCTUATION or unicodedata.category(ch).startswith("P") and ch != "'"
+    return unicodedata.category(ch).startswith("P")
 
 
 def tokenize_for_wer(text: str) -> list[str]:
-    """OSUM's ``characterize`` after ``remove_tag``: CJK per character, other runs per word, upper case."""
-    text = _TAG_SPAN.sub(" ", text or "").upper()
+    """OSUM's ``characterize`` after ``remove_tag``: CJK per character, other runs per word, upper case.
+
+    Words split at white space and at OSUM's punctuation list (``, 。 ！ ...``, as compute-wer.py); punctuation
+    inside a word stays (``3.5``, ``U.S.A``, ``well-known``, ``don't``, curly apostrophes read as ``'``), and
+    punctuation at a word's ends is stripped (``hello.`` = ``hello``, ``(yes)`` = ``yes``)."""
+    text = _TAG_SPAN.sub(" ", text or "").upper().replace("\u2019", "'").replace("\u2018", "'")
     tokens: list[str] = []
     word = ""
+
+    def flush():
+        w = word
+        while w and _is_punct(w[0]):
+            w = w[1:]
+        while w and _is_punct(w[-1]):
+            w = w[:-1]
+        if w:
+            tokens.append(w)
+
     for ch in text:
         cat = unicodedata.category(ch)
-        if ch.isspace() or cat in ("Zs", "Cn") or _is_punct(ch):
-            if word:
-                tokens.append(word)
+        if ch.isspace() or cat in ("Zs", "Cn") or ch in OSUM_PUNCTUATION:
+            flush()
             word = ""
         elif cat == "Lo":  # CJK and other "letter, other" characters: one token each
-            if word:
-                tokens.append(word)
+            flush()
             word = ""
             tokens.append(ch)
         else:
             word += ch
-    if word:
-        tokens.append(word)
-    return [t.strip("'") for t in tokens if t.strip("'")]
+    flush()
+    return tokens
 
 
 def tokenize_for_cer(text: str) -> list[str]:

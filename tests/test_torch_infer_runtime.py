@@ -119,6 +119,10 @@ def test_joined_windows_score_like_their_fields(task, windows, ref):
 
 def test_scoring_numbers_by_hand():
     assert scoring.tokenize_for_wer("The cat, sat. <MALE> 你好，世界") == ["THE", "CAT", "SAT", "你", "好", "世", "界"]
+    # punctuation inside a word stays (as compute-wer.py keeps ASCII runs), at its ends it goes
+    assert scoring.tokenize_for_wer("Don\u2019t say 3.5, the U.S.A. is well-known (yes)") == [
+        "DON'T", "SAY", "3.5", "THE", "U.S.A", "IS", "WELL-KNOWN", "YES"]
+    assert scoring.wer(["don't stop"], ["don\u2019t stop"])["errors"] == 0  # curly = straight apostrophe
     refs = ["the cat sat on the mat", "你好世界"]
     hyps = ["the cat sit the mat please", "你好世"]
     w = scoring.wer(refs, hyps)

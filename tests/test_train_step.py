@@ -237,3 +237,18 @@ def test_data_state_is_per_process_and_tied_to_the_data_layout(tmp_path):
     accum.open_checkpoints()
     with pytest.raises(ValueError, match="train.grad_accum=1.*train.grad_accum=4"):
         accum.restore_latest()
+
+
+def test_schedules_start_above_zero_and_follow_their_formulas():
+    """WarmupLR (OSUM): lr * min(sqrt(w/s), s/w) with s = step + 1; cosine warms up the same way (first update at
+    lr / w, not 0), peaks at lr at step w - 1, then decays towards 0 at train.steps."""
+    from osum_jax.train.optim import learning_rate_schedule
+
+    lr, w = 1e-3, 10
+    inv = learning_rate_schedule(_cfg(learning_rate=lr, warmup_steps=w, schedule="warmup_inverse_sqrt").train)
+    for step in (0, 4, 9, 10, 99):
+        s = step + 1
+        assert abs(float(inv(step)) - lr * min((w / s) ** 0.5, s / w)) <= 1e-9
+    cos = learning_rate_schedule(_cfg(learning_rate=lr, warmup_steps=w, schedule="cosine", steps=100).train)
+    assert abs(float(cos(0)) - lr / w) <= 1e-9 and abs(float(cos(w - 1)) - lr) <= 1e-9
+    assert 0 < float(cos(99)) < 0.01 * lr and float(cos(50)) < float(cos(20))

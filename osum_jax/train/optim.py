@@ -14,15 +14,16 @@ from ..config import TrainConfig
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     """``warmup_inverse_sqrt``: OSUM's WarmupLR, ``lr * min(sqrt(w / s), s / w)`` with ``s = step + 1``;
-    ``cosine``: linear warm-up then cosine decay to 0 at ``cfg.steps``; ``constant``."""
+    ``cosine``: linear warm-up (``lr * s / w``) then cosine decay towards 0 at ``cfg.steps``; ``constant``."""
     lr, w = cfg.learning_rate, max(1, cfg.warmup_steps)
     if cfg.schedule == "warmup_inverse_sqrt":
         def schedule(count):
             s = jnp.asarray(count, jnp.float32) + 1.0
             return lr * jnp.minimum(jnp.sqrt(w / s), s / w)
         return schedule
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, w, max(cfg.steps, w + 1), end_value=0.0)
+    if cfg.schedule == "cosine":  # evaluated at step + 1 like WarmupLR: the first update uses lr / w, not 0
+        cosine = optax.warmup_cosine_decay_schedule(0.0, lr, w, max(cfg.steps, w + 1) + 1, end_value=0.0)
+        return lambda count: cosine(count + 1)
     return optax.constant_schedule(lr)
 
 
