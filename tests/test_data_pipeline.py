@@ -248,7 +248,7 @@ def test_strict_mode_names_the_culprit(pcm_corpus, bad_corpus):
     lst = bad_corpus / "strict.list"
     lst.write_text(lines[0] + "\n" + lines[3] + "\n")  # a good line, then the corrupt audio
     pipe = DataPipeline(cfg, str(lst), shard_index=0, shard_count=1, train=False)
-    with pytest.raises(SampleError, match=r"key corrupt.*bad audio"):
+    with pytest.raises(SampleError, match=r"strict\.list:2 \(key corrupt\): bad audio"):  # file, line, key
         list(pipe)
 
 

@@ -33,7 +33,7 @@ log = logging.getLogger("osum_jax.data")
 
 AUDIO_SUFFIXES = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "wma")
 TEXT_SUFFIXES = ("txt", "task", "lang", "speaker", "emotion", "gender", "duration", "extra")
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 class SampleError(ValueError):
@@ -116,7 +116,7 @@ def cached_index(path: Path, cache_dir: str, build) -> dict:
 
 
 def _index_raw_list(path: Path) -> dict:
-    offsets, lengths, tasks, bad = [], [], [], []
+    offsets, lengths, lines, tasks, bad = [], [], [], [], []
     with open(path, "rb") as f:
         pos = 0
         for lineno, line in enumerate(f, 1):
@@ -141,9 +141,10 @@ def _index_raw_list(path: Path) -> dict:
                 else:
                     offsets.append(pos)
                     lengths.append(n)
+                    lines.append(lineno)
                     tasks.append(obj.get("task"))
             pos += n
-    return {"offsets": offsets, "lengths": lengths, "tasks": tasks, "bad": bad}
+    return {"offsets": offsets, "lengths": lengths, "lines": lines, "tasks": tasks, "bad": bad}
 
 
 class RawListSource:
@@ -156,6 +157,7 @@ class RawListSource:
         idx = cached_index(self.path, cache_dir, _index_raw_list)
         self._offsets = np.asarray(idx["offsets"], np.int64)
         self._lengths = np.asarray(idx["lengths"], np.int64)
+        self._lines = np.asarray(idx["lines"], np.int64)
         self.tasks = idx["tasks"]
         self.index_skips = SkipCounter()
         for lineno, reason, detail in idx["bad"]:
@@ -175,11 +177,12 @@ class RawListSource:
         return os.pread(self._fd[1], length, offset)
 
     def line_of(self, i: int) -> int:
-        return int(self._read(0, int(self._offsets[i])).count(b"\n")) + 1
+        """The 1-based line number of record ``i`` in the list file."""
+        return int(self._lines[i])
 
     def __getitem__(self, i: int) -> dict:
         raw = self._read(int(self._offsets[i]), int(self._lengths[i]))
-        where = f"{self.path}:record {i}"
+        where = f"{self.path}:{self.line_of(i)}"
         try:
             obj = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:  # file changed under us
@@ -188,7 +191,7 @@ class RawListSource:
         if not os.path.isabs(wav) and not os.path.exists(wav):
             wav = str(self.path.parent / wav)
         rec = {k: obj.get(k) for k in ("key", "txt", "task", "lang", "speaker", "emotion", "gender", "extra")}
-        rec.update(audio=wav, start=obj.get("start"), end=obj.get("end"), where=f"{self.path} (key {obj['key']})")
+        rec.update(audio=wav, start=obj.get("start"), end=obj.get("end"), where=f"{where} (key {obj['key']})")
         if not isinstance(rec["txt"], str):
             raise SampleError("missing field", rec["where"], "txt is not a string")
         return rec
