@@ -27,18 +27,31 @@ def _batch(seed=0, b=4):
                 target=np.where(np.arange(6) < tl[:, None], rng.integers(0, 512, (b, 6)), -100), target_lengths=tl)
 
 
+def _grads(trainer, host_batch):
+    """Gradients of the trainable parameters on the trainer's mesh (fixed dropout key), as numpy."""
+    @nnx.jit
+    def grads(model, batch, key):
+        return nnx.grad(lambda m: m(batch, key)["loss"], argnums=nnx.DiffState(0, trainer.filter))(model)
+
+    with jax.set_mesh(trainer.mesh):
+        g = grads(trainer.model, trainer.micro_batch(host_batch), jax.random.key(7))
+    return {".".join(map(str, k)): np.asarray(jax.device_get(v)) for k, v in nnx.to_flat_state(g)}
+
+
 def _params(trainer):
     return {".".join(map(str, k)): np.asarray(jax.device_get(v)) for k, v in
             nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))}
 
 
 def test_mesh_2x2x2_step_equals_single_device(tmp_path):
-    """Same loss and same updated parameters on mesh (data 2, fsdp 2, tensor 2) as on one device.
+    """Same loss, same gradients and same updated parameters on mesh (data 2, fsdp 2, tensor 2) as on one device.
 
-    Every parameter with a non-zero initial value matches to <= 1e-5 relative. Zero-initialised tensors
-    (biases, LoRA B) hold nothing but Adam's first update ``-lr * g / (|g| + eps)``, which turns float32
-    rounding of small gradients (|g| near eps; the adapter's key bias even has an exact gradient of 0) into
-    update differences; for those the updates must agree to 2e-4 of a learning-rate step.
+    Gradients: every tensor's gradient agrees to 1e-5 of its largest entry. Updated parameters: every one with a
+    non-zero initial value matches to <= 1e-5 relative. Zero-initialised tensors (biases, LoRA B) hold nothing
+    but Adam's first update ``-lr * g / (|g| + eps)``; where |g| is near eps (or a rounding residue of an exact
+    0) float32 rounding differences become update differences (measured up to 1.7e-3 of a step, varying with
+    the dropout masks), so for those the check is 1e-2 of a step: the signs and the magnitudes of all clear
+    gradients. The gradients themselves are compared above.
     """
     assert jax.device_count() == 8
     sharded = Trainer(_cfg(**{"fire_module": "all", "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
@@ -52,6 +65,11 @@ def test_mesh_2x2x2_step_equals_single_device(tmp_path):
     for a, b in zip(p0.values(), _params(sharded).values()):
         np.testing.assert_array_equal(a, b)  # same initialisation on both meshes
     lr = single.cfg.train.learning_rate
+    gs, g1 = _grads(sharded, _batch(0)), _grads(single, _batch(0))
+    assert sorted(gs) == sorted(g1) and len(g1) > 20
+    for name, g in g1.items():
+        # + 1e-9: the adapter's key bias has an exact gradient of 0, computed as rounding residues of ~1e-11
+        assert np.abs(gs[name] - g).max() <= 1e-5 * np.abs(g).max() + 1e-9, name
     out_s = sharded.train_micro_step(sharded.micro_batch(_batch(0)))
     out_1 = single.train_micro_step(single.micro_batch(_batch(0)))
     assert rel_err(out_s["loss"], out_1["loss"]) <= 1e-5
@@ -64,7 +82,7 @@ def test_mesh_2x2x2_step_equals_single_device(tmp_path):
             assert rel_err(ps[name], p1[name]) <= 1e-5, name
         else:
             zero_init += 1
-            assert np.abs(ps[name] - p1[name]).max() <= 2e-4 * lr, name
+            assert np.abs(ps[name] - p1[name]).max() <= 1e-2 * lr, name
     assert 0 < zero_init < len(p1) // 2
     # and the next step still agrees
     out_s = sharded.train_micro_step(sharded.micro_batch(_batch(1)))
