@@ -437,16 +437,15 @@ class _Accumulator:
         losses = np.array([float(o["loss"]) for o in outs])
         # the optimizer skipped this window iff its skip counter moved (a non-finite gradient anywhere in it)
         skipped = int(outs[-1]["skipped_windows"]) > trainer.nonfinite_steps
-        finite = bool(np.all(np.isfinite(losses))) and not skipped
         metrics = {
-            "loss": float(np.sum(losses * n) / max(n.sum(), 1.0)) if finite else float("nan"),
+            "loss": float(np.sum(losses * n) / max(n.sum(), 1.0)),  # nan when a micro-batch's loss was
             # norm of the window's mean gradient, the one clipping sees (nan for a skipped window)
             "grad_norm": float(outs[-1]["window_grad_norm"]) if not skipped else float("nan"),
             "learning_rate": float(lr),
             "step_time_s": step_time,
             "target_tokens_per_s": self.tokens / step_time if step_time else 0.0,
             "audio_seconds_per_s": self.audio_s / step_time if step_time else 0.0,
-            "nonfinite": 0 if finite else 1,
+            "nonfinite": 1 if skipped else 0,  # the optimizer's own count: nonfinite_steps == its skipped windows
             "model_tflops_per_s": self.flops / step_time / 1e12 if step_time else 0.0,
             "compiled_shapes": len(trainer.shapes_seen),
         }
