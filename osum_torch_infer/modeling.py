@@ -332,7 +332,6 @@ class OSUMForConditionalGeneration(nn.Module):
                 if not bool(torch.isfinite(t).all()) and bool(torch.isfinite(src).all()):
                     overflow.append(f"{k} (max |x| {float(src.abs().max()):.4g})")
             state[k] = t
-            del src
         if overflow:
             raise PackageError(f"{root}: values beyond the float16 range (65504) in {len(overflow)} tensor(s): "
                                f"{overflow[:10]}; load in bf16/fp32, or export with --dtype fp16 to see the check "

@@ -189,15 +189,11 @@ def write_results(results: Iterable[dict], out: str | Path, fmt: str = "jsonl") 
 def _write_lines(results: Iterable[dict], f, fmt: str) -> tuple[int, int]:
     ok = failed = 0
     for r in results:
-        if "error" in r:
-            failed += 1
-            if fmt == "jsonl":
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            continue
-        ok += 1
-        if fmt == "jsonl":
+        error = "error" in r
+        failed, ok = failed + error, ok + (not error)
+        if fmt == "jsonl":  # failures too, with their error
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        else:
+        elif not error:
             f.write(f"{r['key']}\t{_ONE_LINE.sub(' ', r['text'])}\n")
         f.flush()
     return ok, failed

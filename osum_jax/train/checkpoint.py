@@ -82,10 +82,10 @@ class RunCheckpointer:
     def restore(self, step: int, model_state: nnx.State, model_shardings, opt_state: nnx.State, opt_shardings,
                 *, data: bool = True):
         """Restore onto the given (current-mesh) shardings; returns (model pure dict, opt pure dict, data state or
-        None, meta). ``data=False`` leaves the iterator state on disk (it belongs to another process layout)."""
+        None); the ``meta`` item is read by :meth:`restore_meta`. ``data=False`` leaves the iterator state on
+        disk (it belongs to another process layout)."""
         args = dict(model=ocp.args.StandardRestore(_abstract(model_state, model_shardings)),
-                    opt=ocp.args.StandardRestore(_abstract(opt_state, opt_shardings)),
-                    meta=ocp.args.JsonRestore())
+                    opt=ocp.args.StandardRestore(_abstract(opt_state, opt_shardings)))
         if data:
             f = data_state_file(self.directory / str(step))
             if not f.is_file():
@@ -94,7 +94,7 @@ class RunCheckpointer:
                                         f"{jax.process_count()} (the step holds {have or 'none'})")
             args["data"] = grain.checkpoint.CheckpointRestore(DataState())
         r = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return r.model, r.opt, (r.data.state if data else None), r.meta
+        return r.model, r.opt, (r.data.state if data else None)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

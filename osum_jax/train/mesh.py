@@ -72,11 +72,9 @@ def align_across_processes(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
     if jax.process_count() == 1:
         return batch
-    from jax.experimental import multihost_utils
-
     dims = np.array([batch["feats"].shape[0], batch["feats"].shape[1], batch["prompt"].shape[1],
                      batch["target"].shape[1]], np.int64)
-    b, t, p, l_ = np.asarray(multihost_utils.process_allgather(dims)).reshape(-1, 4).max(axis=0)
+    b, t, p, l_ = _from_every_process(dims).max(axis=0)
     return pad_batch(batch, int(b), int(t), int(p), int(l_))
 
 
@@ -88,25 +86,24 @@ def empty_batch(mel_bins: int) -> dict[str, np.ndarray]:
             "prompt_lengths": z, "target": np.zeros((0, 0), np.int32), "target_lengths": z, "num_real": np.int32(0)}
 
 
-def process_flags(*flags: bool) -> np.ndarray:
-    """``[processes, len(flags)]`` booleans: every process's ``flags`` (a tiny all-gather; with one process just
-    ours). Multi-host SPMD must agree on control flow: when the data ends, when to stop, when to evaluate."""
-    local = np.asarray(flags, np.int32)
+def _from_every_process(local: np.ndarray) -> np.ndarray:
+    """``[processes, n]``: every process's 1-D ``local`` (a tiny all-gather; with one process just ours)."""
     if jax.process_count() == 1:
-        return local[None].astype(bool)
+        return local[None]
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1).astype(bool)
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+
+
+def process_flags(*flags: bool) -> np.ndarray:
+    """``[processes, len(flags)]`` booleans: every process's ``flags``. Multi-host SPMD must agree on control
+    flow: when the data ends, when to stop, when to evaluate."""
+    return _from_every_process(np.asarray(flags, np.int32)).astype(bool)
 
 
 def process_sum(values) -> np.ndarray:
     """Element-wise sum of ``values`` (float64) over all processes."""
-    local = np.asarray(values, np.float64)
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1).sum(axis=0)
+    return _from_every_process(np.asarray(values, np.float64)).sum(axis=0)
 
 
 def global_to_host(x: jax.Array) -> np.ndarray:

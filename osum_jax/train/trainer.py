@@ -239,7 +239,8 @@ class Trainer:
                 f"depends on the process count and data.num_workers, so it cannot be resumed exactly. Restart "
                 f"with the same ones, or set train.resume_data=false to restore the model and optimizer and "
                 f"start the data afresh (each process from the beginning of its shard).")
-        model, opt, data, meta = self.checkpointer.restore(step, nnx.state(self.model), self.model_shardings,
+        meta = saved_meta
+        model, opt, data = self.checkpointer.restore(step, nnx.state(self.model), self.model_shardings,
                                                            nnx.state(self.optimizer), self.opt_shardings,
                                                            data=same and self.cfg.train.resume_data)
         if not (same and self.cfg.train.resume_data):
