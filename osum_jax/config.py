@@ -246,14 +246,34 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+# Activations (``osum_jax.models.sharding``): a name may be listed for several mesh axes, which then all split it.
+DEFAULT_ACTIVATION_RULES: tuple[tuple[str, str | None], ...] = (
+    ("act_batch", "data"),
+    ("act_batch", "fsdp"),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh ``(data, fsdp, tensor)``; -1 fills the remaining devices. Batches shard over data x fsdp."""
+    """Device mesh ``(data, fsdp, tensor)``; -1 fills the remaining devices. Batches shard over data x fsdp.
+
+    ``rules`` map the logical axes of trainable parameters (and of all parameters unless ``frozen_rules`` is
+    given) to mesh axes; ``frozen_rules`` do the same for the frozen ones, e.g. ``[[embed, null]]``-style rules
+    that keep a bf16 frozen LLM whole on every device (no per-step all-gathers) while the trainable parameters
+    and their optimizer state stay sharded. ``activation_rules`` pin activations (``act_*`` names)."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
     rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES
+    frozen_rules: tuple[tuple[str, str | None], ...] = ()  # () = the same as rules
+    activation_rules: tuple[tuple[str, str | None], ...] = DEFAULT_ACTIVATION_RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,9 +337,11 @@ class TrainConfig:
                 raise ConfigError(f"train.mesh.{name}={v}; use a positive size or -1 (fill)")
         if sum(getattr(self.mesh, n) == -1 for n in ("data", "fsdp", "tensor")) > 1:
             raise ConfigError("train.mesh: at most one axis may be -1")
-        for rule in self.mesh.rules:
-            if len(rule) != 2 or rule[1] not in (None, "data", "fsdp", "tensor"):
-                raise ConfigError(f"train.mesh.rules entry {list(rule)} must be [logical_name, data|fsdp|tensor|null]")
+        for name in ("rules", "frozen_rules", "activation_rules"):
+            for rule in getattr(self.mesh, name):
+                if len(rule) != 2 or rule[1] not in (None, "data", "fsdp", "tensor"):
+                    raise ConfigError(f"train.mesh.{name} entry {list(rule)} must be "
+                                      f"[logical_name, data|fsdp|tensor|null]")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -140,11 +140,13 @@ def nest(flat: Mapping[str, Any]) -> dict:
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (and lists/tuples, e.g. optax states, keyed by index) -> ``{dotted path: leaf}``."""
     out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
+    items = tree.items() if isinstance(tree, Mapping) else enumerate(tree)
+    for k, v in items:
+        if isinstance(v, (Mapping, list, tuple)):
             out.update(flatten(v, f"{prefix}{k}."))
-        else:
+        elif v is not None:  # empty optax states are stored as None
             out[f"{prefix}{k}"] = v
     return out
 

@@ -37,6 +37,7 @@ from .adapter import Adapter
 from .attention import padding_mask
 from .layers import as_dtype, param, split_key
 from .qwen2 import Qwen2
+from .sharding import constrain
 from .whisper import WhisperEncoder
 
 BATCH_KEYS = ("feats", "feats_lengths", "prompt", "prompt_lengths", "target", "target_lengths")
@@ -126,7 +127,7 @@ class OSUM(nnx.Module):
         target = jnp.asarray(batch["target"])
         length = target.shape[1]
         start = seq["target_start"]
-        logits = self.llm.logits(hidden[:, start:start + length])
+        logits = constrain(self.llm.logits(hidden[:, start:start + length]), ("act_batch", "act_length", "act_vocab"))
         loss_mask = padding_mask(jnp.asarray(batch["target_lengths"]), length) & (target >= 0)
         loss, n = masked_cross_entropy(logits, target, loss_mask)
         return {"loss": loss, "logits": logits, "num_tokens": n}

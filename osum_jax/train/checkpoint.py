@@ -26,12 +26,6 @@ def _pure(state: nnx.State) -> dict:
     return nnx.to_pure_dict(state)
 
 
-def _abstract(state: nnx.State, shardings) -> dict:
-    pure = nnx.to_pure_dict(state)
-    shard = nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), pure, shard)
-
-
 class DataState:
     """A Grain iterator state captured at an optimizer-step boundary (``it.get_state()``), in the form Grain's
     orbax handler (``grain.checkpoint.CheckpointHandler``) saves and restores: JSON bytes, one file per process,
@@ -66,11 +60,12 @@ class RunCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, model_state: nnx.State, opt_state: nnx.State, data_state: Any, meta: dict,
+    def save(self, step: int, model_state: nnx.State, opt_state: Any, data_state: Any, meta: dict,
              force: bool = False) -> bool:
+        """``opt_state``: the optax state pytree as the train step returns it (saved as it is)."""
         args = ocp.args.Composite(
             model=ocp.args.StandardSave(_pure(model_state)),
-            opt=ocp.args.StandardSave(_pure(opt_state)),
+            opt=ocp.args.StandardSave(opt_state),
             data=grain.checkpoint.CheckpointSave(DataState(data_state)),
             meta=ocp.args.JsonSave(meta),
         )
@@ -79,13 +74,13 @@ class RunCheckpointer:
     def restore_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def restore(self, step: int, model_state: nnx.State, model_shardings, opt_state: nnx.State, opt_shardings,
-                *, data: bool = True):
-        """Restore onto the given (current-mesh) shardings; returns (model pure dict, opt pure dict, data state or
-        None); the ``meta`` item is read by :meth:`restore_meta`. ``data=False`` leaves the iterator state on
-        disk (it belongs to another process layout)."""
-        args = dict(model=ocp.args.StandardRestore(_abstract(model_state, model_shardings)),
-                    opt=ocp.args.StandardRestore(_abstract(opt_state, opt_shardings)))
+    def restore(self, step: int, model_target: dict, opt_target: Any, *, data: bool = True):
+        """Restore onto abstract targets (``ShapeDtypeStruct`` leaves carrying the current mesh's shardings and
+        the dtypes wanted): ``model_target`` a pure dict of the model state, ``opt_target`` the optax state tree.
+        Returns (model pure dict, optax state, data state or None); the ``meta`` item is read by
+        :meth:`restore_meta`. ``data=False`` leaves the iterator state on disk (it belongs to another process
+        layout)."""
+        args = dict(model=ocp.args.StandardRestore(model_target), opt=ocp.args.StandardRestore(opt_target))
         if data:
             f = data_state_file(self.directory / str(step))
             if not f.is_file():

@@ -24,20 +24,17 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import Config
 from ..models import OSUM
-from ..models.generate import greedy_decode
-from ..models.layers import as_dtype
 from .checkpoint import RunCheckpointer
 from .flops import train_step_flops
 from .mesh import (align_across_processes, build_mesh, data_parallel_size, empty_batch, global_to_host,
-                   process_flags, process_sum, put_batch, put_rows, rules_of, state_shardings)
-from .optim import learning_rate_schedule, make_optimizer
-from .trainable import cast_frozen_, count, trainable_filter
+                   process_flags, process_sum, put_batch, put_rows)
+from .optim import learning_rate_schedule
+from .step import TrainProgram
+from .trainable import count
 
 log = logging.getLogger("osum_jax.train")
 
@@ -90,31 +87,21 @@ class Trainer:
         self.cfg = cfg
         tc = cfg.train
         self.mesh = build_mesh(tc.mesh, devices)
-        self.rules = rules_of(tc.mesh)
+        self.program = TrainProgram(cfg, self.mesh)  # the step osum-train --plan --target compiles, exactly
         self.out_dir = Path(tc.output_dir)
         self.lora_enabled = cfg.model.lora.rank > 0
-        self.filter = trainable_filter(tc.fire_module, self.lora_enabled)
-        self.model = self._init_model()
+        self.filter = self.program.filter
         if tc.init_from:
-            self._load_initial_weights(tc.init_from)
-        if tc.frozen_param_dtype != "float32":
-            cast_frozen_(self.model, tc.fire_module, as_dtype(tc.frozen_param_dtype), self.lora_enabled)
-        self.tx = make_optimizer(tc)
-        with jax.set_mesh(self.mesh):
-            self.optimizer = nnx.Optimizer(self.model, self.tx, wrt=self.filter)
-        self.model_shardings = state_shardings(nnx.state(self.model), self.mesh, self.rules)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.opt_shardings = jax.tree.map(
-            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, nnx.state(self.optimizer))
-        # put the optimizer's scalars (step counts) on the mesh too, so every step sees the same shardings
-        nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), self.opt_shardings))
+            trainable, frozen, buffers = self._load_initial_weights(tc.init_from)
+        else:
+            trainable, frozen, buffers = self.program.init_state()
+        # the live module: each step reads its three state groups and writes the trainable one back
+        self.model = self.program.merge(trainable, frozen, buffers)
+        self.opt_state = self.program.init_opt(trainable)
         self.schedule = learning_rate_schedule(tc)
         self.n_trainable = count(self.model, self.filter)
         self.n_params = count(self.model, nnx.Param)
         self._tokenizer, self._prompts = tokenizer, prompts
-        self._train_step = self._make_train_step()
-        self._eval_step = nnx.jit(lambda m, b: m(b))
-        self._decode = nnx.jit(greedy_decode, static_argnames=("max_new_tokens",))
         self.shapes_seen: set[tuple] = set()
         self.checkpointer = None
         self._dev_pipe = None
@@ -126,25 +113,25 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
-    def _init_model(self) -> OSUM:
-        cfg = self.cfg
-        abstract = nnx.eval_shape(lambda: OSUM(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
-        graphdef, abs_state = nnx.split(abstract)
-        shardings = state_shardings(abs_state, self.mesh, self.rules)
+    def state_groups(self) -> tuple[Any, Any, Any]:
+        """(trainable, frozen, buffers) of the live model: the step's first, third and fourth arguments."""
+        _, t, f, b = nnx.split(self.model, self.filter, nnx.Param, ...)
+        return t, f, b
 
-        @jax.jit
-        def init():
-            return nnx.state(OSUM(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+    def _flat_shardings(self) -> dict[str, Any]:
+        p = self.program
+        out = {}
+        for tree in (p.trainable_shardings, p.frozen_shardings, p.buffer_shardings):
+            out.update({".".join(map(str, k)): v.get_value() if isinstance(v, nnx.Variable) else v
+                        for k, v in nnx.to_flat_state(tree)})
+        return out
 
-        with jax.set_mesh(self.mesh):
-            state = jax.jit(init, out_shardings=shardings)()
-        return nnx.merge(graphdef, state)
-
-    def _load_initial_weights(self, path: str) -> None:
+    def _load_initial_weights(self, path: str):
         """Start from a converter checkpoint (``osum-convert import-*``) or another run's weights.
 
-        Restored straight onto this run's mesh: every array is read with the sharding it has in the model, so
-        each process reads only its devices' shards (no host materialises the full model)."""
+        Restored straight into the abstract model on this run's mesh: every array is read with the sharding it
+        has in the step, so each process reads only its devices' shards, no host materialises the full model and
+        no parameter is randomly initialised first."""
         from ..convert.checkpoint import read_config, restore_params
         from ..convert.tree import flat_variables, load_flat
         from .checkpoint import is_run_directory, load_run_model, read_run_config
@@ -155,37 +142,16 @@ class Trainer:
             if getattr(mine, part) != getattr(theirs, part):
                 raise ValueError(f"train.init_from={path}: model.{part} differs from this run's config:\n"
                                  f"  checkpoint: {getattr(theirs, part)}\n  config:     {getattr(mine, part)}")
-        targets = flat_variables(self.model)  # parameters and fixed buffers, as both checkpoint kinds store them
-        shardings = {k: v.get_value().sharding for k, v in targets.items()}
+        shardings = self._flat_shardings()
         if is_run_directory(path):
             src, _, _ = load_run_model(path, shardings=shardings)
             flat = {k: v.get_value() for k, v in flat_variables(src).items()}
         else:
             flat = restore_params(path, cfg=src_cfg, dtype=mine.param_dtype, shardings=shardings)
-        load_flat(self.model, flat, source=f"train.init_from={path}")
+        model = nnx.eval_shape(lambda: OSUM(mine, rngs=nnx.Rngs(0)))
+        load_flat(model, flat, source=f"train.init_from={path}")  # parameters and fixed buffers
         log.info("initialised weights from %s", path)
-
-    def _make_train_step(self):
-        flt = self.filter
-        model_shardings, opt_shardings = self.model_shardings, self.opt_shardings
-
-        @nnx.jit
-        def train_step(model, optimizer, batch, key):
-            def loss_fn(m):
-                out = m(batch, key)
-                return out["loss"], out["num_tokens"]
-
-            (loss, ntok), grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, flt), has_aux=True)(model)
-            gnorm = optax.tree.norm(grads)
-            optimizer.update(model, grads)
-            # keep every array on its original sharding: the next call then reuses this compilation
-            nnx.update(model, jax.lax.with_sharding_constraint(nnx.state(model), model_shardings))
-            nnx.update(optimizer, jax.lax.with_sharding_constraint(nnx.state(optimizer), opt_shardings))
-            st = optimizer.opt_state  # accumulate_skipping_nonfinite's state: updated at each window's end
-            return {"loss": loss, "grad_norm": gnorm, "num_tokens": ntok, "window_grad_norm": st.last_norm[...],
-                    "skipped_windows": st.skipped[...]}
-
-        return train_step
+        return self.program.split(model)
 
     def data_pipeline(self, train: bool = True):
         from ..data import DataPipeline
@@ -214,8 +180,8 @@ class Trainer:
     def save(self, force: bool = False) -> None:
         meta = {"step": self.step, "micro_step": self.micro_step, "nonfinite_steps": self.nonfinite_steps,
                 "data_layout": self._data_layout(), "config": self.cfg.to_dict()}
-        self.checkpointer.save(self.step, nnx.state(self.model), nnx.state(self.optimizer), self.data_state or {},
-                               meta, force=force)
+        self.checkpointer.save(self.step, nnx.state(self.model), self.opt_state, self.data_state or {}, meta,
+                               force=force)
 
     def restore_latest(self) -> bool:
         step = self.checkpointer.latest_step()
@@ -240,18 +206,17 @@ class Trainer:
                 f"with the same ones, or set train.resume_data=false to restore the model and optimizer and "
                 f"start the data afresh (each process from the beginning of its shard).")
         meta = saved_meta
-        model, opt, data = self.checkpointer.restore(step, nnx.state(self.model), self.model_shardings,
-                                                           nnx.state(self.optimizer), self.opt_shardings,
-                                                           data=same and self.cfg.train.resume_data)
+        p = self.program
+        target = p.merge(p.abstract_trainable, p.abstract_frozen, p.abstract_buffers)
+        model, opt, data = self.checkpointer.restore(step, nnx.to_pure_dict(nnx.state(target)), p.abstract_opt,
+                                                     data=same and self.cfg.train.resume_data)
         if not (same and self.cfg.train.resume_data):
             log.warning("train.resume_data=false: model and optimizer restored from step %d, data iterator "
                         "started afresh", step)
         mstate = nnx.state(self.model)
         nnx.replace_by_pure_dict(mstate, model)
         nnx.update(self.model, mstate)
-        ostate = nnx.state(self.optimizer)
-        nnx.replace_by_pure_dict(ostate, opt)
-        nnx.update(self.optimizer, ostate)
+        self.opt_state = opt
         self.step, self.micro_step = int(meta["step"]), int(meta["micro_step"])
         self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
         self.data_state = data or None
@@ -272,8 +237,11 @@ class Trainer:
     def train_micro_step(self, batch: dict) -> dict:
         # a stream of its own (nnx.Rngs(seed) hands out fold_in(key(seed), i) for parameter initialisation)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.train.seed), 0xD20), self.micro_step)
-        with jax.set_mesh(self.mesh):
-            out = self._train_step(self.model, self.optimizer, batch, key)
+        trainable, frozen, buffers = self.state_groups()
+        with jax.set_mesh(self.mesh):  # trainable and opt_state are donated: replaced by the step's outputs
+            trainable, self.opt_state, out = self.program.train_step(trainable, self.opt_state, frozen, buffers,
+                                                                     batch, key)
+        nnx.update(self.model, trainable)
         self.micro_step += 1
         return out
 
@@ -305,16 +273,18 @@ class Trainer:
             if host is None:  # others still have dev batches: take part with padding rows only
                 host = empty_batch(self.cfg.data.num_mel_bins)
             batch = self.micro_batch(host)
+            trainable, frozen, buffers = self.state_groups()
             with jax.set_mesh(self.mesh):
                 if i < tc.eval_batches:
-                    out = self._eval_step(self.model, batch)
+                    out = self.program.eval_step(trainable, frozen, buffers, batch)
                     n = float(out["num_tokens"])
                     losses.append(float(out["loss"]) * n)
                     tokens.append(n)
                 if i < tc.eval_decode_batches:
                     dec = {k: v for k, v in batch.items() if not k.startswith("target")}
-                    toks, lens = self._decode(self.model, dec, max_new_tokens=tc.eval_max_new_tokens,
-                                              eos_id=pipe.tokenizer.eod_id)
+                    toks, lens = self.program.decode(trainable, frozen, buffers, dec,
+                                                     max_new_tokens=tc.eval_max_new_tokens,
+                                                     eos_id=pipe.tokenizer.eod_id)
             if i < tc.eval_decode_batches:
                 local_tasks = np.full(batch["target"].shape[0] // jax.process_count(), -1, np.int32)  # aligned rows
                 for r in range(int(host.get("num_real", 0))):
@@ -373,7 +343,7 @@ class Trainer:
                 batch = self.micro_batch(host)
                 out = self.train_micro_step(batch)
                 f = train_step_flops(cfg.model, batch["feats"].shape[0], batch["feats"].shape[1],
-                                     batch["prompt"].shape[1], batch["target"].shape[1])
+                                     batch["prompt"].shape[1], batch["target"].shape[1], trainable=tc.fire_module)
                 acc.add(out, host, t0, f)
                 if self.micro_step % tc.grad_accum:
                     continue

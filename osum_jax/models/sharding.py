@@ -1,0 +1,72 @@
+"""Logical sharding constraints on activations (MaxText's ``activation_*`` axes).
+
+Parameters carry logical axis names (``axes.py``) that the trainer maps to mesh axes; activations get the same
+treatment here. The model pins the tensors that cross block boundaries to logical names::
+
+    constrain(x, ("act_batch", "act_length", "act_embed"))        # [B, T, D] between layers
+
+and the trainer maps the names to mesh axes with ``train.mesh.activation_rules`` while it traces the step
+(:func:`activation_rules`). Without such a context (tests, inference, the converter) ``constrain`` is the
+identity, so the model never depends on a mesh.
+
+Why: with parameters sharded over ``fsdp`` on their ``embed`` dimension and nothing said about activations,
+XLA's sharding propagation may choose to follow the weights (activations split on ``embed``, the batch
+gathered onto every device), which costs an all-reduce of full-batch activations per layer. Pinning the layer
+inputs to the batch sharding makes every layer gather the weights instead (FSDP as intended).
+
+A logical name may appear in several rules: its dimension is split over every listed mesh axis that is larger
+than 1 and not already used by an earlier dimension (``act_batch -> data, fsdp``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
+
+_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("osum_activation_rules", default=None)
+
+
+def logical_spec(names: Sequence[str | None], rules, mesh_shape: dict[str, int]) -> PartitionSpec:
+    """``PartitionSpec`` for logical ``names`` under ``rules`` (``[(logical, mesh_axis | None), ...]``)."""
+    used: set[str] = set()
+    out = []
+    for name in names:
+        axes = [m for n, m in rules if n == name and m is not None and mesh_shape.get(m, 1) > 1 and m not in used]
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*out)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: jax.sharding.Mesh, rules) -> Iterator[None]:
+    """While tracing inside this context, :func:`constrain` pins activations on ``mesh`` by ``rules``."""
+    token = _CONTEXT.set((mesh, tuple(tuple(r) for r in rules)))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint(x, spec of names)`` inside :func:`activation_rules`, else ``x``."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    if len(names) != x.ndim:
+        raise ValueError(f"{len(names)} logical names {tuple(names)} for a {x.ndim}-d activation {x.shape}")
+    spec = logical_spec(names, rules, dict(mesh.shape))
+    # a dimension that its mesh axes do not divide is left to XLA (e.g. a batch of 1 row on a 4-way mesh)
+    fixed = []
+    for dim, axes in zip(x.shape, spec):
+        n = 1
+        for a in (axes,) if isinstance(axes, str) else (axes or ()):
+            n *= mesh.shape[a]
+        fixed.append(axes if dim % n == 0 else PartitionSpec.UNCONSTRAINED)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fixed)))
