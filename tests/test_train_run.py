@@ -168,8 +168,20 @@ def test_two_processes_train_together_and_resume_exactly(speech_corpus, tmp_path
     common = {"train.steps": 4, "train.checkpoint_every": 2, "train.learning_rate": 1e-3, "train.warmup_steps": 2,
               "train.eval_every": 4, "train.eval_batches": 100, "train.eval_decode_batches": 100,
               "train.eval_max_new_tokens": 4}
-    _two_processes(speech_corpus, run, port, **common)
+    outs = _two_processes(speech_corpus, run, port, **common)
     expected = _losses(run)
+    # every step ran one bucket of the table on both processes (global batch = 2 x the per-process size),
+    # never an element-wise maximum of two processes' shapes
+    import dataclasses
+
+    from osum_jax.data.pipeline import BucketSpec
+
+    cfg = load_config("configs/tiny.yaml", _overrides(speech_corpus, run, **common))
+    table = {(2 * b, f, p, t) for b, f, p, t in BucketSpec.from_config(
+        dataclasses.replace(cfg.data, batch_size_multiple=1)).shapes}
+    summary = json.loads([line for line in outs[0].splitlines() if line.startswith("{")][-1])
+    seen = {(feats[0], feats[1], prompt[1], target[1]) for feats, prompt, target in summary["batch_shapes"]}
+    assert seen and seen <= table, (seen, table)
     assert sorted(expected) == [1, 2, 3, 4] and all(np.isfinite(v) for v in expected.values())
     (ev,) = _eval_rows(run)
     one = Trainer(load_config("configs/tiny.yaml", _overrides(speech_corpus, run, **common, **{

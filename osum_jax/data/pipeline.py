@@ -173,7 +173,7 @@ class BucketSpec:
         prompt_lengths = np.zeros(b, np.int32)
         target = np.full((b, t), PAD_TARGET, np.int32)
         target_lengths = np.zeros(b, np.int32)
-        keys, tasks = [""] * b, [""] * b
+        keys, tasks, indices = [""] * b, [""] * b, [-1] * b
         for i, ex in enumerate(examples):
             n = ex["feats"].shape[0]
             feats[i, :n] = ex["feats"]
@@ -182,10 +182,11 @@ class BucketSpec:
             prompt_lengths[i] = len(ex["prompt"])
             target[i, :len(ex["target"])] = ex["target"]
             target_lengths[i] = len(ex["target"])
-            keys[i], tasks[i] = ex["key"], ex["task"]
+            keys[i], tasks[i], indices[i] = ex["key"], ex["task"], int(ex.get("index", -1))
         return {"feats": feats, "feats_lengths": feats_lengths, "prompt": prompt, "prompt_lengths": prompt_lengths,
                 "target": target, "target_lengths": target_lengths, "keys": np.asarray(keys),
-                "tasks": np.asarray(tasks), "num_real": np.int32(len(examples))}
+                "tasks": np.asarray(tasks), "indices": np.asarray(indices, np.int64),
+                "num_real": np.int32(len(examples))}
 
 
 class BucketBatchIterDataset(grain.IterDataset):
