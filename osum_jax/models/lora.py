@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import kernels
 from .layers import dropout, param
 
 
@@ -43,8 +44,11 @@ class LoRALinear(nnx.Module):
             y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         else:
             xd = dropout(x, self.lora_dropout, dropout_key)
-            y = _lora_matmul(x, xd, self.kernel[...].astype(self.dtype), self.lora_a[...].astype(self.dtype),
-                             self.lora_b[...].astype(self.dtype), jnp.asarray(self.scaling, self.dtype))
+            w, a, b = (p[...].astype(self.dtype) for p in (self.kernel, self.lora_a, self.lora_b))
+            if kernels.enabled():
+                y = _lora_matmul(x, xd, w, a, b, jnp.asarray(self.scaling, self.dtype))
+            else:
+                y = jnp.dot(x, w) + jnp.dot(jnp.dot(xd, a), b) * jnp.asarray(self.scaling, self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

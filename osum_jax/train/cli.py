@@ -73,6 +73,11 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", action="store_true", help="print per-device memory and exit (allocates nothing)")
     ap.add_argument("--devices", type=int, default=0, help="--plan: number of devices (default: those present)")
     ap.add_argument("--device-memory-gb", type=float, default=0.0, help="--plan: memory per device")
+    ap.add_argument("--target", default="",
+                    help="--plan: compile the real train step for a TPU/GPU target, e.g. tpu:v5p:2x2x4, tpu:v5e:4x4, "
+                         "cuda:h100:8 (needs .[tpu-aot] / .[gpu-aot]; no accelerator needed)")
+    ap.add_argument("--json", action="store_true", help="--plan: print the report as JSON")
+    ap.add_argument("--hlo-out", default="", help="--plan --target: also write the optimized HLO to this file")
     ap.add_argument("--verbose", action="store_true", help="also show orbax's/absl's per-checkpoint INFO logs")
     args = ap.parse_intermixed_args(argv)  # key=value overrides may follow options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -85,11 +90,27 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"osum-train: config error: {e}", file=sys.stderr)
         return 2
+    if args.target and not args.plan:
+        print("osum-train: --target goes with --plan", file=sys.stderr)
+        return 2
     if args.plan:
-        from .plan import format_plan, plan
-
+        if args.target:  # compiling for a topology needs no accelerator backend on this host
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
         try:
-            print(format_plan(plan(cfg, args.devices or None, args.device_memory_gb)))
+            if args.target:
+                from .aot import MissingCompiler, compile_plan, format_report
+
+                try:
+                    report = compile_plan(cfg, args.target, hlo_out=args.hlo_out or None)
+                except MissingCompiler as e:
+                    print(f"osum-train: {e}", file=sys.stderr)
+                    return 2
+                print(json.dumps(report, indent=1) if args.json else format_report(report))
+            else:
+                from .plan import format_plan, plan
+
+                p = plan(cfg, args.devices or None, args.device_memory_gb)
+                print(json.dumps(p, indent=1) if args.json else format_plan(p))
         except ConfigError as e:
             print(f"osum-train: config error: {e}", file=sys.stderr)
             return 2

@@ -74,7 +74,7 @@ def align_across_processes(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndar
         return batch
     dims = np.array([batch["feats"].shape[0], batch["feats"].shape[1], batch["prompt"].shape[1],
                      batch["target"].shape[1]], np.int64)
-    b, t, p, l_ = _from_every_process(dims).max(axis=0)
+    b, t, p, l_ = from_every_process(dims).max(axis=0)
     return pad_batch(batch, int(b), int(t), int(p), int(l_))
 
 
@@ -86,7 +86,7 @@ def empty_batch(mel_bins: int) -> dict[str, np.ndarray]:
             "prompt_lengths": z, "target": np.zeros((0, 0), np.int32), "target_lengths": z, "num_real": np.int32(0)}
 
 
-def _from_every_process(local: np.ndarray) -> np.ndarray:
+def from_every_process(local: np.ndarray) -> np.ndarray:
     """``[processes, n]``: every process's 1-D ``local`` (a tiny all-gather; with one process just ours)."""
     if jax.process_count() == 1:
         return local[None]
@@ -98,12 +98,12 @@ def _from_every_process(local: np.ndarray) -> np.ndarray:
 def process_flags(*flags: bool) -> np.ndarray:
     """``[processes, len(flags)]`` booleans: every process's ``flags``. Multi-host SPMD must agree on control
     flow: when the data ends, when to stop, when to evaluate."""
-    return _from_every_process(np.asarray(flags, np.int32)).astype(bool)
+    return from_every_process(np.asarray(flags, np.int32)).astype(bool)
 
 
 def process_sum(values) -> np.ndarray:
     """Element-wise sum of ``values`` (float64) over all processes."""
-    return _from_every_process(np.asarray(values, np.float64)).sum(axis=0)
+    return from_every_process(np.asarray(values, np.float64)).sum(axis=0)
 
 
 def global_to_host(x: jax.Array) -> np.ndarray:

@@ -9,6 +9,7 @@ float32 logits of the target block and their gradient are included.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -36,63 +37,56 @@ def _shard_elems(shape, spec: PartitionSpec, sizes: dict[str, int]) -> int:
     return n
 
 
-def plan(cfg: Config, n_devices: int | None = None, device_memory_gb: float = 0.0) -> dict:
+def plan(cfg: Config, n_devices: int | None = None, device_memory_gb: float = 0.0,
+         batch_shape: tuple[int, int, int, int] | None = None) -> dict:
+    """Per-device memory estimate; ``batch_shape`` ``(B, T, P, L)`` (global) instead of the worst data bucket."""
     mc, tc = cfg.model, cfg.train
     n_devices = n_devices or jax.device_count()
     sizes = dict(zip(AXES, mesh_shape(tc.mesh, n_devices)))
     model = nnx.eval_shape(lambda: OSUM(mc, rngs=nnx.Rngs(0)))
     flt = trainable_filter(tc.fire_module, mc.lora.rank > 0)
+    frozen_flt = nnx.All(nnx.Param, nnx.Not(flt))
     with nn.logical_axis_rules(rules_of(tc.mesh)):
         train_specs = nnx.get_partition_spec(nnx.state(model, flt))
-        all_specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    with nn.logical_axis_rules(tuple(tuple(r) for r in tc.mesh.frozen_rules) or rules_of(tc.mesh)):
+        frozen_specs = nnx.get_partition_spec(nnx.state(model, frozen_flt))
 
     def leaves(specs):
         return jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
     train_abs = nnx.state(model, flt)
-    all_abs = nnx.state(model, nnx.Param)
+    frozen_abs = nnx.state(model, frozen_flt)
     shapes_t = [v.shape for v in leaves(train_abs)]
     specs_t = [v.get_value() for v in leaves(train_specs)]
-    shapes_a = [v.shape for v in leaves(all_abs)]
-    specs_a = [v.get_value() for v in leaves(all_specs)]
+    shapes_f = [v.shape for v in leaves(frozen_abs)]
+    specs_f = [v.get_value() for v in leaves(frozen_specs)]
+    shapes_a = shapes_t + shapes_f
     p_bytes = np.dtype(as_dtype(mc.param_dtype)).itemsize
     f_bytes = np.dtype(as_dtype(tc.frozen_param_dtype)).itemsize
     train_elems = sum(_shard_elems(s, p, sizes) for s, p in zip(shapes_t, specs_t))
-    all_elems = sum(_shard_elems(s, p, sizes) for s, p in zip(shapes_a, specs_a))
-    params_b = train_elems * p_bytes + (all_elems - train_elems) * f_bytes
+    frozen_elems = sum(_shard_elems(s, p, sizes) for s, p in zip(shapes_f, specs_f))
+    params_b = train_elems * p_bytes + frozen_elems * f_bytes
     opt_b = train_elems * 4 * (3 if tc.grad_accum > 1 else 2)  # Adam mu, nu (+ accumulated gradient)
     grads_b = train_elems * 4
 
-    # activations for the largest bucket
-    spec = BucketSpec.from_config(cfg.data)
-    dt = np.dtype(as_dtype(mc.dtype)).itemsize
+    # activations for the largest bucket (the batch the trainer builds: sizes rounded to the data-parallel size)
     dp, tp = sizes["data"] * sizes["fsdp"], sizes["tensor"]
-    e, a, l_ = mc.encoder, mc.adapter, mc.llm
+    spec = BucketSpec.from_config(dataclasses.replace(cfg.data, batch_size_multiple=dp))
+    shapes = {(batch_shape[1], batch_shape[3]): batch_shape[0]} if batch_shape else spec.batch_sizes
     worst = 0.0
-    for (frames, tgt), b in spec.batch_sizes.items():
-        b_dev = math.ceil(b / dp)
-        t1, t3 = math.ceil(frames / 2), math.ceil(frames / 8)
-        s = spec.prompt_len + t3 + 2 + tgt
-        enc_in = b_dev * t1 * e.d_model * dt
-        enc_work = b_dev * t1 * (4 * e.d_model + e.ffn_dim) * dt / tp + b_dev * e.num_heads * t1 * t1 * 4 / tp
-        ad_work = b_dev * t3 * (4 * e.d_model + a.ffn_dim) * dt / tp + b_dev * a.num_heads * t3 * t3 * 4 / tp
-        hd = l_.resolved_head_dim
-        llm_in = b_dev * s * l_.hidden_size * dt
-        llm_work = (b_dev * s * ((l_.num_heads + 2 * l_.num_kv_heads) * hd + 3 * l_.intermediate_size) * dt / tp
-                    + b_dev * l_.num_heads * s * s * 4 / tp)
-        logits = 2 * b_dev * tgt * l_.vocab_size * 4 / tp
-        if mc.remat_policy == "none":
-            act = e.num_layers * (enc_in + enc_work) + a.num_layers * ad_work + l_.num_layers * (llm_in + llm_work)
-        else:
-            act = e.num_layers * enc_in + enc_work + a.num_layers * ad_work + l_.num_layers * llm_in + llm_work
-        worst = max(worst, act + logits)
-    need = params_b + opt_b + grads_b + worst
+    for (frames, tgt), b in shapes.items():
+        worst = max(worst, activation_bytes(mc, math.ceil(b / dp), frames, spec.prompt_len, tgt, tp))
+    # FSDP gathers each layer's weights before using them: the largest layer, twice (the next one is gathered
+    # while the current one computes), and the LM head, when they are sharded
+    gathered = _gathered_bytes(mc, tc, sizes)
+    need = params_b + opt_b + grads_b + worst + gathered
     out = {
         "devices": n_devices, "mesh": sizes, "fire_module": tc.fire_module,
         "parameters": int(sum(int(np.prod(s)) for s in shapes_a)),
         "trainable": int(sum(int(np.prod(s)) for s in shapes_t)),
         "per_device_GiB": {"parameters": params_b / GiB, "optimizer_state": opt_b / GiB, "gradients": grads_b / GiB,
-                           "activations_estimate": worst / GiB, "total": need / GiB},
+                           "activations_estimate": worst / GiB,
+                           "gathered_weights": gathered / GiB, "total": need / GiB},
     }
     if device_memory_gb:
         out["device_memory_GiB"] = device_memory_gb
@@ -112,3 +106,63 @@ def format_plan(p: dict) -> str:
         verdict = "fits" if p["fits"] else "does NOT fit"
         lines.append(f"=> {verdict} in {p['device_memory_GiB']:.0f} GiB per device (90 % usable)")
     return "\n".join(lines)
+
+
+def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: int = 1) -> float:
+    """Per-device activation memory of a train step for ``b_dev`` utterances of the bucket (frames, target).
+
+    With remat, each layer saves its input, what the policy keeps (``dots_*``: every projection output) and
+    its dropout masks (bytes; ``layers.remat_policy`` keeps them); one layer at a time is recomputed with its
+    full working set (projections, float32 attention scores and probabilities). Without remat every layer
+    keeps its working set. The float32 logits of the target block, their softmax and gradient come on top.
+    """
+    e, a, l_ = mc.encoder, mc.adapter, mc.llm
+    dt = np.dtype(as_dtype(mc.dtype)).itemsize
+    t1, t3 = math.ceil(frames / 2), math.ceil(frames / 8)
+    s = prompt + t3 + 2 + target
+    hd, d, f = l_.resolved_head_dim, l_.hidden_size, l_.intermediate_size
+    policy = mc.remat_policy
+    dots = policy in ("dots_saveable", "dots_with_no_batch_dims_saveable")
+
+    def layer(tokens, width, ffn, heads, proj_out, drop_masks, lora_masks=0):
+        inp = tokens * width * dt
+        saved_dots = tokens * proj_out * dt / tp if dots else 0.0
+        if policy == "dots_saveable":
+            saved_dots += heads * tokens * tokens * dt / tp
+        masks = tokens * (drop_masks + lora_masks) / tp
+        work = tokens * (proj_out + ffn) * dt / tp + 2 * heads * tokens * tokens * 4 / tp
+        return inp, saved_dots + masks, work
+
+    lora_in = 0
+    if mc.lora.rank and mc.lora.dropout > 0:
+        widths = {"q_proj": d, "k_proj": d, "v_proj": d, "o_proj": l_.num_heads * hd, "gate_proj": d,
+                  "up_proj": d, "down_proj": f}
+        lora_in = sum(w for name, w in widths.items() if name in mc.lora.targets)
+    parts = [
+        (e.num_layers, *layer(t1, e.d_model, e.ffn_dim, e.num_heads, 5 * e.d_model + e.ffn_dim,
+                              (2 * e.d_model + e.ffn_dim) if e.dropout > 0 else 0)),
+        (a.num_layers, *layer(t3, e.d_model, a.ffn_dim, a.num_heads, 5 * e.d_model + a.ffn_dim,
+                              (2 * e.d_model + a.ffn_dim) if a.dropout > 0 else 0)),
+        (l_.num_layers, *layer(s, d, f, l_.num_heads, (l_.num_heads + 2 * l_.num_kv_heads) * hd + 2 * d + 2 * f,
+                               0, lora_in)),
+    ]
+    if policy == "none":
+        act = sum(n * (inp + extra + work) for n, inp, extra, work in parts)
+    else:
+        act = sum(n * (inp + extra) for n, inp, extra, _ in parts) + max(work for _, _, _, work in parts)
+    logits = 3 * target * l_.vocab_size * 4 / tp
+    return float(b_dev * (act + logits))
+
+
+def _gathered_bytes(mc, tc, sizes: dict[str, int]) -> float:
+    """Weights that FSDP all-gathers per step, at their largest moment: two LLM layers and the LM head."""
+    l_ = mc.llm
+    if sizes["fsdp"] == 1:
+        return 0.0
+    frozen_fsdp = any(m == "fsdp" for n, m in (tc.mesh.frozen_rules or tc.mesh.rules) if n == "embed")
+    if not frozen_fsdp:
+        return 0.0
+    hd, d, f = l_.resolved_head_dim, l_.hidden_size, l_.intermediate_size
+    layer = d * (l_.num_heads + 2 * l_.num_kv_heads) * hd + l_.num_heads * hd * d + 3 * d * f
+    fb = np.dtype(as_dtype(tc.frozen_param_dtype)).itemsize
+    return float((2 * layer + d * l_.vocab_size) * fb / sizes["tensor"])

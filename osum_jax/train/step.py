@@ -36,6 +36,7 @@ from ..data.pipeline import BucketSpec
 from ..models import OSUM
 from ..models.generate import greedy_decode
 from ..models.layers import as_dtype
+from ..models.kernels import custom_vjps, resolve
 from ..models.sharding import activation_rules
 from .mesh import BATCH_KEYS, batch_sharding, data_parallel_size, state_shardings
 from .optim import make_optimizer
@@ -121,6 +122,9 @@ class TrainProgram:
             out_shardings=(self.trainable_shardings, self.opt_shardings, self.replicated),
             donate_argnums=(0, 1))
         self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
+        self.platform = mesh.devices.flat[0].platform
+        self.custom_vjp = resolve(mc.custom_vjp, self.platform)
+        self.rng_impl = tc.dropout_rng
         self.decode = jax.jit(self._decode, static_argnames=("max_new_tokens", "eos_id"))
 
     # -- the programs ---------------------------------------------------------------------------------------------
@@ -130,7 +134,7 @@ class TrainProgram:
 
     def _train_step(self, trainable, opt_state, frozen, buffers, batch, key):
         def loss_fn(t):
-            with activation_rules(self.mesh, self.activation_rules):
+            with activation_rules(self.mesh, self.activation_rules), custom_vjps(self.custom_vjp):
                 out = self.merge(t, frozen, buffers)(batch, key)
             return out["loss"], out["num_tokens"]
 
@@ -193,9 +197,15 @@ class TrainProgram:
         return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k]) for k, (s, d) in dims.items()}
 
     def abstract_inputs(self, shape: tuple[int, int, int, int] | None = None) -> StepInputs:
-        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
+        key = jax.ShapeDtypeStruct((), jax.random.key(0, impl=self.rng_impl).dtype, sharding=self.replicated)
         return StepInputs(self.abstract_trainable, self.abstract_opt, self.abstract_frozen, self.abstract_buffers,
                           self.abstract_batch(shape or self.largest_batch()), key)
+
+    def dropout_key(self, micro_step: int) -> jax.Array:
+        """The dropout key of micro-step ``m``: ``fold_in(fold_in(key(seed), 0xD20), m)`` (a stream of its own;
+        ``nnx.Rngs(seed)`` hands out ``fold_in(key(seed), i)`` for parameter initialisation)."""
+        root = jax.random.key(self.cfg.train.seed, impl=self.rng_impl)
+        return jax.random.fold_in(jax.random.fold_in(root, 0xD20), micro_step)
 
     def lower(self, inputs: StepInputs):
         with jax.set_mesh(self.mesh):

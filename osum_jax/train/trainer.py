@@ -28,10 +28,11 @@ from flax import nnx
 
 from ..config import Config
 from ..models import OSUM
+from .agree import AgreedBatches
 from .checkpoint import RunCheckpointer
 from .flops import train_step_flops
-from .mesh import (align_across_processes, build_mesh, data_parallel_size, empty_batch, global_to_host,
-                   process_flags, process_sum, put_batch, put_rows)
+from .mesh import (align_across_processes, build_mesh, data_parallel_size, empty_batch, from_every_process,
+                   global_to_host, process_flags, process_sum, put_batch, put_rows)
 from .optim import learning_rate_schedule
 from .step import TrainProgram
 from .trainable import count
@@ -236,7 +237,7 @@ class Trainer:
 
     def train_micro_step(self, batch: dict) -> dict:
         # a stream of its own (nnx.Rngs(seed) hands out fold_in(key(seed), i) for parameter initialisation)
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.train.seed), 0xD20), self.micro_step)
+        key = self.program.dropout_key(self.micro_step)
         trainable, frozen, buffers = self.state_groups()
         with jax.set_mesh(self.mesh):  # trainable and opt_state are donated: replaced by the step's outputs
             trainable, self.opt_state, out = self.program.train_step(trainable, self.opt_state, frozen, buffers,
@@ -315,7 +316,10 @@ class Trainer:
         self.open_checkpoints()
         self.restore_latest()
         pipe = self.data_pipeline(train=True)
-        it = iter(pipe.dataset())
+        # multi-host: one bucket per step on every process (held-back batches are part of the data state)
+        it = AgreedBatches(iter(pipe.dataset()), spec=pipe.spec, refetch=pipe.processor,
+                           mel_bins=cfg.data.num_mel_bins, gather=from_every_process,
+                           process_count=jax.process_count())
         if self.data_state:
             it.set_state(self.data_state)
         writer = MetricsWriter(self.out_dir)
@@ -332,7 +336,7 @@ class Trainer:
         try:
             while self.step < tc.steps:
                 t0 = time.perf_counter()
-                host = next(it, None)
+                host = it.next_batch()
                 have = process_flags(host is not None)[:, 0]  # all processes stop together
                 if not have.all():
                     log.info("data exhausted after %d optimizer steps (process(es) %s)", self.step,
@@ -377,6 +381,8 @@ class Trainer:
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
         summary["compiled_shapes"] = len(self.shapes_seen)
+        summary["batch_shapes"] = sorted(self.shapes_seen)
+        summary["padding_steps"] = it.padding_steps
         summary["skipped_samples"] = _skip_counts(self.data_state)
         return summary
 

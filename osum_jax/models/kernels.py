@@ -1,0 +1,38 @@
+"""Which gradient formulas the model traces with: hand-written VJPs or plain autodiff.
+
+GELU, SiLU, the LoRA matmul and the einsum attention each have a hand-written VJP (``layers.py``, ``lora.py``,
+``attention.py``) that keeps fewer or smaller residuals. They are selected per backend (``model.custom_vjp``),
+by measurement: faster on XLA:CPU (wall clock, ``scripts/bench_model.py``) and on TPU (the v5p compiler's cost
+model: 32.0 vs 33.5 ms for a 4-layer proxy of the full step, docs/benchmarks.md), so ``auto`` uses them there;
+on GPU, where no cost model or device has measured them yet, ``auto`` uses plain autodiff. Forward values are
+identical either way and gradients agree up to float32 rounding (tested).
+
+The choice is made while tracing: ``with custom_vjps(False): jax.jit(step).lower(...)``. Outside such a context
+the hand-written VJPs are used (the behaviour of every test and of CPU training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("osum_custom_vjp", default=True)
+
+
+@contextlib.contextmanager
+def custom_vjps(enabled: bool) -> Iterator[None]:
+    token = _ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def enabled() -> bool:
+    return _ENABLED.get()
+
+
+def resolve(setting: str, platform: str) -> bool:
+    """``model.custom_vjp`` for a mesh of ``platform`` devices -> use the hand-written VJPs?"""
+    return setting == "always" or (setting == "auto" and platform in ("cpu", "tpu"))

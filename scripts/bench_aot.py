@@ -1,0 +1,123 @@
+"""The full OSUM train step compiled for pod targets on this CPU host: what the TPU and GPU compilers report.
+
+    python scripts/bench_aot.py                 # every row below; writes the table into docs/benchmarks.md
+    python scripts/bench_aot.py --rows v5p-44 h100-8 --no-write
+
+Each row runs ``osum-train configs/osum_full.yaml --plan --target T --json`` in its own process (a full-size
+compile takes minutes and several GB), with OSUM's training set-up: bf16 compute, the frozen LLM in bf16,
+remat ``dots_with_no_batch_dims_saveable``, the largest data bucket (one 29 s utterance + 64 prompt + 200 target
+tokens per chip unless the row says otherwise). Needs ``pip install -e ".[tpu-aot,gpu-aot]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["model.dtype=bfloat16", "train.frozen_param_dtype=bfloat16",
+          "model.remat_policy=dots_with_no_batch_dims_saveable"]
+# the frozen LLM kept whole on every device (no per-step all-gathers of 7.6 B frozen weights)
+FROZEN_REPLICATED = ["train.mesh.frozen_rules=[[embed, null], [heads, tensor], [kv_heads, tensor], [mlp, tensor], "
+                     "[vocab, tensor]]"]
+ROWS = {
+    "v5p-44": ("tpu:v5p:2x2x4", "data 4 / fsdp 4 (the README's pod mesh)", ["train.mesh.data=4", "train.mesh.fsdp=4"]),
+    "v5p-16-1": ("tpu:v5p:2x2x4", "data 16 / fsdp 1", ["train.mesh.data=16", "train.mesh.fsdp=1"]),
+    "v5p-1-16": ("tpu:v5p:2x2x4", "data 1 / fsdp 16", ["train.mesh.data=1", "train.mesh.fsdp=16"]),
+    "v5p-1-16-frozen-rep": ("tpu:v5p:2x2x4", "fsdp 16, frozen LLM replicated",
+                            ["train.mesh.data=1", "train.mesh.fsdp=16"] + FROZEN_REPLICATED),
+    "v5p-1-16-3900": ("tpu:v5p:2x2x4", "fsdp 16, OSUM's 3900-frame budget per device (5 x 500-frame utterances)",
+                      ["train.mesh.data=1", "train.mesh.fsdp=16", "data.max_frames_per_batch=62400",
+                       "data.max_tokens_per_batch=30400", "data.frame_buckets=[500]", "data.max_frames=500"]),
+    "v5e-1-16": ("tpu:v5e:4x4", "data 1 / fsdp 16", ["train.mesh.data=1", "train.mesh.fsdp=16"]),
+    "h100-8": ("cuda:h100:8", "data 1 / fsdp 8", ["train.mesh.data=1", "train.mesh.fsdp=8"]),
+}
+
+
+def run_row(name: str) -> dict:
+    target, desc, overrides = ROWS[name]
+    cmd = [sys.executable, "-m", "osum_jax.train.cli", "configs/osum_full.yaml", "--plan", "--target", target,
+           "--json", *COMMON, *overrides]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{name}: {' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout)
+    r["row"], r["description"], r["wall_s"] = name, desc, time.perf_counter() - t0
+    r["command"] = "osum-train configs/osum_full.yaml --plan --target " + target + " " + " ".join(
+        o if " " not in o else repr(o) for o in COMMON + overrides)
+    return r
+
+
+def table(rows: list[dict]) -> str:
+    g = 1e9
+    head = ("| target | mesh / batch | compiler memory / chip (args, out, aliased, temp) | headroom | `--plan` "
+            "estimate | collectives / step | whole-stack copies | step (basis) | MFU |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        m = r["memory_bytes"]
+        coll = ", ".join(f"{k} {c['bytes'] / g:.2f} GB" for k, c in r["collectives"].items() if c["bytes"] > 1e6)
+        basis = "TPU cost model" if r["step_basis"].startswith("TPU") else "roofline bound"
+        lines.append(
+            f"| {r['target']} | {r['description']} | {m['total'] / g:.1f} GB ({m['arguments'] / g:.1f}, "
+            f"{m['outputs'] / g:.2f}, {m['aliased'] / g:.2f}, {m['temporaries'] / g:.1f}) | {r['headroom']:.0%} | "
+            f"{r['plan_estimate_bytes'] / g:.1f} GB ({r['plan_estimate_bytes'] / m['total'] - 1:+.0%}) | "
+            f"{coll or 'none'} | {int(r['stack_copies']['count'])} | {r['step_seconds'] * 1e3:.0f} ms ({basis}) | "
+            f"{r['mfu']:.1%} |")
+    return "\n".join(lines)
+
+
+def details(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        top = "; ".join(f"{share:.0%} {op}" for op, share in r["top_ops_by_cycles"][:6])
+        out.append(f"- `{r['row']}`: batch {r['batch_shape']}, model FLOPs {r['model_flops'] / 1e12:.2f} T/chip, "
+                   f"compiled {r['hlo_flops'] / 1e12:.2f} T/chip, compile {r['compile_seconds']:.0f} s"
+                   + (f"; cycles: {top}" if top else "") + f"\n  `{r['command']}`")
+    return "\n".join(out)
+
+
+def write(rows: list[dict]) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text(encoding="utf-8")
+    section = ("## Train step compiled for pods (TPU and GPU compilers, no accelerator)\n\n"
+               f"`python scripts/bench_aot.py` ({time.strftime('%Y-%m-%d')}, jax/libtpu/jax-cuda12-plugin as pinned "
+               "in constraints.txt). Full OSUM (8.0 B parameters), bf16 compute, frozen LLM in bf16, remat "
+               "`dots_with_no_batch_dims_saveable`, OSUM's `link_and_encoder_and_lora`. Memory, FLOPs, collectives "
+               "and cycles are the target compiler's own (per device, loop trip counts included); MFU = "
+               "trainable-aware model FLOPs (`osum_jax/train/flops.py`) / step time / chip peak.\n\n"
+               + table(rows) + "\n\n" + details(rows) + "\n")
+    pattern = re.compile(r"## Train step compiled for pods.*?(?=\n## |\Z)", re.S)
+    text = pattern.sub(lambda _: section.rstrip("\n"), text) if pattern.search(text) else \
+        text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text, encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--json-dir", default="", help="also keep each row's JSON report here")
+    args = ap.parse_args(argv)
+    rows = []
+    for name in args.rows:
+        r = run_row(name)
+        rows.append(r)
+        print(f"{name}: {r['memory_bytes']['total'] / 1e9:.1f} GB, {r['step_seconds'] * 1e3:.0f} ms, "
+              f"MFU {r['mfu']:.1%} ({r['wall_s']:.0f} s)", flush=True)
+        if args.json_dir:
+            Path(args.json_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.json_dir) / f"{name}.json").write_text(json.dumps(r, indent=1), encoding="utf-8")
+    print(table(rows))
+    if not args.no_write:
+        write(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
