@@ -268,16 +268,16 @@ DEFAULT_ACTIVATION_RULES: tuple[tuple[str, str | None], ...] = (
 class MeshConfig:
     """Device mesh ``(data, fsdp, tensor)``; -1 fills the remaining devices. Batches shard over data x fsdp.
 
-    ``rules`` map the logical axes of trainable parameters (and of all parameters unless ``frozen_rules`` is
-    given) to mesh axes; ``frozen_rules`` do the same for the frozen ones, e.g. ``[[embed, null]]``-style rules
-    that keep a bf16 frozen LLM whole on every device (no per-step all-gathers) while the trainable parameters
-    and their optimizer state stay sharded. ``activation_rules`` pin activations (``act_*`` names)."""
+    ``rules`` map the logical axes of the parameters to mesh axes; ``frozen_rules`` override them for the
+    frozen parameters (for the names they list), e.g. ``[[embed, null]]`` keeps a bf16 frozen LLM whole on every
+    device (no per-step all-gathers) while the trainable parameters and their optimizer state stay sharded.
+    ``activation_rules`` pin activations (``act_*`` names)."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
     rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES
-    frozen_rules: tuple[tuple[str, str | None], ...] = ()  # () = the same as rules
+    frozen_rules: tuple[tuple[str, str | None], ...] = ()  # overrides of rules for frozen parameters
     activation_rules: tuple[tuple[str, str | None], ...] = DEFAULT_ACTIVATION_RULES
 
 

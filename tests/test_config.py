@@ -65,3 +65,13 @@ def test_bad_file_names_the_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_frozen_rules_override_only_the_names_they_list():
+    from osum_jax.train.mesh import frozen_rules_of
+
+    cfg = load_config("configs/tiny.yaml", ["train.mesh.frozen_rules=[[embed, null]]"])
+    rules = dict(frozen_rules_of(cfg.train.mesh))
+    assert rules["embed"] is None and rules["mlp"] == "tensor" and "layers" in rules
+    assert frozen_rules_of(load_config("configs/tiny.yaml").train.mesh) == tuple(
+        tuple(r) for r in load_config("configs/tiny.yaml").train.mesh.rules)

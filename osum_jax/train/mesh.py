@@ -41,6 +41,14 @@ def rules_of(cfg: MeshConfig) -> tuple[tuple[str, str | None], ...]:
     return tuple((a, b) for a, b in cfg.rules)
 
 
+def frozen_rules_of(cfg: MeshConfig) -> tuple[tuple[str, str | None], ...]:
+    """The rules for frozen parameters: ``frozen_rules`` entries override ``rules`` for the names they list
+    (a name listed there uses only its entries there); every other name follows ``rules``."""
+    own = tuple((a, b) for a, b in cfg.frozen_rules)
+    named = {a for a, _ in own}
+    return own + tuple((a, b) for a, b in cfg.rules if a not in named)
+
+
 def state_shardings(state: Any, mesh: jax.sharding.Mesh, rules) -> Any:
     """NamedShardings for an ``nnx.State`` from its logical axis names and the rules table."""
     with nn.logical_axis_rules(rules):

@@ -38,7 +38,7 @@ from ..models.generate import greedy_decode
 from ..models.layers import as_dtype
 from ..models.kernels import custom_vjps, resolve
 from ..models.sharding import activation_rules
-from .mesh import BATCH_KEYS, batch_sharding, data_parallel_size, state_shardings
+from .mesh import BATCH_KEYS, batch_sharding, data_parallel_size, frozen_rules_of, state_shardings
 from .optim import make_optimizer
 from .trainable import trainable_filter
 
@@ -94,7 +94,7 @@ class TrainProgram:
         self.cfg, self.mesh = cfg, mesh
         tc, mc = cfg.train, cfg.model
         self.rules = tuple(tuple(r) for r in tc.mesh.rules)
-        self.frozen_rules = tuple(tuple(r) for r in tc.mesh.frozen_rules) or self.rules
+        self.frozen_rules = frozen_rules_of(tc.mesh)
         self.activation_rules = tuple(tuple(r) for r in tc.mesh.activation_rules)
         self.filter = trainable_filter(tc.fire_module, mc.lora.rank > 0)
         self.frozen_dtype = as_dtype(tc.frozen_param_dtype)
