@@ -37,7 +37,7 @@ def build_pt(cfg, path: Path, stage: Path) -> int:
     import torch
     import ml_dtypes
 
-    from osum_jax.convert.checkpoint import model_shapes
+    from osum_jax.checkpoint import model_shapes
     from osum_jax.convert.osum_pt import ALIASES, canonical_keys, extra_shapes, normalize_osum_key, osum_table
 
     shapes = model_shapes(cfg)

@@ -14,7 +14,7 @@ from flax import nnx
 from torch import nn
 
 from osum_jax.config import AdapterConfig
-from osum_jax.convert.tree import load_flat
+from osum_jax.checkpoint import load_flat
 from osum_jax.models import Adapter, conv_stack_lengths
 from tests.helpers import rel_err, to_np
 

@@ -10,7 +10,7 @@ from flax import nnx
 from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
 
 from osum_jax.config import AdapterConfig
-from osum_jax.convert import checkpoint as ck
+from osum_jax import checkpoint as ck
 from osum_jax.convert.cli import main
 from tests.helpers import TINY, rel_err, tiny_model_config
 from tests.test_convert_osum import TorchOSUM
@@ -202,7 +202,7 @@ def test_export_streams_from_disk_and_equals_the_in_memory_export(hf, tmp_path, 
     row bands; the files are byte-identical to an export of the fully loaded model (merged and PEFT, bf16/fp16)."""
     import functools
 
-    from osum_jax.convert import checkpoint as ckm
+    from osum_jax import checkpoint as ckm
     from osum_jax.convert import torch_package as tp
     from osum_jax.convert.export_torch import export_torch, lazy_checkpoint
     from tests.corpus import train_tokenizer

@@ -18,7 +18,7 @@ from peft import get_peft_model
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from osum_jax.convert import checkpoint as ck
+from osum_jax import checkpoint as ck
 from osum_jax.convert import commands
 from osum_jax.convert.cli import main
 from osum_jax.convert.osum_pt import canonical_keys
@@ -244,7 +244,7 @@ def test_export_streams_the_archive_torch_save_writes(files, tmp_path, monkeypat
 def test_checkpoint_layout_and_restore(files):
     _, _, _, ckpt = files
     root, step = ck.resolve(ckpt)
-    assert step == 0 and sorted(p.name for p in (root / "0").iterdir() if p.is_dir()) == sorted(ck.ITEMS)
+    assert step == 0 and sorted(p.name for p in (root / "0").iterdir() if p.is_dir()) == sorted(ck.CONVERTER_ITEMS)
     meta = ck.leaf_metadata(ckpt)
     assert str(meta["llm.layers.self_attn.q_proj.kernel"].dtype) == "bfloat16"  # stored as in the source
     assert str(meta["encoder.embed_positions"].dtype) == "float32"
@@ -415,8 +415,6 @@ def test_export_osum_from_a_training_run(files, tmp_path):
     run's logits; the tensors training did not touch are bit-identical to the original file."""
     import jax
 
-    from osum_jax.train.checkpoint import load_run_model
-
     d, _, pt, ckpt = files
 
     def train(model):  # stand-in for optimizer updates: move a LoRA B and an encoder weight
@@ -437,8 +435,8 @@ def test_export_osum_from_a_training_run(files, tmp_path):
                        for i in range(L.num_layers)} | {f"encoder.encoders.{i}.feed_forward.w_1.weight"
                                                         for i in range(E.num_layers)}
     # the float32 export carries the trained values exactly; OSUM's module loads it and computes the run's logits
-    model, _, step = load_run_model(run)
-    assert step == 3
+    model, _ = ck.load_model(run)  # a run is a model checkpoint: the one reader takes it
+    assert ck.resolve(run)[1] == 3
     ref = TorchOSUM().eval()
     ref.load_state_dict(torch.load(out32, weights_only=True), strict=True)
     batch = _batch()
@@ -449,7 +447,7 @@ def test_export_osum_from_a_training_run(files, tmp_path):
             want = ref.logits(torch.from_numpy(batch["feats"][i, :n]), torch.from_numpy(batch["prompt"][i, :p]),
                               torch.from_numpy(batch["target"][i, :t])).numpy()
             assert rel_err(got[i, :t], want) <= 1e-4
-    # --layout-from names the converter checkpoint explicitly (same result); a run is not one
+    # --layout-from names the converter checkpoint explicitly (same result); a run has no layout of its own
     out2 = tmp_path / "run2.pt"
     assert main(["export-osum", str(run), "--out", str(out2), "--layout-from", str(ckpt), "--no-progress"]) == 0
     _assert_same_state(torch.load(out2, weights_only=True), b)
@@ -461,7 +459,7 @@ def test_export_osum_from_a_training_run(files, tmp_path):
 def test_export_osum_from_a_run_trained_from_scratch(tmp_path, capsys):
     """A run without an OSUM origin exports in OSUM's canonical key order (as import-hf records it) and
     import-osum reads the file back to the run's exact parameters."""
-    from osum_jax.convert.tree import flat_variables
+    from osum_jax.checkpoint import flat_variables
 
     model = _save_run([], tmp_path / "run")
     out = tmp_path / "scratch.pt"

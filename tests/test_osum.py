@@ -12,7 +12,7 @@ from peft import get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from osum_jax.convert.hf import qwen2_from_hf
-from osum_jax.convert.tree import load_flat
+from osum_jax.checkpoint import load_flat
 from osum_jax.models import OSUM
 from tests.helpers import rel_err, state_to_np, tiny_model_config
 

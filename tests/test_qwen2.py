@@ -13,7 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from osum_jax.config import LLMConfig, LoRAConfig
 from osum_jax.convert.hf import qwen2_from_hf
-from osum_jax.convert.tree import CheckpointMismatch, load_flat
+from osum_jax.checkpoint import CheckpointMismatch, load_flat
 from osum_jax.models import Qwen2, merge_lora_
 from tests.helpers import rel_err, state_to_np
 

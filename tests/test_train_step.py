@@ -180,8 +180,8 @@ def test_bfloat16_frozen_weights():
 def test_init_from_restores_straight_onto_the_mesh(tmp_path):
     """train.init_from (a converter checkpoint, then a run directory) restores every array with the sharding the
     run's mesh gives it: values equal to the source, and each device holds only its shard."""
-    from osum_jax.convert import checkpoint as ck
-    from osum_jax.convert.tree import flat_variables
+    from osum_jax import checkpoint as ck
+    from osum_jax.checkpoint import flat_variables
     from osum_jax.models import OSUM
 
     base = _cfg(fire_module="all")

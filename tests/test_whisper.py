@@ -9,7 +9,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhi
 
 from osum_jax.config import EncoderConfig
 from osum_jax.convert.hf import whisper_encoder_from_hf
-from osum_jax.convert.tree import load_flat
+from osum_jax.checkpoint import load_flat
 from osum_jax.models import WhisperEncoder, whisper_output_lengths
 from tests.helpers import rel_err, state_to_np
 

@@ -82,9 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion never needs an accelerator
     from ..config import ConfigError
     from . import commands
-    from .checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, CheckpointMismatch
     from .sources import SourceError
-    from .tree import CheckpointMismatch
 
     t0 = time.perf_counter()
     try:

@@ -1,7 +1,7 @@
 """The conversions behind ``osum-convert`` as Python functions: import-osum, import-hf, export-osum, inspect.
 
 Every import first checks the complete key/shape plan against the config (reading only headers), then streams
-the tensors one block at a time into the orbax checkpoint (see :mod:`osum_jax.convert.checkpoint`).
+the tensors one block at a time into the orbax checkpoint (see :mod:`osum_jax.checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import numpy as np
 from flax import nnx
 
 from ..config import Config, ConfigError, config_from_dict, load_config
-from . import checkpoint as ck
+from .. import checkpoint as ck
 from .hf import QWEN2_TOP, WHISPER_LAYER, WHISPER_TOP, normalize_peft_key, qwen2_layer_table
 from .osum_pt import (ALIASES, _BY_FN, Entry, canonical_keys, export_sources, extra_shapes, normalize_osum_key,
                       osum_table, plan_import)
 from .sources import (SafetensorsSource, SourceError, TensorSource, TorchPtSource, dtype_name, file_size,
                       np_dtype, row_blocks, torch_dtype)
-from .tree import CheckpointMismatch, flat_variables
+from ..checkpoint.tree import CheckpointMismatch, flat_variables
 
 BLOCK_BYTES = 64 << 20  # large matrices are streamed in bands of at most this many bytes
 
@@ -495,31 +495,11 @@ class OsumExportSource:
 
     root: Path
     step: int
-    item: str  # "params" (converter checkpoint) or "model" (osum-train run)
+    item: str  # the weights item (``params``; ``model`` in runs of the earlier layout)
     cfg: Config
     layout: dict
     extras: dict[str, np.ndarray]
     layout_origin: str  # where the layout came from, for messages
-
-
-def _layout_checkpoint(path: Path, seen: set[Path]) -> tuple[Path, dict] | None:
-    """``(converter checkpoint root, layout)`` for a checkpoint with an ``osum_layout``: ``path`` itself, or for an
-    osum-train run the checkpoint its ``train.init_from`` started from (followed through runs started from runs);
-    ``None`` when the chain ends without one (a run trained from scratch, or a moved source)."""
-    from ..train.checkpoint import is_run_directory, read_run_config, run_checkpoints_dir
-
-    path = Path(path).absolute()
-    if path in seen or not path.is_dir():
-        return None
-    seen.add(path)
-    try:
-        if is_run_directory(path):
-            init = read_run_config(run_checkpoints_dir(path)).train.init_from
-            return _layout_checkpoint(Path(init), seen) if init else None
-        root, s = ck.resolve(path)
-        return root, ck.read_layout(root, s)
-    except (ck.CheckpointError, FileNotFoundError, ConfigError):
-        return None
 
 
 def osum_export_source(ckpt: str | Path, step: int | None = None,
@@ -534,25 +514,15 @@ def osum_export_source(ckpt: str | Path, step: int | None = None,
 
     ``layout_from`` names the converter checkpoint whose layout/extras to use instead (e.g. when the run's
     ``init_from`` moved)."""
-    from ..train.checkpoint import is_run_directory, read_run_config, run_checkpoints_dir
-
-    ckpt = Path(ckpt)
-    if is_run_directory(ckpt):
-        root, s = ck.resolve(run_checkpoints_dir(ckpt), step)
-        cfg, item = read_run_config(root, s), "model"
-    else:
-        root, s = ck.resolve(ckpt, step)
-        cfg, item = ck.read_config(root, s), "params"
+    root, s = ck.resolve(ckpt, step)
+    cfg, item = ck.read_config(root, s), ck.weights_item(root, s)
     if layout_from is not None:
-        if is_run_directory(layout_from):
-            raise ck.CheckpointError(f"--layout-from {layout_from}: expected a converter checkpoint "
-                                     f"(import-osum / import-hf output), not an osum-train run")
         lroot, ls = ck.resolve(layout_from)
         found: tuple[Path, dict] | None = (lroot, ck.read_layout(lroot, ls))
-    elif item == "params":
+    elif not ck.is_run_step(root, s):
         found = (root, ck.read_layout(root, s))
     else:
-        found = _layout_checkpoint(ckpt, set())
+        found = ck.find_layout(root, s)
     if found is not None:
         lroot, layout = found
         return OsumExportSource(root, s, item, cfg, layout, ck.restore_extras(lroot, layout["step"]),
@@ -741,10 +711,6 @@ def _summarise(items: Iterator[tuple[str, tuple[int, ...], str]], lora: bool = T
     return rows
 
 
-def _steps(root: Path) -> list[int]:
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
-
-
 def _config_line(cfg: Config) -> str:
     m = cfg.model
     return (f"  config: encoder {m.encoder.num_layers}x{m.encoder.d_model}, adapter {m.adapter.num_layers} blocks, "
@@ -755,24 +721,21 @@ def _config_line(cfg: Config) -> str:
 def inspect(path: str | Path) -> str:
     """A text report of what ``path`` holds: an ``osum-train`` run, a JAX checkpoint, an OSUM/torch ``.pt``, or a
     safetensors file/directory."""
-    from ..train.checkpoint import is_run_directory, read_run_config, run_checkpoints_dir
-
     path = Path(path)
-    if path.is_dir() and is_run_directory(path):
-        root, s = ck.resolve(run_checkpoints_dir(path))
-        cfg = read_run_config(root, s)
-        lines = [f"osum-train run {path} (orbax CheckpointManager); steps {_steps(root)}; showing step {s}",
-                 f"  items: {sorted(p.name for p in (root / str(s)).iterdir() if p.is_dir())}",
-                 _config_line(cfg), f"  fire_module {cfg.train.fire_module}"]
-        for item, title in (("model", "model:"), ("opt", "optimizer state:")):
-            meta = ck.leaf_metadata(root, s, item)
-            lines.append(_table(_summarise(((k, tuple(v.shape), dtype_name(v.dtype)) for k, v in meta.items())),
-                                title))
-        return "\n".join(lines)
     if path.is_dir() and not list(path.glob("*.safetensors")):
         root, s = ck.resolve(path)
+        if ck.is_run_step(root, s):
+            cfg = ck.read_config(root, s)
+            lines = [f"osum-train run {path} (orbax CheckpointManager); steps {ck.steps(root)}; showing step {s}",
+                     f"  items: {sorted(p.name for p in (root / str(s)).iterdir() if p.is_dir())}",
+                     _config_line(cfg), f"  fire_module {cfg.train.fire_module}"]
+            for item, title in ((ck.weights_item(root, s), "params:"), ("opt", "optimizer state:")):
+                meta = ck.leaf_metadata(root, s, item)
+                lines.append(_table(_summarise(((k, tuple(v.shape), dtype_name(v.dtype)) for k, v in meta.items())),
+                                    title))
+            return "\n".join(lines)
         cfg = ck.read_config(root, s)
-        lines = [f"JAX checkpoint {root} (orbax CheckpointManager); steps {_steps(root)}; showing step {s}",
+        lines = [f"JAX checkpoint {root} (orbax CheckpointManager); steps {ck.steps(root)}; showing step {s}",
                  f"  items: {sorted(p.name for p in (root / str(s)).iterdir() if p.is_dir())}", _config_line(cfg)]
         meta = ck.leaf_metadata(root, s)
         lines.append(_table(_summarise(((k, tuple(v.shape), dtype_name(v.dtype)) for k, v in meta.items())),

@@ -10,17 +10,11 @@ def lazy_checkpoint(ckpt: str | Path, step: int | None = None, overrides=()):
     """``({dotted path: LazyLeaf}, Config)`` of a training run directory or a converter checkpoint: names and
     shapes checked against the stored config, no tensor read yet (an export then streams it tensor by tensor;
     a stacked variable one layer at a time)."""
-    from ..train.checkpoint import is_run_directory, read_run_config, run_checkpoints_dir
-    from .checkpoint import check_leaves, lazy_leaves, read_config, resolve
+    from ..checkpoint import check_leaves, lazy_leaves, read_config, resolve
 
-    if is_run_directory(ckpt):
-        root, s = resolve(run_checkpoints_dir(ckpt), step)
-        cfg = read_run_config(root, s, overrides)
-        leaves = lazy_leaves(root, s, item="model")
-    else:
-        root, s = resolve(ckpt, step)
-        cfg = read_config(root, s, overrides)
-        leaves = lazy_leaves(root, s)
+    root, s = resolve(ckpt, step)
+    cfg = read_config(root, s, overrides)
+    leaves = lazy_leaves(root, s)
     check_leaves(leaves, cfg, f"{root / str(s)}")
     return leaves, cfg
 

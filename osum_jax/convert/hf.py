@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..config import LLMConfig, LoRAConfig
-from .tree import CheckpointMismatch
+from ..checkpoint.tree import CheckpointMismatch
 
 Transform = Callable[[np.ndarray], np.ndarray]
 

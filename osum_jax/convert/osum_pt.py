@@ -48,7 +48,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .hf import WHISPER_LAYER, _conv, _id, _linear, normalize_peft_key, qwen2_layer_table, QWEN2_TOP
-from .tree import CheckpointMismatch
+from ..checkpoint.tree import CheckpointMismatch
 
 LLM_PREFIX = "llama_model.base_model.model."
 IGNORED = (r"ln_speech\..*", r"speaker_head\..*")  # kept as extras, not model variables

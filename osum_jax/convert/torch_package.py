@@ -21,12 +21,12 @@ temporary sibling directory and renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -34,10 +34,10 @@ from typing import Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from ..checkpoint import atomic_output, flat_variables
 from ..config import ModelConfig
 from ..data.text import DEFAULT_PROMPTS, PromptBook
 from .hf import QWEN2_TOP, WHISPER_LAYER, WHISPER_TOP, _conv, _id, _linear, qwen2_layer_table
-from .tree import flat_variables
 
 FORMAT_NAME = "osum-torch-package"
 FORMAT_VERSION = 1
@@ -115,7 +115,7 @@ def _plan(model, cfg: ModelConfig, merge_lora: bool) -> list[_Tensor]:
     """Every output tensor in a fixed order, with lazy producers (one layer of a stacked variable each).
 
     ``model``: an OSUM module, or ``{dotted path: leaf}`` with leaves that have ``shape``, ``leaf[i]`` and
-    ``get_value()`` (e.g. :class:`osum_jax.convert.checkpoint.LazyLeaf`, read from disk on demand)."""
+    ``get_value()`` (e.g. :class:`osum_jax.checkpoint.LazyLeaf`, read from disk on demand)."""
     variables = dict(model) if isinstance(model, Mapping) else flat_variables(model)
     used: set[str] = set()
     out: list[_Tensor] = []
@@ -370,10 +370,9 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
     total_bytes = sum(math.prod(t.shape) for t in tensors) * np_dt.itemsize
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     bar = _Progress(total_bytes, len(tensors), progress)
-    try:
+    with contextlib.closing(bar), atomic_output(out, force=True) as tmp:  # refused above unless force
+        tmp.mkdir()
         offenders: list[tuple[str, float]] = []
         weight_map = _write_shards(tmp, "model", shards, np_dt, st_dtype, key == "fp16", offenders, bar)
         if adapters:
@@ -426,18 +425,6 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
                 shutil.copyfile(tok_dir / name, tmp / name)
                 copied.append(name)
         _fsync_dir(tmp)
-        if out.exists():  # force: move the old one away first so the rename is the only visible change
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            _remove(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        _remove(tmp)
-        raise
-    finally:
-        bar.close()
     files = sorted(p.name for p in out.iterdir())
     return {"out": str(out), "files": files, "tensors": len(tensors), "bytes": total_bytes,
             "shards": len(shards), "dtype": torch_dtype, "merged_lora": merge_lora, "tokenizer_files": copied}
@@ -453,9 +440,4 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(f.fileno())
 
 
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists():
-        p.unlink()
 

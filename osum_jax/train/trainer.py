@@ -29,7 +29,7 @@ from flax import nnx
 from ..config import Config
 from ..models import OSUM
 from .agree import AgreedBatches
-from .checkpoint import RunCheckpointer
+from ..checkpoint import RunCheckpointer, load_flat, read_config, restore_params
 from .flops import train_step_flops
 from .mesh import (align_across_processes, build_mesh, data_parallel_size, empty_batch, from_every_process,
                    global_to_host, process_flags, process_sum, put_batch, put_rows)
@@ -133,22 +133,13 @@ class Trainer:
         Restored straight into the abstract model on this run's mesh: every array is read with the sharding it
         has in the step, so each process reads only its devices' shards, no host materialises the full model and
         no parameter is randomly initialised first."""
-        from ..convert.checkpoint import read_config, restore_params
-        from ..convert.tree import flat_variables, load_flat
-        from .checkpoint import is_run_directory, load_run_model, read_run_config
-
-        src_cfg = read_run_config(path) if is_run_directory(path) else read_config(path)
+        src_cfg = read_config(path)
         mine, theirs = self.cfg.model, src_cfg.model
         for part in ("encoder", "adapter", "llm", "lora", "speech_token_num"):
             if getattr(mine, part) != getattr(theirs, part):
                 raise ValueError(f"train.init_from={path}: model.{part} differs from this run's config:\n"
                                  f"  checkpoint: {getattr(theirs, part)}\n  config:     {getattr(mine, part)}")
-        shardings = self._flat_shardings()
-        if is_run_directory(path):
-            src, _, _ = load_run_model(path, shardings=shardings)
-            flat = {k: v.get_value() for k, v in flat_variables(src).items()}
-        else:
-            flat = restore_params(path, cfg=src_cfg, dtype=mine.param_dtype, shardings=shardings)
+        flat = restore_params(path, cfg=src_cfg, dtype=mine.param_dtype, shardings=self._flat_shardings())
         model = nnx.eval_shape(lambda: OSUM(mine, rngs=nnx.Rngs(0)))
         load_flat(model, flat, source=f"train.init_from={path}")  # parameters and fixed buffers
         log.info("initialised weights from %s", path)
@@ -180,16 +171,16 @@ class Trainer:
 
     def save(self, force: bool = False) -> None:
         meta = {"step": self.step, "micro_step": self.micro_step, "nonfinite_steps": self.nonfinite_steps,
-                "data_layout": self._data_layout(), "config": self.cfg.to_dict()}
+                "data_layout": self._data_layout()}
         self.checkpointer.save(self.step, nnx.state(self.model), self.opt_state, self.data_state or {}, meta,
-                               force=force)
+                               self.cfg.to_dict(), force=force)
 
     def restore_latest(self) -> bool:
         step = self.checkpointer.latest_step()
         if step is None:
             return False
         saved_meta = self.checkpointer.restore_meta(step)
-        k_then = int(saved_meta.get("config", {}).get("train", {}).get("grad_accum", self.cfg.train.grad_accum))
+        k_then = read_config(self.checkpointer.directory, step).train.grad_accum
         k_now = self.cfg.train.grad_accum
         if (k_then > 1) != (k_now > 1):
             raise ValueError(f"{self.checkpointer.directory}/{step} was written with train.grad_accum={k_then} and "
