@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import contract
 from .devices import apply_npu_fusions, resolve_device, resolve_dtype
 
-IGNORE_ID = -100
 FORMAT_NAME = "osum-torch-package"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
@@ -686,37 +686,7 @@ def _merge_peft(state: dict[str, torch.Tensor], root: Path, cfg: OSUMConfig) -> 
 
 
 def check_batch(batch: Mapping[str, Any], model: OSUMForConditionalGeneration) -> None:
-    """Validate a batch against the contract; raises ``ValueError`` naming the key."""
-    need = ["feats", "feats_lengths", "target", "target_lengths"] + (["prompt_lengths"] if "prompt" in batch else [])
-    missing = [k for k in need if k not in batch]
-    if missing:
-        raise ValueError(f"batch is missing key(s) {missing}")
-    shape = tuple(np.shape(batch["feats"]))
-    m = model.config.encoder.num_mel_bins
-    if len(shape) != 3 or shape[-1] != m:
-        raise ValueError(f"batch['feats'] has shape {shape}; expected [B, T, {m}]")
-    b, t = shape[:2]
-    fl = np.asarray(batch["feats_lengths"].cpu() if isinstance(batch["feats_lengths"], torch.Tensor)
-                    else batch["feats_lengths"])
-    if fl.shape != (b,) or fl.min() < 1 or fl.max() > t:
-        raise ValueError(f"batch['feats_lengths'] must be [{b}] values in [1, {t}], got {fl.tolist()}")
-    v = int(model.config.llm["vocab_size"])
-    for ids_key, len_key in (("prompt", "prompt_lengths"), ("target", "target_lengths")):
-        if ids_key not in batch:
-            continue
-        ids = batch[ids_key]
-        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)
-        lens = batch[len_key]
-        lens = np.asarray(lens.cpu() if isinstance(lens, torch.Tensor) else lens)
-        if ids.ndim != 2 or ids.shape[0] != b or lens.shape != (b,):
-            raise ValueError(f"batch[{ids_key!r}] / batch[{len_key!r}] have shapes {ids.shape} / {lens.shape}; "
-                             f"expected [{b}, N] / [{b}]")
-        if lens.size and (lens.min() < 0 or lens.max() > ids.shape[1]):
-            raise ValueError(f"batch[{len_key!r}] must lie in [0, {ids.shape[1]}], got {lens.tolist()}")
-        valid = np.arange(ids.shape[1])[None, :] < lens[:, None]
-        bad = valid & ((ids < 0) | (ids >= v))
-        if ids_key == "target":
-            bad &= ids != IGNORE_ID
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
-            raise ValueError(f"batch[{ids_key!r}][{r}, {c}] = {ids[r, c]} is not a token id in [0, {v})")
+    """Validate a batch against the contract (:func:`osum_torch_infer.contract.check_batch`); raises
+    ``ValueError`` naming the key."""
+    contract.check_batch(batch, num_mel_bins=model.config.encoder.num_mel_bins,
+                         vocab_size=int(model.config.llm["vocab_size"]))

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 
-DEFAULT_TASK = "<TRANSCRIBE>"
+from .contract import DEFAULT_TASK, normalize_task  # noqa: F401 (re-exported)
+
 ANSWER_SEP = "<开始回答>"
 
 # task key -> result field of its tag
@@ -30,13 +31,6 @@ TAG_VOCAB = {
 _TAG = re.compile(r"<([^<>]*)>")
 _STAMP = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*$")
 _SPACES = re.compile(r"\s+")
-
-
-def normalize_task(task: str | None) -> str:
-    """``"<TRANSCRIBE><GENDER>"`` -> ``"<TRANSCRIBE> <GENDER>"``; empty/None -> ``<TRANSCRIBE>``."""
-    if task is None or not str(task).strip():
-        return DEFAULT_TASK
-    return " ".join(re.sub(r">\s*<", "> <", str(task).strip()).split())
 
 
 def task_keys(task: str | None) -> list[str]:

@@ -14,8 +14,6 @@ from osum_jax.data.audio import decode_audio
 from osum_jax.data.cli import make_shards
 from osum_jax.data.sources import MixedSource, SampleError, open_source
 
-BATCH_KEYS = ("feats", "feats_lengths", "prompt", "prompt_lengths", "target", "target_lengths")
-
 
 def cfg_for(corpus, **kw) -> DataConfig:
     base = dict(tokenizer=str(corpus["tokenizer"]), frame_buckets=(200, 400, 800), max_frames=800,

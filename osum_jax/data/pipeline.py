@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import grain
 import numpy as np
+from osum_torch_infer.contract import IGNORE_ID, PAD_PROMPT
 
 from ..config import ConfigError, DataConfig
 from .audio import AudioError, audio_length, decode_audio, log_mel_spectrogram, num_frames
@@ -41,7 +42,6 @@ log = logging.getLogger("osum_jax.data")
 
 NONE_LABELS = ("<None>", "<NONE>", "<none>")
 NONE_ANSWERS = ("None_in_extract_answer", "None_in_extract_X")
-PAD_PROMPT, PAD_TARGET = -1, -100
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class BucketSpec:
         feats_lengths = np.ones(b, np.int32)  # padding rows: one silent frame, no prompt, no target
         prompt = np.full((b, p), PAD_PROMPT, np.int32)
         prompt_lengths = np.zeros(b, np.int32)
-        target = np.full((b, t), PAD_TARGET, np.int32)
+        target = np.full((b, t), IGNORE_ID, np.int32)
         target_lengths = np.zeros(b, np.int32)
         keys, tasks, indices = [""] * b, [""] * b, [-1] * b
         for i, ex in enumerate(examples):

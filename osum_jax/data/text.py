@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from osum_torch_infer.contract import DEFAULT_TASK, normalize_task  # noqa: F401 (re-exported)
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts_default.yaml")
-DEFAULT_TASK = "<TRANSCRIBE>"
 NO_PROMPT = "<no_prompt>"
 
 _CJK = "\u4e00-\u9fff"
@@ -22,13 +22,6 @@ def normalize_label(text: str) -> str:
     text = _SPACE_AROUND_CJK.sub(r"\1", text)
     text = text.lower()
     return _SPACE_AROUND_ANGLE.sub(r"\1", text).strip()
-
-
-def normalize_task(task: str | None) -> str:
-    """``"<TRANSCRIBE><GENDER>"`` -> ``"<TRANSCRIBE> <GENDER>"``; empty/None -> ``<TRANSCRIBE>``."""
-    if task is None or not str(task).strip():
-        return DEFAULT_TASK
-    return " ".join(re.sub(r">\s*<", "> <", str(task).strip()).split())
 
 
 class Tokenizer:

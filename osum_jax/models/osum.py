@@ -29,8 +29,10 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from osum_torch_infer import contract
+from osum_torch_infer.contract import BATCH_KEYS
 
 from ..config import ModelConfig
 from .adapter import Adapter
@@ -40,8 +42,6 @@ from .qwen2 import Qwen2
 from .sharding import constrain
 from .whisper import WhisperEncoder
 
-BATCH_KEYS = ("feats", "feats_lengths", "prompt", "prompt_lengths", "target", "target_lengths")
-IGNORE_ID = -100
 
 
 class OSUM(nnx.Module):
@@ -146,48 +146,12 @@ def _concrete(x: Any) -> bool:
 
 
 def check_batch(batch: Mapping[str, Any], cfg: ModelConfig) -> None:
-    """Validate a batch against the contract; raises ``ValueError`` naming the offending key.
+    """Validate a batch against the contract (:func:`osum_torch_infer.contract.check_batch`); raises
+    ``ValueError`` naming the offending key.
 
     Shapes are always checked; values (lengths, token ids) only when the arrays are concrete (outside ``jit``),
     so call it on host batches before the first step to catch bad data early.
     """
-    missing = [k for k in ("feats", "feats_lengths", "target", "target_lengths") if k not in batch]
-    if "prompt" in batch and "prompt_lengths" not in batch:
-        missing.append("prompt_lengths")
-    if missing:
-        raise ValueError(f"batch is missing key(s) {missing}; expected {list(BATCH_KEYS)}")
-    feats = batch["feats"]
-    if feats.ndim != 3 or feats.shape[-1] != cfg.encoder.num_mel_bins:
-        raise ValueError(f"batch['feats'] has shape {tuple(feats.shape)}; expected [B, T, {cfg.encoder.num_mel_bins}]")
-    b, t = feats.shape[:2]
-    if t > 2 * cfg.encoder.max_source_positions:
-        raise ValueError(f"batch['feats'] has {t} frames; the encoder accepts at most "
-                         f"{2 * cfg.encoder.max_source_positions}")
-    checks = [("feats_lengths", None, t, 1), ("target", 2, None, None), ("target_lengths", None, None, 0)]
-    if "prompt" in batch:
-        checks += [("prompt", 2, None, None), ("prompt_lengths", None, None, 0)]
-    for key, ndim, hi, lo in checks:
-        arr = batch[key]
-        if ndim is None and tuple(arr.shape) != (b,):
-            raise ValueError(f"batch[{key!r}] has shape {tuple(arr.shape)}; expected [{b}]")
-        if ndim is not None and (arr.ndim != ndim or arr.shape[0] != b):
-            raise ValueError(f"batch[{key!r}] has shape {tuple(arr.shape)}; expected [{b}, N]")
-    if not all(_concrete(batch[k]) for k in batch if k in BATCH_KEYS):
-        return
-    v = cfg.llm.vocab_size
-    fl = np.asarray(batch["feats_lengths"])
-    if fl.min() < 1 or fl.max() > t:
-        raise ValueError(f"batch['feats_lengths'] must lie in [1, {t}], got {fl.tolist()}")
-    for ids_key, len_key in (("prompt", "prompt_lengths"), ("target", "target_lengths")):
-        if ids_key not in batch:
-            continue
-        ids, lens = np.asarray(batch[ids_key]), np.asarray(batch[len_key])
-        if lens.min() < 0 or lens.max() > ids.shape[1]:
-            raise ValueError(f"batch[{len_key!r}] must lie in [0, {ids.shape[1]}], got {lens.tolist()}")
-        valid = np.arange(ids.shape[1])[None, :] < lens[:, None]
-        bad = valid & ((ids < 0) | (ids >= v))
-        if ids_key == "target":
-            bad &= ids != IGNORE_ID
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
-            raise ValueError(f"batch[{ids_key!r}][{r}, {c}] = {ids[r, c]} is not a token id in [0, {v})")
+    contract.check_batch(batch, num_mel_bins=cfg.encoder.num_mel_bins, vocab_size=cfg.llm.vocab_size,
+                         max_frames=2 * cfg.encoder.max_source_positions,
+                         values=all(_concrete(batch[k]) for k in batch if k in BATCH_KEYS))

@@ -10,11 +10,11 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from osum_torch_infer.contract import BATCH_KEYS, IGNORE_ID, PAD_PROMPT
 
 from ..config import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_KEYS = ("feats", "feats_lengths", "prompt", "prompt_lengths", "target", "target_lengths")
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -136,7 +136,7 @@ def pad_batch(batch: Mapping[str, np.ndarray], b: int, t: int, p: int, l_: int) 
     out["feats"][: f.shape[0], : f.shape[1]] = f
     out["feats_lengths"] = np.ones(b, batch["feats_lengths"].dtype)
     out["feats_lengths"][: f.shape[0]] = batch["feats_lengths"]
-    for key, width, pad in (("prompt", p, -1), ("target", l_, -100)):
+    for key, width, pad in (("prompt", p, PAD_PROMPT), ("target", l_, IGNORE_ID)):
         x = batch[key]
         out[key] = np.full((b, width), pad, x.dtype)
         out[key][: x.shape[0], : x.shape[1]] = x
