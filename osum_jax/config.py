@@ -182,7 +182,7 @@ class DataConfig:
     sample_rate: int = 16000
     num_mel_bins: int = 80
     # filters (frames are 10 ms, counted before resampling as OSUM does)
-    min_frames: int = 1
+    min_frames: int = 10  # 0.1 s, OSUM's inference filter (min_length 10); shorter clips carry no speech
     max_frames: int = 2900
     min_label_tokens: int = 1
     max_label_tokens: int = 200  # including the end-of-text id

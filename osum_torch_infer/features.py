@@ -85,6 +85,42 @@ def audio_length(src: str | bytes | BinaryIO, *, start: float | None = None,
     return sr, max(0, last - first)
 
 
+def wav_truncation(src: str | bytes | BinaryIO) -> tuple[float, float] | None:
+    """``(seconds the header promises, seconds the file holds)`` for a RIFF/WAVE file whose ``data`` chunk is
+    cut short (an interrupted copy or download), else ``None`` (also for other formats). libsndfile silently
+    reads such a file to its end, so its length alone cannot tell."""
+    import struct
+
+    if isinstance(src, (bytes, bytearray)):
+        head, size = bytes(src[:4096]), len(src)
+    elif isinstance(src, str):
+        try:
+            with open(src, "rb") as f:
+                head = f.read(4096)
+                size = f.seek(0, io.SEEK_END)
+        except OSError:
+            return None
+    else:
+        pos = src.tell()
+        head = src.read(4096)
+        size = src.seek(0, io.SEEK_END)
+        src.seek(pos)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    i, byte_rate = 12, 0
+    while i + 8 <= len(head):
+        cid, n = head[i:i + 4], struct.unpack("<I", head[i + 4:i + 8])[0]
+        if cid == b"fmt " and i + 16 <= len(head):
+            byte_rate = struct.unpack("<I", head[i + 16:i + 20])[0]
+        if cid == b"data":
+            have = size - (i + 8)
+            if byte_rate and n != 0xFFFFFFFF and have < n:  # 0xFFFFFFFF: a streamed WAV of unknown length
+                return n / byte_rate, max(have, 0) / byte_rate
+            return None
+        i += 8 + n + (n & 1)
+    return None
+
+
 def load_audio(src: str | bytes | BinaryIO, *, start: float | None = None, end: float | None = None,
                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """:func:`decode_audio`'s samples only: mono float32 ``[N]`` at ``sample_rate``."""

@@ -164,11 +164,15 @@ def test_mixed_source_weights(pcm_corpus, tmp_path):
 
 
 def test_unknown_task_is_reported_at_start_up(pcm_corpus, tmp_path):
+    """Counted and warned at start-up (the lines are skipped, see test_robustness.py); strict mode refuses,
+    naming the line."""
     lst = tmp_path / "d.list"
     e = json.loads(pcm_corpus["list"].read_text().splitlines()[0])
-    lst.write_text(json.dumps(dict(e, task="<TRANSCRIBE> <DIALECT>")) + "\n")
-    with pytest.raises(ValueError, match=r"<DIALECT>.*known tasks: \[.*<TRANSCRIBE>"):
-        DataPipeline(cfg_for(pcm_corpus), str(lst), shard_index=0, shard_count=1)
+    lst.write_text(json.dumps(e) + "\n" + json.dumps(dict(e, task="<TRANSCRIBE> <DIALECT>")) + "\n")
+    pipe = DataPipeline(cfg_for(pcm_corpus), str(lst), shard_index=0, shard_count=1)
+    assert pipe.unknown_tasks == {"<TRANSCRIBE> <DIALECT>": 1}
+    with pytest.raises(ValueError, match=rf"{lst}:2.*unknown task.*<DIALECT>.*known: \[.*<TRANSCRIBE>"):
+        DataPipeline(cfg_for(pcm_corpus, strict=True), str(lst), shard_index=0, shard_count=1)
     with pytest.raises(ConfigError, match="max_prompt_tokens"):
         DataPipeline(cfg_for(pcm_corpus, max_prompt_tokens=4), str(pcm_corpus["list"]), shard_index=0,
                      shard_count=1)

@@ -12,9 +12,11 @@ Importing it pulls in neither torch nor JAX.
 
 from __future__ import annotations
 
-from osum_torch_infer.features import AudioError, audio_length, decode_audio, log_mel_spectrogram, mel_filters
+from osum_torch_infer.features import (AudioError, audio_length, decode_audio, log_mel_spectrogram, mel_filters,
+                                       wav_truncation)
 
-__all__ = ["AudioError", "audio_length", "decode_audio", "log_mel_spectrogram", "mel_filters", "num_frames"]
+__all__ = ["AudioError", "audio_length", "decode_audio", "log_mel_spectrogram", "mel_filters", "num_frames",
+           "wav_truncation"]
 
 
 def num_frames(num_samples: int, sample_rate: int) -> int:

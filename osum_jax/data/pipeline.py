@@ -33,7 +33,7 @@ import numpy as np
 from osum_torch_infer.contract import IGNORE_ID, PAD_PROMPT
 
 from ..config import ConfigError, DataConfig
-from .audio import AudioError, audio_length, decode_audio, log_mel_spectrogram, num_frames
+from .audio import AudioError, audio_length, decode_audio, log_mel_spectrogram, num_frames, wav_truncation
 from .augment import spec_aug, spec_sub
 from .sources import SampleError, open_source
 from .text import PromptBook, Tokenizer, normalize_label, normalize_task
@@ -88,6 +88,8 @@ class SampleProcessor:
         if task not in self.prompts.prompts:
             raise SampleError("unknown task", where, f"{task!r}; known: {self.prompts.tasks}")
         label = normalize_label(txt) if cfg.normalize_text else txt
+        if not label.strip():  # every OSUM task's label has text (a transcript, tags, an answer)
+            raise SampleError("empty label", where, f"task {task}")
         target = self.tok.encode(label) + [self.tok.eod_id]
         if not cfg.min_label_tokens <= len(target) <= cfg.max_label_tokens:
             raise SampleError("label length", where, f"{len(target)} tokens, allowed "
@@ -105,6 +107,10 @@ class SampleProcessor:
                                             target_sr=cfg.sample_rate)
         except AudioError as e:
             raise SampleError("bad audio", where, str(e)) from None
+        cut = wav_truncation(rec["audio"])
+        if cut is not None:
+            raise SampleError("truncated audio", where, f"the WAV header promises {cut[0]:.2f} s, the file holds "
+                                                        f"{cut[1]:.2f} s")
         frames = num_frames(n_orig, sr)
         if frames < cfg.min_frames:
             raise SampleError("too short", where, f"{frames} frames")
@@ -288,8 +294,9 @@ class DataPipeline:
             tokenizer = Tokenizer(cfg.tokenizer, cfg.eod_token)
         self.tokenizer = tokenizer
         self.prompts = prompts or PromptBook.load(cfg.prompts or None)
-        # start-up checks: every task has prompts, every prompt fits the static prompt length
-        self.prompts.check_tasks(t for t in self.source.tasks)
+        # start-up checks: tasks without prompts (their utterances are skipped as "unknown task"; strict mode
+        # refuses the list at the first such line), every prompt fits the static prompt length
+        self.unknown_tasks = self._unknown_tasks()
         for task, items in self.prompts.prompts.items():
             for p in items:
                 n = len(tokenizer.encode(p)) if p != "<no_prompt>" else 0
@@ -302,6 +309,25 @@ class DataPipeline:
             shard_index, shard_count = opts.shard_index, opts.shard_count
         self.shard_index, self.shard_count = shard_index, shard_count
         self.processor = SampleProcessor(cfg, self.source, tokenizer, self.prompts, train=train)
+
+    def _unknown_tasks(self) -> dict[str, int]:
+        """``{task: utterances}`` for the tasks of the data that the prompt file does not know."""
+        known = set(self.prompts.prompts)
+        counts: collections.Counter = collections.Counter()
+        first = None
+        for i, t in enumerate(self.source.tasks):
+            task = normalize_task(t)
+            if task not in known:
+                counts[task] += 1
+                first = i if first is None else first
+        if counts and self.cfg.strict:
+            where = self.source[first]["where"]
+            raise SampleError("unknown task", where, f"{normalize_task(self.source.tasks[first])!r} has no prompts in "
+                                                     f"{self.prompts.source}; known: {self.prompts.tasks}")
+        if counts:
+            log.warning("%s: %d utterance(s) have tasks without prompts in %s and will be skipped: %s",
+                        self.path, sum(counts.values()), self.prompts.source, dict(counts))
+        return dict(counts)
 
     @property
     def index_skips(self) -> dict[str, int]:

@@ -115,13 +115,25 @@ def main(argv=None) -> int:
             print(f"osum-train: config error: {e}", file=sys.stderr)
             return 2
         return 0
+    from .preflight import check
+
+    try:
+        check(cfg)  # inputs and outputs first: nothing is built or created for a run that cannot start
+    except ConfigError as e:
+        print(f"osum-train: {e}", file=sys.stderr)
+        return 2
     if cfg.train.compilation_cache_dir:
         enable_compilation_cache(cfg.train.compilation_cache_dir)
     _init_distributed(cfg)
+    from ..data.sources import SampleError
     from .trainer import Trainer
 
-    trainer = Trainer(cfg)
-    summary = trainer.train()
+    try:
+        trainer = Trainer(cfg)
+        summary = trainer.train()
+    except (ConfigError, SampleError) as e:  # a bad line under data.strict=true names file:line
+        print(f"osum-train: {e}", file=sys.stderr)
+        return 2
     import jax
 
     if jax.process_index() == 0:
