@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,41 @@ def test_export_streams_from_disk_and_equals_the_in_memory_export(hf, tmp_path, 
         assert files == sorted(p.name for p in b.iterdir()) and any(f.endswith(".safetensors") for f in files)
         for f in files:
             assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_readme_commands_with_relative_paths(hf, tmp_path):
+    """The README's osum-convert commands, run as the README shows them (the console script, relative paths):
+    import-hf --out ckpt/..., inspect, export-torch, export-osum, and load_model("ckpt/...") from Python."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.corpus import train_tokenizer
+
+    d = hf[0]
+    work = tmp_path / "work"
+    (work / "ckpt").mkdir(parents=True)
+    shutil.copytree(d / "whisper", work / "hf" / "whisper")
+    shutil.copytree(d / "qwen2", work / "hf" / "qwen2")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", work / "configs")
+    train_tokenizer(["transcribe the speech"], work / "tok", vocab_size=300)
+    exe = str(Path(sys.executable).parent / "osum-convert")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+    def run(*argv):
+        r = subprocess.run([exe, *argv], cwd=work, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, (argv, r.stderr[-3000:])
+        assert "Traceback" not in r.stderr
+        return r
+
+    run("import-hf", "--whisper", "hf/whisper", "--qwen2", "hf/qwen2", "--config", TINY, "--out", "ckpt/osum",
+        "--no-progress")
+    assert "JAX checkpoint" in run("inspect", "ckpt/osum").stdout
+    run("export-torch", "ckpt/osum", "--tokenizer", "tok", "--out", "pkg/osum", "--dtype", "fp32", "--no-progress")
+    run("export-osum", "ckpt/osum", "--out", "osum.pt", "--no-progress")
+    assert (work / "pkg" / "osum" / "config.json").is_file() and (work / "osum.pt").is_file()
+    r = subprocess.run([sys.executable, "-c", "from osum_jax.checkpoint import load_model; "
+                        "m, c = load_model('ckpt/osum'); print(c.model.llm.num_layers)"],
+                       cwd=work, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == str(L.num_layers), r.stderr[-3000:]
