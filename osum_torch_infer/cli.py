@@ -39,8 +39,11 @@ def _infer_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--max-seconds", type=float, default=30.0, help="longer audio is split into windows")
     p.add_argument("--format", default="jsonl", choices=("jsonl", "text"), help="text = OSUM's key<TAB>text")
-    p.add_argument("--out", required=True)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="results file (written to a temporary name, then renamed)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse the whole list at its first bad line, unknown task or repeated key (default: that "
+                        "line gets an error record naming file:line, the others run, exit status 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
 
@@ -82,8 +85,13 @@ def _infer(args) -> int:
     from .pipeline import Item, check_run_args, read_list, run, write_results
 
     try:
+        out = Path(args.out)
+        if out.is_dir():  # checked before any audio is read: results are never computed and then lost
+            raise ValueError(f"--out {args.out} is a directory; give a file name, e.g. {out / 'results.jsonl'}")
+        if out.parent.exists() and not out.parent.is_dir():
+            raise ValueError(f"--out {args.out}: {out.parent} is not a directory")
         if args.data:
-            items = read_list(args.data)
+            items = read_list(args.data, strict=args.strict)
         else:
             items = [Item(Path(w).stem, w) for w in args.wav]
         if not items:
@@ -91,12 +99,12 @@ def _infer(args) -> int:
         if args.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
         model = OSUMForConditionalGeneration.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-        if args.prompt is None:
+        if args.prompt is None and (args.task or args.strict):
             from .parsing import normalize_task
 
-            for t in {normalize_task(args.task or it.task) for it in items}:
+            for t in {normalize_task(args.task or it.task) for it in items if it.error is None}:
                 model.prompt_for(t)  # unknown tasks fail here, before any audio is processed
-        check_run_args(model, items, args.max_seconds)
+        check_run_args(model, items, args.max_seconds, strict=args.strict)
     except (PackageError, ValueError, RuntimeError) as e:
         print(f"osum-infer: error: {e}", file=sys.stderr)
         return 2

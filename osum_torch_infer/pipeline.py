@@ -25,37 +25,59 @@ class Item:
     task: str | None = None
     start: float | None = None
     end: float | None = None
+    where: str = ""  # file:line of a data-list entry
+    error: str | None = None  # a line that cannot be used: it becomes an error record, the others go on
 
 
-def read_list(path: str | Path) -> list[Item]:
-    """A data list: jsonl (``key``, ``wav``, optional ``task``, ``start``, ``end``) or ``key<space>path`` lines."""
+def read_list(path: str | Path, *, strict: bool = False) -> list[Item]:
+    """A data list: jsonl (``key``, ``wav``, optional ``task``, ``start``, ``end``) or ``key<space>path`` lines.
+
+    A line that cannot be read (not UTF-8, broken JSON, no ``wav``, no ``key path``) becomes an :class:`Item`
+    with ``error`` naming ``file:line`` (its result is an error record; the run goes on); ``strict`` raises
+    ``ValueError`` at the first one instead."""
     items = []
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes().split(b"\n")
     except OSError as e:
-        raise ValueError(f"cannot read the data list {path}: {e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if line.lstrip().startswith("{"):
+        raise ValueError(f"cannot read the data list {path}: {e.strerror or e}") from None
+    for n, bline in enumerate(raw, 1):
+        where = f"{path}:{n}"
+        try:
+            line = bline.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            line, error = None, "the line is not UTF-8"
+        else:
+            error = None
+            if not line.strip():
+                continue
+        item = None
+        if error is None and line.lstrip().startswith("{"):
             try:
                 d = json.loads(line)
                 wav = str(d["wav"])
                 key = str(d.get("key", Path(wav).stem))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: bad entry ({type(e).__name__}: {e})") from None
-            if not Path(wav).is_absolute():
-                wav = str(path.parent / wav)
-            items.append(Item(key, wav, d.get("task"), d.get("start"), d.get("end")))
-        else:
+                wav = wav if Path(wav).is_absolute() else str(path.parent / wav)
+                item = Item(key, wav, d.get("task"), d.get("start"), d.get("end"), where=where)
+            except json.JSONDecodeError as e:
+                error = f"broken JSON ({e})"
+            except KeyError as e:
+                error = f"no {e} field"
+            except (TypeError, AttributeError):
+                error = "not a JSON object"
+        elif error is None:
             parts = line.split(None, 1)
             if len(parts) != 2:
-                raise ValueError(f"{path}:{n}: expected 'key path' or a JSON object, got {line!r}")
-            wav = parts[1].strip()
-            if not Path(wav).is_absolute():
-                wav = str(path.parent / wav)
-            items.append(Item(parts[0], wav))
+                error = f"expected 'key path' or a JSON object, got {line[:80]!r}"
+            else:
+                wav = parts[1].strip()
+                wav = wav if Path(wav).is_absolute() else str(path.parent / wav)
+                item = Item(parts[0], wav, where=where)
+        if error is not None:
+            if strict:
+                raise ValueError(f"{where}: {error}")
+            item = Item(where, "", where=where, error=f"{where}: {error}")
+        items.append(item)
     return items
 
 
@@ -68,6 +90,15 @@ class _Unit:
 
 
 def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: float) -> list[_Unit] | str:
+    if item.error is not None:
+        return item.error
+    if not Path(item.wav).is_file():
+        return f"no such file: {item.wav}"
+    if prompt is None:
+        try:
+            model.prompt_for(task)
+        except ValueError as e:  # names the task, the prompt file and the known tasks
+            return str(e)
     try:
         wave = load_audio(item.wav, start=item.start, end=item.end)
     except AudioError as e:
@@ -86,19 +117,25 @@ def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: floa
     return units
 
 
-def check_run_args(model, items: Sequence[Item], max_seconds: float) -> None:
-    """``ValueError`` (before any audio is read) for a window the encoder cannot take or keys used twice (results
-    are matched to references by key)."""
+def check_run_args(model, items: Sequence[Item], max_seconds: float, *, strict: bool = True) -> None:
+    """``ValueError`` (before any audio is read) for a window the encoder cannot take; keys used twice (results
+    are matched to references by key) raise with ``strict``, else the later uses become error records."""
     limit = model.encoder.max_frames / 100.0  # log-mel: 100 frames per second
     if not 0 < max_seconds <= limit:
         raise ValueError(f"max_seconds={max_seconds:g}: windows must be longer than 0 s and at most {limit:g} s "
                          f"(the encoder takes {model.encoder.max_frames} frames)")
     seen: dict[str, str] = {}
     for it in items:
+        if it.error is not None:
+            continue
         if it.key in seen:
-            raise ValueError(f"key {it.key!r} is used twice ({seen[it.key]} and {it.wav}); keys must be unique "
-                             f"(--wav uses the file name without extension; use --data with explicit keys)")
-        seen[it.key] = str(it.wav)
+            msg = (f"key {it.key!r} is used twice ({seen[it.key]} and {it.where or it.wav}); keys must be unique "
+                   f"(--wav uses the file name without extension; use --data with explicit keys)")
+            if strict:
+                raise ValueError(msg)
+            it.error = f"{it.where}: {msg}" if it.where else msg
+            continue
+        seen[it.key] = it.where or str(it.wav)
 
 
 def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | None = None, batch_size: int = 8,
@@ -113,7 +150,7 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
     ``engine`` and ``cache_implementation`` (``"static"`` or the default dynamic cache) go to
     :meth:`OSUMForConditionalGeneration.generate`.
     """
-    check_run_args(model, items, max_seconds)
+    check_run_args(model, items, max_seconds, strict=False)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -130,9 +167,9 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
             units: list[_Unit] = []
             for i, item in enumerate(part):
                 t = normalize_task(task or item.task)
-                p = prompt if prompt is not None else model.prompt_for(t)
-                res = {"key": item.key, "wav": item.wav, "task": t, "prompt": p}
                 prepared = _prepare(model, item, t, prompt, max_seconds)
+                p = prompt if prompt is not None or isinstance(prepared, str) else model.prompt_for(t)
+                res = {"key": item.key, "wav": item.wav, "task": t, "prompt": p}
                 if isinstance(prepared, str):
                     res["error"] = prepared
                     print(f"osum-infer: {item.key}: {item.wav}: {prepared}", file=sys.stderr)

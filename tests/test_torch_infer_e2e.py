@@ -76,8 +76,15 @@ def test_infer_then_eval(speech_corpus, package, tmp_path, capsys):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "utt1.wav").write_bytes((root / "utt1.wav").read_bytes())
     assert cli.main(["--model", str(package), "--wav", str(root / "utt1.wav"), str(tmp_path / "other" / "utt1.wav"),
-                     "--out", str(bad), "--no-progress"]) == 2
+                     "--out", str(bad), "--no-progress", "--strict"]) == 2
     assert "used twice" in capsys.readouterr().err and not bad.exists()
+    # without --strict the repeated key costs only its second use (an error record), exit status 1
+    assert cli.main(["--model", str(package), "--wav", str(root / "utt1.wav"), str(tmp_path / "other" / "utt1.wav"),
+                     "--out", str(bad), "--no-progress", "--max-new-tokens", "2"]) == 1
+    rows = [json.loads(line) for line in bad.read_text().splitlines()]
+    assert "error" not in rows[0] and "used twice" in rows[1]["error"]
+    bad.unlink()
+    capsys.readouterr()
     # osum-eval on the data.list as reference: one report per task
     report_dir = tmp_path / "report"
     assert evaluate.main(["--ref", str(data), "--hyp", str(results), "--out", str(report_dir)]) == 0
@@ -95,3 +102,39 @@ def test_infer_then_eval(speech_corpus, package, tmp_path, capsys):
     assert cli.main(["--model", str(tmp_path), "--wav", "x.wav", "--out", str(tmp_path / "o")]) == 2
     assert cli.main(["--model", str(package), "--wav", "x.wav", "--task", "<NOPE>", "--out", str(tmp_path / "o")]) == 2
     assert "known tasks" in capsys.readouterr().err
+
+
+def test_one_bad_line_costs_only_itself(speech_corpus, package, tmp_path, capsys):
+    """Non-UTF-8, broken JSON, no wav, a missing file, an unknown task and a repeated key: each line gets an
+    error record naming file:line (or the file), the good lines are decoded, exit status 1; --strict refuses the
+    list at its first bad line; --out naming a directory is refused before any audio is read."""
+    root = speech_corpus["root"]
+    good = {"key": "g1", "wav": str(root / "utt1.wav")}
+    lines = [json.dumps(good).encode(), b'{"key": "x", "wav": "caf\xe9.wav"}', b'{"key": "y", "wav": ',
+             b'{"key": "z"}', json.dumps({"key": "m", "wav": str(tmp_path / "missing.wav")}).encode(),
+             json.dumps({"key": "t", "wav": str(root / "utt2.wav"), "task": "<NOPE>"}).encode(),
+             json.dumps({"key": "g1", "wav": str(root / "utt2.wav")}).encode(),
+             json.dumps({"key": "g2", "wav": str(root / "utt2.wav")}).encode()]
+    data = tmp_path / "mixed.list"
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "r.jsonl"
+    args = ["--model", str(package), "--data", str(data), "--max-new-tokens", "2", "--device", "cpu", "--no-progress"]
+    assert cli.main(args + ["--out", str(out)]) == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8
+    ok = [r["key"] for r in rows if "error" not in r]
+    assert ok == ["g1", "g2"]
+    errors = [r["error"] for r in rows if "error" in r]
+    assert f"{data}:2: the line is not UTF-8" in errors[0]
+    assert f"{data}:3: broken JSON" in errors[1]
+    assert f"{data}:4: no 'wav' field" in errors[2]
+    assert errors[3] == f"no such file: {tmp_path / 'missing.wav'}"
+    assert "'<NOPE>' is not in the package's prompt file" in errors[4]
+    assert f"{data}:7" in errors[5] and "used twice" in errors[5]
+    capsys.readouterr()
+    strict = tmp_path / "strict.jsonl"
+    assert cli.main(args + ["--out", str(strict), "--strict"]) == 2
+    assert f"{data}:2: the line is not UTF-8" in capsys.readouterr().err and not strict.exists()
+    (tmp_path / "adir").mkdir()
+    assert cli.main(args + ["--out", str(tmp_path / "adir")]) == 2
+    assert "is a directory" in capsys.readouterr().err
