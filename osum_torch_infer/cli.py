@@ -30,13 +30,13 @@ def _infer_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task key, e.g. '<TRANSCRIBE><GENDER>' (default: each entry's task, else "
                                   "<TRANSCRIBE>)")
     p.add_argument("--prompt", help="free prompt text instead of the task's prompt from the package")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="utterances (windows) decoded together (default 8)")
     p.add_argument("--device", default="auto", help="auto | cuda[:N] | npu[:N] | cpu")
-    p.add_argument("--dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+    p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32 (bfloat16 | float16 | float32 too)")
     p.add_argument("--decoding", default="greedy", choices=("greedy", "beam", "osum"),
                    help="greedy (deterministic, default), beam (beam search) or osum (OSUM's beam-sampling preset)")
-    p.add_argument("--num-beams", type=int)
-    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--num-beams", type=int, help="beams for beam/osum decoding (default: the preset's)")
+    p.add_argument("--max-new-tokens", type=int, help="longest output per window (default: the package's)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="longer audio is split into windows")
     p.add_argument("--format", default="jsonl", choices=("jsonl", "text"), help="text = OSUM's key<TAB>text")
     p.add_argument("--out", required=True, help="results file (written to a temporary name, then renamed)")
@@ -50,11 +50,12 @@ def _infer_parser() -> argparse.ArgumentParser:
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osum-infer export-onnx",
                                 description="export the audio tower (encoder + adapter + projection) to ONNX")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="package directory written by osum-convert export-torch")
     p.add_argument("--out", required=True, help="output directory (audio_tower.onnx, audio_tower.json)")
-    p.add_argument("--trace-frames", type=int, default=400)
-    p.add_argument("--check-frames", type=int, nargs="+", default=[137, 1001])
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--trace-frames", type=int, default=400, help="frames of the example input used to trace")
+    p.add_argument("--check-frames", type=int, nargs="+", default=[137, 1001],
+                   help="lengths checked against torch with onnxruntime after export")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     return p
 
 

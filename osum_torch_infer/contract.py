@@ -25,6 +25,25 @@ IGNORE_ID = -100  # target padding, ignored by the loss (torch's CrossEntropyLos
 DEFAULT_TASK = "<TRANSCRIBE>"
 
 
+# floating dtypes by either spelling; every command accepts both (``bf16`` = ``bfloat16``, ...)
+DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+                 "bf16": "bfloat16", "bfloat16": "bfloat16"}
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def dtype_long(name: str) -> str:
+    """``bf16``/``bfloat16`` -> ``bfloat16`` (also fp16/fp32); ``ValueError`` listing both spellings."""
+    try:
+        return DTYPE_ALIASES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected bf16|fp16|fp32 (or bfloat16|float16|float32)") from None
+
+
+def dtype_short(name: str) -> str:
+    """``bfloat16``/``bf16`` -> ``bf16`` (also fp16/fp32)."""
+    return SHORT_DTYPE[dtype_long(name)]
+
+
 def normalize_task(task: str | None) -> str:
     """``"<TRANSCRIBE><GENDER>"`` -> ``"<TRANSCRIBE> <GENDER>"``; empty/None -> ``<TRANSCRIBE>``."""
     if task is None or not str(task).strip():

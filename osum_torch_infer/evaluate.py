@@ -58,8 +58,8 @@ def _slug(task: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="osum-eval", description="WER/CER, tag accuracy and SRWT timestamp error")
-    p.add_argument("--ref", required=True)
-    p.add_argument("--hyp", required=True)
+    p.add_argument("--ref", required=True, help="references: a data.list (txt, task) or OSUM's key<TAB>text file")
+    p.add_argument("--hyp", required=True, help="hypotheses: osum-infer's results.jsonl or a key<TAB>text file")
     p.add_argument("--task", help="score every utterance as this task")
     p.add_argument("--out", help="directory for report.json, markdown reports and confusion PNGs")
     args = p.parse_args(argv)

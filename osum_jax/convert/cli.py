@@ -2,7 +2,7 @@
 
     osum-convert import-hf --whisper DIR --qwen2 DIR [--config CONFIG] [key=value ...] --out CKPT [--force]
     osum-convert import-osum CHECKPOINT.pt --config CONFIG [key=value ...] --out CKPT [--force]
-    osum-convert export-osum CKPT|RUN --out FILE.pt [--step N] [--dtype bfloat16|float16|float32]
+    osum-convert export-osum CKPT|RUN --out FILE.pt [--step N] [--dtype bf16|fp16|fp32]
                              [--layout-from CKPT] [--force]
     osum-convert export-torch CKPT --tokenizer DIR --out PKG [--dtype bf16|fp16|fp32] [--no-merge-lora] [--force]
     osum-convert inspect PATH
@@ -17,6 +17,18 @@ import os
 import sys
 import time
 from typing import Sequence
+
+from osum_torch_infer.contract import dtype_long, dtype_short
+
+
+def _dtype(canon):
+    """An argparse ``type`` accepting both dtype spellings (a wrong one is argparse's one-line error, exit 2)."""
+    def parse(s: str) -> str:
+        try:
+            return canon(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                                   "directory")
     exp.add_argument("--out", required=True, help="output .pt file")
     exp.add_argument("--step", type=int, help="step to export (default: the newest)")
-    exp.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                     help="cast every tensor (default: the dtypes recorded at import)")
+    exp.add_argument("--dtype", type=_dtype(dtype_long), metavar="bf16|fp16|fp32",
+                     help="cast every tensor (default: the dtypes recorded at import; bfloat16|float16|float32 "
+                          "spellings too)")
     exp.add_argument("--layout-from", metavar="CKPT",
                      help="converter checkpoint whose OSUM key layout and extras to use (default: the "
                           "checkpoint's own; for a run, the one its train.init_from started from)")
@@ -60,13 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--tokenizer", required=True, help="local Hugging Face tokenizer directory to ship")
     tp.add_argument("--out", required=True, help="output package directory")
     tp.add_argument("--prompts", help="prompt file to ship (default: the run's data.prompts, else the built-in)")
-    tp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    tp.add_argument("--dtype", type=_dtype(dtype_short), default="bf16", metavar="bf16|fp16|fp32",
+                    help="tensor dtype of the package (default bf16; bfloat16|float16|float32 spellings too)")
     tp.add_argument("--no-merge-lora", action="store_true", help="keep LoRA separate, in PEFT format")
     tp.add_argument("--step", type=int, help="step to export (default: the newest)")
     common(tp)
 
     ins = sub.add_parser("inspect", help="what a JAX checkpoint, .pt or safetensors file/directory holds")
-    ins.add_argument("path")
+    ins.add_argument("path", help="an osum-train run, a JAX checkpoint, a .pt, or a safetensors file/directory")
     return p
 
 

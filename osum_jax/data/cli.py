@@ -1,8 +1,9 @@
 """``osum-data``: build tar shards from a data.list, pre-build indexes, inspect a corpus.
 
     osum-data make-shards data.list OUT_DIR [--per-shard 1000] [--workers 8] [--prefix shards]
+                          [--sample-rate 16000] [--strict]
     osum-data index LIST [--format auto|raw|shard|mix] [--cache-dir DIR]
-    osum-data inspect LIST [--config CONFIG key=value ...] [--tokenizer DIR] [--limit N]
+    osum-data inspect LIST [--format auto|raw|shard|mix] [--limit N] [--cache-dir DIR]
 """
 
 from __future__ import annotations
@@ -153,22 +154,22 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("make-shards", help="jsonl data.list -> tar shards + shards_list.txt")
-    p.add_argument("data_list")
-    p.add_argument("out_dir")
-    p.add_argument("--per-shard", type=int, default=1000)
-    p.add_argument("--prefix", default="shards")
-    p.add_argument("--sample-rate", type=int, default=16000)
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--strict", action="store_true")
+    p.add_argument("data_list", help="jsonl data.list (key, wav, txt, optional task/start/end/...)")
+    p.add_argument("out_dir", help="output folder for the tars and shards_list.txt")
+    p.add_argument("--per-shard", type=int, default=1000, help="utterances per tar (default 1000)")
+    p.add_argument("--prefix", default="shards", help="tar file name prefix (default shards)")
+    p.add_argument("--sample-rate", type=int, default=16000, help="audio is stored as 16-bit PCM at this rate")
+    p.add_argument("--workers", type=int, default=8, help="parallel audio decoders (default 8)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     p = sub.add_parser("index", help="build (and cache) the random-access index of a list/shards/mix")
-    p.add_argument("path")
-    p.add_argument("--format", default="auto", choices=["auto", "raw", "shard", "mix"])
-    p.add_argument("--cache-dir", default="")
+    p.add_argument("path", help="data.list, shards list or mix config")
+    p.add_argument("--format", default="auto", choices=["auto", "raw", "shard", "mix"], help="auto (from the file), raw (jsonl data.list), shard (tar shards list) or mix (OSUM data config)")
+    p.add_argument("--cache-dir", default="", help="where indexes are cached (default: beside the data, else ~/.cache/osum_jax)")
     p = sub.add_parser("inspect", help="hours, utterances, task mix, length histogram, skipped counts")
-    p.add_argument("path")
-    p.add_argument("--format", default="auto", choices=["auto", "raw", "shard", "mix"])
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--cache-dir", default="")
+    p.add_argument("path", help="data.list, shards list or mix config")
+    p.add_argument("--format", default="auto", choices=["auto", "raw", "shard", "mix"], help="auto (from the file), raw (jsonl data.list), shard (tar shards list) or mix (OSUM data config)")
+    p.add_argument("--limit", type=int, default=0, help="look at the first N utterances only (default: all)")
+    p.add_argument("--cache-dir", default="", help="where indexes are cached (default: beside the data, else ~/.cache/osum_jax)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "make-shards":

@@ -68,7 +68,7 @@ def enable_compilation_cache(path: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="osum-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config")
+    ap.add_argument("config", help="YAML config (configs/*.yaml); key=value overrides follow")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     ap.add_argument("--plan", action="store_true", help="print per-device memory and exit (allocates nothing)")
     ap.add_argument("--devices", type=int, default=0, help="--plan: number of devices (default: those present)")
