@@ -47,9 +47,13 @@ def corpus(tmp_path_factory):
         {"key": "empty", "wav": "good0.wav", "txt": "   "},
         {"key": "blip", "wav": "blip.wav", "txt": "alpha"},
         {"key": "unknown", "wav": "good1.wav", "txt": "alpha", "task": "<NO_SUCH_TASK>"},
+        {"key": "number", "wav": "good1.wav", "txt": 123},
+        {"key": "reversed", "wav": "good2.wav", "txt": "alpha", "start": 1.0, "end": 0.5},
+        {"key": "missing", "wav": "nowhere.wav", "txt": "alpha"},
     ]
     lines = [json.dumps(good[0]), json.dumps(bad[0]), json.dumps(bad[1]), "", json.dumps(good[1]),
-             json.dumps(bad[2]), json.dumps(bad[3]), json.dumps(good[2])]
+             json.dumps(bad[2]), json.dumps(bad[3]), json.dumps(good[2]), '{"key": "broken", ',
+             json.dumps(bad[4]), json.dumps(bad[5]), json.dumps(bad[6])]
     (root / "data.list").write_text("\n".join(lines) + "\n")
     (root / "empty.list").write_text("\n\n")
     (root / "prompts.yaml").write_text('"<TRANSCRIBE>": ["alpha bravo"]\n')
@@ -73,14 +77,72 @@ def test_each_bad_line_costs_only_itself_under_its_reason(corpus):
     it = iter(pipe.dataset())
     keys = [str(k) for b in it for k in b["keys"][: int(b["num_real"])]]
     assert sorted(keys) == corpus["good"]
-    assert skip_counts(it.get_state()) == {"truncated audio": 1, "empty label": 1, "too short": 1,
-                                           "unknown task": 1}
+    assert skip_counts(it.get_state()) == TRAINING_SKIPS
+    assert pipe.index_skips == INDEX_SKIPS
 
 
-def test_strict_mode_names_the_first_unknown_task_line(corpus):
+TRAINING_SKIPS = {"truncated audio": 1, "empty label": 1, "too short": 1, "unknown task": 1, "missing field": 1,
+                  "bad segment": 1, "bad audio": 1}
+INDEX_SKIPS = {"blank line": 1, "bad json line": 1}
+
+
+def test_list_and_its_shards_are_the_same_data(corpus, tmp_path):
+    """make-shards applies training's line-level checks: training from the list and from its shards yields the
+    same utterances; the config-dependent filters (length, task) apply to both alike."""
+    from osum_jax.data.cli import make_shards
+
+    res = make_shards(corpus["root"] / "data.list", tmp_path / "shards", per_shard=2, workers=2, progress=False)
+    assert res["skipped"] == {"truncated audio": 1, "empty label": 1, "missing field": 1, "bad segment": 1,
+                              "bad audio": 1, **INDEX_SKIPS}
+    pipe = DataPipeline(_cfg(corpus), res["list"], shard_index=0, shard_count=1, train=False)
+    it = iter(pipe.dataset())
+    keys = [str(k) for b in it for k in b["keys"][: int(b["num_real"])]]
+    assert sorted(keys) == corpus["good"]
+    assert skip_counts(it.get_state()) == {"too short": 1, "unknown task": 1}
+    # a non-empty output folder is refused (no stale shards), --force empties it first
+    with pytest.raises(ValueError, match="not empty"):
+        make_shards(corpus["root"] / "data.list", tmp_path / "shards", progress=False)
+    assert make_shards(corpus["root"] / "data.list", tmp_path / "shards", per_shard=100, progress=False,
+                       force=True)["shards"] == 1
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shards_000000000.tar", "shards_list.txt"]
+
+
+def test_make_shards_strict_names_the_first_bad_line_and_leaves_nothing(corpus, tmp_path):
+    from osum_jax.data.cli import make_shards
+
     with pytest.raises(SampleError) as e:
-        DataPipeline(_cfg(corpus, strict=True), str(corpus["root"] / "data.list"), shard_index=0, shard_count=1)
-    assert f"{corpus['root'] / 'data.list'}:7" in str(e.value) and "unknown task" in str(e.value)
+        make_shards(corpus["root"] / "data.list", tmp_path / "s", per_shard=1, strict=True, progress=False)
+    assert str(e.value).startswith(f"{corpus['root'] / 'data.list'}:2") and "truncated audio" in str(e.value)
+    assert not [p for p in (tmp_path / "s").iterdir()], "strict make-shards left files behind"
+
+
+def test_inspect_reports_what_training_would_skip(corpus, tmp_path):
+    from osum_jax.data.cli import inspect_corpus, main
+
+    rep = inspect_corpus(str(corpus["root"] / "data.list"))
+    unknown = TRAINING_SKIPS["unknown task"]  # inspect has no prompt file: it lists the task mix instead
+    assert rep["skipped"] == {k: v for k, v in {**TRAINING_SKIPS, **INDEX_SKIPS}.items() if k != "unknown task"}
+    assert rep["utterances"] == len(corpus["good"]) + unknown and rep["tasks"]["<NO_SUCH_TASK>"] == unknown
+    assert main(["inspect", str(corpus["root"] / "empty.list")]) == 2
+
+
+def test_strict_mode_names_the_first_bad_line_in_file_order(corpus, tmp_path):
+    """Line 2's problem is in its audio (found when it is processed); line 3 is the first bad line that can be
+    told at start-up, ahead of line 7's unknown task and line 9's broken JSON."""
+    lst = corpus["root"] / "data.list"
+    with pytest.raises(SampleError) as e:
+        DataPipeline(_cfg(corpus, strict=True), str(lst), shard_index=0, shard_count=1)
+    assert str(e.value).startswith(f"{lst}:3 ") and "empty label" in str(e.value), str(e.value)
+    lines = lst.read_text().splitlines()
+    for drop, want in ((3, f"{lst.name}:7 (key unknown): unknown task"), (7, f"{lst.name}:9: bad json line")):
+        del lines[drop - 1]
+        lines.insert(drop - 1, lines[0])  # a good line in its place keeps the numbering
+        (tmp_path / lst.name).write_text("\n".join(lines) + "\n")
+        for f in ("good0.wav", "good1.wav", "good2.wav", "trunc.wav", "blip.wav"):
+            (tmp_path / f).write_bytes((corpus["root"] / f).read_bytes()) if not (tmp_path / f).exists() else None
+        with pytest.raises(SampleError) as e:
+            DataPipeline(_cfg(corpus, strict=True), str(tmp_path / lst.name), shard_index=0, shard_count=1)
+        assert want in str(e.value), str(e.value)
 
 
 def _train(args, cwd):

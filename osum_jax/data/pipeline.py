@@ -35,13 +35,11 @@ from osum_torch_infer.contract import IGNORE_ID, PAD_PROMPT
 from ..config import ConfigError, DataConfig
 from .audio import AudioError, audio_length, decode_audio, log_mel_spectrogram, num_frames, wav_truncation
 from .augment import spec_aug, spec_sub
-from .sources import SampleError, open_source
+from .sources import SampleError, check_record, detect_format, open_source
 from .text import PromptBook, Tokenizer, normalize_label, normalize_task
 
 log = logging.getLogger("osum_jax.data")
 
-NONE_LABELS = ("<None>", "<NONE>", "<none>")
-NONE_ANSWERS = ("None_in_extract_answer", "None_in_extract_X")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -81,15 +79,12 @@ class SampleProcessor:
         cfg = self.cfg
         rec = self.source[record]
         where = rec["where"]
+        check_record(rec)
         txt = rec["txt"]
-        if any(t in txt for t in NONE_LABELS) or txt in NONE_ANSWERS:
-            raise SampleError("none label", where, repr(txt[:40]))
         task = normalize_task(rec.get("task"))
         if task not in self.prompts.prompts:
             raise SampleError("unknown task", where, f"{task!r}; known: {self.prompts.tasks}")
         label = normalize_label(txt) if cfg.normalize_text else txt
-        if not label.strip():  # every OSUM task's label has text (a transcript, tags, an answer)
-            raise SampleError("empty label", where, f"task {task}")
         target = self.tok.encode(label) + [self.tok.eod_id]
         if not cfg.min_label_tokens <= len(target) <= cfg.max_label_tokens:
             raise SampleError("label length", where, f"{len(target)} tokens, allowed "
@@ -284,8 +279,11 @@ class DataPipeline:
         if not path:
             raise ConfigError("no data path: set data.train (or data.dev)")
         self.cfg, self.path, self.train = cfg, path, train
-        self.source = open_source(path, cfg.format, cache_dir=cfg.index_cache_dir, strict=cfg.strict,
-                                  progress=progress)
+        # a raw list under data.strict is checked line by line in file order below (_strict_prepass)
+        self._lines_first = cfg.strict and (
+            cfg.format == "raw" or (cfg.format == "auto" and detect_format(path) == "raw"))
+        self.source = open_source(path, cfg.format, cache_dir=cfg.index_cache_dir,
+                                  strict=cfg.strict and not self._lines_first, progress=progress)
         if len(self.source) == 0:
             raise ValueError(f"{path}: no usable utterances (index skipped {dict(self.source.index_skips.counts)})")
         if tokenizer is None:
@@ -310,6 +308,25 @@ class DataPipeline:
         self.shard_index, self.shard_count = shard_index, shard_count
         self.processor = SampleProcessor(cfg, self.source, tokenizer, self.prompts, train=train)
 
+    def _strict_prepass(self, known: set[str]) -> None:
+        """``data.strict`` on a raw list: the first line that cannot be used, in file order, among what can be
+        told without reading audio (unreadable lines, :func:`check_record`, tasks without prompts). Problems
+        with the audio itself are raised when the utterance is processed."""
+        src = self.source
+        bad = list(src.bad_lines)
+        for i in range(len(src)):
+            if bad and bad[0][0] < src.line_of(i):
+                break
+            rec = src[i]
+            check_record(rec)
+            task = normalize_task(rec.get("task"))
+            if task not in known:
+                raise SampleError("unknown task", rec["where"], f"{task!r} has no prompts in {self.prompts.source}; "
+                                                                f"known: {self.prompts.tasks}")
+        if bad:
+            n, reason, detail = bad[0]
+            raise SampleError(reason, f"{src.path}:{n}", detail)
+
     def _unknown_tasks(self) -> dict[str, int]:
         """``{task: utterances}`` for the tasks of the data that the prompt file does not know."""
         known = set(self.prompts.prompts)
@@ -320,6 +337,8 @@ class DataPipeline:
             if task not in known:
                 counts[task] += 1
                 first = i if first is None else first
+        if self._lines_first:
+            self._strict_prepass(known)
         if counts and self.cfg.strict:
             where = self.source[first]["where"]
             raise SampleError("unknown task", where, f"{normalize_task(self.source.tasks[first])!r} has no prompts in "

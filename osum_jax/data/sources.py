@@ -33,7 +33,7 @@ log = logging.getLogger("osum_jax.data")
 
 AUDIO_SUFFIXES = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "wma")
 TEXT_SUFFIXES = ("txt", "task", "lang", "speaker", "emotion", "gender", "duration", "extra")
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: blank lines counted
 
 
 class SampleError(ValueError):
@@ -60,6 +60,30 @@ class SkipCounter:
         self.counts.update(other.counts)
         for k, v in other.examples.items():
             self.examples[k].extend(v[: max(0, 5 - len(self.examples[k]))])
+
+
+NONE_LABELS = ("<None>", "<NONE>", "<none>")  # OSUM's filter drops labels containing these ...
+NONE_ANSWERS = ("None_in_extract_answer", "None_in_extract_X")  # ... and labels equal to these
+
+
+def check_record(rec: dict) -> None:
+    """The checks of one record that need neither the config nor the audio, shared by training, ``make-shards``
+    and ``inspect`` so that a list and its shards hold the same usable utterances. Raises :class:`SampleError`."""
+    where, txt = rec["where"], rec.get("txt")
+    if not isinstance(txt, str):
+        raise SampleError("missing field", where, f"txt is {type(txt).__name__}, not a string")
+    if any(t in txt for t in NONE_LABELS) or txt in NONE_ANSWERS:
+        raise SampleError("none label", where, repr(txt[:40]))
+    if not txt.strip():  # every OSUM task's label has text (a transcript, tags, an answer)
+        raise SampleError("empty label", where, f"task {rec.get('task') or '<TRANSCRIBE>'}")
+    start, end = rec.get("start"), rec.get("end")
+    if start is not None or end is not None:
+        try:
+            s0, s1 = float(start or 0.0), (None if end is None else float(end))
+        except (TypeError, ValueError):
+            raise SampleError("bad segment", where, f"start={start!r}, end={end!r} are not numbers") from None
+        if s0 < 0 or (s1 is not None and s1 <= s0):
+            raise SampleError("bad segment", where, f"start={start!r}, end={end!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -116,12 +140,13 @@ def cached_index(path: Path, cache_dir: str, build) -> dict:
 
 
 def _index_raw_list(path: Path) -> dict:
-    offsets, lengths, lines, tasks, bad = [], [], [], [], []
+    offsets, lengths, lines, tasks, bad, blank = [], [], [], [], [], 0
     with open(path, "rb") as f:
         pos = 0
         for lineno, line in enumerate(f, 1):
             n = len(line)
             stripped = line.strip()
+            blank += not stripped
             if stripped:
                 reason = None
                 try:
@@ -144,7 +169,7 @@ def _index_raw_list(path: Path) -> dict:
                     lines.append(lineno)
                     tasks.append(obj.get("task"))
             pos += n
-    return {"offsets": offsets, "lengths": lengths, "lines": lines, "tasks": tasks, "bad": bad}
+    return {"offsets": offsets, "lengths": lengths, "lines": lines, "tasks": tasks, "bad": bad, "blank": blank}
 
 
 class RawListSource:
@@ -160,6 +185,9 @@ class RawListSource:
         self._lines = np.asarray(idx["lines"], np.int64)
         self.tasks = idx["tasks"]
         self.index_skips = SkipCounter()
+        self.bad_lines = [(int(n), r, d) for n, r, d in idx["bad"]]  # (line, reason, detail), in file order
+        if idx.get("blank"):  # counted, never warned about or refused
+            self.index_skips.counts["blank line"] += int(idx["blank"])
         for lineno, reason, detail in idx["bad"]:
             err = SampleError(reason, f"{self.path}:{lineno}", detail)
             if strict:
@@ -175,6 +203,9 @@ class RawListSource:
         if self._fd is None or self._fd[0] != os.getpid():
             self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
         return os.pread(self._fd[1], length, offset)
+
+    def where_of(self, i: int) -> str:
+        return f"{self.path}:{self.line_of(i)}"
 
     def line_of(self, i: int) -> int:
         """The 1-based line number of record ``i`` in the list file."""
@@ -192,8 +223,6 @@ class RawListSource:
             wav = str(self.path.parent / wav)
         rec = {k: obj.get(k) for k in ("key", "txt", "task", "lang", "speaker", "emotion", "gender", "extra")}
         rec.update(audio=wav, start=obj.get("start"), end=obj.get("end"), where=f"{where} (key {obj['key']})")
-        if not isinstance(rec["txt"], str):
-            raise SampleError("missing field", rec["where"], "txt is not a string")
         return rec
 
     def __getstate__(self):
