@@ -12,7 +12,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .features import AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, split_windows
+from .features import (AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, split_windows,
+                       wav_truncation)
 from .parsing import join_windows, normalize_task
 
 _ONE_LINE = re.compile(r"[\t\r\n\v\f\x1c-\x1e\x85\u2028\u2029]")
@@ -94,6 +95,9 @@ def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: floa
         return item.error
     if not Path(item.wav).is_file():
         return f"no such file: {item.wav}"
+    cut = wav_truncation(item.wav)
+    if cut is not None:
+        return f"truncated audio: the WAV header promises {cut[0]:.2f} s, the file holds {cut[1]:.2f} s"
     if prompt is None:
         try:
             model.prompt_for(task)

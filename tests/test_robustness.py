@@ -42,6 +42,20 @@ def corpus(tmp_path_factory):
     data = (root / "full.wav").read_bytes()
     (root / "trunc.wav").write_bytes(data[: 44 + int(1.3 * 16000) * 2])
     sf.write(root / "blip.wav", _tone(0.05), 16000, subtype="PCM_16")  # 5 frames
+    # accepted: stereo 44.1 kHz FLAC, 8 kHz WAV
+    stereo = np.stack([_tone(1.1, 44100, 5), _tone(1.1, 44100, 6)], axis=1)
+    sf.write(root / "stereo.flac", stereo, 44100)
+    sf.write(root / "narrow.wav", _tone(1.3, 8000, 7), 8000, subtype="PCM_16")
+    good += [{"key": "good3", "wav": "stereo.flac", "txt": "echo foxtrot"},
+             {"key": "good4", "wav": "narrow.wav", "txt": "delta echo"}]
+    # unusable audio of every kind
+    sf.write(root / "zero.wav", np.zeros(0, np.float32), 16000, subtype="PCM_16")  # a header and no samples
+    (root / "empty.wav").write_bytes(b"")
+    (root / "text.wav").write_text("this is not audio\n")
+    nan = _tone(1.0)
+    nan[100:200] = np.nan
+    sf.write(root / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(root / "long.wav", _tone(5.0), 16000, subtype="PCM_16")  # 500 frames > max_frames 400
     bad = [
         {"key": "trunc", "wav": "trunc.wav", "txt": "alpha bravo"},
         {"key": "empty", "wav": "good0.wav", "txt": "   "},
@@ -50,11 +64,20 @@ def corpus(tmp_path_factory):
         {"key": "number", "wav": "good1.wav", "txt": 123},
         {"key": "reversed", "wav": "good2.wav", "txt": "alpha", "start": 1.0, "end": 0.5},
         {"key": "missing", "wav": "nowhere.wav", "txt": "alpha"},
+        {"key": "zero", "wav": "zero.wav", "txt": "alpha"},
+        {"key": "emptyfile", "wav": "empty.wav", "txt": "alpha"},
+        {"key": "text", "wav": "text.wav", "txt": "alpha"},
+        {"key": "nan", "wav": "nan.wav", "txt": "alpha"},
+        {"key": "long", "wav": "long.wav", "txt": "alpha"},
+        {"key": "none", "wav": "good0.wav", "txt": "<None>"},
+        {"key": "wordy", "wav": "good0.wav", "txt": " ".join(WORDS * 4)},
     ]
     lines = [json.dumps(good[0]), json.dumps(bad[0]), json.dumps(bad[1]), "", json.dumps(good[1]),
              json.dumps(bad[2]), json.dumps(bad[3]), json.dumps(good[2]), '{"key": "broken", ',
              json.dumps(bad[4]), json.dumps(bad[5]), json.dumps(bad[6])]
-    (root / "data.list").write_text("\n".join(lines) + "\n")
+    lines += [json.dumps(b) for b in bad[7:]] + [json.dumps(g) for g in good[3:]]
+    raw = "\n".join(lines).encode() + b'\n{"key": "latin1", "wav": "good0.wav", "txt": "caf\xe9"}\n'
+    (root / "data.list").write_bytes(raw)
     (root / "empty.list").write_text("\n\n")
     (root / "prompts.yaml").write_text('"<TRANSCRIBE>": ["alpha bravo"]\n')
     return {"root": root, "tokenizer": tok, "good": [g["key"] for g in good]}
@@ -81,9 +104,11 @@ def test_each_bad_line_costs_only_itself_under_its_reason(corpus):
     assert pipe.index_skips == INDEX_SKIPS
 
 
+# what training skips, per reason (missing file, empty file, text, zero samples, NaN are all "bad audio")
 TRAINING_SKIPS = {"truncated audio": 1, "empty label": 1, "too short": 1, "unknown task": 1, "missing field": 1,
-                  "bad segment": 1, "bad audio": 1}
-INDEX_SKIPS = {"blank line": 1, "bad json line": 1}
+                  "bad segment": 1, "bad audio": 5, "too long": 1, "none label": 1, "label length": 1}
+INDEX_SKIPS = {"blank line": 1, "bad json line": 1, "non-utf8 text": 1}
+CONFIG_DEPENDENT = ("too short", "too long", "unknown task", "label length")  # training's, from the shards too
 
 
 def test_list_and_its_shards_are_the_same_data(corpus, tmp_path):
@@ -92,13 +117,13 @@ def test_list_and_its_shards_are_the_same_data(corpus, tmp_path):
     from osum_jax.data.cli import make_shards
 
     res = make_shards(corpus["root"] / "data.list", tmp_path / "shards", per_shard=2, workers=2, progress=False)
-    assert res["skipped"] == {"truncated audio": 1, "empty label": 1, "missing field": 1, "bad segment": 1,
-                              "bad audio": 1, **INDEX_SKIPS}
+    assert res["skipped"] == {**{k: v for k, v in TRAINING_SKIPS.items() if k not in CONFIG_DEPENDENT},
+                              **INDEX_SKIPS}
     pipe = DataPipeline(_cfg(corpus), res["list"], shard_index=0, shard_count=1, train=False)
     it = iter(pipe.dataset())
     keys = [str(k) for b in it for k in b["keys"][: int(b["num_real"])]]
     assert sorted(keys) == corpus["good"]
-    assert skip_counts(it.get_state()) == {"too short": 1, "unknown task": 1}
+    assert skip_counts(it.get_state()) == {k: TRAINING_SKIPS[k] for k in CONFIG_DEPENDENT}
     # a non-empty output folder is refused (no stale shards), --force empties it first
     with pytest.raises(ValueError, match="not empty"):
         make_shards(corpus["root"] / "data.list", tmp_path / "shards", progress=False)
@@ -119,10 +144,14 @@ def test_make_shards_strict_names_the_first_bad_line_and_leaves_nothing(corpus, 
 def test_inspect_reports_what_training_would_skip(corpus, tmp_path):
     from osum_jax.data.cli import inspect_corpus, main
 
-    rep = inspect_corpus(str(corpus["root"] / "data.list"))
-    unknown = TRAINING_SKIPS["unknown task"]  # inspect has no prompt file: it lists the task mix instead
-    assert rep["skipped"] == {k: v for k, v in {**TRAINING_SKIPS, **INDEX_SKIPS}.items() if k != "unknown task"}
-    assert rep["utterances"] == len(corpus["good"]) + unknown and rep["tasks"]["<NO_SUCH_TASK>"] == unknown
+    rep = inspect_corpus(str(corpus["root"] / "data.list"), max_frames=400)
+    # from headers alone inspect cannot see NaN samples (1 of training's 5 "bad audio") nor label lengths (no
+    # tokenizer); it has no prompt file, so tasks without prompts show in the task mix
+    unseen = {"unknown task": 1, "label length": 1, "bad audio": 1}
+    want = {k: v - unseen.get(k, 0) for k, v in {**TRAINING_SKIPS, **INDEX_SKIPS}.items()}
+    assert rep["skipped"] == {k: v for k, v in want.items() if v}
+    assert rep["utterances"] == len(corpus["good"]) + sum(unseen.values())
+    assert rep["tasks"]["<NO_SUCH_TASK>"] == 1
     assert main(["inspect", str(corpus["root"] / "empty.list")]) == 2
 
 
@@ -133,11 +162,11 @@ def test_strict_mode_names_the_first_bad_line_in_file_order(corpus, tmp_path):
     with pytest.raises(SampleError) as e:
         DataPipeline(_cfg(corpus, strict=True), str(lst), shard_index=0, shard_count=1)
     assert str(e.value).startswith(f"{lst}:3 ") and "empty label" in str(e.value), str(e.value)
-    lines = lst.read_text().splitlines()
+    lines = lst.read_bytes().split(b"\n")
     for drop, want in ((3, f"{lst.name}:7 (key unknown): unknown task"), (7, f"{lst.name}:9: bad json line")):
         del lines[drop - 1]
         lines.insert(drop - 1, lines[0])  # a good line in its place keeps the numbering
-        (tmp_path / lst.name).write_text("\n".join(lines) + "\n")
+        (tmp_path / lst.name).write_bytes(b"\n".join(lines))
         for f in ("good0.wav", "good1.wav", "good2.wav", "trunc.wav", "blip.wav"):
             (tmp_path / f).write_bytes((corpus["root"] / f).read_bytes()) if not (tmp_path / f).exists() else None
         with pytest.raises(SampleError) as e:

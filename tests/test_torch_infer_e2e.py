@@ -109,19 +109,22 @@ def test_one_bad_line_costs_only_itself(speech_corpus, package, tmp_path, capsys
     error record naming file:line (or the file), the good lines are decoded, exit status 1; --strict refuses the
     list at its first bad line; --out naming a directory is refused before any audio is read."""
     root = speech_corpus["root"]
+    whole = (root / "utt1.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[: len(whole) // 3])  # the header still promises the whole file
     good = {"key": "g1", "wav": str(root / "utt1.wav")}
     lines = [json.dumps(good).encode(), b'{"key": "x", "wav": "caf\xe9.wav"}', b'{"key": "y", "wav": ',
              b'{"key": "z"}', json.dumps({"key": "m", "wav": str(tmp_path / "missing.wav")}).encode(),
              json.dumps({"key": "t", "wav": str(root / "utt2.wav"), "task": "<NOPE>"}).encode(),
              json.dumps({"key": "g1", "wav": str(root / "utt2.wav")}).encode(),
-             json.dumps({"key": "g2", "wav": str(root / "utt2.wav")}).encode()]
+             json.dumps({"key": "g2", "wav": str(root / "utt2.wav")}).encode(),
+             json.dumps({"key": "cut", "wav": str(tmp_path / "cut.wav")}).encode()]
     data = tmp_path / "mixed.list"
     data.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "r.jsonl"
     args = ["--model", str(package), "--data", str(data), "--max-new-tokens", "2", "--device", "cpu", "--no-progress"]
     assert cli.main(args + ["--out", str(out)]) == 1
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 8
+    assert len(rows) == 9
     ok = [r["key"] for r in rows if "error" not in r]
     assert ok == ["g1", "g2"]
     errors = [r["error"] for r in rows if "error" in r]
@@ -131,6 +134,7 @@ def test_one_bad_line_costs_only_itself(speech_corpus, package, tmp_path, capsys
     assert errors[3] == f"no such file: {tmp_path / 'missing.wav'}"
     assert "'<NOPE>' is not in the package's prompt file" in errors[4]
     assert f"{data}:7" in errors[5] and "used twice" in errors[5]
+    assert errors[6].startswith("truncated audio: the WAV header promises")
     capsys.readouterr()
     strict = tmp_path / "strict.jsonl"
     assert cli.main(args + ["--out", str(strict), "--strict"]) == 2

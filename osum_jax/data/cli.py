@@ -187,6 +187,8 @@ def inspect_corpus(path: str, fmt: str = "auto", *, limit: int = 0, cache_dir: s
                 info = sf.info(io.BytesIO(a) if isinstance(a, bytes) else a)
             except Exception as e:  # unreadable audio header, missing file
                 raise SampleError("bad audio", rec["where"], str(e)) from None
+            if info.frames == 0:
+                raise SampleError("bad audio", rec["where"], "the file holds no samples")
             cut = wav_truncation(a)
             if cut is not None:
                 raise SampleError("truncated audio", rec["where"], f"header {cut[0]:.2f} s, file {cut[1]:.2f} s")
