@@ -192,6 +192,16 @@ def test_osum_train_mistakes_are_one_line_and_exit_2(corpus, tmp_path):
         "is not a checkpoint": ok + [f"train.init_from={tmp_path}"],
         "is a file": ok + ["train.output_dir=a_file"],
     }
+    # an output_dir holding a run of another model (its newest step's config item, in the one checkpoint layout)
+    from osum_jax.config import load_config
+
+    other = load_config(str(ROOT / "configs/tiny.yaml"), ["model.llm.num_layers=3"])
+    step = tmp_path / "other_run" / "checkpoints" / "5"
+    (step / "config").mkdir(parents=True)
+    (step / "_CHECKPOINT_METADATA").write_text("{}")
+    (step / "config" / "metadata").write_text(json.dumps(other.to_dict()))
+    cases["holds a run of another model (step 5); resume it with its config or pick a new output_dir. "
+          "Differences: model.llm.num_layers: 3 there"] = ok + ["train.output_dir=other_run"]
     for needle, args in cases.items():
         out = tmp_path / "run"
         if not any(a.startswith("train.output_dir=") for a in args):
@@ -202,3 +212,11 @@ def test_osum_train_mistakes_are_one_line_and_exit_2(corpus, tmp_path):
         assert len(msg) == 1 and needle in msg[0], (needle, r.stderr[-2000:])
         assert "Traceback" not in r.stderr, r.stderr[-2000:]
         assert not out.exists(), f"{needle}: created {out}"
+
+
+def test_make_shards_cli_refuses_a_file_as_out(corpus, tmp_path, capsys):
+    from osum_jax.data.cli import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(["make-shards", str(corpus["root"] / "data.list"), str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err
