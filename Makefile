@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-quick espeak clean-venv
+.PHONY: install test test-fast demo bench bench-quick espeak clean-venv
 
 # (Re)install when the venv is missing or the dependency files changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests
+
+# The quick tier while editing: everything but the tests marked `slow` (under 3 minutes on 2 cores; docs/testing.md).
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow" tests
 
 # The whole product end to end on a synthesised speech corpus (about 14 minutes on 2 CPU cores from a fresh clone); see README.
 demo: $(STAMP) espeak

@@ -36,12 +36,75 @@ except ImportError:  # pragma: no cover - torch is a dev dependency
 
 import pytest  # noqa: E402
 
+# -- tools outside the venv: skip without them, or fail closed (OSUM_REQUIRE_TOOLS=1, as .ci/run sets) ----------
+
+
+def require_tool(available: bool, what: str, install: str) -> None:
+    """The one place a missing tool is handled: a skip saying what to install, or, with OSUM_REQUIRE_TOOLS=1 (CI),
+    a failure saying the same, so that a CI run without the tool cannot pass by skipping."""
+    if available:
+        return
+    message = f"{what} is not installed: {install}"
+    if os.environ.get("OSUM_REQUIRE_TOOLS", "") not in ("", "0"):
+        pytest.fail(f"{message} (OSUM_REQUIRE_TOOLS is set: a missing tool is a failure, not a skip)",
+                    pytrace=False)
+    pytest.skip(message)
+
+
+def _importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
 
 @pytest.fixture(scope="session")
-def speech_corpus(tmp_path_factory):
-    """Real speech (espeak-ng) + data.list + tiny tokenizer; skipped with the reason if espeak-ng is missing."""
-    from tests.corpus import build_corpus, have_espeak
+def espeak_ng():
+    """espeak-ng, the speech synthesiser of the data tests and the demo (tests using it are marked ``speech``)."""
+    from tests.corpus import have_espeak
 
-    if not have_espeak():
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); .ci/run installs it")
+    require_tool(have_espeak(), "espeak-ng", "apt-get install espeak-ng (.ci/run installs it)")
+
+
+@pytest.fixture(scope="session")
+def tpu_compiler():
+    """libtpu, XLA's TPU compiler, for compiling to TPU targets on this host (tests using it are marked
+    ``target``)."""
+    require_tool(_importable("libtpu"), "libtpu (the TPU compiler)", 'pip install -e ".[tpu-aot]" (in ".[dev]")')
+
+
+@pytest.fixture(scope="session")
+def gpu_compiler():
+    """The jax CUDA plugin (XLA:GPU), for compiling to NVIDIA targets on this host (no GPU needed; tests using it
+    are marked ``target``)."""
+    require_tool(_importable("jax_plugins.xla_cuda12"), "the jax CUDA plugin (XLA:GPU)",
+                 'pip install -e ".[gpu-aot]" (in ".[dev]")')
+
+
+# tests that use one of these fixtures get the marker, so that `-m "not speech"` / `-m "not target"` leave them out
+_MARK_BY_FIXTURE = {"espeak_ng": "speech", "speech_corpus": "speech", "tpu_compiler": "target",
+                    "gpu_compiler": "target"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker in sorted({m for f, m in _MARK_BY_FIXTURE.items() if f in getattr(item, "fixturenames", ())}):
+            if item.get_closest_marker(marker) is None:
+                item.add_marker(marker)
+    # modules holding slow tests first (each module kept whole, so module fixtures are built once): with
+    # pytest-xdist the long tests start early instead of leaving one worker busy at the end
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda it: (it.module.__name__ not in slow_modules, order[id(it)]))
+
+
+@pytest.fixture(scope="session")
+def speech_corpus(espeak_ng, tmp_path_factory):
+    """Real speech (espeak-ng) + data.list + tiny tokenizer; skipped with the reason if espeak-ng is missing
+    (a failure under OSUM_REQUIRE_TOOLS=1)."""
+    from tests.corpus import build_corpus
+
     return build_corpus(tmp_path_factory.mktemp("speech"))

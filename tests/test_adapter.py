@@ -100,11 +100,13 @@ def pair():
     return t, ours
 
 
-@pytest.mark.parametrize("length", range(1, 70))
-def test_length_rule_matches_mask_slicing(length):
-    mask = np.ones(length, bool)
-    assert int(conv_stack_lengths(np.array([length]), (1, 2, 2))[0]) == mask[0::2][0::2].sum()
-    assert int(conv_stack_lengths(np.array([length]), (1, 2, 2))[0]) == math.ceil(length / 4)
+def test_length_rule_matches_mask_slicing():
+    """Every input length 1..69: the conv stack's length rule equals the torch mask slicing and ceil(length / 4)."""
+    for length in range(1, 70):
+        mask = np.ones(length, bool)
+        got = int(conv_stack_lengths(np.array([length]), (1, 2, 2))[0])
+        assert got == mask[0::2][0::2].sum(), f"length {length}: {got} != mask slicing {mask[0::2][0::2].sum()}"
+        assert got == math.ceil(length / 4), f"length {length}: {got} != ceil(length / 4) = {math.ceil(length / 4)}"
 
 
 def test_matches_torch_formulation_on_padded_batch(pair):

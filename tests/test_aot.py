@@ -1,6 +1,8 @@
 """The train step compiled for real accelerator targets on this CPU host (``osum-train --plan --target``).
 
-libtpu (the TPU compiler) is a dev dependency (``.[tpu-aot]``), so these tests fail, not skip, where it is missing.
+libtpu (the TPU compiler, ``.[tpu-aot]``) and the jax CUDA plugin (``.[gpu-aot]``) are dev dependencies. A test
+that needs one skips, saying what to install, where it is missing, and fails under ``OSUM_REQUIRE_TOOLS=1`` (as
+``.ci/run`` runs): the ``tpu_compiler`` / ``gpu_compiler`` fixtures of conftest.py.
 """
 
 import json
@@ -17,6 +19,8 @@ import pytest
 from osum_jax.config import load_config
 from osum_jax.train.aot import analyse_hlo, compile_plan, parse_target
 from osum_jax.train.flops import train_step_flops
+
+pytestmark = pytest.mark.target
 
 # The tiny model in bf16 with full remat, on a 4-chip v5p slice, pure FSDP: the pod set-up at toy size.
 OSUM_TRAIN = str(Path(sys.executable).parent / "osum-train")  # the console script, as the README runs it
@@ -55,11 +59,12 @@ def test_targets_parse_and_refuse_bad_specs():
 
 
 @pytest.fixture(scope="module")
-def tiny_tpu_report():
+def tiny_tpu_report(tpu_compiler):
     cfg = load_config("configs/tiny.yaml", TINY_TPU)
     return cfg, compile_plan(cfg, "tpu:v5p:2x2x1")
 
 
+@pytest.mark.slow  # the fixture compiles the train step for TPU (~45 s)
 def test_compiled_step_donates_trainable_and_optimizer_state(tiny_tpu_report):
     """Nothing frozen comes back: the outputs are the trainable parameters, the optimizer state and a few
     scalars, and (nearly) all of them alias the donated inputs."""
@@ -73,6 +78,7 @@ def test_compiled_step_donates_trainable_and_optimizer_state(tiny_tpu_report):
     assert mem["outputs"] <= mem["arguments"] - state["frozen_and_buffers"], (mem, state)  # no frozen output
 
 
+@pytest.mark.slow
 def test_compiled_step_has_no_stack_copies_and_counts_its_flops(tiny_tpu_report):
     cfg, r = tiny_tpu_report
     assert r["stack_copies"]["frozen_count"] == 0, r["stack_copies"]
@@ -85,6 +91,7 @@ def test_compiled_step_has_no_stack_copies_and_counts_its_flops(tiny_tpu_report)
     assert r["estimated_cycles"] > 0 and r["step_seconds"] > 0 and 0 < r["mfu"] < 1
 
 
+@pytest.mark.slow
 def test_pure_fsdp_moves_weights_not_activations(tiny_tpu_report):
     """Activations stay on their batch shard: the step's all-reduces carry at most the gradients of the
     trainable parameters that are not sharded (norms, biases, LoRA ranks) and the loss scalars, while the
@@ -95,7 +102,9 @@ def test_pure_fsdp_moves_weights_not_activations(tiny_tpu_report):
     assert coll["all-reduce"]["bytes"] <= 2 * r["state_bytes"]["replicated_trainable"] + 65536, coll
 
 
-def test_cli_compiles_for_a_gpu_target_as_json_and_refuses_without_plan(tmp_path):
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_cli_compiles_for_a_gpu_target_as_json_and_refuses_without_plan(gpu_compiler, tmp_path):
     """The README's command for NVIDIA (XLA:GPU through the jax CUDA plugin, no GPU here): the same donation."""
     out = subprocess.run([OSUM_TRAIN, "configs/tiny.yaml", "--plan", "--target", "cuda:h100:8", "--json"] + TINY_TPU,
                          capture_output=True, text=True, timeout=900)
@@ -110,6 +119,7 @@ def test_cli_compiles_for_a_gpu_target_as_json_and_refuses_without_plan(tmp_path
     assert bad.returncode == 2 and "--target goes with --plan" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_missing_compiler_is_one_line_naming_the_extra(tmp_path):
     """Without libtpu the planner says which extra installs it (exit 2, no traceback). Simulated with a
     ``libtpu`` module on the path that fails to import, as a missing package does."""
@@ -121,7 +131,8 @@ def test_missing_compiler_is_one_line_naming_the_extra(tmp_path):
     assert 'pip install -e ".[tpu-aot]"' in out.stderr and "Traceback" not in out.stderr
 
 
-def test_plan_estimate_agrees_with_the_gpu_compiler_at_full_width():
+@pytest.mark.slow
+def test_plan_estimate_agrees_with_the_gpu_compiler_at_full_width(gpu_compiler):
     """``--plan`` (the quick estimate) within 15 % of XLA:GPU's own memory for OSUM's full widths and vocabulary
     (two layers per stack to keep the compile short) on 8 x H100, pure FSDP, bf16, remat as the pod recipe."""
     cfg = load_config("configs/osum_full.yaml", [

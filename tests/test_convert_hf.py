@@ -225,6 +225,8 @@ def test_export_streams_from_disk_and_equals_the_in_memory_export(hf, tmp_path, 
             assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_readme_commands_with_relative_paths(hf, tmp_path):
     """The README's osum-convert commands, run as the README shows them (the console script, relative paths):
     import-hf --out ckpt/..., inspect, export-torch, export-osum, and load_model("ckpt/...") from Python."""

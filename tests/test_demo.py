@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.corpus import have_espeak
-
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
+pytestmark = pytest.mark.usefixtures("espeak_ng")  # every test makes speech (marked `speech` by conftest.py)
 
 
 def _make(out: Path, seed: int = 3) -> None:
@@ -29,6 +27,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_demo_corpus_is_deterministic_and_well_formed(tmp_path):
     from osum_jax.data.sources import open_source
     from osum_jax.data.text import PromptBook, Tokenizer
@@ -77,6 +76,8 @@ def test_demo_corpus_is_deterministic_and_well_formed(tmp_path):
     book.check_tasks(r["task"] for rows in splits.values() for r in rows)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     """scripts/demo.py with a few steps: every stage runs and the report is built from the run's own files."""
     out = tmp_path / "demo"

@@ -1,6 +1,7 @@
 """JAX greedy decoding with a KV cache equals argmax decoding with full forward passes (no cache)."""
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from osum_jax.models import OSUM
@@ -39,6 +40,7 @@ def _reference(model, batch, n, eos):
     return out
 
 
+@pytest.mark.slow
 def test_cached_greedy_equals_full_forward():
     model = OSUM(tiny_model_config(), rngs=nnx.Rngs(3))
     batch = _batch()

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from osum_jax.models import OSUM
@@ -17,6 +18,7 @@ def _batch(rng, b=3, t=96, p=5, l_=7):
                 target_lengths=tl)
 
 
+@pytest.mark.slow
 def test_custom_vjps_equal_autodiff():
     cfg = tiny_model_config(**{"llm.vocab_size": 256})
     model = OSUM(cfg, rngs=nnx.Rngs(0))

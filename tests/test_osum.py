@@ -104,6 +104,7 @@ def test_packed_sequence_built_by_hand_matches(pair):
         assert rel_err(out["logits"][b, :t], logits[first:first + t]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_each_utterance_equals_itself_alone(pair):
     _, model = pair
     batch = make_batch(2)
@@ -128,6 +129,7 @@ def test_without_prompt_key(pair):
     np.testing.assert_allclose(np.asarray(a["logits"]), np.asarray(b["logits"]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_jit_grad_dropout_and_remat(pair):
     _, model = pair
     batch = make_batch(4)
@@ -153,6 +155,7 @@ def test_jit_grad_dropout_and_remat(pair):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_close(pair):
     _, model = pair
     batch = make_batch(5)

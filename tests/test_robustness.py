@@ -180,6 +180,7 @@ def _train(args, cwd):
                           cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.e2e
 def test_osum_train_mistakes_are_one_line_and_exit_2(corpus, tmp_path):
     root = corpus["root"]
     (tmp_path / "a_file").write_text("x")

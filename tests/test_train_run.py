@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,8 @@ def _losses(out_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(speech_corpus, tmp_path):
     common = {"train.steps": 8, "train.checkpoint_every": 2, "train.learning_rate": 1e-3,
               "train.warmup_steps": 2, "data.spec_aug": "true", "data.spec_sub": "true"}
@@ -71,6 +74,8 @@ def test_resume_after_sigkill_is_bit_identical(speech_corpus, tmp_path):
         assert got[step] == expected[step], (step, killed_at)  # bit-identical, data order included
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_sigterm_saves_and_exits(speech_corpus, tmp_path):
     run_dir = tmp_path / "term"
     args = _overrides(speech_corpus, run_dir, **{"train.steps": 500, "train.checkpoint_every": 1000})
@@ -87,6 +92,7 @@ def test_sigterm_saves_and_exits(speech_corpus, tmp_path):
     assert len(steps) == 1 and 1 <= steps[0] < 500  # saved where it stopped, long before checkpoint_every
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_real_speech_and_decodes_it(speech_corpus, tmp_path):
     """Train from scratch on the espeak corpus until greedy decoding reproduces the training transcripts."""
     from osum_jax.config import load_config
@@ -153,6 +159,9 @@ def _eval_rows(out_dir):
     return [r for r in rows if "eval/loss" in r]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_two_processes_train_together_and_resume_exactly(speech_corpus, tmp_path):
     """Two processes over loopback train together; each saves its own data-iterator position, so a restart from
     the step-2 checkpoint reproduces steps 3-4 bit-identically (each process reads its own shard). Evaluation
@@ -233,6 +242,7 @@ def test_tensorboard_tags_are_valid_and_distinct():
     assert len(set(tags)) == len(tags) and tags[4].startswith("eval/TRANSCRIBE-AGE-GENDER/")
 
 
+@pytest.mark.slow
 def test_data_running_out_still_saves_the_last_step(speech_corpus, tmp_path):
     """data.num_epochs=1 with more train.steps than the data covers: the run stops when the data ends and saves
     that step, although it is not a multiple of checkpoint_every."""
