@@ -44,6 +44,8 @@ def _infer_parser() -> argparse.ArgumentParser:
                    help="refuse the whole list at its first bad line, unknown task or repeated key (default: that "
                         "line gets an error record naming file:line, the others run, exit status 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-npu-fusions", action="store_true",
+                   help="on Ascend, keep transformers' own RMSNorm instead of torch_npu's fused kernel")
     return p
 
 
@@ -99,7 +101,10 @@ def _infer(args) -> int:
             raise ValueError("no input files")
         if args.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
-        model = OSUMForConditionalGeneration.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        model = OSUMForConditionalGeneration.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                                             npu_fusions=not args.no_npu_fusions)
+        print(f"osum-infer: {model.device}, {str(model.dtype).replace('torch.', '')} ({model.device_reason})",
+              file=sys.stderr)
         if args.prompt is None and (args.task or args.strict):
             from .parsing import normalize_task
 

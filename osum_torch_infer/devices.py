@@ -7,6 +7,7 @@ extra for Ascend hosts; on GPU/CPU machines it is simply absent and ``device="au
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 
@@ -14,10 +15,15 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 _npu_state: dict[str, object] = {}
+log = logging.getLogger("osum_torch_infer")
 
 
 def import_torch_npu():
-    """Import ``torch_npu`` (registers the ``npu`` device); a clear error if it is missing or broken."""
+    """Import ``torch_npu`` (registers the ``npu`` device); a clear error if it is missing or broken.
+
+    Right after the import, online (JIT) operator compilation is turned off
+    (``torch.npu.set_compile_mode(jit_compile=False)``): the 310P and 910A default to compiling every new shape,
+    and decoding grows the KV cache by one position each step."""
     if "module" in _npu_state:
         return _npu_state["module"]
     try:
@@ -25,45 +31,91 @@ def import_torch_npu():
     except Exception as e:  # ImportError, or CANN libraries missing at load time
         raise RuntimeError(f"device 'npu' needs torch_npu with Ascend CANN (pip install 'osum-jax[npu]' on an "
                            f"Ascend host): {type(e).__name__}: {e}") from None
+    set_mode = getattr(getattr(torch, "npu", None), "set_compile_mode", None)
+    if set_mode is not None:
+        set_mode(jit_compile=False)
     _npu_state["module"] = torch_npu
     return torch_npu
 
 
-def npu_available() -> bool:
-    """True when torch_npu is installed and sees at least one NPU. Never raises."""
+def _cuda_unusable() -> str | None:
+    """Why CUDA cannot be used here, or None when it can."""
+    if torch.cuda.is_available():
+        return None
+    if not torch.version.cuda:
+        return "this torch build has no CUDA (a CPU build)"
+    try:  # a CUDA build without a usable GPU: the driver says why
+        torch.cuda.init()
+    except Exception as e:
+        return f"CUDA build {torch.version.cuda}, but CUDA cannot start: {type(e).__name__}: {e}"
+    return f"CUDA build {torch.version.cuda}, but no GPU is visible (CUDA_VISIBLE_DEVICES, driver)"
+
+
+def _npu_unusable() -> str | None:
+    """Why an Ascend NPU cannot be used here, or None when it can."""
     if importlib.util.find_spec("torch_npu") is None:
-        return False
+        return "torch_npu is not installed"
     try:
         import_torch_npu()
-        return bool(torch.npu.is_available())  # type: ignore[attr-defined]
-    except Exception:
-        return False
+    except RuntimeError as e:
+        return str(e)
+    try:
+        if not torch.npu.is_available():  # type: ignore[attr-defined]
+            return "torch_npu sees no NPU (check npu-smi info)"
+    except Exception as e:
+        return f"torch.npu.is_available() failed: {type(e).__name__}: {e}"
+    return None
+
+
+def npu_available() -> bool:
+    """True when torch_npu is installed and sees at least one NPU. Never raises."""
+    return _npu_unusable() is None
+
+
+def select_device(device: str | torch.device = "auto") -> tuple[torch.device, str]:
+    """``(device, why)``: ``auto`` -> cuda, then npu, then cpu, with the reason each accelerator was not used;
+    ``cuda[:N]`` / ``npu[:N]`` fail with that reason instead of falling back. ``npu`` resolves to ``npu:N`` (the
+    current device) and is made the current device before any tensor moves."""
+    name = str(device).strip().lower()
+    if name == "auto":
+        cuda_why = _cuda_unusable()
+        if cuda_why is None:
+            return torch.device("cuda", torch.cuda.current_device()), "auto: CUDA is available"
+        npu_why = _npu_unusable()
+        if npu_why is None:
+            return _npu_device("npu"), f"auto: no CUDA ({cuda_why}); an Ascend NPU is available"
+        why = f"auto: no CUDA ({cuda_why}); no NPU ({npu_why})"
+        expected = torch.version.cuda or importlib.util.find_spec("torch_npu") is not None
+        if expected:  # an accelerator stack is installed but not usable: say so loudly
+            log.warning("osum_torch_infer: running on CPU, although an accelerator stack is installed: %s", why)
+        return torch.device("cpu"), why
+    if name.startswith("npu"):
+        why = _npu_unusable()
+        if why is not None:
+            raise RuntimeError(f"device {name!r} requested but {why}")
+        return _npu_device(name), "requested"
+    if name.startswith("cuda"):
+        why = _cuda_unusable()
+        if why is not None:
+            raise RuntimeError(f"device {name!r} requested but {why}")
+        dev = torch.device(name)
+        return (dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())), "requested"
+    if name == "cpu":
+        return torch.device("cpu"), "requested"
+    raise ValueError(f"unknown device {device!r}; expected auto, cuda[:N], npu[:N] or cpu")
+
+
+def _npu_device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.index is None:
+        dev = torch.device("npu", torch.npu.current_device())  # type: ignore[attr-defined]
+    torch.npu.set_device(dev)  # type: ignore[attr-defined]  (before the first tensor moves)
+    return dev
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> cuda, then npu, then cpu; ``npu``/``npu:1`` imports torch_npu; ``cuda`` checks availability."""
-    if isinstance(device, torch.device):
-        name = str(device)
-    else:
-        name = str(device).strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if npu_available():
-            return torch.device("npu")
-        return torch.device("cpu")
-    if name.startswith("npu"):
-        import_torch_npu()
-        if not torch.npu.is_available():  # type: ignore[attr-defined]
-            raise RuntimeError("device 'npu' requested but torch_npu sees no NPU (check npu-smi info)")
-        return torch.device(name)
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available in this torch build/host")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"unknown device {device!r}; expected auto, cuda[:N], npu[:N] or cpu")
+    """:func:`select_device` without the reason."""
+    return select_device(device)[0]
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, package_dtype: str) -> torch.dtype:

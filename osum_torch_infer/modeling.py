@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import contract
-from .devices import apply_npu_fusions, resolve_device, resolve_dtype
+from .devices import apply_npu_fusions, resolve_dtype, select_device
+
+log = logging.getLogger("osum_torch_infer")
 
 FORMAT_NAME = "osum-torch-package"
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -258,6 +261,8 @@ class OSUMForConditionalGeneration(nn.Module):
         super().__init__()
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
+        from .attention import ATTN_IMPLEMENTATION  # registers SDPA with NaN-safe masks (see attention.py)
+
         self.config = config
         d_llm = int(config.llm["hidden_size"])
         self.encoder = WhisperEncoder(config.encoder)
@@ -265,7 +270,7 @@ class OSUMForConditionalGeneration(nn.Module):
         self.speech_embed = nn.Embedding(config.speech_token_num + 2, d_llm)
         llm_cfg = {k: v for k, v in config.llm.items() if k not in ("architectures", "model_type", "torch_dtype")}
         self.qwen2_config = Qwen2Config(**llm_cfg)
-        self.qwen2_config._attn_implementation = "sdpa"
+        self.qwen2_config._attn_implementation = ATTN_IMPLEMENTATION
         self.llm = Qwen2ForCausalLM(self.qwen2_config)
         self.eos_token_id = config.eos_token_id
         self.tokenizer = None
@@ -291,8 +296,10 @@ class OSUMForConditionalGeneration(nn.Module):
         if not root.is_dir():
             raise PackageError(f"{root} is not a package directory")
         cfg = OSUMConfig.from_json(root / "config.json")
-        dev = resolve_device(device)
+        dev, why = select_device(device)
         dt = resolve_dtype(dtype, dev, cfg.torch_dtype)
+        log.info("osum_torch_infer: %s on %s, %s (%s; dtype %s)", root, dev, str(dt).replace("torch.", ""), why,
+                 dtype if dtype not in (None, "auto") else f"auto: package {cfg.torch_dtype}")
         with torch.device("meta"):
             model = cls(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -349,6 +356,7 @@ class OSUMForConditionalGeneration(nn.Module):
         if dev.type == "npu" and npu_fusions:
             apply_npu_fusions(model.llm)
         model.path = root
+        model.device_reason = why
         model._load_text_side(root)
         return model
 
@@ -560,7 +568,7 @@ class OSUMForConditionalGeneration(nn.Module):
             nxt = logits.argmax(-1)
             nxt = torch.where(unfinished, nxt, pad)
             tokens.append(nxt)
-            unfinished &= ~torch.isin(nxt, eos_ids)
+            unfinished &= ~(nxt[:, None] == eos_ids[None, :]).any(-1)  # torch.isin falls back to CPU on NPU
             if t == max_new - 1 or ((t + 1) % check_every == 0 and not bool(unfinished.any())):
                 break
             pos = pos + 1

@@ -123,6 +123,7 @@ def test_one_bad_line_costs_only_itself(speech_corpus, package, tmp_path, capsys
     out = tmp_path / "r.jsonl"
     args = ["--model", str(package), "--data", str(data), "--max-new-tokens", "2", "--device", "cpu", "--no-progress"]
     assert cli.main(args + ["--out", str(out)]) == 1
+    assert "osum-infer: cpu, float32 (requested)" in capsys.readouterr().err  # what it runs on, said at load
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 9
     ok = [r["key"] for r in rows if "error" not in r]

@@ -55,7 +55,7 @@ def test_devices_and_dtypes():
         with pytest.raises(RuntimeError, match="torch_npu"):
             resolve_device("npu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(RuntimeError, match="requested but"):
             resolve_device("cuda")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("tpu")
