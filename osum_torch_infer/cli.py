@@ -57,7 +57,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-frames", type=int, default=400, help="frames of the example input used to trace")
     p.add_argument("--check-frames", type=int, nargs="+", default=[137, 1001],
                    help="lengths checked against torch with onnxruntime after export")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset written exactly (default 18; ATC: 17 or 18)")
+    p.add_argument("--ir-version", type=int, default=8,
+                   help="ONNX IR version of the file (default 8, what Ascend's ATC parser reads)")
     return p
 
 
@@ -73,9 +75,10 @@ def _export(args) -> int:
     from .onnx_export import export_onnx
 
     try:
-        model = OSUMForConditionalGeneration.from_pretrained(args.model, device="cpu", dtype="fp32")
+        # only the audio tower's tensors are read (~0.3 B parameters in fp32, not the 8 B model)
+        model = OSUMForConditionalGeneration.from_pretrained(args.model, device="cpu", dtype="fp32", parts="audio")
         info = export_onnx(model, args.out, trace_frames=args.trace_frames, check_frames=args.check_frames,
-                           opset=args.opset)
+                           opset=args.opset, ir_version=args.ir_version)
     except (PackageError, RuntimeError, ValueError) as e:
         print(f"osum-infer export-onnx: error: {e}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from . import contract
 from .devices import apply_npu_fusions, resolve_dtype, select_device
 
 log = logging.getLogger("osum_torch_infer")
+AUDIO_PREFIXES = ("encoder.", "adapter.", "speech_embed.")  # the audio tower's tensors (+ the speech markers)
 
 FORMAT_NAME = "osum-torch-package"
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -283,13 +284,18 @@ class OSUMForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto",
                         dtype: str | torch.dtype | None = "auto", *, merge_lora: bool = True,
-                        npu_fusions: bool = True) -> "OSUMForConditionalGeneration":
+                        npu_fusions: bool = True, parts: str = "all") -> "OSUMForConditionalGeneration":
         """Load a package written by ``osum-convert export-torch``.
 
         ``device``: ``auto`` (cuda, then npu, then cpu), ``cuda[:N]``, ``npu[:N]``, ``cpu``. ``dtype``: ``auto``
         (float32 on CPU, the package dtype on accelerators), ``fp32``, ``fp16``, ``bf16``. A package exported with
         ``--no-merge-lora`` has its peft adapters merged into the weights at load time (in float32).
+        ``parts="audio"`` reads only the audio tower's tensors (encoder, adapter): the LLM stays on the meta device
+        and is unusable (what ONNX export of the tower needs, at ~0.3 B instead of 8 B parameters).
         """
+        if parts not in ("all", "audio"):
+            raise ValueError(f"parts={parts!r}: expected 'all' or 'audio'")
+        keep = (lambda k: True) if parts == "all" else (lambda k: k.startswith(AUDIO_PREFIXES))
         from safetensors import safe_open
 
         root = Path(path)
@@ -302,7 +308,7 @@ class OSUMForConditionalGeneration(nn.Module):
                  dtype if dtype not in (None, "auto") else f"auto: package {cfg.torch_dtype}")
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if keep(k)}
 
         files = _weight_files(root)
         state: dict[str, torch.Tensor] = {}
@@ -310,6 +316,8 @@ class OSUMForConditionalGeneration(nn.Module):
         for f in files:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for key in sf.keys():
+                    if not keep(key):
+                        continue
                     if key in state:
                         raise PackageError(f"{f.name}: tensor {key!r} also stored in {where[key]}")
                     state[key] = sf.get_tensor(key)
@@ -317,7 +325,7 @@ class OSUMForConditionalGeneration(nn.Module):
         if cfg.llm.get("tie_word_embeddings"):
             expected.pop("llm.lm_head.weight", None)
         lora_file = root / "adapter_model.safetensors"
-        if not cfg.lora.get("merged", True):
+        if not cfg.lora.get("merged", True) and parts == "all":
             if not lora_file.is_file():
                 raise PackageError(f"{root}/config.json says lora.merged=false but {lora_file.name} is missing")
             _merge_peft(state, root, cfg)
@@ -343,17 +351,18 @@ class OSUMForConditionalGeneration(nn.Module):
             raise PackageError(f"{root}: values beyond the float16 range (65504) in {len(overflow)} tensor(s): "
                                f"{overflow[:10]}; load in bf16/fp32, or export with --dtype fp16 to see the check "
                                f"at export time")
-        model.load_state_dict(state, strict=not cfg.llm.get("tie_word_embeddings"), assign=True)
-        if cfg.llm.get("tie_word_embeddings"):
+        model.load_state_dict(state, strict=not cfg.llm.get("tie_word_embeddings") and parts == "all", assign=True)
+        if cfg.llm.get("tie_word_embeddings") and parts == "all":
             model.llm.tie_weights()
         # non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them
         with torch.device(dev):
             model.llm.model.rotary_emb = type(model.llm.model.rotary_emb)(config=model.qwen2_config)
-        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                    if t.is_meta and keep(n)]
         if leftover:
             raise PackageError(f"{root}: tensors not initialised from the package: {leftover[:10]}")
         model.eval().requires_grad_(False)
-        if dev.type == "npu" and npu_fusions:
+        if dev.type == "npu" and npu_fusions and parts == "all":
             apply_npu_fusions(model.llm)
         model.path = root
         model.device_reason = why

@@ -1,10 +1,13 @@
 """ONNX export of the audio tower (Whisper encoder + adapter + projection) with dynamic batch and time axes.
 
 The LLM stays in torch/transformers. The graph is traced by torch's dynamo exporter and validated with
-onnxruntime against torch on lengths it was not traced with. Ascend: compile with ATC, e.g.::
+onnxruntime against torch on lengths it was not traced with. The file carries exactly the opset asked for (the
+exporter's own output is converted down when it wrote a newer one, else the export fails saying so) and the IR
+version asked for (default 8, the ONNX 1.12/1.13-era files Ascend's ATC parser reads); both are recorded in
+``audio_tower.json``. Ascend: compile with ATC, e.g.::
 
     atc --framework=5 --model=audio_tower.onnx --output=audio_tower --soc_version=Ascend910B3 \
-        --input_shape="feats:1,-1,80;feats_lengths:1" --dynamic_dims="500;1000;1500;2000;3000"
+        --input_format=ND --input_shape="feats:1,-1,80;feats_lengths:1" --dynamic_dims="500;1000;1500;2000;3000"
 """
 
 from __future__ import annotations
@@ -17,8 +20,35 @@ import numpy as np
 import torch
 
 
+ATC_IR_VERSION = 8  # ONNX 1.12/1.13: what CANN's ATC ONNX parser reads
+
+
+def _pin_versions(path: Path, opset: int, ir_version: int) -> tuple[int, int]:
+    """Make the file at ``path`` carry ``opset`` (default domain) and ``ir_version``; returns what it carries."""
+    import onnx
+    from onnx import version_converter
+
+    m = onnx.load(str(path))
+    have = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+    if have != opset:
+        try:
+            m = version_converter.convert_version(m, opset)
+        except Exception as e:
+            raise RuntimeError(f"--opset {opset}: the exporter wrote opset {have} and converting it to {opset} "
+                               f"failed ({type(e).__name__}: {e}); export with --opset {have}") from None
+    if m.ir_version != ir_version:
+        m.ir_version = ir_version
+    try:
+        onnx.checker.check_model(m)
+    except Exception as e:
+        raise RuntimeError(f"the model is not valid at opset {opset} / IR version {ir_version}: {e}") from None
+    onnx.save(m, str(path))
+    got = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    return got, m.ir_version
+
+
 def export_onnx(model, out_dir: str | Path, *, trace_frames: int = 400, check_frames: Sequence[int] = (137, 1001),
-                opset: int = 18, tolerance: float = 1e-4) -> dict:
+                opset: int = 18, tolerance: float = 1e-4, ir_version: int = ATC_IR_VERSION) -> dict:
     """Export ``model.audio_tower()`` to ``out_dir/audio_tower.onnx`` and validate it with onnxruntime.
 
     Inputs ``feats [B, T, n_mels]`` float32 and ``feats_lengths [B]`` int64; outputs ``speech_embeds
@@ -48,6 +78,7 @@ def export_onnx(model, out_dir: str | Path, *, trace_frames: int = 400, check_fr
                 input_names=["feats", "feats_lengths"], output_names=["speech_embeds", "speech_lengths"],
                 dynamic_shapes={"feats": {0: batch, 1: frames}, "feats_lengths": {0: batch}})
         program.save(str(path))
+        opset_written, ir_written = _pin_versions(path, opset, ir_version)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         checks = []
         for t in check_frames:
@@ -69,7 +100,8 @@ def export_onnx(model, out_dir: str | Path, *, trace_frames: int = 400, check_fr
                                    f"{tolerance}")
     finally:
         model.audio_tower().to(device=orig.device, dtype=orig.dtype)
-    info = {"onnx": str(path), "opset": opset, "trace_frames": trace_frames, "checks": checks,
+    info = {"onnx": str(path), "opset": opset_written, "ir_version": ir_written, "trace_frames": trace_frames,
+            "checks": checks,
             "inputs": {"feats": ["batch", "frames", m], "feats_lengths": ["batch"]},
             "outputs": {"speech_embeds": ["batch", "ceil(frames/8)", int(model.config.llm["hidden_size"])],
                         "speech_lengths": ["batch"]},

@@ -48,3 +48,28 @@ def test_export_onnx_dynamic_time_axis(package, tmp_path, capsys):
         assert rel_err(emb[b, :n], ref[b, :n].numpy()) <= 1e-4
     assert cli.main(["export-onnx", "--model", str(tmp_path), "--out", str(out)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_the_file_carries_the_opset_and_ir_version_asked_for(package, tmp_path, opset):
+    import onnx
+
+    out = tmp_path / f"onnx{opset}"
+    assert cli.main(["export-onnx", "--model", str(package), "--out", str(out), "--trace-frames", "200",
+                     "--check-frames", "137", "--opset", str(opset)]) == 0
+    m = onnx.load(str(out / "audio_tower.onnx"))
+    written = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    info = json.loads((out / "audio_tower.json").read_text())
+    assert written == opset == info["opset"] and m.ir_version == 8 == info["ir_version"]
+    assert info["checks"][0]["max_rel_err"] <= 1e-4  # onnxruntime ran the pinned file
+
+
+def test_audio_only_load_reads_no_llm_tensor(package):
+    model = OSUMForConditionalGeneration.from_pretrained(package, device="cpu", dtype="fp32", parts="audio")
+    llm = [p for p in model.llm.parameters()]
+    assert llm and all(p.is_meta for p in llm)
+    assert not any(p.is_meta for p in model.audio_tower().parameters())
+    full = OSUMForConditionalGeneration.from_pretrained(package, device="cpu", dtype="fp32")
+    x, n = torch.randn(1, 90, 80), torch.tensor([90])
+    with torch.no_grad():
+        assert torch.equal(model.encode_speech(x, n)[0], full.encode_speech(x, n)[0])
