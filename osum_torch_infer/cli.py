@@ -1,4 +1,4 @@
-"""``osum-infer``: batched inference on audio files with an OSUM torch package; ``osum-infer export-onnx``.
+"""``osum-infer``: batched inference on audio files with an OSUM torch package; ``export-onnx``; ``calibrate-fp16``.
 
 ::
 
@@ -6,6 +6,8 @@
                [--device auto|cuda|npu|cpu] [--dtype auto|fp32|fp16|bf16] [--decoding greedy|beam|osum]
                [--num-beams N] [--max-new-tokens N] [--prompt TEXT] [--format jsonl|text] --out results.jsonl
     osum-infer export-onnx --model PKG --out DIR [--trace-frames N] [--check-frames N ...] [--opset N]
+                           [--ir-version N]
+    osum-infer calibrate-fp16 --model PKG --data LIST [--max-new-tokens N] [--limit N] [--out REPORT]
 
 Exit status: 0 when every file was processed, 1 when some files could not be read (their errors are printed and,
 in jsonl, written as records with an ``error`` field; the others are processed), 2 on a usage/package error.
@@ -67,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "export-onnx":
         return _export(_export_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "calibrate-fp16":
+        from .calibrate import main_calibrate
+
+        return main_calibrate(argv[1:])
     return _infer(_infer_parser().parse_args(argv))
 
 

@@ -366,6 +366,13 @@ class OSUMForConditionalGeneration(nn.Module):
             apply_npu_fusions(model.llm)
         model.path = root
         model.device_reason = why
+        if dt == torch.float16:
+            from .calibrate import REPORT, passing_report
+
+            if not passing_report(root):
+                log.warning("osum_torch_infer: %s runs in float16 without a passing %s next to it: Qwen2 "
+                            "activations and attention scores can exceed 65504 (the 310P saturates silently); run "
+                            "`osum-infer calibrate-fp16 --model %s --data LIST` on CPU first", root, REPORT, root)
         model._load_text_side(root)
         return model
 
