@@ -16,7 +16,6 @@ import copy
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,88 +26,15 @@ from torch import nn
 
 from . import contract
 from .devices import apply_npu_fusions, resolve_dtype, select_device
+from .package import (FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, AdapterConfig, EncoderConfig,  # noqa: F401
+                      OSUMConfig, PackageError)
 
 log = logging.getLogger("osum_torch_infer")
 AUDIO_PREFIXES = ("encoder.", "adapter.", "speech_embed.")  # the audio tower's tensors (+ the speech markers)
 
-FORMAT_NAME = "osum-torch-package"
-SUPPORTED_FORMAT_VERSIONS = (1,)
-
-
-class PackageError(ValueError):
-    """A package directory is incomplete or inconsistent (the message names the file and key)."""
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    num_mel_bins: int = 80
-    d_model: int = 1024
-    num_layers: int = 24
-    num_heads: int = 16
-    ffn_dim: int = 4096
-    max_source_positions: int = 1500
-    layer_norm_eps: float = 1e-5
-    key_bias: bool = False
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    conv_kernel: int = 3
-    conv_strides: tuple[int, ...] = (1, 2, 2)
-    num_layers: int = 4
-    num_heads: int = 4
-    ffn_dim: int = 2560
-    activation: str = "relu"
-    max_positions: int = 5000
-    layer_norm_eps: float = 1e-5
-
-
-@dataclass(frozen=True)
-class OSUMConfig:
-    encoder: EncoderConfig
-    adapter: AdapterConfig
-    llm: dict  # a transformers Qwen2Config dict
-    speech_token_num: int = 4097
-    eos_token_id: int = 151643
-    torch_dtype: str = "bfloat16"
-    lora: dict = field(default_factory=dict)
-    prompts_file: str = "prompts.yaml"
-    raw: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, path: Path) -> "OSUMConfig":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise PackageError(f"cannot read {path}: {e}") from None
-        if data.get("format") != FORMAT_NAME:
-            raise PackageError(f"{path}: 'format' is {data.get('format')!r}, expected {FORMAT_NAME!r} "
-                               f"(write packages with `osum-convert export-torch`)")
-        if data.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-            raise PackageError(f"{path}: format_version {data.get('format_version')!r} is not supported "
-                               f"(this runtime reads {SUPPORTED_FORMAT_VERSIONS})")
-        for key in ("encoder", "adapter", "llm", "speech_token_num", "eos_token_id"):
-            if key not in data:
-                raise PackageError(f"{path}: missing key {key!r}")
-
-        def build(dc, d, where):
-            names = {f for f in dc.__dataclass_fields__}
-            unknown = sorted(set(d) - names)
-            if unknown:
-                raise PackageError(f"{path}: unknown key(s) {unknown} in {where!r}")
-            kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-            return dc(**kw)
-
-        return cls(encoder=build(EncoderConfig, data["encoder"], "encoder"),
-                   adapter=build(AdapterConfig, data["adapter"], "adapter"), llm=dict(data["llm"]),
-                   speech_token_num=int(data["speech_token_num"]), eos_token_id=int(data["eos_token_id"]),
-                   torch_dtype=data.get("torch_dtype", "bfloat16"), lora=dict(data.get("lora", {})),
-                   prompts_file=data.get("prompts_file", "prompts.yaml"), raw=data)
 
 
 # ---------------------------------------------------------------------------------------------------------------

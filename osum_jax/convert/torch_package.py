@@ -34,13 +34,15 @@ from typing import Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from osum_torch_infer.package import AdapterConfig as PkgAdapter
+from osum_torch_infer.package import EncoderConfig as PkgEncoder
+from osum_torch_infer.package import OSUMConfig as PkgConfig
+
 from ..checkpoint import atomic_output, flat_variables
 from ..config import ModelConfig
 from ..data.text import DEFAULT_PROMPTS, PromptBook
 from .hf import QWEN2_TOP, WHISPER_LAYER, WHISPER_TOP, _conv, _id, _linear, qwen2_layer_table
 
-FORMAT_NAME = "osum-torch-package"
-FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 5 * 1000 ** 3  # Hugging Face's "5GB"
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -394,28 +396,19 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
                 "use_rslora": False, "use_dora": False,
             }
             (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
-        config = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "model_type": "osum",
-            "architectures": ["OSUMForConditionalGeneration"],
-            "torch_dtype": torch_dtype,
-            "encoder": _plain(asdict(cfg.encoder), drop=("dropout", "positional_dropout")),
-            "adapter": _plain(asdict(cfg.adapter), drop=("dropout", "positional_dropout")),
-            "speech_token_num": cfg.speech_token_num,
-            "lora": {"merged": merge_lora, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-                     "targets": list(cfg.lora.targets)},
-            "llm": qwen2_hf_config(cfg, torch_dtype, eos_id),
-            "eos_token_id": eos_id,
-            "eod_token": eod_token,
-            "prompts_file": "prompts.yaml",
-            "audio": {"sample_rate": 16000, "n_fft": 400, "hop_length": 160,
-                      "num_mel_bins": cfg.encoder.num_mel_bins,
-                      "max_frames": 2 * cfg.encoder.max_source_positions},
-        }
-        if extra_metadata:
-            config["metadata"] = extra_metadata
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        drop = ("dropout", "positional_dropout")  # training-only settings
+        config = PkgConfig(
+            encoder=PkgEncoder(**_plain(asdict(cfg.encoder), drop)),
+            adapter=PkgAdapter(**_plain(asdict(cfg.adapter), drop)),
+            llm=qwen2_hf_config(cfg, torch_dtype, eos_id), speech_token_num=cfg.speech_token_num,
+            eos_token_id=eos_id, torch_dtype=torch_dtype,
+            lora={"merged": merge_lora, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+                  "targets": list(cfg.lora.targets)},
+            prompts_file="prompts.yaml", eod_token=eod_token,
+            audio={"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "num_mel_bins": cfg.encoder.num_mel_bins,
+                   "max_frames": 2 * cfg.encoder.max_source_positions},
+            metadata=dict(extra_metadata or {}))
+        config.write(tmp / "config.json")
         gen = dict(OSUM_GENERATION, eos_token_id=eos_id, pad_token_id=eos_id, bos_token_id=eos_id)
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         shutil.copyfile(prompts_file, tmp / "prompts.yaml")
@@ -431,7 +424,7 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
 
 
 def _plain(d: dict, drop: tuple[str, ...] = ()) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k not in drop}
+    return {k: v for k, v in d.items() if k not in drop}
 
 
 def _fsync_dir(directory: Path) -> None:
