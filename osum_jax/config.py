@@ -177,6 +177,8 @@ class DataConfig:
     prompts: str = ""  # OSUM prompt_config.yaml format; "" = the shipped default prompts
     eod_token: str = "<|endoftext|>"  # appended to every label (Qwen2: id 151643)
     normalize_text: bool = True  # OSUM's process_text: CJK spaces, lowercase, no spaces around < >
+    remap_style: bool = True  # OSUM's processor: raw <STYLE> tags -> its 8 classes, for tasks with <STYLE>
+    filter_no_extra_info: bool = False  # OSUM's filter option (true in its training config): drop lines without a task
     index_cache_dir: str = ""  # where tar/list indexes are cached; "" = beside the data, else ~/.cache/osum_jax
     # audio and features
     sample_rate: int = 16000

@@ -221,3 +221,29 @@ def test_make_shards_cli_refuses_a_file_as_out(corpus, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["make-shards", str(corpus["root"] / "data.list"), str(tmp_path / "f")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_osum_style_remap_and_filter_no_extra_info(corpus, tmp_path):
+    """OSUM's processor parity: raw <STYLE> tags become its 8 classes for tasks with <STYLE> (exact tags only);
+    data.filter_no_extra_info drops lines without a task, counted."""
+    from osum_jax.data.text import remap_style
+
+    assert remap_style("故事开始了<小说>") == "故事开始了<有声书>"
+    assert remap_style("<朗读><MALE>") == "<新闻科普><MALE>" and remap_style("<小说家>") == "<小说家>"
+    root = corpus["root"]
+    rows = [{"key": "s", "wav": str(root / "good0.wav"), "txt": "alpha<小说>", "task": "<TRANSCRIBE> <STYLE>"},
+            {"key": "t", "wav": str(root / "good1.wav"), "txt": "alpha<小说>"}]
+    lst = tmp_path / "style.list"
+    lst.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "p.yaml").write_text('"<TRANSCRIBE>": ["alpha"]\n"<TRANSCRIBE> <STYLE>": ["bravo"]\n')
+    base = dict(prompts=str(tmp_path / "p.yaml"), max_label_tokens=64, target_buckets=(64,))
+    pipe = DataPipeline(_cfg(corpus, **base), str(lst), shard_index=0, shard_count=1, train=False)
+    tok = pipe.tokenizer
+    labels = {pipe.source[i]["key"]: pipe.processor.process(i, 0)["target"][:-1] for i in range(2)}
+    assert tok.decode(list(labels["s"])) == "alpha<有声书>"  # remapped for the <STYLE> task ...
+    assert tok.decode(list(labels["t"])) == "alpha<小说>"  # ... and only there
+    pipe = DataPipeline(_cfg(corpus, filter_no_extra_info=True, **base), str(lst), shard_index=0, shard_count=1,
+                        train=False)
+    it = iter(pipe.dataset())
+    keys = [str(k) for b in it for k in b["keys"][: int(b["num_real"])]]
+    assert keys == ["s"] and skip_counts(it.get_state()) == {"no task": 1}

@@ -36,7 +36,7 @@ from ..config import ConfigError, DataConfig
 from .audio import AudioError, audio_length, decode_audio, log_mel_spectrogram, num_frames, wav_truncation
 from .augment import spec_aug, spec_sub
 from .sources import SampleError, check_record, detect_format, open_source
-from .text import PromptBook, Tokenizer, normalize_label, normalize_task
+from .text import PromptBook, Tokenizer, normalize_label, normalize_task, remap_style
 
 log = logging.getLogger("osum_jax.data")
 
@@ -81,9 +81,13 @@ class SampleProcessor:
         where = rec["where"]
         check_record(rec)
         txt = rec["txt"]
+        if cfg.filter_no_extra_info and not rec.get("task"):
+            raise SampleError("no task", where, "data.filter_no_extra_info drops lines without a task")
         task = normalize_task(rec.get("task"))
         if task not in self.prompts.prompts:
             raise SampleError("unknown task", where, f"{task!r}; known: {self.prompts.tasks}")
+        if cfg.remap_style and "<STYLE>" in task:
+            txt = remap_style(txt)
         label = normalize_label(txt) if cfg.normalize_text else txt
         target = self.tok.encode(label) + [self.tok.eod_id]
         if not cfg.min_label_tokens <= len(target) <= cfg.max_label_tokens:

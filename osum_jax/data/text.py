@@ -17,6 +17,21 @@ _SPACE_AROUND_CJK = re.compile(rf"\s*([{_CJK}])\s*")
 _SPACE_AROUND_ANGLE = re.compile(r"\s*([<>])\s*")
 
 
+# OSUM's processor (global_style_dict): raw style tags of the data -> the 8 style classes the model learns; applied
+# to labels of tasks with <STYLE>, to exact ``<tag>`` matches only
+STYLE_MAP = {
+    "朗读": "新闻科普", "科普百科": "新闻科普", "悬疑恐怖": "恐怖故事", "童话故事": "童话故事", "客服": "客服",
+    "诗歌": "诗歌散文", "散文": "诗歌散文", "武侠评书": "有声书", "小说": "有声书", "历史": "有声书", "科幻": "有声书",
+    "对话": "日常口语", "口语": "日常口语", "幽默": "其他", "其他": "其他",
+}
+_TAG = re.compile(r"<([^<>]+)>")
+
+
+def remap_style(label: str) -> str:
+    """``"...<小说>"`` -> ``"...<有声书>"``: OSUM's style remapping (other tags are left alone)."""
+    return _TAG.sub(lambda m: f"<{STYLE_MAP.get(m.group(1), m.group(1))}>", label)
+
+
 def normalize_label(text: str) -> str:
     """OSUM's ``process_text``: drop spaces around CJK chars, lowercase everything, no spaces around < >."""
     text = _SPACE_AROUND_CJK.sub(r"\1", text)
