@@ -4,7 +4,9 @@
 
     osum-infer --model PKG --task "<TRANSCRIBE><GENDER>" (--wav FILE... | --data LIST) [--batch-size N]
                [--device auto|cuda|npu|cpu] [--dtype auto|fp32|fp16|bf16] [--decoding greedy|beam|osum]
-               [--num-beams N] [--max-new-tokens N] [--prompt TEXT] [--format jsonl|text] --out results.jsonl
+               [--num-beams N] [--max-new-tokens N] [--do-sample] [--temperature T] [--top-k K] [--top-p P]
+               [--repetition-penalty R] [--seed N] [--prompt TEXT] [--format jsonl|text] [--strict]
+               --out results.jsonl
     osum-infer export-onnx --model PKG --out DIR [--trace-frames N] [--check-frames N ...] [--opset N]
                            [--ir-version N]
     osum-infer calibrate-fp16 --model PKG --data LIST [--max-new-tokens N] [--limit N] [--out REPORT]
@@ -28,7 +30,9 @@ def _infer_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="package directory written by osum-convert export-torch")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--wav", nargs="+", help="audio files (any format libsndfile reads)")
-    src.add_argument("--data", help="data list: jsonl (key, wav, optional task/start/end) or 'key path' lines")
+    src.add_argument("--data", help="data list: jsonl (key, wav, optional task/start/end/prompt/extra.question) or "
+                                    "'key path' lines; or tar shards: a shards_list.txt or one .tar "
+                                    "(OSUM's shard_full_data layout)")
     p.add_argument("--task", help="task key, e.g. '<TRANSCRIBE><GENDER>' (default: each entry's task, else "
                                   "<TRANSCRIBE>)")
     p.add_argument("--prompt", help="free prompt text instead of the task's prompt from the package")
@@ -38,6 +42,12 @@ def _infer_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", default="greedy", choices=("greedy", "beam", "osum"),
                    help="greedy (deterministic, default), beam (beam search) or osum (OSUM's beam-sampling preset)")
     p.add_argument("--num-beams", type=int, help="beams for beam/osum decoding (default: the preset's)")
+    p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of argmax (osum: on)")
+    p.add_argument("--temperature", type=float, help="sampling temperature")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (osum: 5)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (osum: 0.9)")
+    p.add_argument("--repetition-penalty", type=float, help="repetition penalty (osum: 1.05)")
+    p.add_argument("--seed", type=int, help="seed torch's generator first (reproducible sampling on one device)")
     p.add_argument("--max-new-tokens", type=int, help="longest output per window (default: the package's)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="longer audio is split into windows")
     p.add_argument("--format", default="jsonl", choices=("jsonl", "text"), help="text = OSUM's key<TAB>text")
@@ -94,7 +104,7 @@ def _export(args) -> int:
 
 def _infer(args) -> int:
     from .modeling import OSUMForConditionalGeneration, PackageError
-    from .pipeline import Item, check_run_args, read_list, run, write_results
+    from .pipeline import Item, check_run_args, read_any, run, write_results
 
     try:
         out = Path(args.out)
@@ -103,7 +113,7 @@ def _infer(args) -> int:
         if out.parent.exists() and not out.parent.is_dir():
             raise ValueError(f"--out {args.out}: {out.parent} is not a directory")
         if args.data:
-            items = read_list(args.data, strict=args.strict)
+            items = read_any(args.data, strict=args.strict)
         else:
             items = [Item(Path(w).stem, w) for w in args.wav]
         if not items:
@@ -123,9 +133,15 @@ def _infer(args) -> int:
     except (PackageError, ValueError, RuntimeError) as e:
         print(f"osum-infer: error: {e}", file=sys.stderr)
         return 2
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    generation = {"do_sample": args.do_sample, "temperature": args.temperature, "top_k": args.top_k,
+                  "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
     results = run(model, items, task=args.task, prompt=args.prompt, batch_size=args.batch_size,
                   decoding=args.decoding, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                  max_seconds=args.max_seconds, progress=not args.no_progress)
+                  max_seconds=args.max_seconds, progress=not args.no_progress, generation=generation)
     ok, failed = write_results(results, args.out, args.format)
     print(f"osum-infer: {ok} result(s) written to {args.out}" + (f"; {failed} file(s) failed" if failed else ""),
           file=sys.stderr)

@@ -8,7 +8,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -26,8 +26,91 @@ class Item:
     task: str | None = None
     start: float | None = None
     end: float | None = None
-    where: str = ""  # file:line of a data-list entry
+    where: str = ""  # file:line of a data-list entry, tar:member of a shard
     error: str | None = None  # a line that cannot be used: it becomes an error record, the others go on
+    prompt: str | None = None  # this utterance's own prompt (``prompt``; OSUM's ``extra.question`` for chat)
+    audio: bytes | None = None  # audio read from a tar shard (``wav`` then names it)
+
+
+def utterance_prompt(prompt: Any, extra: Any) -> str | None:
+    """An utterance's own prompt: its ``prompt`` field, else OSUM's ``extra["question"]`` (as OSUM's recognizer
+    uses it), else None (the task's prompt from the package)."""
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError:
+            extra = None
+    for p in (prompt, extra.get("question") if isinstance(extra, dict) else None):
+        if isinstance(p, str) and p.strip():
+            return p
+    return None
+
+
+AUDIO_SUFFIXES = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "wma")
+
+
+def read_shards(path: str | Path, *, strict: bool = False) -> list[Item]:
+    """OSUM's ``shard_full_data`` tars: a ``shards_list.txt`` (one tar path per line, relative to the list) or one
+    ``.tar``. Members ``KEY.wav`` (or another audio suffix), ``KEY.txt``, ``KEY.task``, ``KEY.extra`` (JSON; its
+    ``question`` is the prompt of chat utterances), ``KEY.prompt``. Audio is read into memory per utterance. A tar
+    that cannot be read, or a key without audio, becomes an error item (``strict``: ``ValueError``)."""
+    import tarfile
+
+    path = Path(path)
+    if path.suffix == ".tar":
+        tars = [path]
+    else:
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read the shards list {path}: {e}") from None
+        tars = [Path(t) if Path(t).is_absolute() else path.parent / t for t in lines]
+    items: list[Item] = []
+    for tar in tars:
+        groups: dict[str, dict[str, bytes]] = {}
+        try:
+            with tarfile.open(tar) as tf:
+                for m in tf:
+                    if not m.isfile() or "." not in m.name:
+                        continue
+                    key, suffix = m.name.rsplit(".", 1)
+                    groups.setdefault(key, {})[suffix] = tf.extractfile(m).read()
+        except (OSError, tarfile.TarError) as e:
+            if strict:
+                raise ValueError(f"{tar}: unreadable tar ({e})") from None
+            items.append(Item(str(tar), str(tar), where=str(tar), error=f"{tar}: unreadable tar ({e})"))
+            continue
+        for key, members in groups.items():
+            where = f"{tar}:{key}"
+
+            def text(suffix):
+                raw = members.get(suffix)
+                return raw.decode("utf-8", errors="replace").strip() if raw is not None else None
+
+            audio = next((members[a] for a in AUDIO_SUFFIXES if a in members), None)
+            if audio is None:
+                if strict:
+                    raise ValueError(f"{where}: no audio member")
+                items.append(Item(key, where, where=where, error=f"{where}: no audio member"))
+                continue
+            items.append(Item(key, where, text("task"), where=where, audio=audio,
+                              prompt=utterance_prompt(text("prompt"), text("extra"))))
+    return items
+
+
+def read_any(path: str | Path, *, strict: bool = False) -> list[Item]:
+    """Tar shards (a ``.tar`` or a list of tar paths) or a data list (jsonl / ``key path``)."""
+    path = Path(path)
+    if path.suffix == ".tar":
+        return read_shards(path, strict=strict)
+    try:
+        with open(path, "rb") as f:
+            first = next((ln.strip() for ln in f if ln.strip()), b"")
+    except OSError as e:
+        raise ValueError(f"cannot read the data list {path}: {e.strerror or e}") from None
+    if first.endswith(b".tar") and not first.startswith(b"{"):
+        return read_shards(path, strict=strict)
+    return read_list(path, strict=strict)
 
 
 def read_list(path: str | Path, *, strict: bool = False) -> list[Item]:
@@ -59,7 +142,8 @@ def read_list(path: str | Path, *, strict: bool = False) -> list[Item]:
                 wav = str(d["wav"])
                 key = str(d.get("key", Path(wav).stem))
                 wav = wav if Path(wav).is_absolute() else str(path.parent / wav)
-                item = Item(key, wav, d.get("task"), d.get("start"), d.get("end"), where=where)
+                item = Item(key, wav, d.get("task"), d.get("start"), d.get("end"), where=where,
+                            prompt=utterance_prompt(d.get("prompt"), d.get("extra")))
             except json.JSONDecodeError as e:
                 error = f"broken JSON ({e})"
             except KeyError as e:
@@ -93,9 +177,11 @@ class _Unit:
 def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: float) -> list[_Unit] | str:
     if item.error is not None:
         return item.error
-    if not Path(item.wav).is_file():
+    src = item.audio if item.audio is not None else item.wav
+    if item.audio is None and not Path(item.wav).is_file():
         return f"no such file: {item.wav}"
-    cut = wav_truncation(item.wav)
+    prompt = prompt if prompt is not None else item.prompt
+    cut = wav_truncation(src)
     if cut is not None:
         return f"truncated audio: the WAV header promises {cut[0]:.2f} s, the file holds {cut[1]:.2f} s"
     if prompt is None:
@@ -104,7 +190,7 @@ def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: floa
         except ValueError as e:  # names the task, the prompt file and the known tasks
             return str(e)
     try:
-        wave = load_audio(item.wav, start=item.start, end=item.end)
+        wave = load_audio(src, start=item.start, end=item.end)
     except AudioError as e:
         return str(e)
     except OSError as e:
@@ -145,12 +231,15 @@ def check_run_args(model, items: Sequence[Item], max_seconds: float, *, strict: 
 def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | None = None, batch_size: int = 8,
         decoding: str = "greedy", max_new_tokens: int | None = None, num_beams: int | None = None,
         max_seconds: float = MAX_SECONDS, progress: bool = True, engine: str = "auto",
-        cache_implementation: str | None = None) -> Iterator[dict]:
+        cache_implementation: str | None = None, generation: Mapping[str, Any] | None = None) -> Iterator[dict]:
     """Yield one result per item, in input order.
 
     A result has ``key``, ``wav``, ``task``, ``prompt``, ``text`` (the raw output; windows joined), the parsed
     ``transcript`` and ``tags`` (+ ``timestamps`` for SRWT, ``answer`` for chat) and ``windows``; an unreadable
     file gives ``{"key", "wav", "task", "prompt", "error"}`` and the others continue. ``task`` overrides the items' own tasks.
+    An item's own ``prompt`` (a list's ``prompt`` field, OSUM's ``extra.question``) is used unless ``prompt`` is
+    given. ``generation``: GenerationConfig fields (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+    ``repetition_penalty``, ...) over the ``decoding`` preset.
     ``engine`` and ``cache_implementation`` (``"static"`` or the default dynamic cache) go to
     :meth:`OSUMForConditionalGeneration.generate`.
     """
@@ -161,7 +250,8 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
 
         bar = tqdm(total=len(items), desc="osum-infer", unit="utt", file=sys.stderr, dynamic_ncols=True)
     chunk = max(1, batch_size) * 16
-    overrides = {"max_new_tokens": max_new_tokens, "cache_implementation": cache_implementation}
+    overrides = {"max_new_tokens": max_new_tokens, "cache_implementation": cache_implementation,
+                 **{k: v for k, v in (generation or {}).items() if v is not None}}
     if num_beams is not None:
         overrides["num_beams"] = num_beams
     try:
@@ -172,7 +262,8 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
             for i, item in enumerate(part):
                 t = normalize_task(task or item.task)
                 prepared = _prepare(model, item, t, prompt, max_seconds)
-                p = prompt if prompt is not None or isinstance(prepared, str) else model.prompt_for(t)
+                p = prompt if prompt is not None else item.prompt
+                p = p if p is not None or isinstance(prepared, str) else model.prompt_for(t)
                 res = {"key": item.key, "wav": item.wav, "task": t, "prompt": p}
                 if isinstance(prepared, str):
                     res["error"] = prepared
