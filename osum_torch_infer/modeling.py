@@ -292,6 +292,9 @@ class OSUMForConditionalGeneration(nn.Module):
             apply_npu_fusions(model.llm)
         model.path = root
         model.device_reason = why
+        warning = (cfg.metadata.get("prompts") or {}).get("warning")
+        if warning:
+            log.warning("osum_torch_infer: %s: %s", root, warning)
         if dt == torch.float16:
             from .calibrate import REPORT, passing_report
 

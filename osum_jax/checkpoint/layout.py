@@ -145,6 +145,29 @@ def read_layout(path: str | Path, step: int | None = None) -> dict:
     raise CheckpointError(f"{root}: no step <= {s} has an osum_layout item")
 
 
+def read_prompts(path: str | Path, step: int | None = None) -> dict | None:
+    """The ``prompts`` item (``{"prompts": {task: [...]}, "source": ..., "sha256": ...}``) stored with a converter
+    checkpoint, or for a run with the checkpoint its ``train.init_from`` chain started from; None if none has one."""
+    seen: set[tuple[Path, int]] = set()
+    while True:
+        try:
+            root, s = resolve(path, step)
+        except CheckpointError:
+            return None
+        if (root, s) in seen:
+            return None
+        seen.add((root, s))
+        if (root / str(s) / "prompts" / "metadata").is_file():
+            return _json_item(root, s, "prompts")
+        try:
+            init = read_config(root, s).train.init_from
+        except (CheckpointError, ConfigError):
+            return None
+        if not init:
+            return None
+        path, step = init, None
+
+
 def find_layout(path: str | Path, step: int | None = None) -> tuple[Path, dict] | None:
     """``(checkpoint root, layout)`` of the ``osum_layout`` that describes ``path``'s weights: its own, or for a
     run (no layout of its own) the one of the checkpoint its ``train.init_from`` started from, followed through

@@ -127,8 +127,9 @@ def atomic_output(out: str | Path, force: bool) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"{out.parent}: output directory does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise FileExistsError(f"{out.parent} is a file, not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)  # as the README writes it: --out ckpt/osum
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     _remove(tmp)
     try:
@@ -156,7 +157,7 @@ def _remove(p: Path) -> None:
 
 def write_checkpoint(directory: Path, params: Mapping[str, StreamedArray], config: Config,
                      extras: Mapping[str, StreamedArray], layout: Mapping[str, Any], *, step: int = 0,
-                     progress: Callable[[int], None] | None = None) -> None:
+                     progress: Callable[[int], None] | None = None, prompts: Mapping[str, Any] | None = None) -> None:
     """Write one step of a new checkpoint into ``directory`` (which must not exist). Synchronous."""
     global _progress
     _progress = progress
@@ -166,6 +167,8 @@ def write_checkpoint(directory: Path, params: Mapping[str, StreamedArray], confi
         ) as mgr:
             items = dict(params=ocp.args.PyTreeSave(nest(params)), config=ocp.args.JsonSave(config.to_dict()),
                          osum_layout=ocp.args.JsonSave(dict(layout, format=LAYOUT_FORMAT)))
+            if prompts:  # the prompt book the weights were trained with (OSUM's prompt_config.yaml format)
+                items["prompts"] = ocp.args.JsonSave(dict(prompts))
             if extras:  # orbax refuses an empty PyTree item ("Found empty item"); no extras = no item
                 items["extras"] = ocp.args.PyTreeSave(nest(extras))
             mgr.save(step, args=ocp.args.Composite(**items))

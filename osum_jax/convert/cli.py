@@ -1,7 +1,8 @@
 """``osum-convert``: checkpoints between Hugging Face / official OSUM torch files and the JAX checkpoint.
 
     osum-convert import-hf --whisper DIR --qwen2 DIR [--config CONFIG] [key=value ...] --out CKPT [--force]
-    osum-convert import-osum CHECKPOINT.pt --config CONFIG [key=value ...] --out CKPT [--force]
+    osum-convert import-osum CHECKPOINT.pt [--osum-config OSUM_YAML] [--llm-config QWEN2] [--prompts PROMPT_YAML]
+                             [--config CONFIG] [key=value ...] --out CKPT [--force]
     osum-convert export-osum CKPT|RUN --out FILE.pt [--step N] [--dtype bf16|fp16|fp32]
                              [--layout-from CKPT] [--force]
     osum-convert export-torch CKPT --tokenizer DIR --out PKG [--dtype bf16|fp16|fp32] [--no-merge-lora] [--force]
@@ -50,7 +51,15 @@ def _parser() -> argparse.ArgumentParser:
 
     osum = sub.add_parser("import-osum", help="official OSUM infer.pt -> JAX checkpoint")
     osum.add_argument("checkpoint", help="OSUM flat state dict (.pt)")
-    osum.add_argument("--config", required=True, help="OSUM YAML config (e.g. configs/osum_full.yaml)")
+    osum.add_argument("--osum-config", metavar="OSUM_YAML",
+                      help="OSUM's own model YAML (conf/config_llm_huawei_base-version.yaml): its settings are "
+                           "taken and checked against --config and the overrides")
+    osum.add_argument("--llm-config", metavar="QWEN2_DIR_OR_CONFIG_JSON",
+                      help="the Qwen2 config.json OSUM was built on (checked the same way)")
+    osum.add_argument("--prompts", metavar="PROMPT_YAML",
+                      help="OSUM's prompt_config.yaml, stored with the checkpoint (export-torch ships it)")
+    osum.add_argument("--config", help="this project's YAML config (e.g. configs/osum_full.yaml); needed without "
+                                       "--osum-config")
     osum.add_argument("--out", required=True, help="output checkpoint directory")
     osum.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     common(osum)
@@ -110,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       force=args.force, seed=args.seed, progress=show)
         elif args.command == "import-osum":
             info = commands.import_osum(args.checkpoint, args.config, args.overrides, out=args.out,
-                                        force=args.force, progress=show)
+                                        force=args.force, progress=show, osum_config=args.osum_config,
+                                        llm_config=args.llm_config, prompts=args.prompts)
         elif args.command == "export-torch":
             from .export_torch import export_torch
             from .torch_package import PackageError

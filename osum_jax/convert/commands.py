@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from ..config import Config, ConfigError, config_from_dict, load_config
+from ..data.text import PromptBook
 from .. import checkpoint as ck
 from .hf import QWEN2_TOP, WHISPER_LAYER, WHISPER_TOP, normalize_peft_key, qwen2_layer_table
 from .osum_pt import (ALIASES, _BY_FN, Entry, canonical_keys, export_sources, extra_shapes, normalize_osum_key,
@@ -134,9 +135,10 @@ def _check_aliases(src: TensorSource, aliases: Mapping[str, str]) -> None:
             src.release(target)
 
 
-def _write(out: str | Path, force: bool, params, cfg: Config, extras, layout, progress: Progress) -> None:
+def _write(out: str | Path, force: bool, params, cfg: Config, extras, layout, progress: Progress,
+           prompts: dict | None = None) -> None:
     with ck.atomic_output(out, force) as tmp:
-        ck.write_checkpoint(tmp, params, cfg, extras, layout, progress=progress.bytes)
+        ck.write_checkpoint(tmp, params, cfg, extras, layout, progress=progress.bytes, prompts=prompts)
 
 
 def _sum_bytes(leaves: Mapping[str, ck.StreamedArray]) -> int:
@@ -146,10 +148,35 @@ def _sum_bytes(leaves: Mapping[str, ck.StreamedArray]) -> int:
 # -- import-osum ------------------------------------------------------------------------------------------------------
 
 
-def import_osum(pt: str | Path, config: str | Path, overrides: Sequence[str] = (), *, out: str | Path,
-                force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """OSUM's flat ``.pt`` -> JAX checkpoint. Returns a summary (tensors, bytes)."""
-    cfg = load_config(config, overrides)
+def import_osum(pt: str | Path, config: str | Path | None = None, overrides: Sequence[str] = (), *,
+                out: str | Path, force: bool = False, progress: bool = True, osum_config: str | Path | None = None,
+                llm_config: str | Path | None = None, prompts: str | Path | None = None) -> dict[str, Any]:
+    """OSUM's flat ``.pt`` -> JAX checkpoint. Returns a summary (tensors, bytes).
+
+    ``osum_config`` (OSUM's model YAML) and ``llm_config`` (a Qwen2 directory or ``config.json``) give the
+    settings; every one of them must agree with ``config`` + ``overrides`` (a list of differences otherwise).
+    ``prompts`` (OSUM's ``prompt_config.yaml`` format) is stored with the checkpoint: export-torch ships it and
+    osum-train uses it by default. The files' SHA-256 are recorded in the checkpoint's layout."""
+    from .osum_config import config_from_sources, osum_yaml_fields, qwen2_config_path, qwen2_fields, sha256
+
+    if config is None and osum_config is None:
+        raise ConfigError("import-osum needs --osum-config (OSUM's model YAML) and/or --config")
+    sources = []
+    origin: dict[str, Any] = {}
+    if osum_config is not None:
+        sources.append((str(osum_config), osum_yaml_fields(osum_config)))
+        origin["osum_config"] = {"path": str(Path(osum_config).resolve()), "sha256": sha256(osum_config)}
+    if llm_config is not None:
+        sources.append((str(qwen2_config_path(llm_config)), {"model": {"llm": qwen2_fields(llm_config)}}))
+        origin["llm_config"] = {"path": str(qwen2_config_path(llm_config).resolve()),
+                                "sha256": sha256(qwen2_config_path(llm_config))}
+    cfg = config_from_sources(config, overrides, sources) if sources else load_config(config, overrides)
+    book = None
+    if prompts is not None:
+        book = PromptBook.load(prompts)  # validates (raises naming the file)
+        origin["prompts"] = {"path": str(Path(prompts).resolve()), "sha256": sha256(prompts)}
+        book = {"format": "osum-prompts/1", "source": origin["prompts"]["path"], "sha256": origin["prompts"]["sha256"],
+                "prompts": book.prompts}
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
@@ -164,9 +191,9 @@ def import_osum(pt: str | Path, config: str | Path, overrides: Sequence[str] = (
             params = {path: _streamed_leaf(src, items, plan.shapes[path], plan.dtypes[path], bar)
                       for path, items in plan.leaves.items()}
             extras = {k: _array_leaf(np.array(src.numpy(k)), bar) for k in plan.extras}
-            layout = {"source": {"kind": "osum-pt", "path": str(Path(pt).resolve()), "bytes": file_size(pt)},
-                      "keys": plan.layout}
-            _write(out, force, params, cfg, extras, layout, bar)
+            layout = {"source": {"kind": "osum-pt", "path": str(Path(pt).resolve()), "bytes": file_size(pt),
+                                 **origin}, "keys": plan.layout}
+            _write(out, force, params, cfg, extras, layout, bar, prompts=book)
         finally:
             bar.close()
     return {"tensors": n_tensors, "bytes": total, "aliases": len(plan.aliases), "extras": len(plan.extras)}
@@ -187,27 +214,15 @@ def _read_json(path: Path) -> dict:
 def hf_model_fields(whisper_dir: Path, qwen2_dir: Path) -> dict[str, Any]:
     """Config fields implied by the HF ``config.json`` files (``model.encoder.*`` and ``model.llm.*``)."""
     w = _read_json(Path(whisper_dir) / "config.json")
-    q = _read_json(Path(qwen2_dir) / "config.json")
     try:
         enc = {"num_mel_bins": w["num_mel_bins"], "d_model": w["d_model"], "num_layers": w["encoder_layers"],
                "num_heads": w["encoder_attention_heads"], "ffn_dim": w["encoder_ffn_dim"],
                "max_source_positions": w["max_source_positions"]}
     except KeyError as e:
         raise SourceError(f"{whisper_dir}/config.json: no {e.args[0]!r} (is this a Whisper checkpoint?)") from None
-    try:
-        rope = q.get("rope_theta", (q.get("rope_parameters") or {}).get("rope_theta"))
-        llm = {"vocab_size": q["vocab_size"], "hidden_size": q["hidden_size"],
-               "intermediate_size": q["intermediate_size"], "num_layers": q["num_hidden_layers"],
-               "num_heads": q["num_attention_heads"],
-               "num_kv_heads": q.get("num_key_value_heads", q["num_attention_heads"]),
-               "head_dim": q.get("head_dim") or q["hidden_size"] // q["num_attention_heads"],
-               "rms_norm_eps": q["rms_norm_eps"], "tie_word_embeddings": bool(q.get("tie_word_embeddings", False))}
-        if rope is not None:
-            llm["rope_theta"] = float(rope)
-    except KeyError as e:
-        raise SourceError(f"{qwen2_dir}/config.json: no {e.args[0]!r} (is this a Qwen2 checkpoint?)") from None
-    if q.get("model_type") not in (None, "qwen2"):
-        raise SourceError(f"{qwen2_dir}/config.json: model_type {q.get('model_type')!r}, expected 'qwen2'")
+    from .osum_config import qwen2_fields
+
+    llm = qwen2_fields(qwen2_dir)
     return {"encoder": enc, "llm": llm}
 
 

@@ -29,7 +29,7 @@ from flax import nnx
 from ..config import Config
 from ..models import OSUM
 from .agree import AgreedBatches
-from ..checkpoint import RunCheckpointer, load_flat, read_config, restore_params
+from ..checkpoint import RunCheckpointer, load_flat, read_config, read_prompts, restore_params
 from .flops import train_step_flops
 from .mesh import (align_across_processes, build_mesh, data_parallel_size, empty_batch, from_every_process,
                    global_to_host, process_flags, process_sum, put_batch, put_rows)
@@ -102,6 +102,14 @@ class Trainer:
         self.schedule = learning_rate_schedule(tc)
         self.n_trainable = count(self.model, self.filter)
         self.n_params = count(self.model, nnx.Param)
+        if prompts is None and not cfg.data.prompts and tc.init_from:  # OSUM's prompts stored at import-osum
+            stored = read_prompts(tc.init_from)
+            if stored:
+                from ..data.text import PromptBook
+
+                prompts = PromptBook(stored["prompts"], source=f"{tc.init_from} (prompts stored with it, from "
+                                                               f"{stored.get('source')})")
+                log.info("data.prompts: the prompt book stored with %s", tc.init_from)
         self._tokenizer, self._prompts = tokenizer, prompts
         self.shapes_seen: set[tuple] = set()
         self.checkpointer = None
