@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
+from osum_torch_infer.package import AdapterConfig as _PackageAdapter
+from osum_torch_infer.package import EncoderConfig as _PackageEncoder
 
 
 class ConfigError(ValueError):
@@ -30,34 +32,22 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
-    """Whisper encoder as OSUM uses it (wenet ``TransformerEncoder``, ``conv1d2`` + ``abs_pos_whisper``)."""
+class EncoderConfig(_PackageEncoder):
+    """Whisper encoder as OSUM uses it (wenet ``TransformerEncoder``, ``conv1d2`` + ``abs_pos_whisper``).
 
-    num_mel_bins: int = 80
-    d_model: int = 1024
-    num_layers: int = 24
-    num_heads: int = 16
-    ffn_dim: int = 4096
-    # Sinusoid table length; the encoder accepts at most 2 * max_source_positions mel frames (30 s).
-    max_source_positions: int = 1500
-    layer_norm_eps: float = 1e-5
-    key_bias: bool = False  # Whisper's k projection has no bias
+    The architecture fields are the torch package's (:class:`osum_torch_infer.package.EncoderConfig`: written
+    once, in the contract); training adds its dropouts."""
+
     dropout: float = 0.1  # residual branches and inside the FFN (training only)
     positional_dropout: float = 0.1  # after adding the positional table (training only)
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterConfig:
-    """OSUM's link: 3 causal convs (``GxlConv1dSubsampling4``), a small transformer, a projection to the LLM."""
+class AdapterConfig(_PackageAdapter):
+    """OSUM's link: 3 causal convs (``GxlConv1dSubsampling4``), a small transformer, a projection to the LLM.
 
-    conv_kernel: int = 3
-    conv_strides: tuple[int, ...] = (1, 2, 2)
-    num_layers: int = 4
-    num_heads: int = 4
-    ffn_dim: int = 2560
-    activation: str = "relu"  # wenet default; OSUM never sets it (unlike the Whisper part, which is GELU)
-    max_positions: int = 5000  # ESPnet positional table length
-    layer_norm_eps: float = 1e-5
+    Architecture fields as :class:`osum_torch_infer.package.AdapterConfig`; training adds its dropouts."""
+
     dropout: float = 0.1
     positional_dropout: float = 0.1
 

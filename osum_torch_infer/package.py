@@ -22,25 +22,30 @@ class PackageError(ValueError):
 
 @dataclass(frozen=True)
 class EncoderConfig:
+    """The Whisper-medium encoder's architecture (defaults: OSUM's)."""
+
     num_mel_bins: int = 80
     d_model: int = 1024
     num_layers: int = 24
     num_heads: int = 16
     ffn_dim: int = 4096
+    # sinusoid table length; the encoder accepts at most 2 * max_source_positions mel frames (30 s)
     max_source_positions: int = 1500
     layer_norm_eps: float = 1e-5
-    key_bias: bool = False
+    key_bias: bool = False  # Whisper's k projection has no bias
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
+    """OSUM's link: causal convs, a small transformer, a projection (defaults: OSUM's)."""
+
     conv_kernel: int = 3
     conv_strides: tuple[int, ...] = (1, 2, 2)
     num_layers: int = 4
     num_heads: int = 4
     ffn_dim: int = 2560
-    activation: str = "relu"
-    max_positions: int = 5000
+    activation: str = "relu"  # wenet's default; OSUM never sets it (unlike the encoder's GELU)
+    max_positions: int = 5000  # ESPnet positional table length
     layer_norm_eps: float = 1e-5
 
 

@@ -33,3 +33,15 @@ def rel_err(a, b) -> float:
 
 def replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
+
+
+def write_tar(path, members) -> None:
+    """A tar shard from ``(member name, bytes)`` pairs (OSUM's shard_full_data layout when named KEY.suffix)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))

@@ -217,8 +217,10 @@ def test_export_streams_from_disk_and_equals_the_in_memory_export(hf, tmp_path, 
     for merge, dtype in ((True, "bf16"), (False, "fp16")):
         a, b = tmp_path / f"lazy{merge}", tmp_path / f"mem{merge}"
         export_torch(ckpt, out=a, tokenizer=tok, dtype=dtype, merge_lora=merge, progress=False)
+        meta = json.loads((a / "config.json").read_text())["metadata"]  # provenance: source and prompt origin
+        assert meta == {"source_checkpoint": str(ckpt.absolute()), "prompts": {"origin": "project-default"}}
         tp.export_torch_package(model, cfg.model, b, tokenizer_dir=tok, dtype=dtype, merge_lora=merge,
-                                progress=False, extra_metadata={"source_checkpoint": str(ckpt.absolute())})
+                                progress=False, extra_metadata=meta)
         files = sorted(p.name for p in a.iterdir())
         assert files == sorted(p.name for p in b.iterdir()) and any(f.endswith(".safetensors") for f in files)
         for f in files:

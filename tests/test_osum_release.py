@@ -4,13 +4,11 @@ Qwen2 ``config.json`` and a prompt_config.yaml with Chinese prompts. The documen
 a flag), osum-infer from a list and from tar shards with per-utterance prompts, osum-eval. Every non-shape
 mismatch between OSUM's files and the config is an error naming the key and both values."""
 
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 import yaml
 
 from tests.corpus import train_tokenizer
+from tests.helpers import write_tar
 from tests.test_convert_osum import CFG, build_torch_osum, osum_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,11 +82,7 @@ def release(tmp_path_factory):
         if "extra" in e:
             members.append((f"u{i}.extra", json.dumps(e["extra"]).encode()))
     (w / "test.list").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    with tarfile.open(w / "shard_000.tar", "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    write_tar(w / "shard_000.tar", members)
     (w / "shards_list.txt").write_text("shard_000.tar\n")
     return w
 

@@ -7,7 +7,6 @@ import logging
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from flax import nnx
 from safetensors.torch import load_file, save_file
 

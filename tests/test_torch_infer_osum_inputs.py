@@ -2,9 +2,7 @@
 ``extra.question``), and every decoding flag checked against transformers' own ``generate`` with the same
 settings (same tokens for greedy, beam, and sampling with a fixed seed on CPU)."""
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from osum_torch_infer import cli
 from osum_torch_infer.features import load_audio, log_mel_spectrogram
 from osum_torch_infer.modeling import OSUMForConditionalGeneration
 from tests.corpus import train_tokenizer
-from tests.helpers import tiny_model_config
+from tests.helpers import tiny_model_config, write_tar
 
 CFG = tiny_model_config()
 QUESTION = "what is said here"
@@ -49,11 +47,7 @@ def setup(tmp_path_factory):
         members.append((f"u{i}.task", e["task"].encode()))
         if "extra" in e:
             members.append((f"u{i}.extra", json.dumps(e["extra"]).encode()))
-    with tarfile.open(root / "shard_000.tar", "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    write_tar(root / "shard_000.tar", members)
     (root / "shards_list.txt").write_text("shard_000.tar\n")
     (root / "data.list").write_text("".join(json.dumps(e) + "\n" for e in entries))
     return root, pkg

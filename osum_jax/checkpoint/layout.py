@@ -145,9 +145,10 @@ def read_layout(path: str | Path, step: int | None = None) -> dict:
     raise CheckpointError(f"{root}: no step <= {s} has an osum_layout item")
 
 
-def read_prompts(path: str | Path, step: int | None = None) -> dict | None:
-    """The ``prompts`` item (``{"prompts": {task: [...]}, "source": ..., "sha256": ...}``) stored with a converter
-    checkpoint, or for a run with the checkpoint its ``train.init_from`` chain started from; None if none has one."""
+def _along_init_chain(path: str | Path, step: int | None, get):
+    """``get(root, step)`` on ``path``, or for a run without the thing, on the checkpoint its ``train.init_from``
+    started from, followed through runs started from runs; None when ``get`` raises :class:`CheckpointError`
+    (or returns None) all along the chain."""
     seen: set[tuple[Path, int]] = set()
     while True:
         try:
@@ -157,8 +158,12 @@ def read_prompts(path: str | Path, step: int | None = None) -> dict | None:
         if (root, s) in seen:
             return None
         seen.add((root, s))
-        if (root / str(s) / "prompts" / "metadata").is_file():
-            return _json_item(root, s, "prompts")
+        try:
+            found = get(root, s)
+        except CheckpointError:
+            found = None
+        if found is not None:
+            return found
         try:
             init = read_config(root, s).train.init_from
         except (CheckpointError, ConfigError):
@@ -166,32 +171,20 @@ def read_prompts(path: str | Path, step: int | None = None) -> dict | None:
         if not init:
             return None
         path, step = init, None
+
+
+def read_prompts(path: str | Path, step: int | None = None) -> dict | None:
+    """The ``prompts`` item (``{"prompts": {task: [...]}, "source": ..., "sha256": ...}``) stored with a converter
+    checkpoint, or for a run with the checkpoint its ``train.init_from`` chain started from; None if none has one."""
+    return _along_init_chain(path, step, lambda root, s: _json_item(root, s, "prompts")
+                             if (root / str(s) / "prompts" / "metadata").is_file() else None)
 
 
 def find_layout(path: str | Path, step: int | None = None) -> tuple[Path, dict] | None:
     """``(checkpoint root, layout)`` of the ``osum_layout`` that describes ``path``'s weights: its own, or for a
     run (no layout of its own) the one of the checkpoint its ``train.init_from`` started from, followed through
     runs started from runs; ``None`` when the chain ends without one (trained from scratch, or a moved source)."""
-    seen: set[Path] = set()
-    while True:
-        try:
-            root, s = resolve(path, step)
-        except CheckpointError:
-            return None
-        if (root, s) in seen:
-            return None
-        seen.add((root, s))
-        try:
-            return root, read_layout(root, s)
-        except CheckpointError:
-            pass
-        try:
-            init = read_config(root, s).train.init_from
-        except (CheckpointError, ConfigError):
-            return None
-        if not init:
-            return None
-        path, step = init, None
+    return _along_init_chain(path, step, lambda root, s: (root, read_layout(root, s)))
 
 
 def leaf_metadata(path: str | Path, step: int | None = None, item: str | None = None) -> dict[str, Any]:
