@@ -2,7 +2,8 @@
 
 ::
 
-    osum-eval --ref REF --hyp HYP [--task TASK] [--out DIR]
+    osum-eval --ref REF --hyp HYP [--task TASK] [--out DIR] [--ignore FILE] [--cluster FILE] [--case-sensitive]
+              [--v 1]
 
 REF / HYP: OSUM's ``key<TAB>text`` files, or jsonl (``osum-infer`` results.jsonl: ``key``, ``text``, ``task``;
 a data.list: ``key``, ``txt``, ``task``). The task of an utterance is ``--task`` if given, else the hypothesis'
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .scoring import format_report, plot_confusion, read_text_file, score
+from .scoring import WerOptions, format_report, plot_confusion, read_text_file, score
 
 
 def read_any(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -61,17 +62,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ref", required=True, help="references: a data.list (txt, task) or OSUM's key<TAB>text file")
     p.add_argument("--hyp", required=True, help="hypotheses: osum-infer's results.jsonl or a key<TAB>text file")
     p.add_argument("--task", help="score every utterance as this task")
-    p.add_argument("--out", help="directory for report.json, markdown reports and confusion PNGs")
+    p.add_argument("--out", help="directory for report.json, markdown reports, confusion PNGs and alignment.txt")
+    p.add_argument("--ignore", metavar="FILE", help="words not scored (compute-wer's --ig file: white-space separated)")
+    p.add_argument("--cluster", metavar="FILE",
+                   help="words scored as equal (compute-wer's --cluster file: one class per line)")
+    p.add_argument("--case-sensitive", action="store_true", help="keep case (default: upper-cased, as compute-wer)")
+    p.add_argument("--v", type=int, default=0, choices=(0, 1),
+                   help="1: print each utterance's alignment, as compute-wer --v=1 (always written to "
+                        "OUT/alignment.txt)")
     args = p.parse_args(argv)
     try:
         refs, ref_tasks = read_any(args.ref)
         hyps, hyp_tasks = read_any(args.hyp)
+        options = WerOptions.from_files(args.ignore, args.cluster, args.case_sensitive)
     except ValueError as e:
         print(f"osum-eval: error: {e}", file=sys.stderr)
         return 2
     tasks = dict(ref_tasks)
     tasks.update(hyp_tasks)
-    result = score(refs, hyps, tasks, args.task)
+    result = score(refs, hyps, tasks, args.task, options)
+    listing = "\n".join(block for r in result["tasks"].values() for block in r.pop("alignment", []))
     if not result["tasks"]:
         print(f"osum-eval: error: no key is in both {args.ref} and {args.hyp}", file=sys.stderr)
         return 2
@@ -92,7 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if result[name]:
             print(f"osum-eval: {len(result[name])} key(s) {what} (not scored): {result[name][:10]}",
                   file=sys.stderr)
+    if args.v:
+        print(listing)
     if out:
+        (out / "alignment.txt").write_text(listing, encoding="utf-8")
         (out / "report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -32,13 +35,51 @@ def _is_punct(ch: str) -> bool:
     return unicodedata.category(ch).startswith("P")
 
 
-def tokenize_for_wer(text: str) -> list[str]:
+@dataclass(frozen=True)
+class WerOptions:
+    """compute-wer's options: ``ignore`` words dropped from both sides, ``cluster`` words scored as equal (each
+    mapped to its class's first word), ``case_sensitive`` (default: upper-cased, as compute-wer)."""
+
+    ignore: frozenset = frozenset()
+    cluster: Mapping[str, str] = dataclass_field(default_factory=dict)
+    case_sensitive: bool = False
+
+    @classmethod
+    def from_files(cls, ignore: str | None = None, cluster: str | None = None,
+                   case_sensitive: bool = False) -> "WerOptions":
+        """``ignore``: words separated by white space; ``cluster``: one class per line, words separated by white
+        space (compute-wer's ``--ig`` / ``--cluster`` files)."""
+        def words(path):
+            try:
+                return Path(path).read_text(encoding="utf-8").split()
+            except OSError as e:
+                raise ValueError(f"cannot read {path}: {e.strerror}") from None
+
+        fold = (lambda w: w) if case_sensitive else str.upper
+        ig = frozenset(fold(w) for w in words(ignore)) if ignore else frozenset()
+        cl: dict[str, str] = {}
+        if cluster:
+            for line in Path(cluster).read_text(encoding="utf-8").splitlines():
+                cls_words = [fold(w) for w in line.split()]
+                for w in cls_words:
+                    cl[w] = cls_words[0]
+        return cls(ig, cl, case_sensitive)
+
+    def apply(self, tokens: list[str]) -> list[str]:
+        return [self.cluster.get(t, t) for t in tokens if t not in self.ignore]
+
+
+DEFAULT_WER = WerOptions()
+
+
+def tokenize_for_wer(text: str, options: WerOptions = DEFAULT_WER) -> list[str]:
     """OSUM's ``characterize`` after ``remove_tag``: CJK per character, other runs per word, upper case.
 
     Words split at white space and at OSUM's punctuation list (``, 。 ！ ...``, as compute-wer.py); punctuation
     inside a word stays (``3.5``, ``U.S.A``, ``well-known``, ``don't``, curly apostrophes read as ``'``), and
     punctuation at a word's ends is stripped (``hello.`` = ``hello``, ``(yes)`` = ``yes``)."""
-    text = _TAG_SPAN.sub(" ", text or "").upper().replace("\u2019", "'").replace("\u2018", "'")
+    text = _TAG_SPAN.sub(" ", text or "")
+    text = (text if options.case_sensitive else text.upper()).replace("\u2019", "'").replace("\u2018", "'")
     tokens: list[str] = []
     word = ""
 
@@ -63,11 +104,11 @@ def tokenize_for_wer(text: str) -> list[str]:
         else:
             word += ch
     flush()
-    return tokens
+    return options.apply(tokens)
 
 
-def tokenize_for_cer(text: str) -> list[str]:
-    return [c for tok in tokenize_for_wer(text) for c in tok]
+def tokenize_for_cer(text: str, options: WerOptions = DEFAULT_WER) -> list[str]:
+    return [c for tok in tokenize_for_wer(text, options) for c in tok]
 
 
 def error_counts(refs: Sequence[Sequence[str]], hyps: Sequence[Sequence[str]]) -> dict:
@@ -90,12 +131,44 @@ def error_counts(refs: Sequence[Sequence[str]], hyps: Sequence[Sequence[str]]) -
             "utterances": len(pairs)}
 
 
-def wer(refs: Sequence[str], hyps: Sequence[str]) -> dict:
-    return error_counts([tokenize_for_wer(r) for r in refs], [tokenize_for_wer(h) for h in hyps])
+def wer(refs: Sequence[str], hyps: Sequence[str], options: WerOptions = DEFAULT_WER) -> dict:
+    return error_counts([tokenize_for_wer(r, options) for r in refs], [tokenize_for_wer(h, options) for h in hyps])
 
 
-def cer(refs: Sequence[str], hyps: Sequence[str]) -> dict:
-    return error_counts([tokenize_for_cer(r) for r in refs], [tokenize_for_cer(h) for h in hyps])
+def cer(refs: Sequence[str], hyps: Sequence[str], options: WerOptions = DEFAULT_WER) -> dict:
+    return error_counts([tokenize_for_cer(r, options) for r in refs], [tokenize_for_cer(h, options) for h in hyps])
+
+
+def alignment(key: str, ref: Sequence[str], hyp: Sequence[str]) -> str:
+    """One utterance as compute-wer ``--v=1`` lists it: its error counts and the aligned ``lab:`` / ``rec:``
+    rows (``*`` fills a deletion or insertion; columns padded to the wider token)."""
+    import jiwer
+
+    n = len(ref)
+    if not ref:
+        counts = (0, 0, 0, len(hyp))
+        lab, rec = ["*"] * len(hyp), list(hyp)
+    else:
+        out = jiwer.process_words(" ".join(ref), " ".join(hyp) if hyp else "")
+        lab, rec = [], []
+        for c in out.alignments[0]:
+            r, h = ref[c.ref_start_idx:c.ref_end_idx], list(hyp[c.hyp_start_idx:c.hyp_end_idx])
+            if c.type in ("equal", "substitute"):
+                lab += r
+                rec += h
+            elif c.type == "delete":
+                lab += r
+                rec += ["*"] * len(r)
+            else:
+                lab += ["*"] * len(h)
+                rec += h
+        counts = (out.hits, out.substitutions, out.deletions, out.insertions)
+    hits, sub, dele, ins = counts
+    rate = 100.0 * (sub + dele + ins) / n if n else 0.0
+    widths = [max(len(a), len(b)) for a, b in zip(lab, rec)]
+    return "\n".join([f"utt: {key}", f"WER: {rate:.2f} % N={n} C={hits} S={sub} D={dele} I={ins}",
+                      "lab: " + " ".join(a.ljust(w) for a, w in zip(lab, widths)).rstrip(),
+                      "rec: " + " ".join(b.ljust(w) for b, w in zip(rec, widths)).rstrip(), ""])
 
 
 def tag_accuracy(ref_tags: Sequence[str], hyp_tags: Sequence[str | None]) -> dict:
@@ -179,8 +252,9 @@ def timestamp_error(ref_items: Sequence[Sequence[Mapping]], hyp_items: Sequence[
             "within_0.2s": float((both <= 0.2 + 1e-9).mean()) if s.size else None}
 
 
-def score_task(task: str, pairs: Sequence[tuple[str, str, str]]) -> dict:
-    """One task's report from ``(key, reference text, hypothesis text)`` triples."""
+def score_task(task: str, pairs: Sequence[tuple[str, str, str]], options: WerOptions = DEFAULT_WER) -> dict:
+    """One task's report from ``(key, reference text, hypothesis text)`` triples; with an ``alignment`` list of
+    compute-wer ``--v=1`` blocks per utterance for transcription tasks."""
     task = normalize_task(task)
     refs = [r for _, r, _ in pairs]
     hyps = [h for _, _, h in pairs]
@@ -188,8 +262,11 @@ def score_task(task: str, pairs: Sequence[tuple[str, str, str]]) -> dict:
     if is_transcribe(task):
         pr = [parse_output(r, task) for r in refs]
         ph = [parse_output(h, task) for h in hyps]
-        report["wer"] = wer([p["transcript"] for p in pr], [p["transcript"] for p in ph])
-        report["cer"] = cer([p["transcript"] for p in pr], [p["transcript"] for p in ph])
+        report["wer"] = wer([p["transcript"] for p in pr], [p["transcript"] for p in ph], options)
+        report["cer"] = cer([p["transcript"] for p in pr], [p["transcript"] for p in ph], options)
+        report["alignment"] = [alignment(k, tokenize_for_wer(a["transcript"], options),
+                                         tokenize_for_wer(b["transcript"], options))
+                               for (k, _, _), a, b in zip(pairs, pr, ph)]
     for field in expected_tags(task):
         ref_t, hyp_t = [], []
         for r, h in zip(refs, hyps):
@@ -207,7 +284,7 @@ def score_task(task: str, pairs: Sequence[tuple[str, str, str]]) -> dict:
 
 
 def score(refs: Mapping[str, str], hyps: Mapping[str, str], tasks: Mapping[str, str] | None = None,
-          task: str | None = None) -> dict:
+          task: str | None = None, options: WerOptions = DEFAULT_WER) -> dict:
     """Reports per task for the keys present in both ``refs`` and ``hyps`` (``{key: text}``).
 
     The task of a key is ``task`` if given, else ``tasks[key]``, else ``<TRANSCRIBE>``. Returns
@@ -218,7 +295,7 @@ def score(refs: Mapping[str, str], hyps: Mapping[str, str], tasks: Mapping[str, 
         if key in hyps:
             t = normalize_task(task or (tasks or {}).get(key))
             groups.setdefault(t, []).append((key, refs[key], hyps[key]))
-    return {"tasks": {t: score_task(t, pairs) for t, pairs in sorted(groups.items())},
+    return {"tasks": {t: score_task(t, pairs, options) for t, pairs in sorted(groups.items())},
             "missing_hyp": sorted(k for k in refs if k not in hyps),
             "missing_ref": sorted(k for k in hyps if k not in refs)}
 

@@ -141,6 +141,28 @@ def test_scoring_numbers_by_hand():
     assert ts["mean_abs_end_s"] == pytest.approx(0.0) and ts["within_0.1s"] == 1.0
 
 
+def test_osum_eval_alignment_listing_and_compute_wer_options(tmp_path, capsys):
+    """compute-wer --v=1 style per-utterance listing (hand-checked alignment), and its ignore / cluster / case
+    options: each changes the counted errors exactly as the files say."""
+    ref, hyp = tmp_path / "ref.txt", tmp_path / "hyp.txt"
+    ref.write_text("u1 THE CAT SAT ON THE MAT\nu2 OK GOOD\n")
+    hyp.write_text("u1 the cat sat on a mat\nu2 okay Good\n")
+    out = tmp_path / "r"
+    assert evaluate.main(["--ref", str(ref), "--hyp", str(hyp), "--out", str(out), "--v", "1"]) == 0
+    listing = (out / "alignment.txt").read_text()
+    assert "utt: u1\nWER: 16.67 % N=6 C=5 S=1 D=0 I=0\nlab: THE CAT SAT ON THE MAT\nrec: THE CAT SAT ON A   MAT" in listing
+    assert "utt: u2\nWER: 50.00 % N=2 C=1 S=1 D=0 I=0\nlab: OK   GOOD\nrec: OKAY GOOD" in listing
+    assert listing in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["tasks"]["<TRANSCRIBE>"]["wer"]["errors"] == 2
+    (tmp_path / "ig").write_text("the a\n")
+    (tmp_path / "cl").write_text("ok okay\n")
+    for extra, errors in ((["--ignore", str(tmp_path / "ig")], 1), (["--cluster", str(tmp_path / "cl")], 1),
+                          (["--ignore", str(tmp_path / "ig"), "--cluster", str(tmp_path / "cl")], 0),
+                          (["--case-sensitive"], 2 + 5 + 1)):  # case: every lower-case hyp word differs
+        assert evaluate.main(["--ref", str(ref), "--hyp", str(hyp), "--out", str(out), *extra]) == 0
+        assert json.loads((out / "report.json").read_text())["tasks"]["<TRANSCRIBE>"]["wer"]["errors"] == errors, extra
+
+
 def test_osum_eval_cli_reports_per_task(tmp_path, capsys):
     ref = tmp_path / "ref.jsonl"
     ref.write_text("".join(json.dumps(d) + "\n" for d in [
