@@ -19,7 +19,7 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from osum_jax import checkpoint as ck
-from osum_jax.convert import commands
+from osum_jax.convert import stream
 from osum_jax.convert.cli import main
 from osum_jax.convert.osum_pt import canonical_keys
 from tests.helpers import TINY, rel_err, tiny_model_config
@@ -221,7 +221,7 @@ def test_export_streams_the_archive_torch_save_writes(files, tmp_path, monkeypat
     a small ``BLOCK_BYTES`` sends the embedding / projection matrices through the banded path."""
     d, _, pt, ckpt = files
     if block_bytes:
-        monkeypatch.setattr(commands, "BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(stream, "BLOCK_BYTES", block_bytes)
     back = tmp_path / "stream.pt"
     assert main(["export-osum", str(ckpt), "--out", str(back), "--no-progress"]) == 0
     assert not list(tmp_path.glob(".*"))  # no temporaries left

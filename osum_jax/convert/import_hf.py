@@ -1,0 +1,256 @@
+"""``osum-convert import-hf``: HF Whisper (encoder) + HF Qwen2 -> JAX checkpoint with a fresh adapter and LoRA."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from .. import checkpoint as ck
+from ..checkpoint.tree import CheckpointMismatch, flat_variables
+from ..config import Config, ConfigError, config_from_dict, load_config
+from .hf import (
+    QWEN2_TOP,
+    WHISPER_LAYER,
+    WHISPER_TOP,
+    normalize_peft_key,
+    qwen2_layer_table,
+)
+from .osum_pt import (
+    _BY_FN,
+    ALIASES,
+    Entry,
+    canonical_keys,
+    extra_shapes,
+    normalize_osum_key,
+    osum_table,
+)
+from .sources import SafetensorsSource, SourceError, TensorSource, dtype_name, np_dtype
+from .stream import (
+    Progress,
+    array_leaf,
+    streamed_leaf,
+    sum_bytes,
+    write_checkpoint_atomic,
+)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise SourceError(f"{path}: invalid JSON ({e})") from None
+
+
+def hf_model_fields(whisper_dir: Path, qwen2_dir: Path) -> dict[str, Any]:
+    """Config fields implied by the HF ``config.json`` files (``model.encoder.*`` and ``model.llm.*``)."""
+    w = read_json(Path(whisper_dir) / "config.json")
+    try:
+        enc = {"num_mel_bins": w["num_mel_bins"], "d_model": w["d_model"], "num_layers": w["encoder_layers"],
+               "num_heads": w["encoder_attention_heads"], "ffn_dim": w["encoder_ffn_dim"],
+               "max_source_positions": w["max_source_positions"]}
+    except KeyError as e:
+        raise SourceError(f"{whisper_dir}/config.json: no {e.args[0]!r} (is this a Whisper checkpoint?)") from None
+    from .osum_config import qwen2_fields
+
+    llm = qwen2_fields(qwen2_dir)
+    return {"encoder": enc, "llm": llm}
+
+
+def _hf_config(whisper_dir, qwen2_dir, config, overrides) -> Config:
+    fields = hf_model_fields(whisper_dir, qwen2_dir)
+    if config is None:
+        cfg = config_from_dict({"model": fields}, overrides, source="HF config.json files")
+        where = "HF config.json files"
+    else:
+        cfg = load_config(config, overrides)
+        where = str(config)
+    bad = []
+    for section, values in fields.items():
+        sub = getattr(cfg.model, section)
+        for k, v in values.items():
+            have = sub.resolved_head_dim if (section, k) == ("llm", "head_dim") else getattr(sub, k)
+            if (have != v) if not isinstance(v, float) else not math.isclose(have, v, rel_tol=1e-9):
+                bad.append(f"model.{section}.{k}: {where} has {have!r}, the HF checkpoint has {v!r}")
+    if bad:
+        raise ConfigError("config does not match the HF checkpoints:\n  " + "\n  ".join(bad))
+    return cfg
+
+
+def _match(entries: Sequence[Entry], src: TensorSource, keys: Mapping[str, str], shapes, *, source: str,
+           problems: list[str]) -> dict[str, list[tuple[str, Entry]]]:
+    """Match table entries to source keys (``keys``: normalised name -> source key); record problems."""
+    leaves: dict[str, list[tuple[str, Entry]]] = defaultdict(list)
+    missing = []
+    for e in entries:
+        if e.torch_key not in keys:
+            missing.append(e.torch_key)
+            continue
+        key = keys[e.torch_key]
+        jshape = tuple(shapes[e.jax_path])
+        want = e.transform.torch_shape(jshape[1:] if e.layer is not None else jshape)
+        if src.shape(key) != want:
+            problems.append(f"{source}: {key} has shape {list(src.shape(key))}, the config needs {list(want)}")
+        leaves[e.jax_path].append((key, e))
+    if missing:
+        problems.append(f"{source}: {len(missing)} missing key(s): {missing[:12]}")
+    used = {keys[e.torch_key] for e in entries if e.torch_key in keys}
+    return leaves, used
+
+
+def _hf_entries(cfg: Config) -> tuple[list[Entry], list[Entry]]:
+    m = cfg.model
+    whisper = [Entry(t, f"encoder.{j}", None, _BY_FN[f]) for j, t, f in WHISPER_TOP]
+    whisper += [Entry(f"layers.{i}.{t}", f"encoder.layers.{j}", i, _BY_FN[f])
+                for i in range(m.encoder.num_layers) for j, t, f in WHISPER_LAYER]
+    qwen = [Entry(t, f"llm.{j}", None, _BY_FN[f]) for j, t, f in QWEN2_TOP
+            if not (j == "lm_head" and m.llm.tie_word_embeddings)]
+    qwen += [Entry(f"model.layers.{i}.{t}", f"llm.layers.{j}", i, _BY_FN[f])
+             for i in range(m.llm.num_layers) for j, t, f in qwen2_layer_table(m.llm, None)]
+    return whisper, qwen
+
+
+def _fresh_parts(cfg: Config, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Adapter, bos/eos table and LoRA adapters initialised as the model does (LoRA B = 0)."""
+    from ..models import Adapter
+
+    m = cfg.model
+    rngs = nnx.Rngs(seed)
+    adapter = Adapter(m.encoder.d_model, m.llm.hidden_size, m.adapter, dtype=m.dtype, param_dtype=m.param_dtype,
+                      rngs=rngs)
+    out = {f"adapter.{k}": np.asarray(v.get_value()) for k, v in flat_variables(adapter).items()}
+    pdt = np_dtype(m.param_dtype)
+    key = jax.random.key(seed + 1)
+    k_speech, k_lora = jax.random.split(key)
+    out["speech_embed"] = np.asarray(m.llm.initializer_range * jax.random.normal(
+        k_speech, shapes["speech_embed"], np.float32)).astype(pdt)
+    for i, path in enumerate(sorted(p for p in shapes if p.endswith((".lora_a", ".lora_b")))):
+        shape = shapes[path]
+        if path.endswith(".lora_b"):
+            out[path] = np.zeros(shape, pdt)
+        else:  # peft / lora.py: A ~ U(-1/sqrt(in), 1/sqrt(in)), shape [layers, in, r]
+            bound = 1.0 / math.sqrt(shape[-2])
+            out[path] = np.asarray(jax.random.uniform(jax.random.fold_in(k_lora, i), shape, np.float32,
+                                                      -bound, bound)).astype(pdt)
+    return out
+
+
+def fresh_extras(cfg: Config, seed: int) -> dict[str, np.ndarray]:
+    """OSUM's unused ``ln_speech`` (LayerNorm init) and ``speaker_head`` (torch Linear init), float32."""
+    shapes = extra_shapes(cfg.model)
+    rng = np.random.default_rng(seed + 2)
+    bound = 1.0 / math.sqrt(cfg.model.llm.hidden_size)
+    return {"ln_speech.weight": np.ones(shapes["ln_speech.weight"], np.float32),
+            "ln_speech.bias": np.zeros(shapes["ln_speech.bias"], np.float32),
+            "speaker_head.weight": rng.uniform(-bound, bound, shapes["speaker_head.weight"]).astype(np.float32),
+            "speaker_head.bias": rng.uniform(-bound, bound, shapes["speaker_head.bias"]).astype(np.float32)}
+
+
+def _whisper_prefix(keys: Sequence[str]) -> str:
+    for p in ("model.encoder.", "encoder."):
+        if any(k.startswith(p) for k in keys):
+            return p
+    return ""
+
+
+def import_hf(whisper: str | Path, qwen2: str | Path, config: str | Path | None = None,
+              overrides: Sequence[str] = (), *, out: str | Path, force: bool = False, seed: int = 0,
+              progress: bool = True) -> dict[str, Any]:
+    """HF Whisper (encoder only) + HF Qwen2 -> JAX checkpoint with a fresh adapter, bos/eos and LoRA (B = 0).
+
+    Without ``config`` the encoder/LLM sections come from the HF ``config.json`` files (the rest are OSUM's
+    defaults); with one, its values must agree with them.
+    """
+    cfg = _hf_config(Path(whisper), Path(qwen2), config, overrides)
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    shapes = ck.model_shapes(cfg)
+    w_src, q_src = SafetensorsSource(whisper), SafetensorsSource(qwen2)
+    w_entries, q_entries = _hf_entries(cfg)
+    problems: list[str] = []
+    prefix = _whisper_prefix(w_src.keys())
+    w_keys = {k[len(prefix):]: k for k in w_src.keys() if k.startswith(prefix)}
+    w_leaves, w_used = _match(w_entries, w_src, w_keys, shapes, source=str(whisper), problems=problems)
+    scope = "model.encoder." if prefix == "model.encoder." else prefix
+    extra_w = sorted(k for k in w_src.keys() if k.startswith(scope) and k not in w_used) if scope else \
+        sorted(k for k in w_src.keys() if k not in w_used)
+    if extra_w:
+        problems.append(f"{whisper}: {len(extra_w)} unexpected encoder key(s): {extra_w[:12]}")
+    q_keys: dict[str, str] = {}
+    for k in q_src.keys():
+        n = normalize_peft_key(k)
+        if n in q_keys:
+            problems.append(f"{qwen2}: {q_keys[n]} and {k} are the same tensor in two naming styles")
+        q_keys[n] = k
+    q_leaves, q_used = _match(q_entries, q_src, q_keys, shapes, source=str(qwen2), problems=problems)
+    ignore = [r".*rotary_emb\.inv_freq"] + ([r"lm_head\.weight"] if cfg.model.llm.tie_word_embeddings else [])
+    extra_q = sorted(k for k in q_src.keys() if k not in q_used
+                     and not any(re.fullmatch(p, normalize_peft_key(k)) for p in ignore))
+    if extra_q:
+        problems.append(f"{qwen2}: {len(extra_q)} unexpected key(s): {extra_q[:12]}")
+    dtypes = {}
+    for src, leaves in ((w_src, w_leaves), (q_src, q_leaves)):
+        for path, items in leaves.items():
+            kinds = sorted({src.dtype(k) for k, _ in items})
+            if len(kinds) > 1:
+                problems.append(f"{path}: layers stored with different dtypes {kinds}")
+            dtypes[path] = kinds[0]
+    if problems:
+        raise CheckpointMismatch("HF checkpoints do not match the config:\n  " + "\n  ".join(problems))
+
+    fresh = _fresh_parts(cfg, shapes, seed)
+    extras_np = fresh_extras(cfg, seed)
+    covered = set(w_leaves) | set(q_leaves) | set(fresh)
+    if covered != set(shapes):
+        raise CheckpointMismatch(f"internal: variables not covered {sorted(set(shapes) - covered)}")
+    n_tensors = sum(len(v) for v in w_leaves.values()) + sum(len(v) for v in q_leaves.values()) + len(fresh) \
+        + len(extras_np)
+    bar = Progress("import-hf", 0, n_tensors, progress)
+    params = {}
+    for src, leaves in ((w_src, w_leaves), (q_src, q_leaves)):
+        for path, items in leaves.items():
+            params[path] = streamed_leaf(src, items, shapes[path], dtypes[path], bar)
+    params.update({p: array_leaf(a, bar) for p, a in fresh.items()})
+    extras = {k: array_leaf(a, bar) for k, a in extras_np.items()}
+    total = sum_bytes(params) + sum_bytes(extras)
+    if bar.bar is not None:
+        bar.bar.total = total
+    # the OSUM key list this checkpoint exports to (canonical order, peft >= 0.7 names)
+    layout_keys = canonical_layout(cfg, {p: v.dtype for p, v in params.items()}, extras_np)
+    layout = {"source": {"kind": "hf", "whisper": str(Path(whisper).resolve()), "qwen2": str(Path(qwen2).resolve())},
+              "keys": layout_keys}
+    try:
+        write_checkpoint_atomic(out, force, params, cfg, extras, layout, bar)
+    finally:
+        bar.close()
+    return {"tensors": n_tensors, "bytes": total}
+
+
+def canonical_layout(cfg: Config, leaf_dtypes: Mapping[str, np.dtype], extras: Mapping[str, np.ndarray]) -> list:
+    by_key = {e.torch_key: e for e in osum_table(cfg.model)}
+    shapes = ck.model_shapes(cfg)
+    out = []
+    for key in canonical_keys(cfg.model):
+        if key in ALIASES:
+            e = by_key[normalize_osum_key(ALIASES[key])]
+            out.append({"key": key, "dtype": dtype_name(leaf_dtypes[e.jax_path]), "role": "alias",
+                        "of": ALIASES[key], "shape": list(e.transform.torch_shape(shapes[e.jax_path]))})
+        elif key in extras:
+            out.append({"key": key, "dtype": dtype_name(extras[key].dtype), "role": "extra",
+                        "shape": list(extras[key].shape)})
+        else:
+            e = by_key[normalize_osum_key(key)]
+            js = shapes[e.jax_path]
+            out.append({"key": key, "dtype": dtype_name(leaf_dtypes[e.jax_path]), "role": "param",
+                        "shape": list(e.transform.torch_shape(js[1:] if e.layer is not None else js))})
+    return out
