@@ -23,6 +23,7 @@ BATCH_KEYS = ("feats", "feats_lengths", "prompt", "prompt_lengths", "target", "t
 PAD_PROMPT = -1  # prompt padding (never looked up: positions past prompt_lengths are masked)
 IGNORE_ID = -100  # target padding, ignored by the loss (torch's CrossEntropyLoss convention)
 DEFAULT_TASK = "<TRANSCRIBE>"
+AUDIO_SUFFIXES = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "wma")  # audio members of a tar shard, in preference
 
 
 # floating dtypes by either spelling; every command accepts both (``bf16`` = ``bfloat16``, ...)

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .contract import AUDIO_SUFFIXES
 from .features import (AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, split_windows,
                        wav_truncation)
 from .parsing import join_windows, normalize_task
@@ -29,7 +30,8 @@ class Item:
     where: str = ""  # file:line of a data-list entry, tar:member of a shard
     error: str | None = None  # a line that cannot be used: it becomes an error record, the others go on
     prompt: str | None = None  # this utterance's own prompt (``prompt``; OSUM's ``extra.question`` for chat)
-    audio: bytes | None = None  # audio read from a tar shard (``wav`` then names it)
+    audio: bytes | None = None  # the audio itself, in memory (``wav`` then only names it)
+    member: tuple[str, int, int] | None = None  # a tar shard's audio member: (tar path, data offset, size)
 
 
 def utterance_prompt(prompt: Any, extra: Any) -> str | None:
@@ -46,13 +48,11 @@ def utterance_prompt(prompt: Any, extra: Any) -> str | None:
     return None
 
 
-AUDIO_SUFFIXES = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "wma")
-
-
 def read_shards(path: str | Path, *, strict: bool = False) -> list[Item]:
     """OSUM's ``shard_full_data`` tars: a ``shards_list.txt`` (one tar path per line, relative to the list) or one
     ``.tar``. Members ``KEY.wav`` (or another audio suffix), ``KEY.txt``, ``KEY.task``, ``KEY.extra`` (JSON; its
-    ``question`` is the prompt of chat utterances), ``KEY.prompt``. Audio is read into memory per utterance. A tar
+    ``question`` is the prompt of chat utterances), ``KEY.prompt``. Only the small text members are read here; an
+utterance's audio is read from its tar when it is decoded (``Item.member``: tar, offset, size). A tar
     that cannot be read, or a key without audio, becomes an error item (``strict``: ``ValueError``)."""
     import tarfile
 
@@ -67,14 +67,15 @@ def read_shards(path: str | Path, *, strict: bool = False) -> list[Item]:
         tars = [Path(t) if Path(t).is_absolute() else path.parent / t for t in lines]
     items: list[Item] = []
     for tar in tars:
-        groups: dict[str, dict[str, bytes]] = {}
+        groups: dict[str, dict[str, Any]] = {}
         try:
             with tarfile.open(tar) as tf:
                 for m in tf:
                     if not m.isfile() or "." not in m.name:
                         continue
                     key, suffix = m.name.rsplit(".", 1)
-                    groups.setdefault(key, {})[suffix] = tf.extractfile(m).read()
+                    groups.setdefault(key, {})[suffix] = (
+                        (str(tar), m.offset_data, m.size) if suffix in AUDIO_SUFFIXES else tf.extractfile(m).read())
         except (OSError, tarfile.TarError) as e:
             if strict:
                 raise ValueError(f"{tar}: unreadable tar ({e})") from None
@@ -87,13 +88,13 @@ def read_shards(path: str | Path, *, strict: bool = False) -> list[Item]:
                 raw = members.get(suffix)
                 return raw.decode("utf-8", errors="replace").strip() if raw is not None else None
 
-            audio = next((members[a] for a in AUDIO_SUFFIXES if a in members), None)
-            if audio is None:
+            member = next((members[a] for a in AUDIO_SUFFIXES if a in members), None)
+            if member is None:
                 if strict:
                     raise ValueError(f"{where}: no audio member")
                 items.append(Item(key, where, where=where, error=f"{where}: no audio member"))
                 continue
-            items.append(Item(key, where, text("task"), where=where, audio=audio,
+            items.append(Item(key, where, text("task"), where=where, member=member,
                               prompt=utterance_prompt(text("prompt"), text("extra"))))
     return items
 
@@ -177,9 +178,22 @@ class _Unit:
 def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: float) -> list[_Unit] | str:
     if item.error is not None:
         return item.error
-    src = item.audio if item.audio is not None else item.wav
-    if item.audio is None and not Path(item.wav).is_file():
+    if item.member is not None:
+        tar, offset, size = item.member
+        try:
+            with open(tar, "rb") as f:
+                f.seek(offset)
+                src = f.read(size)
+        except OSError as e:
+            return f"cannot read {item.wav}: {e.strerror or e}"
+        if len(src) != size:
+            return f"{item.wav}: the tar ends inside this member"
+    elif item.audio is not None:
+        src = item.audio
+    elif not Path(item.wav).is_file():
         return f"no such file: {item.wav}"
+    else:
+        src = item.wav
     prompt = prompt if prompt is not None else item.prompt
     cut = wav_truncation(src)
     if cut is not None:

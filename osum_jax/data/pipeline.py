@@ -40,8 +40,6 @@ from .text import PromptBook, Tokenizer, normalize_label, normalize_task, remap_
 
 log = logging.getLogger("osum_jax.data")
 
-
-
 # --------------------------------------------------------------------------------------------------------------
 # per-sample processing
 # --------------------------------------------------------------------------------------------------------------
@@ -102,14 +100,14 @@ class SampleProcessor:
             if num_frames(n_head, sr) > cfg.max_frames:
                 raise SampleError("too long", where, f"{num_frames(n_head, sr)} frames > data.max_frames="
                                                      f"{cfg.max_frames}")
+            cut = wav_truncation(rec["audio"])  # also before decoding: libsndfile would read the stump silently
+            if cut is not None:
+                raise SampleError("truncated audio", where, f"the WAV header promises {cut[0]:.2f} s, the file "
+                                                            f"holds {cut[1]:.2f} s")
             wave, sr, n_orig = decode_audio(rec["audio"], start=rec.get("start"), end=rec.get("end"),
                                             target_sr=cfg.sample_rate)
         except AudioError as e:
             raise SampleError("bad audio", where, str(e)) from None
-        cut = wav_truncation(rec["audio"])
-        if cut is not None:
-            raise SampleError("truncated audio", where, f"the WAV header promises {cut[0]:.2f} s, the file holds "
-                                                        f"{cut[1]:.2f} s")
         frames = num_frames(n_orig, sr)
         if frames < cfg.min_frames:
             raise SampleError("too short", where, f"{frames} frames")
@@ -325,11 +323,14 @@ class DataPipeline:
             check_record(rec)
             task = normalize_task(rec.get("task"))
             if task not in known:
-                raise SampleError("unknown task", rec["where"], f"{task!r} has no prompts in {self.prompts.source}; "
-                                                                f"known: {self.prompts.tasks}")
+                raise self._unknown_task(task, rec["where"])
         if bad:
             n, reason, detail = bad[0]
             raise SampleError(reason, f"{src.path}:{n}", detail)
+
+    def _unknown_task(self, task: str, where: str) -> SampleError:
+        return SampleError("unknown task", where, f"{task!r} has no prompts in {self.prompts.source}; known: "
+                                                  f"{self.prompts.tasks}")
 
     def _unknown_tasks(self) -> dict[str, int]:
         """``{task: utterances}`` for the tasks of the data that the prompt file does not know."""
@@ -344,9 +345,7 @@ class DataPipeline:
         if self._lines_first:
             self._strict_prepass(known)
         if counts and self.cfg.strict:
-            where = self.source[first]["where"]
-            raise SampleError("unknown task", where, f"{normalize_task(self.source.tasks[first])!r} has no prompts in "
-                                                     f"{self.prompts.source}; known: {self.prompts.tasks}")
+            raise self._unknown_task(normalize_task(self.source.tasks[first]), self.source[first]["where"])
         if counts:
             log.warning("%s: %d utterance(s) have tasks without prompts in %s and will be skipped: %s",
                         self.path, sum(counts.values()), self.prompts.source, dict(counts))

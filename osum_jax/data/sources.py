@@ -28,10 +28,10 @@ from typing import Any, Iterable
 
 import numpy as np
 import yaml
+from osum_torch_infer.contract import AUDIO_SUFFIXES
 
 log = logging.getLogger("osum_jax.data")
 
-AUDIO_SUFFIXES = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "wma")
 TEXT_SUFFIXES = ("txt", "task", "lang", "speaker", "emotion", "gender", "duration", "extra")
 INDEX_VERSION = 3  # 3: blank lines counted
 

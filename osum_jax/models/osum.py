@@ -43,7 +43,6 @@ from .sharding import constrain
 from .whisper import WhisperEncoder
 
 
-
 class OSUM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat_policy,
