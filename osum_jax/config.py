@@ -111,7 +111,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: bfloat16 on accelerators, float32 for tests/parity
     param_dtype: str = "float32"
     remat_policy: str = "none"  # per-layer rematerialisation, one of REMAT_POLICIES
-    attention_impl: str = "xla"  # "xla" (any backend) or "cudnn" (NVIDIA GPUs, bf16/fp16 only)
+    # "auto": splash kernel on TPU, cuDNN flash attention on NVIDIA (bf16/fp16), einsum elsewhere; or one of
+    # "xla" (einsum, any backend), "cudnn", "splash" (models/attention.py)
+    attention_impl: str = "auto"
     # hand-written VJPs of GELU/SiLU/LoRA/attention (models/kernels.py): "auto" = where they measured faster
     # (CPU, TPU), plain autodiff on GPU; "always"; "never"
     custom_vjp: str = "auto"
@@ -121,8 +123,8 @@ class ModelConfig:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.custom_vjp not in ("auto", "always", "never"):
             raise ConfigError(f"model.custom_vjp={self.custom_vjp!r}; expected auto, always or never")
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise ConfigError(f"model.attention_impl={self.attention_impl!r}; expected 'xla' or 'cudnn'")
+        if self.attention_impl not in ("auto", "xla", "cudnn", "splash"):
+            raise ConfigError(f"model.attention_impl={self.attention_impl!r}; expected auto, xla, cudnn or splash")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}; expected float32, bfloat16 or float16")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import AdapterConfig
-from .attention import key_padding_mask, padding_mask
+from .attention import SequenceMask, padding_mask
 from .encoder_block import EncoderBlock
 from .layers import Buffer, Conv1d, LayerNorm, Linear, as_dtype, dropout, gelu, param, split_key
 from .positions import espnet_sinusoids
@@ -80,7 +80,7 @@ class SpeechTransformer(nnx.Module):
         x = dropout(self.input_norm(self.input_proj(x)), self.cfg.dropout, k_in)
         x = x * jnp.asarray(self.xscale, self.dtype) + self.pos_table[:t].astype(self.dtype)
         x = dropout(x, self.cfg.positional_dropout, k_pos)
-        mask = key_padding_mask(padding_mask(lengths, t))
+        mask = SequenceMask(padding_mask(lengths, t), prefix=True)
         x = run_stacked(self.layers, x, lambda layer, h, k: layer(h, mask, k), self.cfg.num_layers,
                         dropout_key=k_layers, remat=self.remat)
         return self.layer_norm(x)
@@ -90,7 +90,7 @@ class Adapter(nnx.Module):
     """Encoder output ``[B, T1, D_enc]`` -> LLM-space speech embeddings ``[B, T3, D_llm]`` and lengths."""
 
     def __init__(self, d_enc: int, d_llm: int, cfg: AdapterConfig, *, dtype="float32", param_dtype="float32",
-                 remat: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs):
+                 remat: str = "none", attention_impl: str = "auto", rngs: nnx.Rngs):
         dt, pdt = as_dtype(dtype), as_dtype(param_dtype)
         self.downsample = CausalConvDownsampler(d_enc, cfg.conv_kernel, cfg.conv_strides, dtype=dt,
                                                 param_dtype=pdt, rngs=rngs)

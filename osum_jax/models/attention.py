@@ -1,15 +1,32 @@
 """Attention kernels and masks.
 
-Shapes: queries ``[B, T, N, H]``, keys/values ``[B, S, K, H]`` with ``N % K == 0`` (grouped-query attention),
-boolean masks broadcastable to ``[B, N, T, S]`` where True means "may attend". Scores and softmax are
-float32 whatever the input dtype.
+Shapes: queries ``[B, T, N, H]``, keys/values ``[B, S, K, H]`` with ``N % K == 0`` (grouped-query attention).
+A mask is either a boolean array broadcastable to ``[B, N, T, S]`` (True = "may attend"; decoding with a KV
+cache uses this form) or a :class:`SequenceMask` (per-position validity plus "causal or not"), the form every
+training-time attention uses and the only one the fused kernels accept. Scores and softmax are float32
+whatever the input dtype.
 
-``impl="xla"`` is this module's own einsum attention with a hand-written backward pass (below); other
-implementations (``"cudnn"``) go to :func:`jax.nn.dot_product_attention`.
+Implementations (``model.attention_impl``):
+
+* ``"xla"``: this module's einsum attention with a hand-written backward pass (below); any backend.
+* ``"cudnn"``: cuDNN's fused flash attention through :func:`jax.nn.dot_product_attention` (NVIDIA, bf16/fp16).
+* ``"splash"``: the TPU splash-attention Pallas kernel (``jax.experimental.pallas.ops.tpu``), run per device
+  under ``shard_map`` when a mesh is active; on CPU it runs in Pallas interpret mode (tests only: slow).
+* ``"auto"`` (the default): splash on TPU, cuDNN on NVIDIA GPUs when cuDNN is loadable and the compute dtype is
+  bf16/fp16, the einsum path otherwise (CPU, float32, a dense mask). The platform is the active mesh's (so
+  ``osum-train --plan --target tpu:...`` on a CPU host compiles the kernel the pod will run), else JAX's
+  default backend.
+
+The fused kernels never materialise the ``[B, N, T, S]`` scores. Rows of padding (queries at invalid
+positions) are computed differently by each implementation (the einsum path lets them attend to every valid
+key, splash to the other padding positions, cuDNN zeroes them); they are never read by a valid position, so
+outputs at valid positions, the loss and every gradient agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -17,21 +34,190 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import kernels
+from .sharding import activation_mesh
 
 # what jax.nn.dot_product_attention puts at masked scores: finite, so a fully masked row is uniform, not NaN
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                          impl: str = "xla") -> jax.Array:
+
+@dataclasses.dataclass(frozen=True)
+class SequenceMask:
+    """Self-attention over one sequence: ``valid [B, S]`` bool; ``causal``: query ``i`` sees keys ``j <= i``.
+
+    ``prefix=True`` promises that the valid positions of each row are a prefix (encoders: ``t < length``), which
+    lets cuDNN use sequence lengths instead of a mask.
+    """
+
+    valid: jax.Array
+    causal: bool = False
+    prefix: bool = False
+
+    def dense(self) -> jax.Array:
+        """The boolean mask of the einsum path: ``[B, 1, 1, S]`` (encoders) or ``[B, 1, S, S]`` (causal)."""
+        return causal_padding_mask(self.valid) if self.causal else key_padding_mask(self.valid)
+
+
+def platform() -> str:
+    """The platform attention is compiled for: the active mesh's devices, else JAX's default backend."""
+    mesh = activation_mesh()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+@functools.cache
+def cudnn_available() -> bool:
+    """True when jax can load cuDNN (a CUDA host with the cuDNN wheels); the fused kernel needs it to compile."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+        check_cudnn_version()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+
+
+def resolve_impl(impl: str, dtype, head_dim: int, mask) -> str:
+    """The implementation that runs for ``impl`` on this platform (``auto`` resolved; dense masks -> ``xla``)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
+    if not isinstance(mask, SequenceMask) and mask is not None:
+        return "xla" if impl in ("auto", "splash") else impl
+    return impl_for(impl, platform(), dtype, head_dim)
+
+
+def impl_for(impl: str, plat: str, dtype, head_dim: int) -> str:
+    """What ``impl`` means for self-attention on platform ``plat`` (``"auto"`` resolved)."""
+    if impl != "auto":
+        return impl
+    if plat == "tpu":
+        return "splash"
+    if plat in ("cuda", "gpu") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
+            and head_dim <= 128 and cudnn_available():
+        return "cudnn"
+    return "xla"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "SequenceMask | jax.Array | None",
+                          impl: str = "auto") -> jax.Array:
     """Scaled dot-product attention (scale ``1/sqrt(H)``), ``[B, T, N, H]``."""
-    if impl != "xla":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    impl = resolve_impl(impl, q.dtype, q.shape[-1], mask)
+    if impl == "splash":
+        if not isinstance(mask, SequenceMask):
+            raise ValueError("attention_impl='splash' needs a SequenceMask (self-attention), not a dense mask")
+        return _splash(q, k, v, mask)
+    if impl == "cudnn":
+        if isinstance(mask, SequenceMask):
+            if mask.prefix and not mask.causal:
+                lengths = mask.valid.sum(axis=-1).astype(jnp.int32)
+                return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                                    key_value_seq_lengths=lengths, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, mask=mask.valid[:, None, None, :], is_causal=mask.causal,
+                                                implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    if isinstance(mask, SequenceMask):
+        mask = mask.dense()
     if mask is None:
         mask = jnp.ones((1, 1, 1, k.shape[1]), bool)
     if not kernels.enabled():  # plain autodiff of the same forward (models/kernels.py)
         return _attention_fwd_core(q, k, v, mask)[0]
     return _attention(q, k, v, mask)
+
+
+# -- splash attention (TPU Pallas kernel) -------------------------------------------------------------------------
+
+_SPLASH_LANES = 128  # the kernel's sequence blocks are multiples of the TPU lane width
+
+
+def _splash_block(length: int) -> int:
+    return next(b for b in (512, 256, 128) if length % b == 0)
+
+
+def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    one = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
+    b = _splash_block(length)
+    blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+
+
+def _splash_local(q, k, v, valid, *, causal: bool, interpret: bool):
+    """Per-device splash attention on ``[b, T, n, H]`` with ``T`` a multiple of 128."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    # built per trace, not cached: the kernel holds its block-mask tables as arrays of the current trace
+    kernel = _splash_kernel(q.shape[1], q.shape[2], causal, interpret)
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    # valid positions are segment 1, padding segment 0: a valid query sees exactly the valid keys (and the causal
+    # mask); a padding query sees padding keys, so no row is ever fully masked
+    seg = valid.astype(jnp.int32)
+
+    def one(qb, kb, vb, sb):  # [T, n, H] -> the kernel's [n, T, H]
+        o = kernel(jnp.swapaxes(qb * scale, 0, 1), jnp.swapaxes(kb, 0, 1), jnp.swapaxes(vb, 0, 1),
+                   segment_ids=SegmentIds(q=sb, kv=sb))
+        return jnp.swapaxes(o, 0, 1)
+
+    run = jax.vmap(one)
+    if q.dtype in (jnp.bfloat16, jnp.float16):
+        run = _default_precision(run)
+    return run(q, k, v, seg)
+
+
+def _default_precision(fn):
+    """``fn(q, k, v, seg)`` with its kernels (forward and backward) traced at the default matmul precision.
+
+    Products of 16-bit inputs are exact in the MXU's default pass; a global ``jax_default_matmul_precision =
+    highest`` would make Mosaic compile an fp32-contract matmul of bf16 operands, which it refuses. The backward
+    kernels are traced when the gradient is taken, hence the custom VJP that sets the precision there too.
+    """
+
+    @jax.custom_vjp
+    def run(q, k, v, seg):
+        with jax.default_matmul_precision("default"):
+            return fn(q, k, v, seg)
+
+    def fwd(q, k, v, seg):
+        with jax.default_matmul_precision("default"):
+            out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)
+        return out, (vjp, seg)
+
+    def bwd(res, g):
+        vjp, seg = res
+        with jax.default_matmul_precision("default"):
+            dq, dk, dv = vjp(g)
+        return dq, dk, dv, np.zeros(seg.shape, jax.dtypes.float0)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceMask) -> jax.Array:
+    from .sharding import activation_specs
+
+    b, t = q.shape[:2]
+    pad = -t % _SPLASH_LANES
+    valid = mask.valid
+    if pad:
+        widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+        q, k, v, valid = widen(q), widen(k), widen(v), widen(valid)
+    interpret = platform() == "cpu"
+    local = functools.partial(_splash_local, causal=mask.causal, interpret=interpret)
+    mesh = activation_mesh()
+    if mesh is not None:
+        # a Pallas kernel is per device: run it under shard_map, batch split like the activations, heads split
+        # over the mesh axes of act_heads when they divide both query and key/value heads
+        batch_axes, head_axes = activation_specs(("act_batch", "act_heads"), (b, (q.shape[2], k.shape[2])))
+        spec = jax.sharding.PartitionSpec(batch_axes, None, head_axes, None)
+        local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch_axes)),
+                              out_specs=spec, check_vma=False)
+    out = local(q, k, v, valid)
+    return out[:, :t] if pad else out
 
 
 # The einsum attention, same numerics as jax.nn.dot_product_attention(implementation="xla") up to float32

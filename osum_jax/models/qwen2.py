@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import LLMConfig, LoRAConfig
-from .attention import causal_padding_mask, dot_product_attention
+from .attention import SequenceMask, dot_product_attention
 from .layers import RMSNorm, as_dtype, param, silu, split_key
 from .lora import LoRALinear
 from .positions import apply_rope, rope_cos_sin
@@ -105,7 +105,7 @@ class Qwen2(nnx.Module):
     """Token embeddings, the stacked decoder layers, the final norm and the (untied) LM head."""
 
     def __init__(self, cfg: LLMConfig, lora: LoRAConfig, *, dtype="float32", param_dtype="float32",
-                 remat: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs):
+                 remat: str = "none", attention_impl: str = "auto", rngs: nnx.Rngs):
         dt, pdt = as_dtype(dtype), as_dtype(param_dtype)
         std = cfg.initializer_range
         self.embed_tokens = param(std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
@@ -131,7 +131,7 @@ class Qwen2(nnx.Module):
                  dropout_key: jax.Array | None = None) -> jax.Array:
         """``inputs_embeds [B, S, D]``, ``valid [B, S]`` bool, ``positions [B, S]`` -> normed hidden ``[B, S, D]``."""
         cos, sin = rope_cos_sin(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta)
-        mask = causal_padding_mask(valid)
+        mask = SequenceMask(valid, causal=True)
         x = run_stacked(self.layers, inputs_embeds.astype(self.dtype),
                         lambda layer, h, k: layer(h, cos, sin, mask, k), self.cfg.num_layers,
                         dropout_key=dropout_key, remat=self.remat)

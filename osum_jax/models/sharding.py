@@ -70,3 +70,30 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
             n *= mesh.shape[a]
         fixed.append(axes if dim % n == 0 else PartitionSpec.UNCONSTRAINED)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fixed)))
+
+
+def activation_mesh() -> jax.sharding.Mesh | None:
+    """The mesh of the active :func:`activation_rules` context (``None`` outside one)."""
+    ctx = _CONTEXT.get()
+    return None if ctx is None else ctx[0]
+
+
+def activation_specs(names: Sequence[str], sizes: Sequence[int | tuple[int, ...]]) -> tuple:
+    """Mesh axes for each logical name in the active context, for dimensions of ``sizes`` (``None`` outside one).
+
+    A name whose mesh axes do not divide its size (or every size of a tuple) gets ``None`` (not split), the
+    rule :func:`constrain` applies; used to write ``shard_map`` specs for per-device kernels.
+    """
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return (None,) * len(names)
+    mesh, rules = ctx
+    spec = logical_spec(names, rules, dict(mesh.shape))
+    out = []
+    for axes, size in zip(spec, sizes):
+        n = 1
+        for a in (axes,) if isinstance(axes, str) else (axes or ()):
+            n *= mesh.shape[a]
+        ok = all(s % n == 0 for s in (size if isinstance(size, tuple) else (size,)))
+        out.append(axes if ok else None)
+    return tuple(out)

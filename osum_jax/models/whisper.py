@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import EncoderConfig
-from .attention import key_padding_mask, padding_mask
+from .attention import SequenceMask, padding_mask
 from .encoder_block import EncoderBlock
 from .layers import Buffer, Conv1d, LayerNorm, as_dtype, dropout, gelu, param, split_key
 from .positions import whisper_sinusoids
@@ -39,7 +39,7 @@ def whisper_output_lengths(lengths: jax.Array) -> jax.Array:
 
 class WhisperEncoder(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype="float32", param_dtype="float32", remat: str = "none",
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+                 attention_impl: str = "auto", rngs: nnx.Rngs):
         dt, pdt = as_dtype(dtype), as_dtype(param_dtype)
         d = cfg.d_model
         kw = dict(dtype=dt, param_dtype=pdt)
@@ -77,7 +77,7 @@ class WhisperEncoder(nnx.Module):
         out_lengths = whisper_output_lengths(lengths)
         x = x + self.embed_positions[:t1].astype(self.dtype)
         x = dropout(x, self.cfg.positional_dropout, k_pos)
-        mask = key_padding_mask(padding_mask(out_lengths, t1))
+        mask = SequenceMask(padding_mask(out_lengths, t1), prefix=True)
         x = run_stacked(self.layers, x, lambda layer, h, k: layer(h, mask, k), self.cfg.num_layers,
                         dropout_key=k_layers, remat=self.remat)
         return self.layer_norm(x), out_lengths

@@ -319,6 +319,7 @@ def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
     by_op: dict[str, float] = defaultdict(float)
     stack_copies = {"count": 0.0, "bytes": 0.0, "frozen_count": 0.0, "frozen_bytes": 0.0}
     hbm = 0.0  # bytes read and written by the top-level instructions: every fusion reads its operands from HBM
+    kernels = {"count": 0.0, "flops": 0.0}  # Pallas/Mosaic kernels: the TPU cost model gives them no cycles
     for name, body in comps.items():
         k = mult.get(name, 0.0)
         if not k:
@@ -344,6 +345,10 @@ def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
                 if c:
                     cycles += k * int(c.group(1))
                     by_op[_op_label(ins)] += k * int(c.group(1))
+                elif ins.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in ins.text:
+                    f = _kernel_flops(ins, shapes)
+                    kernels["count"] += k
+                    kernels["flops"] += k * f
             if loop and loop > 1 and ins.opcode in ("copy", "copy-start"):
                 for arr in _arrays(ins.shape)[:1]:
                     if arr[1] in stack_shapes:  # a [layers, ...] stack copied in every iteration
@@ -354,8 +359,32 @@ def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
                         stack_copies["frozen_bytes"] += k * _nbytes([arr])
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
     return {"flops": flops, "hbm_bytes": hbm, "collectives": coll, "estimated_cycles": cycles, "stack_copies": stack_copies,
+            "kernels": kernels,
             "top_ops_by_cycles": [(op, c / cycles if cycles else 0.0) for op, c in top],
             "loops": sorted(trips.values())}
+
+
+# Matmuls of S x H per query row in each splash-attention kernel: forward (scores, probabilities x values),
+# dq (scores again, dP, dS x K), dkv (scores again, dP, P^T x dO, dS^T x Q).
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+# The TPU compiler's cost model gives a Mosaic (Pallas) custom call no estimated cycles; such kernels are charged
+# at this fraction of the chip's peak, counting every block (a causal mask's skipped blocks included). See
+# docs/training.md#attention-kernels.
+MOSAIC_EFFICIENCY = 0.5
+
+
+def _kernel_flops(ins: Instr, shapes: dict[str, str]) -> float:
+    """FLOPs of a splash-attention Pallas kernel from its operands (0 for other kernels, which are counted)."""
+    m = re.match(r"splash_m[hq]a_(fwd|dq|dkv)", ins.name)
+    if not m:
+        return 0.0
+    ops = re.findall(r"%([^\s,)]+)", ins.text.split("(", 1)[1].split(")", 1)[0])
+    floats = [a for o in ops for a in _arrays(shapes.get(o, ""))
+              if a[0] in ("bf16", "f16", "f32") and len(a[1]) >= 3]
+    if len(floats) < 2:
+        return 0.0
+    q, k = floats[0][1], floats[1][1]  # q [..., N, T, H], then k [..., K, S, H]
+    return 2.0 * _SPLASH_MATMULS[m.group(1)] * math.prod(q) * k[-2]
 
 
 def _layer_counts(cfg: Config) -> set[int]:
@@ -427,16 +456,23 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -
     memory["total"] = total
     b, t, p, l_ = shape
     model_flops = train_step_flops(cfg.model, b, t, p, l_, trainable=cfg.train.fire_module) / n
+    kernel_s = hlo["kernels"]["flops"] / (chip.peak_tflops * 1e12 * MOSAIC_EFFICIENCY)
     if chip.seconds_per_cycle and hlo["estimated_cycles"]:
-        step_s, basis = hlo["estimated_cycles"] * chip.seconds_per_cycle, "TPU cost model"
+        step_s, basis = hlo["estimated_cycles"] * chip.seconds_per_cycle + kernel_s, "TPU cost model"
+        if hlo["kernels"]["count"]:
+            basis += f" + Pallas kernels at {MOSAIC_EFFICIENCY:.0%} of peak"
     else:
         step_s = max(hlo["flops"] / (chip.peak_tflops * 1e12), hlo["hbm_bytes"] / (chip.hbm_tb_s * 1e12))
         basis = "roofline bound (FLOPs / peak, HBM bytes / bandwidth)"
     est = estimate(cfg, n, chip.hbm_gb, batch_shape=shape)
+    from ..models.attention import impl_for
+
+    attention = impl_for(cfg.model.attention_impl, devices[0].platform, cfg.model.dtype,
+                         cfg.model.llm.resolved_head_dim)
     return {
         "target": target.spec, "devices": n, "mesh": dict(mesh.shape), "batch_shape": {"batch": b, "frames": t,
                                                                                       "prompt": p, "target": l_},
-        "compile_seconds": compile_s,
+        "compile_seconds": compile_s, "attention": attention,
         "memory_bytes": memory,
         "hbm_bytes": chip.hbm_gb * GB,
         "headroom": 1.0 - total / (chip.hbm_gb * GB),
@@ -448,6 +484,7 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -
         "collectives": hlo["collectives"],
         "stack_copies": hlo["stack_copies"],
         "estimated_cycles": hlo["estimated_cycles"],
+        "pallas_kernels": {"count": hlo["kernels"]["count"], "flops": hlo["kernels"]["flops"], "seconds": kernel_s},
         "top_ops_by_cycles": hlo["top_ops_by_cycles"],
         "step_seconds": step_s, "step_basis": basis,
         "tokens_per_second": (b * (math.ceil(t / 8) + p + 2 + l_)) / step_s if step_s else 0.0,
@@ -461,7 +498,7 @@ def format_report(r: dict[str, Any]) -> str:
     g = 1e9
     lines = [
         f"target {r['target']}: {r['devices']} devices, mesh {r['mesh']}, batch {r['batch_shape']} "
-        f"(compiled in {r['compile_seconds']:.0f} s)",
+        f"(compiled in {r['compile_seconds']:.0f} s, attention {r.get('attention', '?')})",
         "memory per device (compiler, GB):",
         f"  arguments {m['arguments'] / g:8.2f}   outputs {m['outputs'] / g:8.2f}   aliased {m['aliased'] / g:8.2f}"
         f"   temporaries {m['temporaries'] / g:8.2f}",
@@ -469,7 +506,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"--plan estimate {r['plan_estimate_bytes'] / g:.2f}",
         f"  state: trainable {r['state_bytes']['trainable'] / g:.2f}, optimizer {r['state_bytes']['optimizer'] / g:.2f}"
         f", frozen+buffers {r['state_bytes']['frozen_and_buffers'] / g:.2f}",
-        f"FLOPs per device: compiled {r['hlo_flops'] / 1e12:.2f} T, model (trainable-aware) "
+        f"FLOPs per device: compiled {r['hlo_flops'] / 1e12:.2f} T"
+        f"{' + %.2f T in Pallas kernels' % (r['pallas_kernels']['flops'] / 1e12) if r.get('pallas_kernels', {}).get('count') else ''}"
+        f", model (trainable-aware) "
         f"{r['model_flops'] / 1e12:.2f} T",
         "collectives per device and step:",
     ]
@@ -479,6 +518,10 @@ def format_report(r: dict[str, Any]) -> str:
     sc = r["stack_copies"]
     lines.append(f"whole layer-stack copies inside loops: {int(sc['count'])} ({sc['bytes'] / g:.3f} GB), of frozen "
                  f"weight stacks {int(sc['frozen_count'])} ({sc['frozen_bytes'] / g:.3f} GB)")
+    pk = r.get("pallas_kernels", {})
+    if pk.get("count"):
+        lines.append(f"Pallas kernels (attention): {int(pk['count'])} calls, {pk['flops'] / 1e12:.2f} TFLOPs, charged "
+                     f"{pk['seconds'] * 1e3:.1f} ms (no cost-model cycles for them)")
     lines.append(f"step time {r['step_seconds'] * 1e3:.1f} ms ({r['step_basis']}); "
                  f"{r['tokens_per_second']:.0f} LLM tokens/s per device; MFU {r['mfu']:.1%}")
     if r["top_ops_by_cycles"]:
