@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench bench-quick espeak clean-venv
+.PHONY: install test test-fast demo serve bench bench-quick espeak clean-venv
 
 # (Re)install when the venv is missing or the dependency files changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -24,6 +24,11 @@ test-fast: $(STAMP)
 # The whole product end to end on a synthesised speech corpus (about 14 minutes on 2 CPU cores from a fresh clone); see README.
 demo: $(STAMP) espeak
 	$(PY) scripts/demo.py
+
+# Serve the demo's torch package (after `make demo`): web page and API on http://127.0.0.1:8000/
+serve: $(STAMP)
+	@test -f demo/package/config.json || { echo "no demo/package: run 'make demo' first"; exit 2; }
+	$(VENV)/bin/osum-serve demo/package --port 8000 --feedback-log demo/feedback.jsonl
 
 # Debian's espeak-ng makes the demo's speech; installed with apt when missing (as root, or through sudo).
 espeak:

@@ -84,9 +84,21 @@ def gpu_compiler():
                  'pip install -e ".[gpu-aot]" (in ".[dev]")')
 
 
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's headless Chromium and its driver, driven by selenium (the web page's test, marked ``e2e``)."""
+    ok = os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER) and _importable("selenium")
+    require_tool(ok, "chromium + chromium-driver (and selenium)",
+                 "apt-get install chromium chromium-driver (.ci/run installs them); selenium is in \".[dev]\"")
+    return CHROMIUM, CHROMEDRIVER
+
+
 # tests that use one of these fixtures get the marker, so that `-m "not speech"` / `-m "not target"` leave them out
 _MARK_BY_FIXTURE = {"espeak_ng": "speech", "speech_corpus": "speech", "tpu_compiler": "target",
-                    "gpu_compiler": "target"}
+                    "gpu_compiler": "target", "chromium": "e2e"}
 
 
 def pytest_collection_modifyitems(config, items):

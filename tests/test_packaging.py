@@ -49,3 +49,10 @@ def test_train_extra_brings_jax():  # the walk itself can see JAX when it is the
     got = closure("osum-jax", {"train"})
     assert {"jax", "flax", "optax", "orbax-checkpoint", "grain"} <= set(got)
     assert "torch" not in got
+
+
+def test_serving_extras_bring_no_jax():  # a GPU/NPU serving host: torch runtime, HTTP server, Ray Serve replicas
+    got = closure("osum-jax", {"torch", "serve", "ray"})
+    assert {"fastapi", "uvicorn", "ray"} <= set(got), sorted(got)
+    leaked = {k: v for k, v in got.items() if k in JAX_STACK}
+    assert not leaked, f"installing .[torch,serve,ray] would pull in {leaked} (package: required by)"

@@ -4,6 +4,7 @@ batching (concurrent requests decoded together give the same results as one by o
 
 import concurrent.futures
 import io
+import json
 import os
 import socket
 import subprocess
@@ -43,7 +44,7 @@ def package(tmp_path_factory):
 
 
 class Server:
-    def __init__(self, package, *args):
+    def __init__(self, package, *args, timeout: float = 120):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -52,7 +53,7 @@ class Server:
                                       "cpu", "--port", str(self.port), *args], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 120
+        deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(self.proc.stderr.read())
@@ -64,13 +65,19 @@ class Server:
         raise RuntimeError("osum-serve did not start")
 
     def close(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        self.proc.terminate()  # SIGTERM; osum-serve --replicas shuts Ray Serve down on it
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
 def server(package):
-    s = Server(package, "--max-wait-ms", "300", "--max-mb", "1", "--max-seconds", "70")
+    s = Server(package, "--max-wait-ms", "300", "--max-mb", "1", "--max-seconds", "70",
+               "--feedback-log", str(package.parent / "feedback.jsonl"))
+    s.feedback_log = package.parent / "feedback.jsonl"
     yield s
     s.close()
 
@@ -143,8 +150,10 @@ def test_concurrent_requests_are_batched_and_equal_one_by_one(server):
 
 
 def test_a_full_queue_answers_503_with_retry_after(package):
-    s = Server(package, "--max-queue", "1", "--max-batch", "1", "--max-wait-ms", "0")
+    s = Server(package, "--max-queue", "1", "--max-batch", "1", "--max-wait-ms", "0", "--feedback-log", "")
     try:
+        off = httpx.post(s.url + "/v1/feedback", json={"verdict": "correct"})
+        assert off.status_code == 403 and "--feedback-log" in off.json()["error"]
         with concurrent.futures.ThreadPoolExecutor(8) as ex:
             rs = list(ex.map(lambda i: _understand(s.url, _wav(25.0, seed=i), max_new_tokens="8"), range(8)))
         codes = sorted(r.status_code for r in rs)
@@ -152,5 +161,102 @@ def test_a_full_queue_answers_503_with_retry_after(package):
         busy = next(r for r in rs if r.status_code == 503)
         assert busy.headers["retry-after"] == "1" and "server busy" in busy.json()["error"]
         assert httpx.get(s.url + "/health").json()["status"] == "ok"
+    finally:
+        s.close()
+
+
+def test_feedback_is_appended_as_one_json_line_and_bad_feedback_is_a_400(server):
+    before = server.feedback_log.read_text(encoding="utf-8").splitlines() if server.feedback_log.exists() else []
+    ok = httpx.post(server.url + "/v1/feedback", json={"verdict": "wrong", "task": "<TRANSCRIBE>", "result": "x",
+                                                        "tags": {"gender": "female"}, "comment": "not a word"})
+    assert ok.status_code == 200 and ok.json() == {"ok": True}
+    lines = server.feedback_log.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(before) + 1
+    rec = json.loads(lines[-1])
+    assert rec["verdict"] == "wrong" and rec["tags"] == {"gender": "female"} and rec["model"] == "pkg" and rec["time"]
+    for body, needle in [({"verdict": "maybe"}, "verdict"), ({"verdict": "correct", "extra": 1}, "unknown feedback"),
+                         ({"verdict": "correct", "tags": "female"}, "'tags' must be a dict"), ([1, 2], "JSON object")]:
+        r = httpx.post(server.url + "/v1/feedback", json=body)
+        assert r.status_code == 400 and needle in r.json()["error"], r.text
+    r = httpx.post(server.url + "/v1/feedback", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    assert len(server.feedback_log.read_text(encoding="utf-8").splitlines()) == len(before) + 1
+
+
+ARTIFACTS = Path(os.environ.get("OSUM_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+def test_web_page_in_headless_chromium(server, chromium, tmp_path):
+    """Debian's chromium opens the page, uploads a wav, picks a task, submits, reads the result from the page
+    (equal to what the API answers for the same request), marks it correct, and the feedback log has the line.
+    A screenshot goes to test-artifacts/serve_page.png (OSUM_TEST_ARTIFACTS overrides the folder)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    binary, driver_path = chromium
+    wav = tmp_path / "hello.wav"
+    wav.write_bytes(_wav(1.5, seed=7))
+    task = "<TRANSCRIBE><GENDER>"
+    api = _understand(server.url, wav.read_bytes(), task=task, max_new_tokens="6").json()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,1400"):
+        opts.add_argument(a)
+    try:
+        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    except Exception as e:  # noqa: BLE001 - a browser that cannot start is a failure here, with the reason
+        pytest.fail(f"headless chromium did not start: {e}")
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(server.url + "/")
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "task")).options) > 0)
+        assert "pkg on cpu (float32)" in driver.find_element(By.ID, "model").text
+        driver.find_element(By.ID, "file").send_keys(str(wav))
+        Select(driver.find_element(By.ID, "task")).select_by_value(api["task"])  # the package's spelling of task
+        box = driver.find_element(By.ID, "max_new_tokens")
+        box.clear()
+        box.send_keys("6")
+        driver.find_element(By.ID, "submit").click()
+        entry = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#history .entry")))
+        result = driver.find_element(By.ID, "result")
+        text = lambda el: el.get_attribute("textContent")  # noqa: E731  (the DOM's text, not the rendered one)
+        assert text(result.find_element(By.CSS_SELECTOR, "code.raw")) == api["text"]
+        if api["transcript"]:
+            assert text(result.find_element(By.CSS_SELECTOR, ".transcript")) == api["transcript"]
+        shown = {t.get_attribute("data-field"): text(t) for t in result.find_elements(By.CSS_SELECTOR, ".tag")}
+        assert shown == api["tags"]
+        entry.find_element(By.CSS_SELECTOR, "button.correct").click()
+        wait.until(lambda d: "marked correct" in entry.find_element(By.CSS_SELECTOR, ".verdict").text)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "serve_page.png"))
+    finally:
+        driver.quit()
+    rec = json.loads(server.feedback_log.read_text(encoding="utf-8").splitlines()[-1])
+    assert rec["verdict"] == "correct" and rec["audio"] == "hello.wav" and rec["task"] == api["task"]
+    assert rec["result"] == " ".join(api["window_texts"])
+
+
+@pytest.mark.slow
+def test_two_ray_serve_replicas_answer_like_one_server(package, server):
+    """``osum-serve PKG --replicas 2``: a local Ray instance, two CPU replicas of the same app behind Ray Serve's
+    proxy; both replicas answer, with the results of the single-process server."""
+    pytest.importorskip("ray.serve", reason='Ray Serve is in ".[dev]" (extra ".[ray]")')
+    s = Server(package, "--replicas", "2", "--feedback-log", "", timeout=300)
+    try:
+        waves = [_wav(0.6 + 0.2 * i, seed=i) for i in range(4)]
+        expected = [_understand(server.url, w, max_new_tokens="5").json()["text"] for w in waves]
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda w: _understand(s.url, w, max_new_tokens="5").json()["text"], waves))
+        assert got == expected
+        pids = set()
+        for _ in range(60):  # Ray's router spreads requests; both replicas show up
+            pids.add(httpx.get(s.url + "/health", timeout=30).json()["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, pids
+        assert httpx.get(s.url + "/", timeout=30).text.startswith("<!doctype html>")
     finally:
         s.close()

@@ -1,23 +1,32 @@
 """The HTTP API (FastAPI): ``POST /v1/understand``, the OpenAI-compatible ``POST /v1/audio/transcriptions``,
-``GET /health``, ``GET /v1/models``. User mistakes are 4xx with a one-line JSON ``{"error": ...}``, never a 500;
-a full queue is 503 with ``Retry-After``.
+``GET /health``, ``GET /v1/models``, ``POST /v1/feedback``, and the web page at ``GET /`` (``static/index.html``).
+User mistakes are 4xx with a one-line JSON ``{"error": ...}``, never a 500; a full queue is 503 with
+``Retry-After``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import datetime
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from ..features import MAX_SECONDS, SAMPLE_RATE, AudioError, load_audio, log_mel_spectrogram, split_windows, wav_truncation
 from ..parsing import join_windows, normalize_task
 from .batcher import Batcher, QueueFull
 
 DECODINGS = ("greedy", "beam", "osum")
+PAGE = Path(__file__).with_name("static") / "index.html"
+FEEDBACK_FIELDS = {"verdict": str, "audio": str, "task": str, "prompt": str, "decoding": str, "result": str,
+                   "transcript": str, "tags": dict, "comment": str}
 
 
 @dataclass(frozen=True)
@@ -34,8 +43,11 @@ class UserError(Exception):
 
 
 def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queue: int = 64,
-               limits: Limits = Limits()) -> FastAPI:
+               limits: Limits = Limits(), feedback_log: str | os.PathLike | None = None) -> FastAPI:
+    """The app over a loaded package. ``feedback_log``: JSONL file the page's correct/wrong buttons append to
+    (``None``: feedback is refused with 403)."""
     batcher = Batcher(model, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    feedback_lock = asyncio.Lock()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -105,9 +117,43 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
                 "window_offsets": [off for off, _ in windows], "window_texts": texts,
                 "seconds": len(wave) / SAMPLE_RATE}
 
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        if feedback_log is None:
+            raise UserError(403, "feedback logging is off (start osum-serve with --feedback-log FILE)")
+        raw = await request.body()
+        if len(raw) > 65536:
+            raise UserError(413, "feedback larger than 64 KiB")
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(400, f"feedback is not JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise UserError(400, "feedback must be a JSON object")
+        unknown = sorted(set(record) - set(FEEDBACK_FIELDS))
+        if unknown:
+            raise UserError(400, f"unknown feedback fields {unknown}; expected {sorted(FEEDBACK_FIELDS)}")
+        for key, kind in FEEDBACK_FIELDS.items():
+            if key in record and not isinstance(record[key], kind):
+                raise UserError(400, f"feedback field {key!r} must be a {kind.__name__}")
+        if record.get("verdict") not in ("correct", "wrong"):
+            raise UserError(400, "feedback verdict must be 'correct' or 'wrong'")
+        line = json.dumps({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           "model": model.path.name, **record}, ensure_ascii=False) + "\n"
+        async with feedback_lock:  # one whole line per record, appended and flushed before the reply
+            with open(feedback_log, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        return {"ok": True}
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", **batcher.stats, "queued": len(batcher.pending)}
+        return {"status": "ok", **batcher.stats, "queued": len(batcher.pending), "pid": os.getpid()}
 
     @app.get("/v1/models")
     async def models():

@@ -3,11 +3,13 @@
     osum-serve pkg/osum --port 8000
     curl -F file=@a.wav -F task="<TRANSCRIBE><GENDER>" localhost:8000/v1/understand
     curl -F file=@a.wav -F response_format=srt localhost:8000/v1/audio/transcriptions   # OpenAI-compatible
+    open http://localhost:8000/   # the web page: upload or record, pick a task, see the fields, give feedback
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -26,9 +28,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 503 (default 64)")
     p.add_argument("--max-mb", type=float, default=25.0, help="largest upload in MB (default 25)")
     p.add_argument("--max-seconds", type=float, default=600.0, help="longest audio in seconds (default 600)")
+    p.add_argument("--feedback-log", default="osum_feedback.jsonl",
+                   help="JSONL file the web page's correct/wrong feedback is appended to (default "
+                        "osum_feedback.jsonl; an empty string turns feedback off)")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="run N replicas behind Ray Serve (needs the .[ray] extra; default: one process, no Ray)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica (default 1)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs per replica (default 0)")
     args = p.parse_args(argv)
     from ..modeling import OSUMForConditionalGeneration, PackageError
     from .app import Limits, create_app
+
+    limits = Limits(max_bytes=int(args.max_mb * (1 << 20)), max_seconds=args.max_seconds)
+    app_kwargs = dict(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                      limits=limits, feedback_log=os.path.abspath(args.feedback_log) if args.feedback_log else None)
+    if args.replicas:
+        if args.replicas < 1:
+            p.error("--replicas must be >= 1")
+        try:
+            import ray  # noqa: F401
+            from ray import serve  # noqa: F401
+        except ImportError:
+            print('osum-serve: error: --replicas needs Ray Serve: pip install -e ".[ray]"', file=sys.stderr)
+            return 2
+        from .ray_serve import run
+
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            print(f"osum-serve: error: {args.model}: not a package directory (no config.json)", file=sys.stderr)
+            return 2
+        run(args.model, host=args.host, port=args.port, replicas=args.replicas,
+            cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica, device=args.device,
+            dtype=args.dtype, app_kwargs=app_kwargs)
+        return 0
 
     try:
         model = OSUMForConditionalGeneration.from_pretrained(args.model, device=args.device, dtype=args.dtype)
@@ -39,8 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     import uvicorn
 
-    app = create_app(model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                     limits=Limits(max_bytes=int(args.max_mb * (1 << 20)), max_seconds=args.max_seconds))
+    app = create_app(model, **app_kwargs)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
