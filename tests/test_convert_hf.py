@@ -120,7 +120,7 @@ def test_errors(hf, capsys, tmp_path):
     d, _, _, ckpt = hf
     args = ["import-hf", "--whisper", str(d / "whisper"), "--qwen2", str(d / "qwen2")]
     _fails(capsys, args + ["--config", TINY, "model.llm.intermediate_size=128", "--out", str(tmp_path / "a")],
-           r"model\.llm\.intermediate_size: .* has 128, the HF checkpoint has 160")
+           r"model\.llm\.intermediate_size: .* has 128, .*qwen2/config\.json has 160")
     _fails(capsys, args + ["--out", str(ckpt)], r"already exists.*--force")
     # a truncated shard and a shard the index lists but that is gone
     broken = tmp_path / "qwen2"
@@ -265,3 +265,38 @@ def test_readme_commands_with_relative_paths(hf, tmp_path):
                         "m, c = load_model('ckpt/osum'); print(c.model.llm.num_layers)"],
                        cwd=work, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == str(L.num_layers), r.stderr[-3000:]
+
+
+def test_osum_yaml_and_prompts_with_hf_weights(hf, tmp_path, capsys):
+    """import-hf --osum-config takes the adapter/LoRA/speech-token settings from OSUM's model YAML (the HF files
+    cannot know them) and checks them against --config; --prompts stores OSUM's prompt book with the checkpoint;
+    the files' hashes go into the layout."""
+    import hashlib
+
+    import yaml
+
+    from tests.test_osum_release import PROMPTS, _osum_yaml
+
+    d = hf[0]
+    y = _osum_yaml(CFG)
+    y.update(lora_rank=3, lora_alpha=12.0)  # a release trained with other LoRA settings than configs/tiny.yaml
+    (tmp_path / "osum.yaml").write_text(yaml.safe_dump(y), encoding="utf-8")
+    (tmp_path / "prompts.yaml").write_text(yaml.safe_dump(PROMPTS, allow_unicode=True), encoding="utf-8")
+    args = ["import-hf", "--whisper", str(d / "whisper"), "--qwen2", str(d / "qwen2"), "--osum-config",
+            str(tmp_path / "osum.yaml"), "--prompts", str(tmp_path / "prompts.yaml")]
+    _fails(capsys, args + ["--config", TINY, "--out", str(tmp_path / "x")],
+           r"model\.lora\.rank: .* has \d+, .*osum\.yaml has 3", r"model\.lora\.alpha: .* has 16\.0, .*osum\.yaml has 12\.0")
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "ok"
+    assert main(args + ["--config", TINY, "model.lora.rank=3", "model.lora.alpha=12.0", "--out", str(out),
+                        "--no-progress"]) == 0
+    # without --config: encoder/LLM from the HF files, the rest from OSUM's YAML
+    assert main(args + ["--out", str(tmp_path / "ok2"), "--no-progress"]) == 0
+    for c in (out, tmp_path / "ok2"):
+        cfg = ck.read_config(c).model
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.encoder.d_model, cfg.llm.hidden_size) == (3, 12.0, E.d_model,
+                                                                                               L.hidden_size)
+        src = ck.read_layout(c)["source"]
+        assert src["osum_config"]["sha256"] == hashlib.sha256((tmp_path / "osum.yaml").read_bytes()).hexdigest()
+        assert src["prompts"]["sha256"] == hashlib.sha256((tmp_path / "prompts.yaml").read_bytes()).hexdigest()
+        assert ck.read_prompts(c)["prompts"]["<TRANSCRIBE>"] == PROMPTS["<TRANSCRIBE>"]

@@ -1,6 +1,7 @@
 """``osum-convert``: checkpoints between Hugging Face / official OSUM torch files and the JAX checkpoint.
 
-    osum-convert import-hf --whisper DIR --qwen2 DIR [--config CONFIG] [key=value ...] --out CKPT [--force]
+    osum-convert import-hf --whisper DIR --qwen2 DIR [--osum-config OSUM_YAML] [--prompts PROMPT_YAML]
+                           [--config CONFIG] [key=value ...] --out CKPT [--force]
     osum-convert import-osum CHECKPOINT.pt [--osum-config OSUM_YAML] [--llm-config QWEN2] [--prompts PROMPT_YAML]
                              [--config CONFIG] [key=value ...] --out CKPT [--force]
     osum-convert export-osum CKPT|RUN --out FILE.pt [--step N] [--dtype bf16|fp16|fp32]
@@ -43,7 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     hf = sub.add_parser("import-hf", help="HF Whisper (encoder) + HF Qwen2 -> JAX checkpoint; fresh adapter/LoRA")
     hf.add_argument("--whisper", required=True, help="local HF Whisper checkpoint directory (safetensors)")
     hf.add_argument("--qwen2", required=True, help="local HF Qwen2 checkpoint directory (safetensors, may be sharded)")
-    hf.add_argument("--config", help="OSUM YAML config (default: encoder/LLM from the HF config.json files)")
+    hf.add_argument("--config", help="this project's YAML config (default: encoder/LLM from the HF config.json "
+                                     "files, the rest from --osum-config or OSUM's defaults)")
+    hf.add_argument("--osum-config", metavar="OSUM_YAML",
+                    help="OSUM's own model YAML: adapter, LoRA and speech-token settings, checked against --config "
+                         "and the overrides like the HF config.json files")
+    hf.add_argument("--prompts", metavar="PROMPT_YAML",
+                    help="OSUM's prompt_config.yaml, stored with the checkpoint (export-torch ships it)")
     hf.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parts")
     hf.add_argument("--out", required=True, help="output checkpoint directory")
     hf.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.lora.rank=16")
@@ -116,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         show = not args.no_progress
         if args.command == "import-hf":
             info = commands.import_hf(args.whisper, args.qwen2, args.config, args.overrides, out=args.out,
-                                      force=args.force, seed=args.seed, progress=show)
+                                      force=args.force, seed=args.seed, progress=show,
+                                      osum_config=args.osum_config, prompts=args.prompts)
         elif args.command == "import-osum":
             info = commands.import_osum(args.checkpoint, args.config, args.overrides, out=args.out,
                                         force=args.force, progress=show, osum_config=args.osum_config,

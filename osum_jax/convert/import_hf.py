@@ -15,7 +15,7 @@ from flax import nnx
 
 from .. import checkpoint as ck
 from ..checkpoint.tree import CheckpointMismatch, flat_variables
-from ..config import Config, ConfigError, config_from_dict, load_config
+from ..config import Config
 from .hf import (
     QWEN2_TOP,
     WHISPER_LAYER,
@@ -51,39 +51,38 @@ def read_json(path: Path) -> dict:
         raise SourceError(f"{path}: invalid JSON ({e})") from None
 
 
-def hf_model_fields(whisper_dir: Path, qwen2_dir: Path) -> dict[str, Any]:
-    """Config fields implied by the HF ``config.json`` files (``model.encoder.*`` and ``model.llm.*``)."""
+def whisper_fields(whisper_dir: Path) -> dict[str, Any]:
+    """``model.encoder.*`` implied by a HF Whisper ``config.json``."""
     w = read_json(Path(whisper_dir) / "config.json")
     try:
-        enc = {"num_mel_bins": w["num_mel_bins"], "d_model": w["d_model"], "num_layers": w["encoder_layers"],
-               "num_heads": w["encoder_attention_heads"], "ffn_dim": w["encoder_ffn_dim"],
-               "max_source_positions": w["max_source_positions"]}
+        return {"num_mel_bins": w["num_mel_bins"], "d_model": w["d_model"], "num_layers": w["encoder_layers"],
+                "num_heads": w["encoder_attention_heads"], "ffn_dim": w["encoder_ffn_dim"],
+                "max_source_positions": w["max_source_positions"]}
     except KeyError as e:
         raise SourceError(f"{whisper_dir}/config.json: no {e.args[0]!r} (is this a Whisper checkpoint?)") from None
+
+
+def hf_model_fields(whisper_dir: Path, qwen2_dir: Path) -> dict[str, Any]:
+    """Config fields implied by the HF ``config.json`` files (``model.encoder.*`` and ``model.llm.*``)."""
     from .osum_config import qwen2_fields
 
-    llm = qwen2_fields(qwen2_dir)
-    return {"encoder": enc, "llm": llm}
+    return {"encoder": whisper_fields(whisper_dir), "llm": qwen2_fields(qwen2_dir)}
 
 
-def _hf_config(whisper_dir, qwen2_dir, config, overrides) -> Config:
-    fields = hf_model_fields(whisper_dir, qwen2_dir)
-    if config is None:
-        cfg = config_from_dict({"model": fields}, overrides, source="HF config.json files")
-        where = "HF config.json files"
-    else:
-        cfg = load_config(config, overrides)
-        where = str(config)
-    bad = []
-    for section, values in fields.items():
-        sub = getattr(cfg.model, section)
-        for k, v in values.items():
-            have = sub.resolved_head_dim if (section, k) == ("llm", "head_dim") else getattr(sub, k)
-            if (have != v) if not isinstance(v, float) else not math.isclose(have, v, rel_tol=1e-9):
-                bad.append(f"model.{section}.{k}: {where} has {have!r}, the HF checkpoint has {v!r}")
-    if bad:
-        raise ConfigError("config does not match the HF checkpoints:\n  " + "\n  ".join(bad))
-    return cfg
+def _hf_config(whisper_dir, qwen2_dir, config, overrides, osum_config=None) -> tuple[Config, dict[str, Any]]:
+    """The config from ``config`` (or the HF files + OSUM's YAML), checked against every source; and the
+    sources' origins (path, SHA-256) for the checkpoint's layout."""
+    from .osum_config import config_from_sources, osum_yaml_fields, qwen2_config_path, sha256
+
+    wjson, qjson = Path(whisper_dir) / "config.json", qwen2_config_path(qwen2_dir)
+    sources = [(str(wjson), {"model": {"encoder": whisper_fields(whisper_dir)}}),
+               (str(qjson), {"model": {"llm": hf_model_fields(whisper_dir, qwen2_dir)["llm"]}})]
+    origin: dict[str, Any] = {}
+    if osum_config is not None:
+        # OSUM's model YAML names the adapter, LoRA and speech-token settings the HF files cannot know
+        sources.append((str(osum_config), osum_yaml_fields(osum_config)))
+        origin["osum_config"] = {"path": str(Path(osum_config).resolve()), "sha256": sha256(osum_config)}
+    return config_from_sources(config, overrides, sources), origin
 
 
 def _match(entries: Sequence[Entry], src: TensorSource, keys: Mapping[str, str], shapes, *, source: str,
@@ -164,13 +163,21 @@ def _whisper_prefix(keys: Sequence[str]) -> str:
 
 def import_hf(whisper: str | Path, qwen2: str | Path, config: str | Path | None = None,
               overrides: Sequence[str] = (), *, out: str | Path, force: bool = False, seed: int = 0,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, osum_config: str | Path | None = None,
+              prompts: str | Path | None = None) -> dict[str, Any]:
     """HF Whisper (encoder only) + HF Qwen2 -> JAX checkpoint with a fresh adapter, bos/eos and LoRA (B = 0).
 
-    Without ``config`` the encoder/LLM sections come from the HF ``config.json`` files (the rest are OSUM's
-    defaults); with one, its values must agree with them.
+    Without ``config`` the encoder/LLM sections come from the HF ``config.json`` files and the adapter, LoRA
+    and speech-token settings from ``osum_config`` (OSUM's model YAML; OSUM's defaults without it); with a
+    ``config``, its values must agree with every one of those files (a list of differences otherwise).
+    ``prompts`` (OSUM's ``prompt_config.yaml`` format) is stored with the checkpoint, as import-osum does.
     """
-    cfg = _hf_config(Path(whisper), Path(qwen2), config, overrides)
+    cfg, origin = _hf_config(Path(whisper), Path(qwen2), config, overrides, osum_config)
+    book = None
+    if prompts is not None:
+        from .osum_config import prompt_book_item
+
+        book, origin["prompts"] = prompt_book_item(prompts)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
@@ -227,10 +234,11 @@ def import_hf(whisper: str | Path, qwen2: str | Path, config: str | Path | None 
         bar.bar.total = total
     # the OSUM key list this checkpoint exports to (canonical order, peft >= 0.7 names)
     layout_keys = canonical_layout(cfg, {p: v.dtype for p, v in params.items()}, extras_np)
-    layout = {"source": {"kind": "hf", "whisper": str(Path(whisper).resolve()), "qwen2": str(Path(qwen2).resolve())},
+    layout = {"source": {"kind": "hf", "whisper": str(Path(whisper).resolve()), "qwen2": str(Path(qwen2).resolve()),
+                         **origin},
               "keys": layout_keys}
     try:
-        write_checkpoint_atomic(out, force, params, cfg, extras, layout, bar)
+        write_checkpoint_atomic(out, force, params, cfg, extras, layout, bar, prompts=book)
     finally:
         bar.close()
     return {"tensors": n_tensors, "bytes": total}

@@ -10,7 +10,6 @@ import numpy as np
 
 from .. import checkpoint as ck
 from ..config import ConfigError, load_config
-from ..data.text import PromptBook
 from .osum_pt import plan_import
 from .sources import TorchPtSource, file_size
 from .stream import (
@@ -34,6 +33,7 @@ def import_osum(pt: str | Path, config: str | Path | None = None, overrides: Seq
     from .osum_config import (
         config_from_sources,
         osum_yaml_fields,
+        prompt_book_item,
         qwen2_config_path,
         qwen2_fields,
         sha256,
@@ -53,10 +53,7 @@ def import_osum(pt: str | Path, config: str | Path | None = None, overrides: Seq
     cfg = config_from_sources(config, overrides, sources) if sources else load_config(config, overrides)
     book = None
     if prompts is not None:
-        book = PromptBook.load(prompts)  # validates (raises naming the file)
-        origin["prompts"] = {"path": str(Path(prompts).resolve()), "sha256": sha256(prompts)}
-        book = {"format": "osum-prompts/1", "source": origin["prompts"]["path"], "sha256": origin["prompts"]["sha256"],
-                "prompts": book.prompts}
+        book, origin["prompts"] = prompt_book_item(prompts)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")

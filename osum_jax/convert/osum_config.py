@@ -172,6 +172,16 @@ def config_from_sources(config: str | Path | None, overrides: Sequence[str], sou
             if not same:
                 bad.append(f"{key}: {where} has {have!r}, {name} has {want!r}")
     if bad:
-        raise ConfigError("the config does not match OSUM's files (non-shape settings change the logits "
+        raise ConfigError("the config does not match the source files (non-shape settings change the logits "
                           "silently):\n  " + "\n  ".join(bad))
     return cfg
+
+
+def prompt_book_item(prompts: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """OSUM's ``prompt_config.yaml`` as the checkpoint's ``prompts`` item, and its origin (path, SHA-256)."""
+    from ..data.text import PromptBook
+
+    book = PromptBook.load(prompts)  # validates (raises naming the file)
+    origin = {"path": str(Path(prompts).resolve()), "sha256": sha256(prompts)}
+    return ({"format": "osum-prompts/1", "source": origin["path"], "sha256": origin["sha256"],
+             "prompts": book.prompts}, origin)
