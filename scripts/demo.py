@@ -4,11 +4,12 @@
     python scripts/demo.py [--out demo] [--steps N] [--devices 8] [--keep-corpus]
 
 1. builds the corpus (scripts/make_demo_corpus.py: train as tar shards, dev/test as raw data.lists, tokenizer)
-2. trains the tiny OSUM from scratch with ``osum-train configs/demo.yaml`` on 8 simulated CPU devices, mesh
-   data 1 x fsdp 4 x tensor 2, with checkpoints and dev evaluation (JAX greedy decoding)
+2. trains the tiny OSUM from scratch with ``osum-train configs/demo.yaml`` on 2 simulated CPU devices, mesh
+   data 1 x fsdp 2 (parameters sharded), with checkpoints and dev evaluation (JAX greedy decoding)
 3. exports the run with ``osum-convert export-torch`` (a Hugging Face style safetensors package)
-4. transcribes and tags the held-out test split with ``osum-infer`` (PyTorch, no JAX)
-5. scores it with ``osum-eval`` (WER/CER, tag accuracy + confusion matrices)
+4. transcribes and tags the two held-out test splits (unseen word combinations with the training voices, and
+   with held-out voices) with ``osum-infer`` (PyTorch, no JAX)
+5. scores each with ``osum-eval`` (WER/CER, tag accuracy + confusion matrices)
 6. prints a report (loss curve, WER/CER, tag accuracy vs chance, timings, artefacts) and writes
    ``OUT/report.md`` and ``OUT/loss.png``
 
@@ -114,17 +115,69 @@ def pooled(report: dict) -> dict:
     return out
 
 
-def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], report: dict, stages: Stages,
-                examples: list[tuple[str, str, str]], devices: int, mesh: dict) -> str:
+# WER of guessing: the right number of words drawn uniformly from the 20-word vocabulary (19 of 20 wrong)
+CHANCE_WER = 19 / 20
+
+
+def examples_by_task(refs: dict[str, dict], hyps: list[dict], per_kind: int = 2) -> dict[str, list[tuple]]:
+    """Per task, up to ``per_kind`` right and ``per_kind`` wrong test utterances: ``(key, ref, hyp, ok)``."""
+    out: dict[str, list[tuple]] = {}
+    for h in hyps:
+        r = refs.get(h["key"])
+        if r is None:
+            continue
+        ok = h.get("text", "").strip().lower() == r["txt"].strip().lower()
+        got = out.setdefault(r["task"], [])
+        if sum(1 for x in got if x[3] == ok) < per_kind:
+            got.append((h["key"], r["txt"], h.get("text", ""), ok))
+    return out
+
+
+def split_section(title: str, report: dict, examples: dict[str, list[tuple]]) -> list[str]:
+    lines = [f"### {title}", ""]
+    pool = pooled(report)
+    if "wer" in pool:
+        lines.append(f"- WER **{100 * pool['wer'][0]:.1f} %** ({pool['wer'][1]}/{pool['wer'][2]} words), "
+                     f"CER {100 * pool['cer'][0]:.1f} % over all transcribing tasks; chance (random words of the "
+                     f"right length) {100 * CHANCE_WER:.0f} %")
+    for field, chance in CHANCE.items():
+        if field in pool:
+            lines.append(f"- {field} accuracy **{100 * pool[field][0]:.1f} %** ({pool[field][1]}/{pool[field][2]}); "
+                         f"chance {100 * chance:.0f} %")
+    lines += ["", "| task | utterances | WER | CER | gender acc. | age acc. |", "|---|---|---|---|---|---|"]
+    for task, r in report["tasks"].items():
+        cell = lambda m: f"{100 * r[m]['rate']:.1f} %" if m in r else "-"  # noqa: E731
+        tag = lambda f: f"{100 * r['tags'][f]['accuracy']:.1f} %" if f in r.get("tags", {}) else "-"  # noqa: E731
+        lines.append(f"| `{task}` | {r['utterances']} | {cell('wer')} | {cell('cer')} | {tag('gender')} | "
+                     f"{tag('age')} |")
+    if examples:
+        lines += ["", "examples per task (reference -> hypothesis; the first right and wrong ones in file order):", ""]
+        for task, rows in examples.items():
+            for key, ref, hyp, ok in sorted(rows, key=lambda x: not x[3]):
+                lines.append(f"- `{task}` {'right' if ok else '**wrong**'} `{key}`: {ref!r} -> {hyp!r}")
+    return lines + [""]
+
+
+def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], results: dict[str, tuple],
+                stages: Stages, devices: int, mesh: dict) -> str:
     total = sum(stages.times.values())
     k = max(1, len(train) // 10)
     first, last = train[0], train[-1]
     best = min(train, key=lambda r: r["loss"])
     lines = ["# osum-jax demo report", ""]
     sp = corpus["splits"]
-    lines += [f"corpus: {sp['train']['utterances']} train / {sp['dev']['utterances']} dev / "
-              f"{sp['test']['utterances']} test utterances of espeak-ng speech ({sp['train']['minutes']:.1f} min "
-              f"of training audio); test sentences never occur in training", ""]
+    held = corpus.get("held_out_voices", {})
+    lines += [f"corpus: espeak-ng speech, {sp['train']['utterances']} train ({sp['train']['minutes']:.1f} min) / "
+              f"{sp['dev']['utterances']} dev / {sp['test']['utterances']} test / "
+              f"{sp['test_voices']['utterances']} test-voices utterances over a 20-word vocabulary, spoken as isolated "
+              f"words (each synthesised alone, in its own 0.8 s slot).", "",
+              "What is held out:",
+              "- **word combinations**: every dev and test phrase has 2-3 words and occurs in no other split; every "
+              "single word does occur in training (the vocabulary is closed), so the test measures recognising "
+              "words in new sequences, not new words;",
+              f"- **voices**: {', '.join(f'{v} ({g})' for g, v in held.items())} occur only in the test-voices split "
+              f"(train uses the other {len(sp['train']['voices'])} voices); the test split uses the training voices.",
+              ""]
     lines += ["## training (osum-train, JAX)", "",
               f"- {last['step']} optimizer steps on {devices} simulated CPU devices (mesh data {mesh['data']} x "
               f"fsdp {mesh['fsdp']} x tensor {mesh['tensor']}),"
@@ -139,33 +192,18 @@ def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], r
     steady = sorted(r["step_time_s"] for r in train[len(train) // 4:])
     if steady:
         lines.append(f"- median step time {steady[len(steady) // 2]:.2f} s")
-    lines += ["", "## held-out test (osum-infer on the exported torch package, scored by osum-eval)", ""]
-    pool = pooled(report)
-    if "wer" in pool:
-        lines.append(f"- WER {100 * pool['wer'][0]:.1f} % ({pool['wer'][1]}/{pool['wer'][2]} words), "
-                     f"CER {100 * pool['cer'][0]:.1f} % over all transcribing tasks")
-    for field, chance in CHANCE.items():
-        if field in pool:
-            lines.append(f"- {field} accuracy {100 * pool[field][0]:.1f} % ({pool[field][1]}/{pool[field][2]}); "
-                         f"chance {100 * chance:.0f} %")
-    lines += ["", "| task | utterances | WER | CER | gender acc. | age acc. |", "|---|---|---|---|---|---|"]
-    for task, r in report["tasks"].items():
-        cell = lambda m: f"{100 * r[m]['rate']:.1f} %" if m in r else "-"  # noqa: E731
-        tag = lambda f: f"{100 * r['tags'][f]['accuracy']:.1f} %" if f in r.get("tags", {}) else "-"  # noqa: E731
-        lines.append(f"| `{task}` | {r['utterances']} | {cell('wer')} | {cell('cer')} | {tag('gender')} | "
-                     f"{tag('age')} |")
-    if examples:
-        lines += ["", "examples (reference -> hypothesis):", ""]
-        lines += [f"- `{k}`: {r!r} -> {h!r}" for k, r, h in examples]
-    lines += ["", "## time", ""]
+    lines += ["", "## held-out tests (osum-infer on the exported torch package, scored by osum-eval)", ""]
+    for title, (report, examples) in results.items():
+        lines += split_section(title, report, examples)
+    lines += ["## time", ""]
     lines += [f"- {name}: {sec:.0f} s" for name, sec in stages.times.items()]
     lines.append(f"- total: {total:.0f} s ({total / 60:.1f} min; budget {BUDGET_S // 60} min)")
     lines += ["", "## artefacts", "",
               f"- corpus: {out / 'corpus'} (train shards, dev/test lists, tokenizer)",
               f"- run (orbax checkpoints, metrics.jsonl, TensorBoard): {out / 'run'}",
               f"- torch package: {out / 'package'}",
-              f"- test results: {out / 'results.jsonl'}",
-              f"- eval reports and confusion PNGs: {out / 'eval'}",
+              f"- test results: {out / 'results.jsonl'}, {out / 'results_voices.jsonl'}",
+              f"- eval reports and confusion PNGs: {out / 'eval'}, {out / 'eval_voices'}",
               f"- loss curve: {out / 'loss.png'}",
               f"- the commands, as run: {out / 'commands.sh'}"]
     return "\n".join(lines) + "\n"
@@ -176,7 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="demo", help="where everything goes (default: ./demo)")
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--steps", type=int, help="optimizer steps (default: the config's)")
-    ap.add_argument("--devices", type=int, default=8, help="simulated CPU devices (fsdp 4 x tensor 2 needs 8)")
+    ap.add_argument("--devices", type=int, default=2, help="simulated CPU devices (the config's mesh: fsdp 2)")
+    ap.add_argument("--train-size", type=int, help="training utterances (default: the corpus script's)")
     ap.add_argument("--seed", type=int, default=0, help="corpus seed")
     ap.add_argument("--keep-corpus", action="store_true", help="reuse OUT/corpus if it exists")
     ap.add_argument("--batch-size", type=int, default=16, help="osum-infer batch size")
@@ -189,9 +228,10 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     if not (args.keep_corpus and (corpus / "corpus.json").is_file()):
+        size = ["--train", str(args.train_size)] if args.train_size else []
         stages.run("corpus", [sys.executable, "scripts/make_demo_corpus.py", "--out", str(corpus),
-                              "--seed", str(args.seed)])
-    for old in (run, pkg, out / "eval"):
+                              "--seed", str(args.seed), *size])
+    for old in (run, pkg, out / "eval", out / "eval_voices"):
         shutil.rmtree(old, ignore_errors=True)  # every figure in the report comes from this run
 
     overrides = [f"data.train={corpus / 'shards' / 'shards_list.txt'}", f"data.dev={corpus / 'dev.list'}",
@@ -204,18 +244,25 @@ def main(argv=None) -> int:
     stages.run("train", [_bin("osum-train"), args.config, *overrides], env=env, log=out / "train.log")
     stages.run("export", [_bin("osum-convert"), "export-torch", str(run), "--tokenizer", str(corpus / "tokenizer"),
                           "--out", str(pkg), "--dtype", "fp32", "--force"])
-    stages.run("infer", [_bin("osum-infer"), "--model", str(pkg), "--data", str(corpus / "test.list"),
-                         "--device", "cpu", "--dtype", "fp32", "--batch-size", str(args.batch_size),
-                         "--out", str(out / "results.jsonl")])
-    stages.run("eval", [_bin("osum-eval"), "--ref", str(corpus / "test.list"), "--hyp", str(out / "results.jsonl"),
-                        "--out", str(out / "eval")], log=out / "eval.log")
+    tests = {"test": ("test.list", "results.jsonl", "eval"),
+             "test-voices": ("test_voices.list", "results_voices.jsonl", "eval_voices")}
+    for name, (ref, hyp, ev) in tests.items():
+        stages.run(f"infer {name}", [_bin("osum-infer"), "--model", str(pkg), "--data", str(corpus / ref),
+                                     "--device", "cpu", "--dtype", "fp32", "--batch-size", str(args.batch_size),
+                                     "--out", str(out / hyp)])
+        stages.run(f"eval {name}", [_bin("osum-eval"), "--ref", str(corpus / ref), "--hyp", str(out / hyp),
+                                    "--out", str(out / ev)], log=out / f"{ev}.log")
 
     train, evals = loss_curve(run / "metrics.jsonl")
     plot_loss(train, evals, out / "loss.png")
-    report = json.loads((out / "eval" / "report.json").read_text(encoding="utf-8"))
-    refs = {json.loads(ln)["key"]: json.loads(ln)["txt"] for ln in (corpus / "test.list").read_text().splitlines()}
-    hyps = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
-    examples = [(h["key"], refs[h["key"]], h.get("text", "")) for h in hyps[:6]]
+    results = {}
+    for name, (ref, hyp, ev) in tests.items():
+        report = json.loads((out / ev / "report.json").read_text(encoding="utf-8"))
+        refs = {json.loads(ln)["key"]: json.loads(ln) for ln in (corpus / ref).read_text().splitlines()}
+        hyps = [json.loads(ln) for ln in (out / hyp).read_text().splitlines()]
+        title = ("test: unseen word combinations, training voices" if name == "test" else
+                 "test-voices: unseen word combinations, held-out voices")
+        results[title] = (report, examples_by_task(refs, hyps))
     corpus_info = json.loads((corpus / "corpus.json").read_text(encoding="utf-8"))
     (out / "commands.sh").write_text("#!/usr/bin/env bash\n# the demo's commands, as run by scripts/demo.py\n"
                                      + "\n".join(stages.commands) + "\n", encoding="utf-8")
@@ -224,8 +271,11 @@ def main(argv=None) -> int:
     mesh = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["train"]["mesh"]
     if mesh.get("fsdp") == -1:  # -1 fills the remaining devices
         mesh["fsdp"] = args.devices // (mesh["data"] * mesh["tensor"])
-    text = report_text(out, corpus_info, train, evals, report, stages, examples, args.devices, mesh)
+    text = report_text(out, corpus_info, train, evals, results, stages, args.devices, mesh)
     (out / "report.md").write_text(text, encoding="utf-8")
+    summary = {title: {k: v[0] for k, v in pooled(rep).items()} for title, (rep, _) in results.items()}
+    summary["time_s"] = dict(stages.times)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print("\n" + text)
     total = time.time() - t_start
     if total > BUDGET_S:

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("espeak_ng")  # every test makes speech (marked `speech` by conftest.py)
+speech = pytest.mark.usefixtures("espeak_ng")  # tests that make speech (marked `speech` by conftest.py)
 
 
 def _make(out: Path, seed: int = 3) -> None:
     subprocess.run([sys.executable, "scripts/make_demo_corpus.py", "--out", str(out), "--seed", str(seed),
-                    "--train", "24", "--dev", "6", "--test", "12", "--workers", "2"], cwd=ROOT, check=True,
+                    "--train", "24", "--dev", "6", "--test", "12", "--test-voices", "8", "--workers", "2"],
+                   cwd=ROOT, check=True,
                    capture_output=True)
 
 
@@ -27,6 +28,38 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _check_split_claims(splits: dict[str, list[dict]], text=lambda r: r["text"], voice=lambda r: r["voice"],
+                        every_word_trained: bool = True):
+    """What the demo's report claims is held out, checked on the rows of every split."""
+    from scripts.make_demo_corpus import HELD_OUT_VOICES, VOICES
+
+    held = set(HELD_OUT_VOICES.values())
+    train_text = {text(r) for r in splits["train"]}
+    train_words = {w for t in train_text for w in t.split()}
+    for name in ("dev", "test", "test_voices"):
+        phrases = [text(r) for r in splits[name]]
+        assert all(len(p.split()) >= 2 for p in phrases), name  # combinations only, no single words
+        assert not set(phrases) & train_text, name  # no held-out combination occurs in training
+        if every_word_trained:
+            assert {w for p in phrases for w in p.split()} <= train_words  # ... but every word does
+        for other in ("dev", "test", "test_voices"):
+            if other != name:
+                assert not set(phrases) & {text(r) for r in splits[other]}, (name, other)
+    assert not held & {voice(r) for n in ("train", "dev", "test") for r in splits[n]}  # never seen in training
+    assert {voice(r) for r in splits["test_voices"]} == held
+    assert {voice(r) for r in splits["train"]} == {v for vs in VOICES.values() for v in vs} - held
+    assert held & set(VOICES["male"]) and held & set(VOICES["female"])  # one per gender
+
+
+def test_demo_splits_hold_out_combinations_and_voices():
+    """The corpus plan at the demo's sizes (no audio needed): held-out word combinations and voices."""
+    from scripts.make_demo_corpus import plan
+
+    for seed in (0, 1):
+        _check_split_claims(plan(seed, {"train": 2400, "dev": 64, "test": 160, "test_voices": 96}))
+
+
+@speech
 @pytest.mark.e2e
 def test_demo_corpus_is_deterministic_and_well_formed(tmp_path):
     from osum_jax.data.sources import open_source
@@ -40,11 +73,12 @@ def test_demo_corpus_is_deterministic_and_well_formed(tmp_path):
     assert _rows(tmp_path / "c" / "train.list") != _rows(tmp_path / "a" / "train.list")
 
     root = tmp_path / "a"
-    splits = {name: _rows(root / f"{name}.list") for name in ("train", "dev", "test")}
-    assert [len(v) for v in splits.values()] == [24, 6, 12]
+    splits = {name: _rows(root / f"{name}.list") for name in ("train", "dev", "test", "test_voices")}
+    assert [len(v) for v in splits.values()] == [24, 6, 12, 8]
+    _check_split_claims(splits, text=lambda r: r["extra"]["text"], voice=lambda r: r["speaker"],
+                        every_word_trained=False)  # 24 training utterances need not hold all 20 words
     from scripts.make_demo_corpus import AGES, VOICES, WORDS  # the script's own label tables
 
-    sentences = {}
     for name, rows in splits.items():
         for r in rows:
             assert (root / r["wav"]).is_file()
@@ -58,11 +92,7 @@ def test_demo_corpus_is_deterministic_and_well_formed(tmp_path):
                 assert parsed["transcript"] and set(parsed["transcript"].split()) <= set(WORDS)
             else:
                 assert parsed["transcript"] == ""
-            if len(r["extra"]["text"].split()) > 1:
-                sentences.setdefault(name, set()).add(r["extra"]["text"])
         assert {r["gender"] for r in rows} == {"male", "female"}
-    # held-out multi-word phrases really are held out
-    assert not sentences["train"] & (sentences["dev"] | sentences["test"])
     # the shards hold the training split (relative paths: the corpus folder can be moved)
     moved = tmp_path / "moved"
     root.rename(moved)
@@ -76,23 +106,29 @@ def test_demo_corpus_is_deterministic_and_well_formed(tmp_path):
     book.check_tasks(r["task"] for rows in splits.values() for r in rows)
 
 
+@speech
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     """scripts/demo.py with a few steps: every stage runs and the report is built from the run's own files."""
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--steps", "3",
+    res = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--steps", "3", "--train-size", "300",
                           "train.log_every=1", "train.eval_every=3", "train.eval_batches=1",
                           "train.eval_max_new_tokens=4", "train.checkpoint_every=3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     report = (out / "report.md").read_text()
-    assert "mesh data 1 x fsdp 4 x tensor 2" in report and "gender accuracy" in report
+    assert "mesh data 1 x fsdp 2 x tensor 1" in report and "gender accuracy" in report
+    assert "held-out voices" in report and "never occurs in training" not in report  # the claims as they hold
+    assert "word combinations" in report and "chance (random words of the right length) 95 %" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert {k for k in summary if k.startswith("test")} == {
+        "test: unseen word combinations, training voices", "test-voices: unseen word combinations, held-out voices"}
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
     assert any("eval/loss" in m for m in metrics)
-    results = _rows(out / "results.jsonl")
-    assert len(results) == len(_rows(out / "corpus" / "test.list"))
+    assert len(_rows(out / "results.jsonl")) == len(_rows(out / "corpus" / "test.list"))
+    assert len(_rows(out / "results_voices.jsonl")) == len(_rows(out / "corpus" / "test_voices.list"))
     assert (out / "loss.png").stat().st_size > 1000
     assert json.loads((out / "eval" / "report.json").read_text())["tasks"]
     assert "osum-train" in (out / "commands.sh").read_text()
@@ -117,6 +153,7 @@ def _median_f0(wav: Path) -> float:
     return float(np.median(f0s))
 
 
+@speech
 def test_demo_voices_separate_gender_by_pitch(tmp_path):
     """Every female voice is clearly higher than every male one at every age setting (an unknown espeak-ng
     voice name falls back to the default male voice silently: `en-gb+f2` did, which made half the
