@@ -45,3 +45,17 @@ def write_tar(path, members) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+
+
+def assert_same_loss_and_grads(got, want, *, loss_rtol: float, grad_rel: float) -> None:
+    """``(loss, grads)`` pairs from ``jax.value_and_grad`` agree: the loss to ``loss_rtol``, every gradient leaf to
+    ``grad_rel`` of its largest magnitude."""
+    import jax
+
+    (l1, g1), (l0, g0) = got, want
+    np.testing.assert_allclose(float(l1), float(l0), rtol=loss_rtol)
+    flat1, flat0 = jax.tree.leaves(g1), jax.tree.leaves(g0)
+    assert len(flat1) == len(flat0) > 20
+    for a, b in zip(flat1, flat0):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= grad_rel * np.abs(b).max() + 1e-9
