@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import kernels
-from .sharding import activation_mesh
+from .sharding import activation_mesh, activation_specs
 
 # what jax.nn.dot_product_attention puts at masked scores: finite, so a fully masked row is uniform, not NaN
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
@@ -198,8 +198,6 @@ def _default_precision(fn):
 
 
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceMask) -> jax.Array:
-    from .sharding import activation_specs
-
     b, t = q.shape[:2]
     pad = -t % _SPLASH_LANES
     valid = mask.valid

@@ -61,15 +61,26 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh, rules = ctx
     if len(names) != x.ndim:
         raise ValueError(f"{len(names)} logical names {tuple(names)} for a {x.ndim}-d activation {x.shape}")
-    spec = logical_spec(names, rules, dict(mesh.shape))
     # a dimension that its mesh axes do not divide is left to XLA (e.g. a batch of 1 row on a 4-way mesh)
-    fixed = []
-    for dim, axes in zip(x.shape, spec):
+    fixed = [PartitionSpec.UNCONSTRAINED if axes is _NOT_DIVISIBLE else axes
+             for axes in _divisible_axes(names, x.shape, mesh, rules)]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fixed)))
+
+
+_NOT_DIVISIBLE = object()
+
+
+def _divisible_axes(names, sizes, mesh, rules) -> list:
+    """Mesh axes of each logical name, or ``_NOT_DIVISIBLE`` where they do not divide its size (or every size
+    of a tuple)."""
+    out = []
+    for axes, size in zip(logical_spec(names, rules, dict(mesh.shape)), sizes):
         n = 1
         for a in (axes,) if isinstance(axes, str) else (axes or ()):
             n *= mesh.shape[a]
-        fixed.append(axes if dim % n == 0 else PartitionSpec.UNCONSTRAINED)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fixed)))
+        ok = all(s % n == 0 for s in (size if isinstance(size, tuple) else (size,)))
+        out.append(axes if ok else _NOT_DIVISIBLE)
+    return out
 
 
 def activation_mesh() -> jax.sharding.Mesh | None:
@@ -88,12 +99,4 @@ def activation_specs(names: Sequence[str], sizes: Sequence[int | tuple[int, ...]
     if ctx is None:
         return (None,) * len(names)
     mesh, rules = ctx
-    spec = logical_spec(names, rules, dict(mesh.shape))
-    out = []
-    for axes, size in zip(spec, sizes):
-        n = 1
-        for a in (axes,) if isinstance(axes, str) else (axes or ()):
-            n *= mesh.shape[a]
-        ok = all(s % n == 0 for s in (size if isinstance(size, tuple) else (size,)))
-        out.append(axes if ok else None)
-    return tuple(out)
+    return tuple(None if axes is _NOT_DIVISIBLE else axes for axes in _divisible_axes(names, sizes, mesh, rules))
