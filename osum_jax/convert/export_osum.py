@@ -19,7 +19,8 @@ from ..checkpoint.tree import CheckpointMismatch
 from ..config import Config
 from . import stream
 from .import_hf import canonical_layout, fresh_extras
-from .osum_pt import Entry, export_sources
+from .osum_pt import export_sources
+from .rules import Entry
 from .sources import np_dtype, row_blocks, torch_dtype
 from .stream import Progress
 
@@ -101,11 +102,6 @@ def _set_crcs(path: Path, crcs: Mapping[int, int]) -> None:
             f.write(new)
     if todo:
         raise ck.CheckpointError(f"{path}: no zip record at payload offset(s) {sorted(todo)[:5]}")
-
-
-def _export_shape(e: Entry, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
-    js = shapes[e.jax_path]
-    return tuple(e.transform.torch_shape(js[1:] if e.layer is not None else js))
 
 
 @dataclass
@@ -199,7 +195,7 @@ def export_osum(ckpt: str | Path, *, out: str | Path, step: int | None = None, f
                 raise ck.CheckpointError(f"{root}: the extras item lacks {key}")
             shape = tuple(extras[key].shape)
         else:
-            shape = _export_shape(detail, shapes)
+            shape = detail.external_shape(shapes[detail.jax_path])
         if list(shape) != list(recs[key]["shape"]):
             raise CheckpointMismatch(f"{key}: exported shape {list(shape)} != recorded {recs[key]['shape']}")
         want[key] = (shape, np_dtype(dtype or recs[key]["dtype"]))

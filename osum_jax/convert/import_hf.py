@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,23 +14,16 @@ from flax import nnx
 from .. import checkpoint as ck
 from ..checkpoint.tree import CheckpointMismatch, flat_variables
 from ..config import Config
-from .hf import (
-    QWEN2_TOP,
-    WHISPER_LAYER,
-    WHISPER_TOP,
-    normalize_peft_key,
-    qwen2_layer_table,
-)
+from .hf import match_qwen2, match_whisper
 from .osum_pt import (
-    _BY_FN,
     ALIASES,
-    Entry,
     canonical_keys,
     extra_shapes,
     normalize_osum_key,
     osum_table,
 )
-from .sources import SafetensorsSource, SourceError, TensorSource, dtype_name, np_dtype
+from .rules import shape_problems
+from .sources import SafetensorsSource, SourceError, dtype_name, np_dtype
 from .stream import (
     Progress,
     array_leaf,
@@ -85,39 +76,6 @@ def _hf_config(whisper_dir, qwen2_dir, config, overrides, osum_config=None) -> t
     return config_from_sources(config, overrides, sources), origin
 
 
-def _match(entries: Sequence[Entry], src: TensorSource, keys: Mapping[str, str], shapes, *, source: str,
-           problems: list[str]) -> dict[str, list[tuple[str, Entry]]]:
-    """Match table entries to source keys (``keys``: normalised name -> source key); record problems."""
-    leaves: dict[str, list[tuple[str, Entry]]] = defaultdict(list)
-    missing = []
-    for e in entries:
-        if e.torch_key not in keys:
-            missing.append(e.torch_key)
-            continue
-        key = keys[e.torch_key]
-        jshape = tuple(shapes[e.jax_path])
-        want = e.transform.torch_shape(jshape[1:] if e.layer is not None else jshape)
-        if src.shape(key) != want:
-            problems.append(f"{source}: {key} has shape {list(src.shape(key))}, the config needs {list(want)}")
-        leaves[e.jax_path].append((key, e))
-    if missing:
-        problems.append(f"{source}: {len(missing)} missing key(s): {missing[:12]}")
-    used = {keys[e.torch_key] for e in entries if e.torch_key in keys}
-    return leaves, used
-
-
-def _hf_entries(cfg: Config) -> tuple[list[Entry], list[Entry]]:
-    m = cfg.model
-    whisper = [Entry(t, f"encoder.{j}", None, _BY_FN[f]) for j, t, f in WHISPER_TOP]
-    whisper += [Entry(f"layers.{i}.{t}", f"encoder.layers.{j}", i, _BY_FN[f])
-                for i in range(m.encoder.num_layers) for j, t, f in WHISPER_LAYER]
-    qwen = [Entry(t, f"llm.{j}", None, _BY_FN[f]) for j, t, f in QWEN2_TOP
-            if not (j == "lm_head" and m.llm.tie_word_embeddings)]
-    qwen += [Entry(f"model.layers.{i}.{t}", f"llm.layers.{j}", i, _BY_FN[f])
-             for i in range(m.llm.num_layers) for j, t, f in qwen2_layer_table(m.llm, None)]
-    return whisper, qwen
-
-
 def _fresh_parts(cfg: Config, shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
     """Adapter, bos/eos table and LoRA adapters initialised as the model does (LoRA B = 0)."""
     from ..models import Adapter
@@ -154,13 +112,6 @@ def fresh_extras(cfg: Config, seed: int) -> dict[str, np.ndarray]:
             "speaker_head.bias": rng.uniform(-bound, bound, shapes["speaker_head.bias"]).astype(np.float32)}
 
 
-def _whisper_prefix(keys: Sequence[str]) -> str:
-    for p in ("model.encoder.", "encoder."):
-        if any(k.startswith(p) for k in keys):
-            return p
-    return ""
-
-
 def import_hf(whisper: str | Path, qwen2: str | Path, config: str | Path | None = None,
               overrides: Sequence[str] = (), *, out: str | Path, force: bool = False, seed: int = 0,
               progress: bool = True, osum_config: str | Path | None = None,
@@ -183,28 +134,14 @@ def import_hf(whisper: str | Path, qwen2: str | Path, config: str | Path | None 
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
     shapes = ck.model_shapes(cfg)
     w_src, q_src = SafetensorsSource(whisper), SafetensorsSource(qwen2)
-    w_entries, q_entries = _hf_entries(cfg)
-    problems: list[str] = []
-    prefix = _whisper_prefix(w_src.keys())
-    w_keys = {k[len(prefix):]: k for k in w_src.keys() if k.startswith(prefix)}
-    w_leaves, w_used = _match(w_entries, w_src, w_keys, shapes, source=str(whisper), problems=problems)
-    scope = "model.encoder." if prefix == "model.encoder." else prefix
-    extra_w = sorted(k for k in w_src.keys() if k.startswith(scope) and k not in w_used) if scope else \
-        sorted(k for k in w_src.keys() if k not in w_used)
-    if extra_w:
-        problems.append(f"{whisper}: {len(extra_w)} unexpected encoder key(s): {extra_w[:12]}")
-    q_keys: dict[str, str] = {}
-    for k in q_src.keys():
-        n = normalize_peft_key(k)
-        if n in q_keys:
-            problems.append(f"{qwen2}: {q_keys[n]} and {k} are the same tensor in two naming styles")
-        q_keys[n] = k
-    q_leaves, q_used = _match(q_entries, q_src, q_keys, shapes, source=str(qwen2), problems=problems)
-    ignore = [r".*rotary_emb\.inv_freq"] + ([r"lm_head\.weight"] if cfg.model.llm.tie_word_embeddings else [])
-    extra_q = sorted(k for k in q_src.keys() if k not in q_used
-                     and not any(re.fullmatch(p, normalize_peft_key(k)) for p in ignore))
-    if extra_q:
-        problems.append(f"{qwen2}: {len(extra_q)} unexpected key(s): {extra_q[:12]}")
+    enc = cfg.model.encoder
+    w = match_whisper(w_src.keys(), enc.num_layers, key_bias=enc.key_bias, source=str(whisper))
+    q = match_qwen2(q_src.keys(), cfg.model.llm, None, source=str(qwen2))  # LoRA starts fresh
+    w_leaves = {f"encoder.{p}": items for p, items in w.leaves.items()}
+    q_leaves = {f"llm.{p}": items for p, items in q.leaves.items()}
+    problems = w.problems + q.problems
+    problems += shape_problems(w_leaves, w_src.shape, shapes, source=str(whisper))
+    problems += shape_problems(q_leaves, q_src.shape, shapes, source=str(qwen2))
     dtypes = {}
     for src, leaves in ((w_src, w_leaves), (q_src, q_leaves)):
         for path, items in leaves.items():
@@ -252,13 +189,12 @@ def canonical_layout(cfg: Config, leaf_dtypes: Mapping[str, np.dtype], extras: M
         if key in ALIASES:
             e = by_key[normalize_osum_key(ALIASES[key])]
             out.append({"key": key, "dtype": dtype_name(leaf_dtypes[e.jax_path]), "role": "alias",
-                        "of": ALIASES[key], "shape": list(e.transform.torch_shape(shapes[e.jax_path]))})
+                        "of": ALIASES[key], "shape": list(e.external_shape(shapes[e.jax_path]))})
         elif key in extras:
             out.append({"key": key, "dtype": dtype_name(extras[key].dtype), "role": "extra",
                         "shape": list(extras[key].shape)})
         else:
             e = by_key[normalize_osum_key(key)]
-            js = shapes[e.jax_path]
             out.append({"key": key, "dtype": dtype_name(leaf_dtypes[e.jax_path]), "role": "param",
-                        "shape": list(e.transform.torch_shape(js[1:] if e.layer is not None else js))})
+                        "shape": list(e.external_shape(shapes[e.jax_path]))})
     return out

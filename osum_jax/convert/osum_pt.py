@@ -1,8 +1,9 @@
-"""Name table between the official OSUM flat state dict (``infer.pt``) and the JAX ``OSUM`` model.
+"""Rule table between the official OSUM flat state dict (``infer.pt``) and the JAX ``OSUM`` model.
 
 OSUM's keys (reference §1.1, §2, §4) use wenet names for the Whisper encoder and the adapter and peft names
-for the LLM. Each row of the table is an :class:`Entry`: one torch key <-> one JAX variable (or, for scanned
-stacks, one layer of it) plus the transform between the layouts:
+for the LLM. :func:`osum_rules` is the table (:class:`~osum_jax.convert.rules.Rule` rows, the encoder and adapter
+blocks being the HF Whisper block rows of :mod:`.hf` under wenet names, the LLM the HF Qwen2 rows);
+:func:`osum_table` expands it to one :class:`~osum_jax.convert.rules.Entry` per torch key:
 
 ======================================================  ==============================================  =========
 OSUM key                                                JAX variable                                    transform
@@ -23,9 +24,9 @@ speech_token_emded.weight                               speech_embed            
 llama_model.base_model.model.<HF Qwen2 key>             llm.* (hf.py Qwen2 table; peft names)           as hf.py
 ======================================================  ==============================================  =========
 
-Transforms: ``linear`` torch ``[out, in]`` <-> ``[in, out]``; ``conv`` ``[out, in, k]`` <-> ``[k, in, out]``;
-``pe`` drops/adds the leading batch axis of the stored sinusoid tables; ``id`` copies. All are exact (a
-transpose or reshape), so values are bit-identical both ways.
+Transforms (:mod:`.rules`): ``linear`` torch ``[out, in]`` <-> ``[in, out]``; ``conv`` ``[out, in, k]`` <->
+``[k, in, out]``; ``pe`` drops/adds the leading batch axis of the stored sinusoid tables; ``id`` copies. All are
+exact (a transpose or reshape), so values are bit-identical both ways.
 
 Keys that have no place in the model (reference §4):
 
@@ -42,13 +43,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import numpy as np
-
-from ..config import ModelConfig
-from .hf import WHISPER_LAYER, _conv, _id, _linear, normalize_peft_key, qwen2_layer_table, QWEN2_TOP
 from ..checkpoint.tree import CheckpointMismatch
+from ..config import ModelConfig
+from .hf import QWEN2_TOP, normalize_peft_key, qwen2_layer_rules, whisper_layer_rules
+from .rules import CONV, IDENTITY, LINEAR, PE, Entry, Rule, expand, group, over_layers, prefixed
 
 LLM_PREFIX = "llama_model.base_model.model."
 IGNORED = (r"ln_speech\..*", r"speaker_head\..*")  # kept as extras, not model variables
@@ -58,43 +58,6 @@ ALIASES = {  # alias key -> the key it duplicates
 }
 
 
-# -- transforms ------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """torch layout -> JAX layout (``forward``), back (``inverse``), and the torch shape for a JAX shape."""
-
-    name: str
-    forward: Callable[[np.ndarray], np.ndarray]
-    inverse: Callable[[np.ndarray], np.ndarray]
-    torch_shape: Callable[[tuple], tuple]
-
-
-def _pe_forward(x: np.ndarray) -> np.ndarray:
-    if x.ndim != 3 or x.shape[0] != 1:
-        raise ValueError(f"positional table of shape {x.shape}, expected [1, T, D]")
-    return x[0]
-
-
-IDENTITY = Transform("id", _id, _id, lambda s: tuple(s))
-LINEAR = Transform("linear", _linear, _linear, lambda s: tuple(s)[::-1])
-CONV = Transform("conv", _conv, lambda x: np.ascontiguousarray(np.transpose(x, (2, 1, 0))),
-                 lambda s: (s[2], s[1], s[0]))
-PE = Transform("pe", _pe_forward, lambda x: x[None], lambda s: (1,) + tuple(s))
-_BY_FN = {_id: IDENTITY, _linear: LINEAR, _conv: CONV}
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One torch tensor <-> one JAX variable (``layer is None``) or one layer of a stacked variable."""
-
-    torch_key: str  # normalised OSUM key (peft names reduced to the plain HF form)
-    jax_path: str  # dotted path of the variable in ``OSUM`` (``flat_variables``)
-    layer: int | None
-    transform: Transform
-
-
 # -- the table --------------------------------------------------------------------------------------------------
 
 WENET_LAYER = {  # HF Whisper layer name (hf.WHISPER_LAYER) -> wenet name
@@ -102,8 +65,6 @@ WENET_LAYER = {  # HF Whisper layer name (hf.WHISPER_LAYER) -> wenet name
     "fc2": "feed_forward.w_2", "self_attn.q_proj": "self_attn.linear_q", "self_attn.k_proj": "self_attn.linear_k",
     "self_attn.v_proj": "self_attn.linear_v", "self_attn.out_proj": "self_attn.linear_out",
 }
-
-
 _WENET_ORDER = ("self_attn.linear_q", "self_attn.linear_k", "self_attn.linear_v", "self_attn.linear_out",
                 "feed_forward.w_1", "feed_forward.w_2", "norm1", "norm2")
 _QWEN2_ORDER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -111,71 +72,69 @@ _QWEN2_ORDER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 _LEAF_ORDER = ("weight", "bias", "lora_A", "lora_B")
 
 
-def _module_order(rows, modules) -> list:
+def _module_order(rows: list[Rule], modules: Sequence[str]) -> list[Rule]:
     """Rows sorted as torch registers them (module order, then weight, bias, lora_A, lora_B)."""
-    def rank(row):
-        name = row[1]
-        mod = next(i for i, m in enumerate(modules) if name.startswith(m + "."))
-        leaf = next(i for i, x in enumerate(_LEAF_ORDER) if name[len(modules[mod]) + 1:].startswith(x))
+    def rank(row: Rule):
+        mod = next(i for i, m in enumerate(modules) if row.external.startswith(m + "."))
+        leaf = next(i for i, x in enumerate(_LEAF_ORDER) if row.external[len(modules[mod]) + 1:].startswith(x))
         return mod, leaf
     return sorted(rows, key=rank)
 
 
-def _wenet_block_rows(key_bias: bool) -> list[tuple[str, str, Transform]]:
-    """(JAX name inside a block, wenet name inside a block, transform), from the HF Whisper layer table."""
+def wenet_layer_rules(key_bias: bool) -> list[Rule]:
+    """The rows of one wenet encoder block: the HF Whisper block rows renamed (:data:`WENET_LAYER`)."""
     rows = []
-    for jax_name, hf_name, fn in WHISPER_LAYER:
-        module, leaf = jax_name.rsplit(".", 1)
-        torch_leaf = hf_name.rsplit(".", 1)[1]
-        rows.append((jax_name, f"{WENET_LAYER[module]}.{torch_leaf}", _BY_FN[fn]))
-    if key_bias:  # the adapter's speech transformer has a k bias; Whisper's has none
-        rows.append(("self_attn.k_proj.bias", "self_attn.linear_k.bias", IDENTITY))
+    for jax_name, hf_name, tr in whisper_layer_rules(key_bias):
+        module = jax_name.rsplit(".", 1)[0]
+        rows.append(Rule(jax_name, f"{WENET_LAYER[module]}.{hf_name.rsplit('.', 1)[1]}", tr))
     return _module_order(rows, _WENET_ORDER)
 
 
-def _stack(rows, n: int, torch_prefix: str, jax_prefix: str) -> list[Entry]:
-    return [Entry(f"{torch_prefix}{i}.{t}", f"{jax_prefix}{j}", i, tr) for i in range(n) for j, t, tr in rows]
+def osum_rules(cfg: ModelConfig) -> list[Rule]:
+    """OSUM's table, in OSUM's state-dict order (JAX paths in ``OSUM``; LLM keys with plain HF names)."""
+    enc, ad = cfg.encoder, cfg.adapter
+    rows = [Rule("encoder.conv1.kernel", "encoder.embed.conv.0.weight", CONV),
+            Rule("encoder.conv1.bias", "encoder.embed.conv.0.bias", IDENTITY),
+            Rule("encoder.conv2.kernel", "encoder.embed.conv.2.weight", CONV),
+            Rule("encoder.conv2.bias", "encoder.embed.conv.2.bias", IDENTITY),
+            Rule("encoder.embed_positions", "encoder.embed.pos_enc.pe", PE)]
+    rows += over_layers(wenet_layer_rules(enc.key_bias), "encoder.layers.", "encoder.encoders.")
+    rows += [Rule("encoder.layer_norm.scale", "encoder.after_norm.weight", IDENTITY),
+             Rule("encoder.layer_norm.bias", "encoder.after_norm.bias", IDENTITY)]
+    st, at = "speech_transformer.", "adapter.transformer."
+    rows += [Rule(at + "input_proj.kernel", st + "embed.out.0.weight", LINEAR),
+             Rule(at + "input_proj.bias", st + "embed.out.0.bias", IDENTITY),
+             Rule(at + "input_norm.scale", st + "embed.out.1.weight", IDENTITY),
+             Rule(at + "input_norm.bias", st + "embed.out.1.bias", IDENTITY),
+             Rule(at + "pos_table", st + "embed.pos_enc.pe", PE)]
+    rows += over_layers(wenet_layer_rules(True), at + "layers.", st + "encoders.")
+    rows += [Rule(at + "layer_norm.scale", st + "after_norm.weight", IDENTITY),
+             Rule(at + "layer_norm.bias", st + "after_norm.bias", IDENTITY)]
+    top = {r.jax: r for r in QWEN2_TOP}  # embed_tokens, norm.scale, lm_head
+    block = _module_order(qwen2_layer_rules(cfg.llm, cfg.lora if cfg.lora.rank > 0 else None), _QWEN2_ORDER)
+    llm = [top["embed_tokens"], *over_layers(block, "layers.", "model.layers."), top["norm.scale"]]
+    if not cfg.llm.tie_word_embeddings:
+        llm.append(top["lm_head"])
+    rows += prefixed(llm, "llm.", "llama_model.")
+    # down_sample_2 = Sequential[pad, conv, GELU] x 3: the convs are children 1, 4, 7
+    for i in range(len(ad.conv_strides)):
+        rows += [Rule(f"adapter.downsample.convs.{i}.kernel", f"down_sample_2.conv.{3 * i + 1}.weight", CONV),
+                 Rule(f"adapter.downsample.convs.{i}.bias", f"down_sample_2.conv.{3 * i + 1}.bias", IDENTITY)]
+    rows += [Rule("adapter.proj.kernel", "speech_llama_proj.weight", LINEAR),
+             Rule("adapter.proj.bias", "speech_llama_proj.bias", IDENTITY),
+             Rule("speech_embed", "speech_token_emded.weight", IDENTITY)]
+    return rows
+
+
+def osum_stacks(cfg: ModelConfig) -> dict[str, int]:
+    """The scanned stacks of ``OSUM(cfg)``: JAX path prefix -> number of layers."""
+    return {"encoder.layers.": cfg.encoder.num_layers, "adapter.transformer.layers.": cfg.adapter.num_layers,
+            "llm.layers.": cfg.llm.num_layers}
 
 
 def osum_table(cfg: ModelConfig) -> list[Entry]:
     """Every model variable of ``OSUM(cfg)`` with its OSUM key(s), in OSUM's state-dict order."""
-    enc, ad = cfg.encoder, cfg.adapter
-    t: list[Entry] = [
-        Entry("encoder.embed.conv.0.weight", "encoder.conv1.kernel", None, CONV),
-        Entry("encoder.embed.conv.0.bias", "encoder.conv1.bias", None, IDENTITY),
-        Entry("encoder.embed.conv.2.weight", "encoder.conv2.kernel", None, CONV),
-        Entry("encoder.embed.conv.2.bias", "encoder.conv2.bias", None, IDENTITY),
-        Entry("encoder.embed.pos_enc.pe", "encoder.embed_positions", None, PE),
-    ]
-    t += _stack(_wenet_block_rows(enc.key_bias), enc.num_layers, "encoder.encoders.", "encoder.layers.")
-    t += [Entry("encoder.after_norm.weight", "encoder.layer_norm.scale", None, IDENTITY),
-          Entry("encoder.after_norm.bias", "encoder.layer_norm.bias", None, IDENTITY)]
-    st = "speech_transformer."
-    t += [Entry(st + "embed.out.0.weight", "adapter.transformer.input_proj.kernel", None, LINEAR),
-          Entry(st + "embed.out.0.bias", "adapter.transformer.input_proj.bias", None, IDENTITY),
-          Entry(st + "embed.out.1.weight", "adapter.transformer.input_norm.scale", None, IDENTITY),
-          Entry(st + "embed.out.1.bias", "adapter.transformer.input_norm.bias", None, IDENTITY),
-          Entry(st + "embed.pos_enc.pe", "adapter.transformer.pos_table", None, PE)]
-    t += _stack(_wenet_block_rows(True), ad.num_layers, st + "encoders.", "adapter.transformer.layers.")
-    t += [Entry(st + "after_norm.weight", "adapter.transformer.layer_norm.scale", None, IDENTITY),
-          Entry(st + "after_norm.bias", "adapter.transformer.layer_norm.bias", None, IDENTITY)]
-    lora = cfg.lora if cfg.lora.rank > 0 else None
-    top = {j: (h, _BY_FN[f]) for j, h, f in QWEN2_TOP}  # embed_tokens, norm.scale, lm_head
-    t.append(Entry("llama_model." + top["embed_tokens"][0], "llm.embed_tokens", None, top["embed_tokens"][1]))
-    t += _stack(_module_order([(j, h, _BY_FN[f]) for j, h, f in qwen2_layer_table(cfg.llm, lora)], _QWEN2_ORDER),
-                cfg.llm.num_layers,
-                "llama_model.model.layers.", "llm.layers.")
-    t.append(Entry("llama_model." + top["norm.scale"][0], "llm.norm.scale", None, top["norm.scale"][1]))
-    if not cfg.llm.tie_word_embeddings:
-        t.append(Entry("llama_model." + top["lm_head"][0], "llm.lm_head", None, top["lm_head"][1]))
-    # down_sample_2 = Sequential[pad, conv, GELU] x 3: the convs are children 1, 4, 7
-    for i in range(len(ad.conv_strides)):
-        t += [Entry(f"down_sample_2.conv.{3 * i + 1}.weight", f"adapter.downsample.convs.{i}.kernel", None, CONV),
-              Entry(f"down_sample_2.conv.{3 * i + 1}.bias", f"adapter.downsample.convs.{i}.bias", None, IDENTITY)]
-    t += [Entry("speech_llama_proj.weight", "adapter.proj.kernel", None, LINEAR),
-          Entry("speech_llama_proj.bias", "adapter.proj.bias", None, IDENTITY),
-          Entry("speech_token_emded.weight", "speech_embed", None, IDENTITY)]
-    return t
+    return expand(osum_rules(cfg), osum_stacks(cfg))
 
 
 def normalize_osum_key(key: str) -> str:
@@ -279,15 +238,11 @@ def plan_import(meta: Mapping[str, tuple[tuple[int, ...], str]], cfg: ModelConfi
         problems.append(f"{len(duplicates)} key(s) given in both peft naming styles: {_head(duplicates)}")
     if missing:
         problems.append(f"{len(missing)} missing key(s): {_head(missing)}")
-    leaves: dict[str, list[tuple[str, Entry]]] = {}
-    for e in table:
-        if e.torch_key in seen:
-            leaves.setdefault(e.jax_path, []).append((seen[e.torch_key], e))
+    leaves = group(table, seen)
     shapes, dtypes = {}, {}
     for path, items in leaves.items():
         jshape = tuple(model_shapes[path])
-        layer_shape = jshape[1:] if items[0][1].layer is not None else jshape
-        want = items[0][1].transform.torch_shape(layer_shape)
+        want = items[0][1].external_shape(jshape)
         for key, e in items:
             got = tuple(meta[key][0])
             if got != want:

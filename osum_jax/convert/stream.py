@@ -11,7 +11,7 @@ import numpy as np
 from .. import checkpoint as ck
 from ..checkpoint.tree import CheckpointMismatch
 from ..config import Config
-from .osum_pt import Entry
+from .rules import Entry
 from .sources import TensorSource, np_dtype, row_blocks
 
 BLOCK_BYTES = 64 << 20  # large matrices are streamed in bands of at most this many bytes

@@ -10,9 +10,10 @@ The format is described in ``docs/package-format.md``. In short, a Hugging Face-
     prompts.yaml                     the prompt file (OSUM prompt_config.yaml format)
     tokenizer.json ...               the tokenizer files, copied
 
-Tensor names are torch names: the Whisper encoder under ``encoder.`` (Hugging Face ``WhisperEncoder`` names), the
-adapter under ``adapter.``, ``speech_embed.weight`` and the LLM under ``llm.`` (Hugging Face ``Qwen2ForCausalLM``
-names, the inverse of :func:`osum_jax.convert.hf.qwen2_from_hf`).
+Tensor names and the tensors' order come from the package's rule table (:mod:`.package_table`): the Whisper
+encoder under ``encoder.`` (Hugging Face ``WhisperEncoder`` names), the adapter under ``adapter.``,
+``speech_embed.weight`` and the LLM under ``llm.`` (Hugging Face ``Qwen2ForCausalLM`` names, the HF tables of
+:mod:`.hf` read backwards).
 
 The writer streams: the safetensors headers are computed from the variables' shapes first, then each tensor is
 converted (one layer of a stacked variable at a time) and appended to its shard file. The output is written to a
@@ -27,9 +28,9 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -38,10 +39,10 @@ from osum_torch_infer.package import AdapterConfig as PkgAdapter
 from osum_torch_infer.package import EncoderConfig as PkgEncoder
 from osum_torch_infer.package import OSUMConfig as PkgConfig
 
-from ..checkpoint import atomic_output, flat_variables
+from ..checkpoint import atomic_output
 from ..config import ModelConfig
 from ..data.text import DEFAULT_PROMPTS, PromptBook
-from .hf import QWEN2_TOP, WHISPER_LAYER, WHISPER_TOP, _conv, _id, _linear, qwen2_layer_table
+from .package_table import PackageError, PackageTensor, plan_package
 
 MAX_SHARD_BYTES = 5 * 1000 ** 3  # Hugging Face's "5GB"
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -57,24 +58,6 @@ DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16
 OSUM_GENERATION = dict(max_new_tokens=400, min_length=1, num_beams=4, do_sample=True, top_k=5, top_p=0.9,
                        temperature=1.0, repetition_penalty=1.05, length_penalty=1.0)
 
-# Our torch names for the adapter, relative to "adapter." (jax path relative to model.adapter, torch key, transform)
-ADAPTER_TOP = [
-    ("transformer.input_proj.kernel", "input_proj.weight", _linear),
-    ("transformer.input_proj.bias", "input_proj.bias", _id),
-    ("transformer.input_norm.scale", "input_norm.weight", _id),
-    ("transformer.input_norm.bias", "input_norm.bias", _id),
-    ("transformer.pos_table", "embed_positions.weight", _id),
-    ("transformer.layer_norm.scale", "layer_norm.weight", _id),
-    ("transformer.layer_norm.bias", "layer_norm.bias", _id),
-    ("proj.kernel", "proj.weight", _linear),
-    ("proj.bias", "proj.bias", _id),
-]
-
-
-class PackageError(ValueError):
-    """The package cannot be written (existing output, bad tokenizer, fp16 overflow...); the message says why."""
-
-
 class Fp16OverflowError(PackageError):
     """Some tensors hold values beyond the float16 range; ``offenders`` lists ``(name, max |value|)``."""
 
@@ -85,23 +68,6 @@ class Fp16OverflowError(PackageError):
                          f"written. Export with --dtype bf16 or fp32, or fix these tensors:\n  {lines}")
 
 
-_INVERSE: dict[Callable, Callable[[np.ndarray], np.ndarray]] = {
-    _id: lambda x: x,
-    _linear: lambda x: x.T,  # [in, out] -> torch [out, in]
-    _conv: lambda x: np.transpose(x, (2, 1, 0)),  # [k, in, out] -> torch [out, in, k]
-}
-
-
-@dataclass
-class _Tensor:
-    """One output tensor: its torch name, shape, and how to produce it (float32 numpy)."""
-
-    name: str
-    shape: tuple[int, ...]
-    produce: Callable[[], np.ndarray]
-    file: str = "model"  # "model" or "adapter"
-
-
 def _resolve_dtype(dtype: str) -> str:
     try:
         return DTYPE_ALIASES[dtype]
@@ -109,97 +75,8 @@ def _resolve_dtype(dtype: str) -> str:
         raise PackageError(f"dtype {dtype!r} is not one of bf16, fp16, fp32") from None
 
 
-def _var_value(var) -> np.ndarray:
-    return np.asarray(var.get_value())
-
-
-def _plan(model, cfg: ModelConfig, merge_lora: bool) -> list[_Tensor]:
-    """Every output tensor in a fixed order, with lazy producers (one layer of a stacked variable each).
-
-    ``model``: an OSUM module, or ``{dotted path: leaf}`` with leaves that have ``shape``, ``leaf[i]`` and
-    ``get_value()`` (e.g. :class:`osum_jax.checkpoint.LazyLeaf`, read from disk on demand)."""
-    variables = dict(model) if isinstance(model, Mapping) else flat_variables(model)
-    used: set[str] = set()
-    out: list[_Tensor] = []
-
-    def var(path: str):
-        if path not in variables:
-            raise PackageError(f"the model has no variable {path!r} (is it an OSUM built from this config?)")
-        used.add(path)
-        return variables[path]
-
-    def top(jax_path: str, torch_key: str, fn, file: str = "model") -> None:
-        v = var(jax_path)
-        inv = _INVERSE[fn]
-        shape = tuple(inv(np.empty(v.shape, np.bool_)).shape)
-        out.append(_Tensor(torch_key, shape, lambda v=v, inv=inv: inv(_var_value(v)), file))
-
-    def stacked(jax_path: str, torch_fmt: str, fn, n: int, file: str = "model") -> None:
-        v = var(jax_path)
-        inv = _INVERSE[fn]
-        shape = tuple(inv(np.empty(v.shape[1:], np.bool_)).shape)
-        for i in range(n):
-            out.append(_Tensor(torch_fmt.format(i), shape, lambda v=v, inv=inv, i=i: inv(np.asarray(v[i])), file))
-
-    enc = cfg.encoder
-    for jax_name, torch_name, fn in WHISPER_TOP:
-        top(f"encoder.{jax_name}", f"encoder.{torch_name}", fn)
-    for jax_name, torch_name, fn in WHISPER_LAYER:
-        stacked(f"encoder.layers.{jax_name}", f"encoder.layers.{{}}.{torch_name}", fn, enc.num_layers)
-    if enc.key_bias:
-        stacked("encoder.layers.self_attn.k_proj.bias", "encoder.layers.{}.self_attn.k_proj.bias", _id,
-                enc.num_layers)
-    ad = cfg.adapter
-    for i in range(len(ad.conv_strides)):
-        top(f"adapter.downsample.convs.{i}.kernel", f"adapter.convs.{i}.weight", _conv)
-        top(f"adapter.downsample.convs.{i}.bias", f"adapter.convs.{i}.bias", _id)
-    for jax_name, torch_name, fn in ADAPTER_TOP:
-        top(f"adapter.{jax_name}", f"adapter.{torch_name}", fn)
-    adapter_layer = WHISPER_LAYER + [("self_attn.k_proj.bias", "self_attn.k_proj.bias", _id)]
-    for jax_name, torch_name, fn in adapter_layer:
-        stacked(f"adapter.transformer.layers.{jax_name}", f"adapter.layers.{{}}.{torch_name}", fn, ad.num_layers)
-    top("speech_embed", "speech_embed.weight", _id)
-
-    llm, lora = cfg.llm, cfg.lora
-    for jax_name, torch_name, fn in QWEN2_TOP:
-        if jax_name == "lm_head" and llm.tie_word_embeddings:
-            continue
-        top(f"llm.{jax_name}", f"llm.{torch_name}", fn)
-    rows = qwen2_layer_table(llm, lora if lora.rank > 0 else None)
-    lora_rows = {jax_name: torch_name for jax_name, torch_name, _ in rows if ".lora_" in jax_name}
-    for jax_name, torch_name, fn in rows:
-        if ".lora_" in jax_name:
-            if merge_lora:
-                var(f"llm.layers.{jax_name}")  # consumed by the merge below
-            else:
-                # peft layout: base_model.model.<HF name>, adapter name dropped (as peft saves it)
-                stacked(f"llm.layers.{jax_name}", f"base_model.model.model.layers.{{}}.{torch_name}", fn,
-                        llm.num_layers, file="adapter")
-            continue
-        mod = jax_name.rsplit(".", 1)[0]
-        if merge_lora and jax_name.endswith(".kernel") and f"{mod}.lora_a" in lora_rows:
-            k, a, b = (var(f"llm.layers.{mod}.{p}") for p in ("kernel", "lora_a", "lora_b"))
-            scaling = float(lora.scaling)
-
-            def merged(i, k=k, a=a, b=b, scaling=scaling):
-                w = np.asarray(k[i], np.float32)
-                delta = np.asarray(a[i], np.float32) @ np.asarray(b[i], np.float32)
-                return (w + np.float32(scaling) * delta).T
-
-            shape = tuple(k.shape[1:][::-1])
-            for i in range(llm.num_layers):
-                out.append(_Tensor(f"llm.model.layers.{i}.{torch_name}", shape, lambda i=i, f=merged: f(i)))
-            continue
-        stacked(f"llm.layers.{jax_name}", f"llm.model.layers.{{}}.{torch_name}", fn, llm.num_layers)
-
-    left = sorted(set(variables) - used)
-    if left:
-        raise PackageError(f"model variables not covered by the package name table: {left[:20]}")
-    return out
-
-
-def _shards(tensors: list[_Tensor], itemsize: int, max_shard_bytes: int) -> list[list[_Tensor]]:
-    shards: list[list[_Tensor]] = [[]]
+def _shards(tensors: list[PackageTensor], itemsize: int, max_shard_bytes: int) -> list[list[PackageTensor]]:
+    shards: list[list[PackageTensor]] = [[]]
     size = 0
     for t in tensors:
         n = math.prod(t.shape) * itemsize
@@ -211,7 +88,7 @@ def _shards(tensors: list[_Tensor], itemsize: int, max_shard_bytes: int) -> list
     return shards
 
 
-def _header(tensors: list[_Tensor], st_dtype: str, itemsize: int) -> bytes:
+def _header(tensors: list[PackageTensor], st_dtype: str, itemsize: int) -> bytes:
     """safetensors header (8-byte little-endian length + JSON padded with spaces to a multiple of 8)."""
     meta: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -256,7 +133,7 @@ def _bands(arr: np.ndarray, band_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
         yield arr[lo:lo + rows]
 
 
-def _write_shards(directory: Path, stem: str, shards: list[list[_Tensor]], np_dt: np.dtype, st_dtype: str,
+def _write_shards(directory: Path, stem: str, shards: list[list[PackageTensor]], np_dt: np.dtype, st_dtype: str,
                   check_fp16: bool, offenders: list[tuple[str, float]], progress: _Progress,
                   always_single: bool = False) -> dict[str, str]:
     """Write the shard files; returns ``{tensor name: file name}``. With fp16 overflow nothing more is written."""
@@ -365,7 +242,7 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
     if cfg.lora.rank == 0:
         merge_lora = True  # nothing to keep apart
 
-    tensors = _plan(model, cfg, merge_lora)
+    tensors = plan_package(model, cfg, merge_lora)
     base = [t for t in tensors if t.file == "model"]
     adapters = [t for t in tensors if t.file == "adapter"]
     shards = _shards(base, np_dt.itemsize, max_shard_bytes)
