@@ -77,8 +77,8 @@ def calibrate(model, items, *, max_new_tokens: int = 32, batch_size: int = 4, ta
                                                                                         else out)))))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
             lambda m, a, i=i: rec.mlp.__setitem__(i, max(rec.mlp[i], rec._max(a[0])))))
-    before = model.qwen2_config._attn_implementation
-    model.qwen2_config._attn_implementation = _CALIB
+    before = model.config.text_config._attn_implementation
+    model.config.text_config._attn_implementation = _CALIB
     units, used, failed = [], 0, []
     try:
         for it in items:
@@ -101,7 +101,7 @@ def calibrate(model, items, *, max_new_tokens: int = 32, batch_size: int = 4, ta
             model.generate(feats, lengths, [u.prompt_ids for u in batch], max_new_tokens=max_new_tokens,
                            engine="fast")
     finally:
-        model.qwen2_config._attn_implementation = before
+        model.config.text_config._attn_implementation = before
         for h in hooks:
             h.remove()
     rows, worst = [], "safe"

@@ -103,7 +103,7 @@ def export_onnx(model, out_dir: str | Path, *, trace_frames: int = 400, check_fr
     info = {"onnx": str(path), "opset": opset_written, "ir_version": ir_written, "trace_frames": trace_frames,
             "checks": checks,
             "inputs": {"feats": ["batch", "frames", m], "feats_lengths": ["batch"]},
-            "outputs": {"speech_embeds": ["batch", "ceil(frames/8)", int(model.config.llm["hidden_size"])],
+            "outputs": {"speech_embeds": ["batch", "ceil(frames/8)", int(model.config.text_config.hidden_size)],
                         "speech_lengths": ["batch"]},
             "max_frames": max_frames}
     (out / "audio_tower.json").write_text(json.dumps(info, indent=2) + "\n")

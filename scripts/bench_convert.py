@@ -54,7 +54,7 @@ def build_pt(cfg, path: Path, stage: Path) -> int:
         else:
             e = by_key[normalize_osum_key(key)]
             js = shapes[e.jax_path]
-            shape = e.transform.torch_shape(js[1:] if e.layer is not None else js)
+            shape = e.external_shape(js)
         n = int(np.prod(shape))
         f = stage / f"{i:06d}.bin"
         with open(f, "wb") as fh:

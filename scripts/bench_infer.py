@@ -174,8 +174,8 @@ def main(argv=None) -> int:
         prompt = model.encode_text("transcribe the speech into text")
         n = args.new_tokens
         cache = None if args.cache == "dynamic" else "static"
-        gc = model.generation_config("greedy", max_new_tokens=n, min_new_tokens=n, cache_implementation=cache)
-        gc_osum = model.generation_config("greedy", max_new_tokens=n, min_new_tokens=n)  # OSUM: default cache
+        gc = model.decoding_config("greedy", max_new_tokens=n, min_new_tokens=n, cache_implementation=cache)
+        gc_osum = model.decoding_config("greedy", max_new_tokens=n, min_new_tokens=n)  # OSUM: default cache
         tokens = {}
 
         def ours(b):

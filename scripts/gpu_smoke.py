@@ -42,7 +42,7 @@ def _qwen2(vocab, hidden, inter, layers, heads, kv, dtype):
 
 
 def small_config(vocab: int):
-    from osum_torch_infer.package import AdapterConfig, EncoderConfig, OSUMConfig
+    from osum_torch_infer.modeling import AdapterConfig, EncoderConfig, OSUMConfig
 
     return OSUMConfig(encoder=EncoderConfig(d_model=64, num_layers=2, num_heads=4, ffn_dim=128),
                       adapter=AdapterConfig(num_layers=1, num_heads=4, ffn_dim=128, max_positions=512),
@@ -53,7 +53,7 @@ def small_config(vocab: int):
 
 
 def full_config():
-    from osum_torch_infer.package import AdapterConfig, EncoderConfig, OSUMConfig
+    from osum_torch_infer.modeling import AdapterConfig, EncoderConfig, OSUMConfig
 
     return OSUMConfig(encoder=EncoderConfig(), adapter=AdapterConfig(),
                       llm=_qwen2(152064, 3584, 18944, 28, 28, 4, "bfloat16"), eos_token_id=151643)
@@ -61,7 +61,6 @@ def full_config():
 
 def build_package(root: Path) -> Path:
     """A random package in the documented format, written with torch and tokenizers only."""
-    from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from osum_torch_infer.modeling import OSUMForConditionalGeneration
@@ -77,9 +76,7 @@ def build_package(root: Path) -> Path:
     cfg = small_config(512)
     torch.manual_seed(0)
     model = OSUMForConditionalGeneration(cfg)
-    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(pkg / "model.safetensors"), metadata={"format": "pt"})
-    cfg.write(pkg / "config.json")
+    model.to(torch.bfloat16).save_pretrained(pkg)  # transformers' layout is the package layout
     (pkg / "prompts.yaml").write_text('"<TRANSCRIBE>": ["transcribe the speech please"]\n', encoding="utf-8")
     (pkg / "generation_config.json").write_text(json.dumps({"max_new_tokens": 16, "num_beams": 4, "do_sample": True,
                                                             "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.05}))
@@ -170,7 +167,7 @@ def check_full_size(dev: torch.device) -> None:
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=g)
         with torch.device(dev):
-            model.llm.model.rotary_emb = type(model.llm.model.rotary_emb)(config=model.qwen2_config)
+            model.llm.model.rotary_emb = type(model.llm.model.rotary_emb)(config=model.config.text_config)
     model.eval()
     feats = np.random.default_rng(0).standard_normal((8, 3000, 80)).astype(np.float32)
     lengths = np.full(8, 3000)

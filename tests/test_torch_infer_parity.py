@@ -107,7 +107,7 @@ def test_merged_and_peft_exports_agree(setup):
     # peft itself loads the adapters onto the exported (unmerged) Qwen2
     cfg = json.loads((setup["peft"] / "config.json").read_text())
     assert cfg["lora"]["merged"] is False
-    qcfg = {k: v for k, v in cfg["llm"].items() if k not in ("architectures", "model_type", "torch_dtype")}
+    qcfg = {k: v for k, v in cfg["text_config"].items() if k not in ("architectures", "model_type", "torch_dtype")}
     base = Qwen2ForCausalLM(Qwen2Config(**qcfg)).eval()
     index = json.loads((setup["peft"] / "model.safetensors.index.json").read_text())
     state = {}
@@ -157,7 +157,7 @@ def test_beam_and_osum_presets(setup):
     tm = setup["tm"]
     batch = make_batch(5)
     prompts = [batch["prompt"][b, :batch["prompt_lengths"][b]].tolist() for b in range(3)]
-    gc = tm.generation_config("osum")
+    gc = tm.decoding_config("osum")
     assert (gc.num_beams, gc.do_sample, gc.top_k, gc.top_p, gc.repetition_penalty) == (4, True, 5, 0.9, 1.05)
     beam1 = tm.generate(batch["feats"], batch["feats_lengths"], prompts, decoding="beam", max_new_tokens=6)
     beam2 = tm.generate(batch["feats"], batch["feats_lengths"], prompts, decoding="beam", max_new_tokens=6)
@@ -166,7 +166,7 @@ def test_beam_and_osum_presets(setup):
     sampled = tm.generate(batch["feats"], batch["feats_lengths"], prompts, decoding="osum", max_new_tokens=6)
     assert all(0 < len(r) <= 6 and all(0 <= t < CFG.llm.vocab_size for t in r) for r in sampled)
     with pytest.raises(ValueError, match="unknown decoding"):
-        tm.generation_config("nucleus")
+        tm.decoding_config("nucleus")
 
 
 def test_package_layout(setup):
@@ -191,7 +191,50 @@ def test_package_layout(setup):
     assert gen["num_beams"] == 4 and gen["top_k"] == 5 and gen["repetition_penalty"] == 1.05
     assert gen["eos_token_id"] == setup["tm"].eos_token_id == 0  # <|endoftext|> of the test tokenizer
     cfg = json.loads((merged / "config.json").read_text())
-    assert cfg["llm"]["num_hidden_layers"] == CFG.llm.num_layers and cfg["lora"]["merged"] is True
+    assert cfg["text_config"]["num_hidden_layers"] == CFG.llm.num_layers and cfg["lora"]["merged"] is True
+
+
+def test_transformers_auto_classes_and_save_pretrained(setup, tmp_path):
+    """A package is a transformers checkpoint: AutoConfig/AutoModel load it once osum_torch_infer.modeling is
+    imported (no trust_remote_code), with the merged and the peft layouts; save_pretrained writes a directory
+    that loads back bit-exactly and whose config.json is the package schema."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModel
+
+    from osum_torch_infer.configuration_osum import OSUMConfig
+    from osum_torch_infer.package import PackageConfig
+
+    cfg = AutoConfig.from_pretrained(setup["merged"])
+    assert isinstance(cfg, OSUMConfig) and cfg.text_config.model_type == "qwen2"
+    assert cfg.text_config.num_hidden_layers == CFG.llm.num_layers and cfg.encoder.d_model == CFG.encoder.d_model
+    batch = make_batch(4)
+    with torch.no_grad():
+        want = setup["tm"](batch)["logits"]
+        for pkg in (setup["merged"], setup["peft"]):
+            m = AutoModel.from_pretrained(pkg, device_map="cpu", dtype=torch.float32)  # transformers spellings
+            assert isinstance(m, OSUMForConditionalGeneration) and m.dtype == torch.float32
+            np.testing.assert_allclose(m(batch)["logits"].numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    out = tmp_path / "resaved"
+    setup["tm"].save_pretrained(out)
+    for name in ("tokenizer.json", "prompts.yaml", "generation_config.json"):
+        shutil.copy(setup["merged"] / name, out / name)
+    saved, exported = (AutoConfig.from_pretrained(d).to_dict() for d in (out, setup["merged"]))
+    saved.pop("transformers_version", None)
+    assert saved == exported and PackageConfig.from_json(out / "config.json").text_config["num_hidden_layers"] == 2
+    back = OSUMForConditionalGeneration.from_pretrained(out, device="cpu", dtype="fp32")
+    with torch.no_grad():
+        assert torch.equal(back(batch)["logits"], want)
+    a, b = setup["tm"].state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a format-1 package (the LLM config under "llm") still loads
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["llm"] = cfg.pop("text_config")
+    cfg["format_version"] = 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    with torch.no_grad():
+        v1 = OSUMForConditionalGeneration.from_pretrained(out, device="cpu", dtype="fp32")
+        assert torch.equal(v1(batch)["logits"], want)
 
 
 def test_refuses_overwrite_and_force_replaces(setup, tmp_path):
@@ -304,13 +347,13 @@ def test_generate_applies_overrides_to_a_given_config_and_stops_at_any_end_id(se
     prompts = [list(map(int, p[p >= 0])) for p in b["prompt"]]
     free = tm.generate(b["feats"], b["feats_lengths"], prompts, max_new_tokens=6, min_new_tokens=6)
     assert all(len(r) == 6 for r in free)
-    gc = tm.generation_config("greedy", max_new_tokens=6, min_new_tokens=6)
+    gc = tm.decoding_config("greedy", max_new_tokens=6, min_new_tokens=6)
     assert tm.generate(b["feats"], b["feats_lengths"], prompts, generation_config=gc) == free
     short = tm.generate(b["feats"], b["feats_lengths"], prompts, generation_config=gc, max_new_tokens=3,
                         min_new_tokens=3)
     assert short == [r[:3] for r in free]  # the keyword overrides apply to the given config too
     stop = free[0][2]  # a second end id: every row ends before its first occurrence of it
-    gc2 = tm.generation_config("greedy", max_new_tokens=6, min_new_tokens=0)
+    gc2 = tm.decoding_config("greedy", max_new_tokens=6, min_new_tokens=0)
     gc2.eos_token_id = [tm.eos_token_id, stop]
     ended = tm.generate(b["feats"], b["feats_lengths"], prompts, generation_config=gc2)
     assert ended[0] == free[0][:free[0].index(stop)] and all(stop not in r for r in ended)

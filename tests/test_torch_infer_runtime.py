@@ -275,33 +275,36 @@ def test_engine_selection():
     from osum_torch_infer.modeling import fast_greedy_unsupported
 
     model = _random_osum()
-    assert fast_greedy_unsupported(model.generation_config("greedy", max_new_tokens=5)) == ""
-    assert fast_greedy_unsupported(model.generation_config("greedy", cache_implementation="static")) == ""
-    assert "repetition_penalty" in fast_greedy_unsupported(model.generation_config("greedy", repetition_penalty=1.1))
-    assert fast_greedy_unsupported(model.generation_config("beam"))
-    assert fast_greedy_unsupported(model.generation_config("osum"))
+    assert fast_greedy_unsupported(model.decoding_config("greedy", max_new_tokens=5)) == ""
+    assert fast_greedy_unsupported(model.decoding_config("greedy", cache_implementation="static")) == ""
+    assert "repetition_penalty" in fast_greedy_unsupported(model.decoding_config("greedy", repetition_penalty=1.1))
+    assert fast_greedy_unsupported(model.decoding_config("beam"))
+    assert fast_greedy_unsupported(model.decoding_config("osum"))
     # a static cache where transformers' generate would torch.compile the decode step: auto leaves it to generate
     from transformers.generation.configuration_utils import CompileConfig
 
     from osum_torch_infer.modeling import hf_compiles_decode
 
-    static = model.generation_config("greedy", cache_implementation="static")
+    static = model.decoding_config("greedy", cache_implementation="static")
     assert hf_compiles_decode(static, torch.device("cpu")) == ""
     assert "compiles" in hf_compiles_decode(static, torch.device("cuda"))
-    assert hf_compiles_decode(model.generation_config("greedy", max_new_tokens=5), torch.device("cuda")) == ""
-    assert hf_compiles_decode(model.generation_config("greedy", cache_implementation="static", disable_compile=True),
+    assert hf_compiles_decode(model.decoding_config("greedy", max_new_tokens=5), torch.device("cuda")) == ""
+    assert hf_compiles_decode(model.decoding_config("greedy", cache_implementation="static", disable_compile=True),
                               torch.device("cuda")) == ""
     every = CompileConfig()
     every._compile_all_devices = True
     assert "compiles" in hf_compiles_decode(
-        model.generation_config("greedy", cache_implementation="static", compile_config=every), torch.device("cpu"))
+        model.decoding_config("greedy", cache_implementation="static", compile_config=every), torch.device("cpu"))
     feats, lengths, prompts = _inputs(2)
     calls = []
-    orig = model.greedy_decode
-    model.greedy_decode = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    import osum_torch_infer.modeling as modeling
+
+    orig = modeling.greedy_decode
+    modeling.greedy_decode = lambda *a, **k: calls.append(1) or orig(*a, **k)
     model.generate(feats, lengths, prompts, max_new_tokens=3)
     model.generate(feats, lengths, prompts, decoding="beam", max_new_tokens=3)  # falls back to generate
     model.generate(feats, lengths, prompts, max_new_tokens=3, engine="hf")
+    modeling.greedy_decode = orig
     assert len(calls) == 1
     with pytest.raises(ValueError, match="plain greedy"):
         model.generate(feats, lengths, prompts, decoding="beam", max_new_tokens=3, engine="fast")

@@ -31,10 +31,6 @@ class Transform:
     inverse: Callable[[np.ndarray], np.ndarray]
     external_shape: Callable[[Shape], Shape]
 
-    def torch_shape(self, jax_shape: Shape) -> Shape:
-        """Same as :attr:`external_shape` (the name ``scripts/bench_convert.py`` uses)."""
-        return self.external_shape(jax_shape)
-
 
 def _pe_forward(x: np.ndarray) -> np.ndarray:
     if x.ndim != 3 or x.shape[0] != 1:

@@ -37,7 +37,7 @@ import numpy as np
 
 from osum_torch_infer.package import AdapterConfig as PkgAdapter
 from osum_torch_infer.package import EncoderConfig as PkgEncoder
-from osum_torch_infer.package import OSUMConfig as PkgConfig
+from osum_torch_infer.package import PackageConfig
 
 from ..checkpoint import atomic_output
 from ..config import ModelConfig
@@ -274,10 +274,10 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
             }
             (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
         drop = ("dropout", "positional_dropout")  # training-only settings
-        config = PkgConfig(
+        config = PackageConfig(
             encoder=PkgEncoder(**_plain(asdict(cfg.encoder), drop)),
             adapter=PkgAdapter(**_plain(asdict(cfg.adapter), drop)),
-            llm=qwen2_hf_config(cfg, torch_dtype, eos_id), speech_token_num=cfg.speech_token_num,
+            text_config=qwen2_hf_config(cfg, torch_dtype, eos_id), speech_token_num=cfg.speech_token_num,
             eos_token_id=eos_id, torch_dtype=torch_dtype,
             lora={"merged": merge_lora, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
                   "targets": list(cfg.lora.targets)},
