@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import pytest
 
 from osum_jax.config import load_config
-from osum_jax.train.aot import analyse_hlo, compile_plan, parse_target
+from osum_jax.train.aot import compile_plan, parse_target
 from osum_jax.train.flops import train_step_flops
+from osum_jax.train.hlo import analyse_hlo
 
 pytestmark = pytest.mark.target
 

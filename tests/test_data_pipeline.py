@@ -12,7 +12,8 @@ from osum_jax.config import ConfigError, DataConfig
 from osum_jax.data import DataPipeline, PromptBook, Tokenizer, normalize_label, skip_counts
 from osum_jax.data.audio import decode_audio
 from osum_jax.data.cli import make_shards
-from osum_jax.data.sources import MixedSource, SampleError, open_source
+from osum_jax.data.records import SampleError
+from osum_jax.data.sources import MixedSource, open_source
 
 
 def cfg_for(corpus, **kw) -> DataConfig:

@@ -15,7 +15,7 @@ import soundfile as sf
 
 from osum_jax.config import DataConfig
 from osum_jax.data import DataPipeline, skip_counts
-from osum_jax.data.sources import SampleError
+from osum_jax.data.records import SampleError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]

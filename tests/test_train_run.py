@@ -232,7 +232,7 @@ def test_compilation_cache_dir_stores_compiled_programs(tmp_path):
 def test_tensorboard_tags_are_valid_and_distinct():
     from tensorboardX.summary import _clean_tag
 
-    from osum_jax.train.trainer import tensorboard_tag
+    from osum_jax.train.metrics import tensorboard_tag
 
     names = ["loss", "eval/loss", "eval/<TRANSCRIBE>/wer", "eval/<TRANSCRIBE><GENDER>/gender_accuracy",
              "eval/<TRANSCRIBE> <AGE> <GENDER>/cer", "eval/<TRANSCRIBE><AGE><GENDER>/wer"]

@@ -124,14 +124,9 @@ def import_hf(whisper: str | Path, qwen2: str | Path, config: str | Path | None 
     ``prompts`` (OSUM's ``prompt_config.yaml`` format) is stored with the checkpoint, as import-osum does.
     """
     cfg, origin = _hf_config(Path(whisper), Path(qwen2), config, overrides, osum_config)
-    book = None
-    if prompts is not None:
-        from .osum_config import prompt_book_item
+    from .osum_config import import_output
 
-        book, origin["prompts"] = prompt_book_item(prompts)
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    out, book = import_output(out, force, prompts, origin)
     shapes = ck.model_shapes(cfg)
     w_src, q_src = SafetensorsSource(whisper), SafetensorsSource(qwen2)
     enc = cfg.model.encoder

@@ -32,8 +32,8 @@ def import_osum(pt: str | Path, config: str | Path | None = None, overrides: Seq
     osum-train uses it by default. The files' SHA-256 are recorded in the checkpoint's layout."""
     from .osum_config import (
         config_from_sources,
+        import_output,
         osum_yaml_fields,
-        prompt_book_item,
         qwen2_config_path,
         qwen2_fields,
         sha256,
@@ -51,12 +51,7 @@ def import_osum(pt: str | Path, config: str | Path | None = None, overrides: Seq
         origin["llm_config"] = {"path": str(qwen2_config_path(llm_config).resolve()),
                                 "sha256": sha256(qwen2_config_path(llm_config))}
     cfg = config_from_sources(config, overrides, sources) if sources else load_config(config, overrides)
-    book = None
-    if prompts is not None:
-        book, origin["prompts"] = prompt_book_item(prompts)
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    out, book = import_output(out, force, prompts, origin)
     with TorchPtSource(pt) as src:
         meta = {k: (src.shape(k), src.dtype(k)) for k in src.keys()}
         plan = plan_import(meta, cfg.model, ck.model_shapes(cfg), source=str(pt))

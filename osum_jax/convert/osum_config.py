@@ -185,3 +185,16 @@ def prompt_book_item(prompts: str | Path) -> tuple[dict[str, Any], dict[str, str
     origin = {"path": str(Path(prompts).resolve()), "sha256": sha256(prompts)}
     return ({"format": "osum-prompts/1", "source": origin["path"], "sha256": origin["sha256"],
              "prompts": book.prompts}, origin)
+
+
+def import_output(out: str | Path, force: bool, prompts: str | Path | None,
+                  origin: dict[str, Any]) -> tuple[Path, dict[str, Any] | None]:
+    """What import-hf and import-osum check before reading any tensor: the prompt book item (``None`` without
+    ``prompts``; its origin goes to ``origin["prompts"]``), then that ``out`` is free unless ``force``."""
+    book = None
+    if prompts is not None:
+        book, origin["prompts"] = prompt_book_item(prompts)
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
+    return out, book

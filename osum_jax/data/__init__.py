@@ -2,7 +2,9 @@
 
 from .audio import AudioError, decode_audio, log_mel_spectrogram, mel_filters
 from .pipeline import BucketSpec, DataPipeline, SampleProcessor, skip_counts
-from .sources import MixedSource, RawListSource, SampleError, TarShardSource, open_source
+from .records import SampleError
+from .shards import TarShardSource
+from .sources import MixedSource, RawListSource, open_source
 from .text import PromptBook, Tokenizer, normalize_label, normalize_task
 
 __all__ = [

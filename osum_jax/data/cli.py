@@ -26,7 +26,8 @@ import numpy as np
 import soundfile as sf
 
 from .audio import AudioError, decode_audio, num_frames, wav_truncation
-from .sources import SampleError, SkipCounter, check_record, open_source
+from .records import SampleError, SkipCounter, check_record
+from .sources import open_source
 
 log = logging.getLogger("osum_jax.data")
 
@@ -64,7 +65,7 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
                 force: bool = False) -> dict:
     """jsonl -> ``{prefix}_{i:09d}.tar`` (16 kHz int16 wav + metadata members) and ``shards_list.txt``.
 
-    Applies the line-level checks training applies (:func:`~osum_jax.data.sources.check_record`, plus unusable
+    Applies the line-level checks training applies (:func:`~osum_jax.data.records.check_record`, plus unusable
     or truncated audio), so training from the list and from its shards sees the same utterances; the checks that
     depend on the training config (lengths, tasks) stay with training. Bad lines are skipped and counted under
     their reason; ``strict`` raises at the first bad line in file order, leaving nothing behind. ``out_dir`` must

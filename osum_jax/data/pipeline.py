@@ -35,7 +35,8 @@ from osum_torch_infer.contract import IGNORE_ID, PAD_PROMPT
 from ..config import ConfigError, DataConfig
 from .audio import AudioError, audio_length, decode_audio, log_mel_spectrogram, num_frames, wav_truncation
 from .augment import spec_aug, spec_sub
-from .sources import SampleError, check_record, detect_format, open_source
+from .records import SampleError, check_record
+from .sources import detect_format, open_source
 from .text import PromptBook, Tokenizer, normalize_label, normalize_task, remap_style
 
 log = logging.getLogger("osum_jax.data")

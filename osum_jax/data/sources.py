@@ -11,127 +11,27 @@ Every source has an index (line offsets, or tar member offsets) built once and c
 data (or in ``cache_dir``), so Grain can read any record by number: global shuffling and exact resume, no
 streaming. Problems found while indexing (bad JSON, missing fields, groups without audio) are skipped,
 counted by reason and reported with file and line/member; ``strict`` raises instead.
+
+The tar reader is :mod:`osum_jax.data.shards`; the skip reasons, line-level checks and index cache that every
+source shares are :mod:`osum_jax.data.records`.
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import json
 import logging
 import math
 import os
-import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import yaml
-from osum_torch_infer.contract import AUDIO_SUFFIXES
+
+from .records import SampleError, SkipCounter, cached_index
+from .shards import TarShardSource
 
 log = logging.getLogger("osum_jax.data")
-
-TEXT_SUFFIXES = ("txt", "task", "lang", "speaker", "emotion", "gender", "duration", "extra")
-INDEX_VERSION = 3  # 3: blank lines counted
-
-
-class SampleError(ValueError):
-    """A record that cannot be used; ``reason`` is a short category, ``where`` names file and line/member."""
-
-    def __init__(self, reason: str, where: str, detail: str = ""):
-        self.reason, self.where, self.detail = reason, where, detail
-        super().__init__(f"{where}: {reason}{': ' + detail if detail else ''}")
-
-
-class SkipCounter:
-    """Counts skipped records by reason, remembering a few examples of each."""
-
-    def __init__(self):
-        self.counts: collections.Counter = collections.Counter()
-        self.examples: dict[str, list[str]] = collections.defaultdict(list)
-
-    def add(self, err: SampleError) -> None:
-        self.counts[err.reason] += 1
-        if len(self.examples[err.reason]) < 5:
-            self.examples[err.reason].append(str(err))
-
-    def merge(self, other: "SkipCounter") -> None:
-        self.counts.update(other.counts)
-        for k, v in other.examples.items():
-            self.examples[k].extend(v[: max(0, 5 - len(self.examples[k]))])
-
-
-NONE_LABELS = ("<None>", "<NONE>", "<none>")  # OSUM's filter drops labels containing these ...
-NONE_ANSWERS = ("None_in_extract_answer", "None_in_extract_X")  # ... and labels equal to these
-
-
-def check_record(rec: dict) -> None:
-    """The checks of one record that need neither the config nor the audio, shared by training, ``make-shards``
-    and ``inspect`` so that a list and its shards hold the same usable utterances. Raises :class:`SampleError`."""
-    where, txt = rec["where"], rec.get("txt")
-    if not isinstance(txt, str):
-        raise SampleError("missing field", where, f"txt is {type(txt).__name__}, not a string")
-    if any(t in txt for t in NONE_LABELS) or txt in NONE_ANSWERS:
-        raise SampleError("none label", where, repr(txt[:40]))
-    if not txt.strip():  # every OSUM task's label has text (a transcript, tags, an answer)
-        raise SampleError("empty label", where, f"task {rec.get('task') or '<TRANSCRIBE>'}")
-    start, end = rec.get("start"), rec.get("end")
-    if start is not None or end is not None:
-        try:
-            s0, s1 = float(start or 0.0), (None if end is None else float(end))
-        except (TypeError, ValueError):
-            raise SampleError("bad segment", where, f"start={start!r}, end={end!r} are not numbers") from None
-        if s0 < 0 or (s1 is not None and s1 <= s0):
-            raise SampleError("bad segment", where, f"start={start!r}, end={end!r}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# index cache
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _fingerprint(path: Path) -> dict[str, int]:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _cache_path(path: Path, cache_dir: str) -> Path:
-    if cache_dir:
-        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-        return Path(cache_dir) / f"{path.name}.{digest}.idx.json"
-    return path.with_name(path.name + ".idx.json")
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
-def cached_index(path: Path, cache_dir: str, build) -> dict:
-    """Load ``path``'s index from the cache if its fingerprint matches, else build and store it."""
-    fp = _fingerprint(path)
-    candidates = [_cache_path(path, cache_dir)] if cache_dir else [
-        _cache_path(path, ""), _cache_path(path, str(Path.home() / ".cache" / "osum_jax"))]
-    for c in candidates:
-        try:
-            idx = json.loads(c.read_text(encoding="utf-8"))
-            if idx.get("version") == INDEX_VERSION and idx.get("fingerprint") == fp:
-                return idx
-        except (OSError, ValueError):
-            continue
-    idx = build(path)
-    idx.update(version=INDEX_VERSION, fingerprint=fp)
-    for c in candidates:
-        try:
-            _write_json_atomic(c, idx)
-            break
-        except OSError:  # read-only data directory: fall back to the user cache
-            continue
-    return idx
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -228,162 +128,6 @@ class RawListSource:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_fd"] = None
-        return state
-
-
-# --------------------------------------------------------------------------------------------------------------
-# tar shards
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _index_tar(path: Path) -> dict:
-    """Group members by key (name up to the last '.'); keep offsets/sizes and the small task strings.
-
-    A truncated or damaged tar keeps the complete utterances before the damage; the rest is reported.
-    """
-    groups: dict[str, dict] = {}
-    order: list[str] = []
-    bad: list[list[str]] = []
-    file_size = path.stat().st_size
-    try:
-        with tarfile.open(path, "r:") as tf:
-            while True:
-                try:
-                    m = tf.next()
-                except (tarfile.TarError, OSError, EOFError) as e:
-                    bad.append([str(path), "unreadable tar", f"damaged after {len(order)} utterances: {e}"])
-                    break
-                if m is None:
-                    break
-                if not m.isfile():
-                    continue
-                name = m.name.rsplit("/", 1)[-1]
-                if "." not in name:
-                    continue
-                key, suffix = name.rsplit(".", 1)
-                g = groups.get(key)
-                if g is None:
-                    g = groups[key] = {"key": key, "members": {}}
-                    order.append(key)
-                g["members"][suffix.lower()] = [m.offset_data, m.size]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        return {"records": [], "bad": [[str(path), "unreadable tar", str(e)]]}
-    records = []
-    with open(path, "rb") as f:
-        for key in order:
-            g = groups[key]
-            members = g["members"]
-            where = f"{path}:{key}"
-            if any(off + size > file_size for off, size in members.values()):
-                bad.append([where, "unreadable tar", "member data is truncated"])
-            elif "txt" not in members:
-                bad.append([where, "missing field", "no .txt member"])
-            elif not any(s in members for s in AUDIO_SUFFIXES):
-                bad.append([where, "missing field", "no audio member"])
-            else:
-                if "task" in members:  # tiny; kept in the index for the start-up task check
-                    off, size = members["task"]
-                    f.seek(off)
-                    g["task"] = f.read(size).decode("utf-8", errors="replace").strip()
-                records.append(g)
-    return {"records": records, "bad": bad}
-
-
-class TarShardSource:
-    """Tar shards (``shard_full_data`` layout) listed one path per line, with random access by record."""
-
-    def __init__(self, shard_list: str | Path | list[str], *, cache_dir: str = "", strict: bool = False,
-                 threads: int = 8, progress: bool = False):
-        if isinstance(shard_list, (str, Path)):
-            self.path = Path(shard_list)
-            if not self.path.is_file():
-                raise FileNotFoundError(f"shard list {self.path} does not exist")
-            lines = [ln.strip() for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            tars = [ln if os.path.isabs(ln) or os.path.exists(ln) else str(self.path.parent / ln) for ln in lines]
-        else:
-            self.path, tars = None, [str(t) for t in shard_list]
-        missing = [t for t in tars if not os.path.isfile(t)]
-        self.index_skips = SkipCounter()
-        for t in missing:
-            err = SampleError("unreadable tar", t, "file does not exist")
-            if strict:
-                raise err
-            self.index_skips.add(err)
-            log.warning("skipping %s", err)
-        self.tars = [t for t in tars if t not in set(missing)]
-
-        def build(t):
-            return cached_index(Path(t), cache_dir, _index_tar)
-
-        with ThreadPoolExecutor(max(1, threads)) as ex:
-            it = ex.map(build, self.tars)
-            if progress:
-                from tqdm import tqdm
-                it = tqdm(it, total=len(self.tars), desc="indexing tars", unit="tar")
-            indexes = list(it)
-        shard_ids, records, tasks = [], [], []
-        for sid, idx in enumerate(indexes):
-            for where, reason, detail in idx["bad"]:
-                err = SampleError(reason, where, detail)
-                if strict:
-                    raise err
-                self.index_skips.add(err)
-                log.warning("skipping %s", err)
-            for r in idx["records"]:
-                shard_ids.append(sid)
-                records.append(r)
-                tasks.append(r.get("task"))
-        self._shard = np.asarray(shard_ids, np.int32)
-        self._records = records
-        self.tasks = tasks
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def _fd(self, sid: int) -> int:
-        if self._pid != os.getpid():
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(sid)
-        if fd is None:
-            fd = self._fds[sid] = os.open(self.tars[sid], os.O_RDONLY)
-        return fd
-
-    def __getitem__(self, i: int) -> dict:
-        sid, rec = int(self._shard[i]), self._records[i]
-        tar = self.tars[sid]
-        where = f"{tar}:{rec['key']}"
-
-        def read(suffix: str) -> bytes:
-            off, size = rec["members"][suffix]
-            data = os.pread(self._fd(sid), size, off)
-            if len(data) != size:
-                raise SampleError("unreadable tar", where, f"member .{suffix} is truncated")
-            return data
-
-        def text(suffix: str) -> str | None:
-            if suffix not in rec["members"]:
-                return None
-            try:
-                return read(suffix).decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise SampleError("non-utf8 text", where, f".{suffix} is not UTF-8") from None
-
-        audio_suffix = next(s for s in AUDIO_SUFFIXES if s in rec["members"])
-        out = {k: text(k) for k in ("txt", "task", "lang", "speaker", "emotion", "gender")}
-        extra = text("extra")
-        if extra:
-            try:
-                extra = json.loads(extra)
-            except json.JSONDecodeError:
-                pass
-        out.update(key=rec["key"], audio=read(audio_suffix), extra=extra, start=None, end=None, where=where)
-        return out
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fds"] = {}
         return state
 
 

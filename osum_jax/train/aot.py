@@ -9,7 +9,7 @@ data config. The report is the compiler's own:
 
 * memory per device (``memory_analysis``): arguments, outputs, aliased (donated) bytes, temporaries;
 * FLOPs per device, counted from the optimized HLO (dots and convolutions, scaled by loop trip counts; XLA's
-  ``cost_analysis`` counts a loop body once);
+  ``cost_analysis`` counts a loop body once; the HLO text analysis is ``hlo.py``);
 * collectives by kind with their bytes (loop trip counts included);
 * on TPU, the compiler's cost model: the per-instruction ``estimated_cycles`` summed over executions and
   converted to seconds with the chip's calibration (a lone bf16 8192^3 matmul); elsewhere a roofline bound
@@ -23,10 +23,10 @@ import dataclasses
 import math
 import os
 import re
-from collections import defaultdict
 from typing import Any
 
 from ..config import Config, ConfigError
+from .hlo import analyse_hlo
 
 GB = 1e9
 
@@ -123,282 +123,15 @@ class MissingCompiler(RuntimeError):
     """The target's XLA compiler (libtpu / the jax CUDA plugin) is not installed."""
 
 
-# -- optimized HLO analysis ---------------------------------------------------------------------------------------
-
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5, "token": 0}
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z0-9]*)?)\[([0-9,]*)\]")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([^\s=]+)\s*=\s*")
-_COMP = re.compile(r"^(ENTRY\s+)?%([^\s(]+)\s*\(.*\{\s*$")
-_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call", "conditional",
-               "after-all", "partition-id", "replica-id", "iota"}
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-def _arrays(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(shape_text)]
-
-
-def _nbytes(arrays) -> float:
-    return sum(_BYTES.get(dt, 1 if dt.startswith("f8") else 4) * math.prod(dims) for dt, dims in arrays)
-
-
-def _split_shape(rest: str) -> tuple[str, str]:
-    """``"(a, b) op(...)..."`` or ``"f32[2]{0} op(...)"`` -> (shape text, the rest from the opcode on)."""
-    if rest.startswith("("):
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                return rest[:i + 1], rest[i + 1:].lstrip()
-    i = rest.find(" ")
-    return rest[:i], rest[i + 1:].lstrip()
-
-
-@dataclasses.dataclass
-class Instr:
-    name: str
-    computation: str
-    shape: str
-    opcode: str
-    text: str
-
-
-def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
-    """Computations of an HLO module text -> ({name: instructions}, entry name)."""
-    comps: dict[str, list[Instr]] = {}
-    entry, current = "", None
-    for line in text.splitlines():
-        m = _COMP.match(line)
-        if m:
-            current = m.group(2)
-            comps[current] = []
-            if m.group(1):
-                entry = current
-            continue
-        if current is None:
-            continue
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        shape, rest = _split_shape(line[m.end():])
-        opcode = rest.split("(", 1)[0].strip()
-        comps[current].append(Instr(m.group(1), current, shape, opcode, rest))
-    return comps, entry
-
-
-def _trip_count(instr: Instr, comps: dict[str, list[Instr]]) -> int:
-    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.text)
-    if m:
-        return int(m.group(1))
-    cond = re.search(r"condition=%([^\s,]+)", instr.text)
-    body = comps.get(cond.group(1), []) if cond else []
-    consts = {i.name: int(c.group(1)) for i in body
-              if i.opcode == "constant" and (c := re.match(r"constant\((-?\d+)\)", i.text))}
-    for i in body:  # i < N with the induction variable starting at 0 (how scans lower)
-        if i.opcode == "compare" and "direction=LT" in i.text:
-            for name in re.findall(r"%([^\s,)]+)", i.text.split("(", 1)[1]):
-                if name in consts:
-                    return consts[name]
-    return 1
-
-
-def _multiplicities(comps, entry) -> tuple[dict[str, float], set[str], dict[str, int]]:
-    """How many times each computation runs per step; which are fusion bodies; loop trip counts by body."""
-    mult: dict[str, float] = defaultdict(float)
-    fused: set[str] = set()
-    trips: dict[str, int] = {}
-    mult[entry] = 1.0
-    order = [entry]
-    seen = {entry}
-    while order:
-        name = order.pop()
-        for ins in comps.get(name, []):
-            edges = []
-            if ins.opcode == "while":
-                n = _trip_count(ins, comps)
-                for key in ("body", "condition"):
-                    m = re.search(key + r"=%([^\s,]+)", ins.text)
-                    if m:
-                        edges.append((m.group(1), n))
-                        if key == "body":
-                            trips[m.group(1)] = n
-            for m in re.finditer(r"(?:calls|true_computation|false_computation)=%([^\s,]+)", ins.text):
-                edges.append((m.group(1), 1))
-                if ins.opcode == "fusion":
-                    fused.add(m.group(1))
-            m = re.search(r"branch_computations=\{([^}]*)\}", ins.text)
-            if m:
-                edges += [(b.strip().lstrip("%"), 1) for b in m.group(1).split(",")]
-            for child, k in edges:
-                if child not in comps:
-                    continue
-                mult[child] += mult[name] * k
-                if child not in seen:  # call graphs are DAGs; a computation reached twice adds both callers
-                    seen.add(child)
-                    order.append(child)
-    return mult, fused, trips
-
-
-def _flops(ins: Instr, shapes: dict[str, str]) -> float:
-    out = _arrays(ins.shape)
-    if not out:
-        return 0.0
-    n_out = math.prod(out[0][1])
-    operands = re.findall(r"%([^\s,)]+)", ins.text.split("(", 1)[1].split(")", 1)[0])
-    if ins.opcode == "dot":
-        m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.text)
-        lhs = _arrays(shapes.get(operands[0], "")) if operands else []
-        if not m or not lhs:
-            return 0.0
-        k = math.prod(lhs[0][1][int(d)] for d in m.group(1).split(",") if d)
-        return 2.0 * n_out * k
-    if ins.opcode == "convolution":
-        labels = re.search(r"dim_labels=([^_\s]+)_([^-\s]+)->([^,\s]+)", ins.text)
-        lhs = _arrays(shapes.get(operands[0], "")) if operands else []
-        rhs = _arrays(shapes.get(operands[1], "")) if len(operands) > 1 else []
-        if not labels or not rhs or not lhs:
-            return 0.0
-        lhs_l, rhs_l, out_l = labels.groups()
-        k_in = rhs[0][1][rhs_l.index("i")]
-        spatial = sorted(c for c in out_l if c.isdigit())
-        window = _window(ins.text, len(spatial))
-        # XLA:TPU writes batched matmuls as convolutions whose dilated/strided windows touch one real element per
-        # output; count only the taps that land on real (non-padding, non-dilation) input elements
-        n_out_spatial, pairs = 1, 1
-        for i, c in enumerate(spatial):
-            n_in, n_o = lhs[0][1][lhs_l.index(c)], out[0][1][out_l.index(c)]
-            n_out_spatial *= n_o
-            pairs *= _valid_pairs(n_in, n_o, **{k: v[i] for k, v in window.items()})
-        return 2.0 * n_out / max(n_out_spatial, 1) * k_in * pairs
-    return 0.0
-
-
-def _window(text: str, ndim: int) -> dict[str, list[int]]:
-    w = {"size": [1] * ndim, "stride": [1] * ndim, "lo": [0] * ndim, "lhs_dilate": [1] * ndim,
-         "rhs_dilate": [1] * ndim}
-    m = re.search(r"window=\{([^}]*)\}", text)
-    if not m:
-        return w
-    for item in m.group(1).split():
-        key, _, val = item.partition("=")
-        if key == "pad":
-            w["lo"] = [int(p.split("_")[0]) for p in val.split("x")]
-        elif key in w:
-            w[key] = [int(v) for v in val.split("x")]
-    return w
-
-
-def _valid_pairs(n_in: int, n_out: int, size: int, stride: int, lo: int, lhs_dilate: int, rhs_dilate: int) -> int:
-    """(output position, window tap) pairs of one spatial dimension that read a real input element."""
-    last = (n_in - 1) * lhs_dilate
-    count = 0
-    for o in range(n_out):
-        for k in range(size):
-            p = o * stride + k * rhs_dilate - lo
-            if 0 <= p <= last and p % lhs_dilate == 0:
-                count += 1
-    return count
-
-
-def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
-                frozen_stacks: set[tuple[str, tuple[int, ...]]] = frozenset()) -> dict[str, Any]:
-    """FLOPs, collectives, TPU cycles and whole-stack copies inside loops of one optimized HLO module.
-
-    ``stack_shapes``: per-device shapes of the stacked weight matrices (``[layers, in, out]``) and their optimizer
-    moments; a copy of one of them inside a loop body is a whole layer stack copied in every iteration (the
-    backward scan's gradient accumulators have these shapes too: small stacks such as LoRA's are copied).
-    ``frozen_stacks``: ``(dtype, shape)`` of the frozen weight stacks, which must never be copied."""
-    comps, entry = parse_hlo(text)
-    mult, fused, trips = _multiplicities(comps, entry)
-    shapes = {i.name: i.shape for body in comps.values() for i in body}
-    flops = 0.0
-    coll: dict[str, dict[str, float]] = {k: {"count": 0.0, "bytes": 0.0} for k in COLLECTIVES}
-    cycles = 0.0
-    by_op: dict[str, float] = defaultdict(float)
-    stack_copies = {"count": 0.0, "bytes": 0.0, "frozen_count": 0.0, "frozen_bytes": 0.0}
-    hbm = 0.0  # bytes read and written by the top-level instructions: every fusion reads its operands from HBM
-    kernels = {"count": 0.0, "flops": 0.0}  # Pallas/Mosaic kernels: the TPU cost model gives them no cycles
-    for name, body in comps.items():
-        k = mult.get(name, 0.0)
-        if not k:
-            continue
-        loop = trips.get(name)
-        for ins in body:
-            flops += k * _flops(ins, shapes)
-            base = ins.opcode[:-6] if ins.opcode.endswith("-start") else ins.opcode
-            if base in coll and not ins.opcode.endswith("-done"):
-                out = _arrays(ins.shape)
-                if base == "all-gather":
-                    b = max((_nbytes([a]) for a in out), default=0)
-                else:
-                    ops = re.findall(r"%([^\s,)]+)", ins.text.split("(", 1)[1].split(")", 1)[0])
-                    b = sum(_nbytes(_arrays(shapes.get(o, ""))) for o in ops)
-                coll[base]["count"] += k
-                coll[base]["bytes"] += k * b
-            if name not in fused and ins.opcode not in _NO_TRAFFIC:
-                ops = re.findall(r"%([^\s,)]+)", ins.text.split("(", 1)[1].split(")", 1)[0])
-                hbm += k * (_nbytes(_arrays(ins.shape)) + sum(_nbytes(_arrays(shapes.get(o, ""))) for o in ops))
-            if name not in fused:
-                c = re.search(r'"estimated_cycles":"(\d+)"', ins.text)
-                if c:
-                    cycles += k * int(c.group(1))
-                    by_op[_op_label(ins)] += k * int(c.group(1))
-                elif ins.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in ins.text:
-                    f = _kernel_flops(ins, shapes)
-                    kernels["count"] += k
-                    kernels["flops"] += k * f
-            if loop and loop > 1 and ins.opcode in ("copy", "copy-start"):
-                for arr in _arrays(ins.shape)[:1]:
-                    if arr[1] in stack_shapes:  # a [layers, ...] stack copied in every iteration
-                        stack_copies["count"] += k
-                        stack_copies["bytes"] += k * _nbytes([arr])
-                    if arr in frozen_stacks:
-                        stack_copies["frozen_count"] += k
-                        stack_copies["frozen_bytes"] += k * _nbytes([arr])
-    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
-    return {"flops": flops, "hbm_bytes": hbm, "collectives": coll, "estimated_cycles": cycles, "stack_copies": stack_copies,
-            "kernels": kernels,
-            "top_ops_by_cycles": [(op, c / cycles if cycles else 0.0) for op, c in top],
-            "loops": sorted(trips.values())}
-
-
-# Matmuls of S x H per query row in each splash-attention kernel: forward (scores, probabilities x values),
-# dq (scores again, dP, dS x K), dkv (scores again, dP, P^T x dO, dS^T x Q).
-_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
 # The TPU compiler's cost model gives a Mosaic (Pallas) custom call no estimated cycles; such kernels are charged
 # at this fraction of the chip's peak, counting every block (a causal mask's skipped blocks included). See
 # docs/training.md#attention-kernels.
 MOSAIC_EFFICIENCY = 0.5
 
 
-def _kernel_flops(ins: Instr, shapes: dict[str, str]) -> float:
-    """FLOPs of a splash-attention Pallas kernel from its operands (0 for other kernels, which are counted)."""
-    m = re.match(r"splash_m[hq]a_(fwd|dq|dkv)", ins.name)
-    if not m:
-        return 0.0
-    ops = re.findall(r"%([^\s,)]+)", ins.text.split("(", 1)[1].split(")", 1)[0])
-    floats = [a for o in ops for a in _arrays(shapes.get(o, ""))
-              if a[0] in ("bf16", "f16", "f32") and len(a[1]) >= 3]
-    if len(floats) < 2:
-        return 0.0
-    q, k = floats[0][1], floats[1][1]  # q [..., N, T, H], then k [..., K, S, H]
-    return 2.0 * _SPLASH_MATMULS[m.group(1)] * math.prod(q) * k[-2]
-
-
 def _layer_counts(cfg: Config) -> set[int]:
     m = cfg.model
     return {m.encoder.num_layers, m.adapter.num_layers, m.llm.num_layers} - {1}
-
-
-def _op_label(ins: Instr) -> str:
-    """A short name of what an instruction computes (its jax op name when the metadata has one)."""
-    m = re.search(r'op_name="([^"]+)"', ins.text)
-    if not m:
-        return ins.opcode
-    parts = [p for p in m.group(1).split("/") if not p.startswith("jit(")]
-    return f"{ins.opcode}: {'/'.join(parts[-3:])}"
 
 
 # -- the report ---------------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     if cfg.train.compilation_cache_dir:
         enable_compilation_cache(cfg.train.compilation_cache_dir)
     _init_distributed(cfg)
-    from ..data.sources import SampleError
+    from ..data.records import SampleError
     from .trainer import Trainer
 
     try:
