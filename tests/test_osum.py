@@ -151,8 +151,9 @@ def test_jit_grad_dropout_and_remat(pair):
         if hasattr(node, "remat"):
             node.remat = "full"
     g4 = nnx.jit(nnx.grad(loss_fn))(remat, jax.random.key(0))
-    for a, b in zip(l1, jax.tree.leaves(g4)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    for a, b in zip(l1, jax.tree.leaves(g4)):  # recomputation reassociates float32 sums: compare per tensor
+        a, b = np.asarray(a), np.asarray(b)  # (tensors of pure cancellation noise, ~1e-10, compare absolutely)
+        assert rel_err(b, a) <= 1e-4 or np.abs(a - b).max() <= 1e-8
 
 
 @pytest.mark.slow

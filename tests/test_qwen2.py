@@ -3,6 +3,7 @@
 import copy
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -180,3 +181,26 @@ def test_missing_and_unexpected_keys_are_named():
     good["layers.self_attn.q_proj.kernel"] = good["layers.self_attn.q_proj.kernel"][:, :, :-1]
     with pytest.raises(CheckpointMismatch, match=r"layers\.self_attn\.q_proj\.kernel: .*shape"):
         load_flat(Qwen2(_llm_cfg(), LoRAConfig(rank=0), rngs=nnx.Rngs(0)), good)
+
+
+def test_dropout_masks_are_iid_bernoulli_at_the_configured_rate():
+    """Dropout masks come from 16-bit fields, two per 32-bit threefry word (the two halves of the last axis):
+    the drop rate is rate rounded to 2^-16, both halves and every position drop independently, and the kept
+    values are scaled so that the expectation is unchanged."""
+    from osum_jax.models.layers import dropout, keep_mask
+
+    n = 512
+    keep, keep_p = keep_mask(jax.random.key(3), 0.1, (256, n))
+    keep = np.asarray(keep)
+    assert keep_p == 1 - 6554 / 65536
+    drop = 1 - keep.mean()
+    assert abs(drop - 0.1) < 4 * np.sqrt(0.1 * 0.9 / keep.size)  # 4 sigma
+    lo, hi = keep[:, : n // 2], keep[:, n // 2:]  # the two halves of one word each
+    assert abs((~lo & ~hi).mean() - (1 - keep_p) ** 2) < 4 * np.sqrt(0.01 / lo.size)  # independent halves
+    assert abs((~keep[:, :-1] & ~keep[:, 1:]).mean() - 0.01) < 4 * np.sqrt(0.01 / keep.size)  # neighbours too
+    odd, _ = keep_mask(jax.random.key(3), 0.1, (64, 33))  # odd last axis: one word per element
+    assert np.asarray(odd).shape == (64, 33)
+    x = jnp.ones((256, n))
+    y = np.asarray(dropout(x, 0.1, jax.random.key(4)))
+    assert set(np.unique(y).tolist()) == {0.0, np.float32(1 / keep_p)}
+    assert abs(y.mean() - 1.0) < 4 * np.sqrt(0.1 / 0.9 / y.size)
