@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .attention import safe_sdpa_mask
+from .files import atomic_file
 
 FP16_MAX = 65504.0
 REPORT = "fp16_calibration.json"
@@ -126,12 +127,9 @@ def calibrate(model, items, *, max_new_tokens: int = 32, batch_size: int = 4, ta
 
 def write_report(report: dict, package: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report`` (atomically) to ``out`` or next to the package."""
-    import os
-
     path = Path(out) if out else Path(package) / REPORT
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return path
 
 

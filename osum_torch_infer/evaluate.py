@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .scoring import WerOptions, format_report, plot_confusion, read_text_file, score
+from .files import LineError, json_object_line
 
 
 def read_any(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -38,9 +39,9 @@ def read_any(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
             if not line.strip():
                 continue
             try:
-                d = json.loads(line)
+                d = json_object_line(line)
                 key = str(d["key"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (LineError, KeyError) as e:
                 raise ValueError(f"{path}:{n}: bad line ({type(e).__name__}: {e})") from None
             if "error" in d:
                 continue  # an unreadable file in osum-infer results: it counts as missing

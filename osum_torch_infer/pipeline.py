@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .contract import AUDIO_SUFFIXES
+from .files import LineError, atomic_file, json_object_line
 from .features import (AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, split_windows,
                        wav_truncation)
 from .parsing import join_windows, normalize_task
@@ -139,18 +139,18 @@ def read_list(path: str | Path, *, strict: bool = False) -> list[Item]:
         item = None
         if error is None and line.lstrip().startswith("{"):
             try:
-                d = json.loads(line)
+                d = json_object_line(line)
                 wav = str(d["wav"])
                 key = str(d.get("key", Path(wav).stem))
                 wav = wav if Path(wav).is_absolute() else str(path.parent / wav)
                 item = Item(key, wav, d.get("task"), d.get("start"), d.get("end"), where=where,
                             prompt=utterance_prompt(d.get("prompt"), d.get("extra")))
-            except json.JSONDecodeError as e:
-                error = f"broken JSON ({e})"
+            except LineError as e:
+                error = e.detail
             except KeyError as e:
                 error = f"no {e} field"
-            except (TypeError, AttributeError):
-                error = "not a JSON object"
+            except (TypeError, AttributeError):  # a field of the wrong type
+                error = "not a JSON object with a string 'wav'"
         elif error is None:
             parts = line.split(None, 1)
             if len(parts) != 2:
@@ -320,15 +320,8 @@ def write_results(results: Iterable[dict], out: str | Path, fmt: str = "jsonl") 
     """Write results as jsonl or OSUM's ``key<TAB>text`` (line breaks and tabs in a text become spaces, so every
     result stays one line); returns ``(written, failed)``. Written to a temporary sibling and renamed into
     place when complete: an interrupted run leaves no half-written file at ``out``."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            ok, failed = _write_lines(results, f, fmt)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        ok, failed = _write_lines(results, f, fmt)
     return ok, failed
 
 

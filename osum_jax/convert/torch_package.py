@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
@@ -43,6 +42,7 @@ from ..checkpoint import atomic_output
 from ..config import ModelConfig
 from ..data.text import DEFAULT_PROMPTS, PromptBook
 from .package_table import PackageError, PackageTensor, plan_package
+from .stream import Progress
 
 MAX_SHARD_BYTES = 5 * 1000 ** 3  # Hugging Face's "5GB"
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -101,27 +101,6 @@ def _header(tensors: list[PackageTensor], st_dtype: str, itemsize: int) -> bytes
     return len(raw).to_bytes(8, "little") + raw
 
 
-class _Progress:
-    def __init__(self, total_bytes: int, total_tensors: int, enabled: bool):
-        self.n, self.total = 0, total_tensors
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_bytes, desc="export-torch", unit="B", unit_scale=True, unit_divisor=1024,
-                            file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-
-    def update(self, nbytes: int) -> None:
-        self.n += 1
-        if self.bar is not None:
-            self.bar.update(nbytes)
-            self.bar.set_postfix_str(f"{self.n}/{self.total} tensors")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _bands(arr: np.ndarray, band_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
     """Row bands of ``arr`` of about ``band_bytes`` in float32: a large tensor (the 152k x 3584 embedding) is
     converted and written piece by piece instead of as whole float32 / target-dtype / bytes copies."""
@@ -134,7 +113,7 @@ def _bands(arr: np.ndarray, band_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
 
 
 def _write_shards(directory: Path, stem: str, shards: list[list[PackageTensor]], np_dt: np.dtype, st_dtype: str,
-                  check_fp16: bool, offenders: list[tuple[str, float]], progress: _Progress,
+                  check_fp16: bool, offenders: list[tuple[str, float]], progress: Progress,
                   always_single: bool = False) -> dict[str, str]:
     """Write the shard files; returns ``{tensor name: file name}``. With fp16 overflow nothing more is written."""
     itemsize = np_dt.itemsize
@@ -161,7 +140,8 @@ def _write_shards(directory: Path, stem: str, shards: list[list[PackageTensor]],
                         f.write(band.astype(np_dt).tobytes())
                 if check_fp16 and peak > FP16_MAX:
                     offenders.append((t.name, peak))
-                progress.update(arr.size * itemsize)
+                progress.bytes(arr.size * itemsize)
+                progress.tensor()
                 if offenders:  # keep scanning to report every offender
                     continue
                 weight_map[t.name] = fname
@@ -249,7 +229,7 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
     total_bytes = sum(math.prod(t.shape) for t in tensors) * np_dt.itemsize
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    bar = _Progress(total_bytes, len(tensors), progress)
+    bar = Progress("export-torch", total_bytes, len(tensors), progress)
     with contextlib.closing(bar), atomic_output(out, force=True) as tmp:  # refused above unless force
         tmp.mkdir()
         offenders: list[tuple[str, float]] = []

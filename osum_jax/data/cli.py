@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from osum_torch_infer.files import atomic_file
 
 from .audio import AudioError, decode_audio, num_frames, wav_truncation
 from .records import SampleError, SkipCounter, check_record
@@ -112,13 +113,11 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
         from tqdm import tqdm
         bar = tqdm(total=len(src), desc="make-shards", unit="utt")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = None
     try:
         with ThreadPoolExecutor(max(1, workers)) as ex:
             for s in range(n_shards):
                 name = out / f"{prefix}_{s:09d}.tar"
-                tmp = name.with_name(f".{name.name}.tmp")
-                with tarfile.open(tmp, "w") as tf:
+                with atomic_file(name) as tmp, tarfile.open(tmp, "w") as tf:
                     for i, (members, err) in zip(range(s * per_shard, min(len(src), (s + 1) * per_shard)),
                                                  ex.map(one, range(s * per_shard, min(len(src), (s + 1) * per_shard)))):
                         line = src.line_of(i)
@@ -137,15 +136,11 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
                                 _add_member(tf, mname, data)
                         if bar:
                             bar.update(1)
-                os.replace(tmp, name)
-                tmp = None
                 written.append(name)
         if strict and bad_lines:
             n, reason, detail = bad_lines[0]
             raise SampleError(reason, f"{src.path}:{n}", detail)
     except BaseException:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
         if strict:  # nothing half-made stays behind
             for w in written:
                 w.unlink(missing_ok=True)
@@ -154,9 +149,8 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
         if bar:
             bar.close()
     list_path = out / "shards_list.txt"
-    tmp_list = list_path.with_name(".shards_list.txt.tmp")
-    tmp_list.write_text("".join(str(p.resolve()) + "\n" for p in written), encoding="utf-8")
-    os.replace(tmp_list, list_path)
+    with atomic_file(list_path) as tmp_list:
+        tmp_list.write_text("".join(str(p.resolve()) + "\n" for p in written), encoding="utf-8")
     return {"shards": len(written), "utterances": ok, "skipped": dict(skips.counts), "list": str(list_path)}
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from osum_torch_infer.files import atomic_file
 
 INDEX_VERSION = 3  # 3: blank lines counted
 
@@ -85,11 +86,8 @@ def _cache_path(path: Path, cache_dir: str) -> Path:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def cached_index(path: Path, cache_dir: str, build) -> dict:

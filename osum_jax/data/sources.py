@@ -18,7 +18,6 @@ source shares are :mod:`osum_jax.data.records`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,6 +26,8 @@ from typing import Iterable
 
 import numpy as np
 import yaml
+
+from osum_torch_infer.files import LineError, json_object_line
 
 from .records import SampleError, SkipCounter, cached_index
 from .shards import TarShardSource
@@ -50,17 +51,12 @@ def _index_raw_list(path: Path) -> dict:
             if stripped:
                 reason = None
                 try:
-                    obj = json.loads(stripped.decode("utf-8"))
-                    if not isinstance(obj, dict):
-                        reason = "bad json line", "not a JSON object"
-                    else:
-                        missing = [k for k in ("key", "wav", "txt") if k not in obj]
-                        if missing:
-                            reason = "missing field", f"no {missing}"
-                except UnicodeDecodeError:
-                    reason = "non-utf8 text", "line is not UTF-8"
-                except json.JSONDecodeError as e:
-                    reason = "bad json line", str(e)
+                    obj = json_object_line(stripped)
+                    missing = [k for k in ("key", "wav", "txt") if k not in obj]
+                    if missing:
+                        reason = "missing field", f"no {missing}"
+                except LineError as e:
+                    reason = e.reason, e.detail
                 if reason:
                     bad.append([lineno, reason[0], reason[1]])
                 else:
@@ -115,9 +111,9 @@ class RawListSource:
         raw = self._read(int(self._offsets[i]), int(self._lengths[i]))
         where = f"{self.path}:{self.line_of(i)}"
         try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # file changed under us
-            raise SampleError("bad json line", where, str(e)) from None
+            obj = json_object_line(raw)
+        except LineError as e:  # file changed under us
+            raise SampleError(e.reason, where, e.detail) from None
         wav = str(obj["wav"])
         if not os.path.isabs(wav) and not os.path.exists(wav):
             wav = str(self.path.parent / wav)
