@@ -6,6 +6,7 @@ that needs one skips, saying what to install, where it is missing, and fails und
 """
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -46,6 +47,26 @@ def test_hlo_flops_count_loop_trips():
     report = analyse_hlo(compiled.as_text())
     assert report["flops"] == 2 * m * k * k * trips + 2 * m * k * n
     assert trips in report["loops"]
+
+
+def test_hbm_traffic_counts_layer_slices_not_whole_stacks():
+    """The roofline's HBM bytes (the GPU rows' step bound): a scan reading one layer of a stacked weight per
+    iteration moves that layer, not the stack, and a stacked output updated in place moves the update. Counting
+    operands whole made this program read its 8-layer stack 15.6 times; each layer once (plus writing the
+    sliced copy XLA:CPU makes) is about 2."""
+    layers, m, k = 8, 64, 256
+
+    def f(x, ws):
+        def body(h, w):
+            h = jnp.tanh(h @ w)
+            return h, h
+        return jax.lax.scan(body, x, ws)
+
+    x = jax.ShapeDtypeStruct((m, k), jnp.float32)
+    ws = jax.ShapeDtypeStruct((layers, k, k), jnp.float32)
+    report = analyse_hlo(jax.jit(f).lower(x, ws).compile().as_text())
+    stack = layers * k * k * 4
+    assert stack <= report["hbm_bytes"] < 8 * stack, report["hbm_bytes"] / stack
 
 
 def test_targets_parse_and_refuse_bad_specs():
@@ -141,6 +162,14 @@ def test_cli_compiles_for_a_gpu_target_as_json_and_refuses_without_plan(gpu_comp
     mem = r["memory_bytes"]
     assert mem["outputs"] - mem["aliased"] <= 8192 and mem["aliased"] >= 0.9 * mem["outputs"], mem
     assert r["step_basis"].startswith("roofline") and r["hlo_flops"] > 0 and r["hlo_hbm_bytes"] > 0
+    assert 0.8 <= r["hlo_flops"] / r["model_flops"] <= 2.0, (r["hlo_flops"], r["model_flops"])
+    # osum-train turns XLA's Triton GEMMs off on GPU (every matmul a cuBLAS custom call, whose FLOPs count);
+    # a user's own XLA_FLAGS setting wins, and the FLOPs are the same either way
+    lib = subprocess.run([OSUM_TRAIN, "configs/tiny.yaml", "--plan", "--target", "cuda:h100:8", "--json"] + TINY_TPU,
+                         capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, XLA_FLAGS="--xla_gpu_enable_triton_gemm=true"))
+    assert lib.returncode == 0, lib.stderr[-2000:]
+    assert abs(json.loads(lib.stdout)["hlo_flops"] / r["hlo_flops"] - 1) < 0.05
     bad = subprocess.run([OSUM_TRAIN, "configs/tiny.yaml", "--target", "cuda:h100:8"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "--target goes with --plan" in bad.stderr
@@ -169,3 +198,14 @@ def test_plan_estimate_agrees_with_the_gpu_compiler_at_full_width(gpu_compiler):
     r = compile_plan(cfg, "cuda:h100:8")
     total, estimate = r["memory_bytes"]["total"], r["plan_estimate_bytes"]
     assert abs(estimate / total - 1) <= 0.15, (estimate / 1e9, total / 1e9, r["memory_bytes"])
+
+
+def test_gpu_xla_defaults_keep_the_users_own_flags():
+    from osum_jax.train.cli import apply_gpu_xla_defaults
+
+    env = {}
+    apply_gpu_xla_defaults(env)
+    assert env["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=true"}
+    apply_gpu_xla_defaults(env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=true"

@@ -65,7 +65,22 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# XLA:GPU defaults of osum-train (a flag the user already sets in XLA_FLAGS wins). Triton GEMM fusions: with
+# four 29 s utterances per H100 the compiler stops at the adapter's [1452, 1024] matmul ("Couldn't find output
+# tile sizes that satisfy hlo", jax-cuda12-plugin as pinned); with cuBLAS GEMMs the step compiles (MaxText's GPU
+# recipes turn Triton GEMMs off too). The flag only concerns XLA:GPU, so it is set before any backend starts.
+GPU_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false",)
+
+
+def apply_gpu_xla_defaults(env=os.environ) -> None:
+    flags = env.get("XLA_FLAGS", "")
+    extra = [f for f in GPU_XLA_FLAGS if f.split("=")[0] not in flags]
+    if extra:
+        env["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+
+
 def main(argv=None) -> int:
+    apply_gpu_xla_defaults()
     ap = argparse.ArgumentParser(prog="osum-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config (configs/*.yaml); key=value overrides follow")

@@ -83,6 +83,42 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
     return comps, entry
 
 
+def _operands(ins: Instr) -> list[str]:
+    return re.findall(r"%([^\s,)]+)", ins.text.split("(", 1)[1].split(")", 1)[0])
+
+
+def _traffic(ins: Instr, shapes: dict[str, str], comps: dict[str, list[Instr]]) -> float:
+    """HBM bytes one top-level instruction reads and writes: its operands and outputs, except that a slice taken
+    with ``dynamic-slice`` reads only the slice, and a buffer updated in place by ``dynamic-update-slice`` moves
+    only the update (a scan's per-layer weight slices and its stacked residuals are not whole-stack traffic)."""
+    ops = _operands(ins)
+    if ins.opcode == "dynamic-slice":
+        return 2 * _nbytes(_arrays(ins.shape))
+    if ins.opcode == "dynamic-update-slice":
+        return 2 * _nbytes(_arrays(shapes.get(ops[1], ""))) if len(ops) > 1 else 0.0
+    read = [_nbytes(_arrays(shapes.get(o, ""))) for o in ops]
+    write = _nbytes(_arrays(ins.shape))
+    called = re.search(r"calls=%([^\s,)]+)", ins.text) if ins.opcode == "fusion" else None
+    body = comps.get(called.group(1), []) if called else []
+    if body:
+        params = {i.name: int(m.group(1)) for i in body if (m := re.match(r"parameter\((\d+)\)", i.text))}
+        users: dict[str, list[Instr]] = defaultdict(list)
+        for i in body:
+            for o in _operands(i) if "(" in i.text else ():
+                users[o].append(i)
+        for pname, idx in params.items():
+            us = users.get(pname, [])
+            if idx >= len(read) or not us:
+                continue
+            if all(u.opcode == "dynamic-slice" and _operands(u)[0] == pname for u in us):
+                read[idx] = sum(_nbytes(_arrays(u.shape)) for u in us)
+            elif all(u.opcode == "dynamic-update-slice" and _operands(u)[0] == pname for u in us):
+                update = sum(_nbytes(_arrays(shapes.get(_operands(u)[1], ""))) for u in us)
+                read[idx] = 0.0  # updated in place: only the update is written
+                write -= _nbytes(_arrays(shapes.get(pname, ""))) - update
+    return sum(read) + max(write, 0.0)
+
+
 def _trip_count(instr: Instr, comps: dict[str, list[Instr]]) -> int:
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.text)
     if m:
@@ -167,6 +203,14 @@ def _flops(ins: Instr, shapes: dict[str, str]) -> float:
             n_out_spatial *= n_o
             pairs *= _valid_pairs(n_in, n_o, **{k: v[i] for k, v in window.items()})
         return 2.0 * n_out / max(n_out_spatial, 1) * k_in * pairs
+    if ins.opcode == "custom-call" and re.search(r'custom_call_target="__cublas\$(lt\$matmul|gemm)"', ins.text):
+        # XLA:GPU's library GEMMs: output (first tuple element; the second is cuBLAS workspace) x contraction
+        m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.text)
+        lhs = _arrays(shapes.get(operands[0], "")) if operands else []
+        if not m or not lhs:
+            return 0.0
+        k = math.prod(lhs[0][1][int(d.strip('" '))] for d in m.group(1).split(",") if d.strip('" '))
+        return 2.0 * n_out * k
     return 0.0
 
 
@@ -233,8 +277,7 @@ def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
                 coll[base]["count"] += k
                 coll[base]["bytes"] += k * b
             if name not in fused and ins.opcode not in _NO_TRAFFIC:
-                ops = re.findall(r"%([^\s,)]+)", ins.text.split("(", 1)[1].split(")", 1)[0])
-                hbm += k * (_nbytes(_arrays(ins.shape)) + sum(_nbytes(_arrays(shapes.get(o, ""))) for o in ops))
+                hbm += k * _traffic(ins, shapes, comps)
             if name not in fused:
                 c = re.search(r'"estimated_cycles":"(\d+)"', ins.text)
                 if c:
