@@ -38,6 +38,7 @@ from .package import AdapterConfig, EncoderConfig, PackageConfig, PackageError  
 
 log = logging.getLogger("osum_torch_infer")
 AUDIO_PREFIXES = ("encoder.", "adapter.", "speech_embed.")  # the audio tower's tensors (+ the speech markers)
+_SPREAD_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map strategies
 
 
 def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -107,8 +108,11 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
         weight_files(root)  # names a missing shard before transformers does
         kwargs.pop("config", None)  # AutoModel passes the config it read; the package schema reads it here
         device_map = kwargs.pop("device_map", None)
-        dev, why = (torch.device(device_map), "device_map") if isinstance(device_map, (str, torch.device)) \
-            else select_device(device)
+        if isinstance(device_map, (str, torch.device)) and str(device_map) not in _SPREAD_MAPS:
+            dev, why = torch.device(device_map), "device_map"
+        else:  # ours, or transformers spreading the model ("auto", a dict, ...) over the devices we pick
+            dev, why = select_device(device)
+            why = why if device_map is None else f"{why}; device_map={device_map!r}"
         dt = resolve_dtype(dtype, dev, pkg.torch_dtype)
         log.info("osum_torch_infer: %s on %s, %s (%s; dtype %s)", root, dev, str(dt).replace("torch.", ""), why,
                  dtype if dtype not in (None, "auto") else f"auto: package {pkg.torch_dtype}")

@@ -211,8 +211,8 @@ def test_transformers_auto_classes_and_save_pretrained(setup, tmp_path):
     batch = make_batch(4)
     with torch.no_grad():
         want = setup["tm"](batch)["logits"]
-        for pkg in (setup["merged"], setup["peft"]):
-            m = AutoModel.from_pretrained(pkg, device_map="cpu", dtype=torch.float32)  # transformers spellings
+        for pkg, device_map in ((setup["merged"], "cpu"), (setup["peft"], "auto")):  # transformers' spellings
+            m = AutoModel.from_pretrained(pkg, device_map=device_map, dtype=torch.float32)
             assert isinstance(m, OSUMForConditionalGeneration) and m.dtype == torch.float32
             np.testing.assert_allclose(m(batch)["logits"].numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
     out = tmp_path / "resaved"
