@@ -24,9 +24,23 @@ COMMON = ["model.dtype=bfloat16", "train.frozen_param_dtype=bfloat16",
           "model.remat_policy=dots_with_no_batch_dims_saveable"]
 # the frozen LLM kept whole on every device (no per-step all-gathers of 7.6 B frozen weights)
 FROZEN_REPLICATED = ["train.mesh.frozen_rules=[[embed, null]]"]
+
+
+def PER_CHIP(n: int, chips: int = 16) -> list[str]:
+    """Data budgets for ``n`` 29 s utterances (2900 frames, 64 + 363 + 2 + 200 LLM tokens) per chip."""
+    return [f"data.max_frames_per_batch={n * chips * 2900}", f"data.max_tokens_per_batch={n * chips * 630}",
+            "data.frame_buckets=[2900]"]
+
+
 ROWS = {
     "v5p-44": ("tpu:v5p:2x2x4", "data 4 / fsdp 4 (the README's pod mesh)", ["train.mesh.data=4", "train.mesh.fsdp=4"]),
     "v5p-16-1": ("tpu:v5p:2x2x4", "data 16 / fsdp 1", ["train.mesh.data=16", "train.mesh.fsdp=1"]),
+    "v5p-44-b4": ("tpu:v5p:2x2x4", "data 4 / fsdp 4, 4 x 29 s utterances per chip",
+                  ["train.mesh.data=4", "train.mesh.fsdp=4"] + PER_CHIP(4)),
+    "v5p-16-1-b4": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, 4 x 29 s utterances per chip",
+                    ["train.mesh.data=16", "train.mesh.fsdp=1"] + PER_CHIP(4)),
+    "v5p-16-1-b8": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, 8 x 29 s utterances per chip",
+                    ["train.mesh.data=16", "train.mesh.fsdp=1"] + PER_CHIP(8)),
     "v5p-1-16": ("tpu:v5p:2x2x4", "data 1 / fsdp 16", ["train.mesh.data=1", "train.mesh.fsdp=16"]),
     "v5p-1-16-frozen-rep": ("tpu:v5p:2x2x4", "fsdp 16, frozen LLM replicated",
                             ["train.mesh.data=1", "train.mesh.fsdp=16"] + FROZEN_REPLICATED),
@@ -35,6 +49,10 @@ ROWS = {
                        "data.max_tokens_per_batch=30400", "data.frame_buckets=[500]", "data.max_frames=500"]),
     "v5e-1-16": ("tpu:v5e:4x4", "data 1 / fsdp 16", ["train.mesh.data=1", "train.mesh.fsdp=16"]),
     "h100-8": ("cuda:h100:8", "data 1 / fsdp 8", ["train.mesh.data=1", "train.mesh.fsdp=8"]),
+    "h100-8-b4": ("cuda:h100:8", "data 1 / fsdp 8, 4 x 29 s utterances per GPU",
+                  ["train.mesh.data=1", "train.mesh.fsdp=8"] + PER_CHIP(4, chips=8)),
+    "h100-8-b8": ("cuda:h100:8", "data 1 / fsdp 8, 8 x 29 s utterances per GPU",
+                  ["train.mesh.data=1", "train.mesh.fsdp=8"] + PER_CHIP(8, chips=8)),
 }
 
 
@@ -119,15 +137,25 @@ the 165 ms v5p 4/4 step), so that part of each TPU row is an assumption, not a c
 compiles the einsum attention: cuDNN's kernels are built by cuDNN, which this compile-only host does not
 have (`auto` picks cuDNN on a GPU host with bf16).
 
-Where the estimated cycles go (full step, top fused ops per row below): the LLM's projection matmuls run at
-53-90 % of the MXU's peak in their own fusions, but the largest single fusion (the MLP down-projection's
-recompute fused with the RMSNorm backward and the dropout-mask arithmetic) runs at ~20-28 %; the rank-8 LoRA
-products (padded to the MXU's 128 lanes) and the scan's per-layer weight slicing and gradient stacking
-(`dynamic_slice` / `dynamic_update_slice`, ~13 % in the proxy) take most of the rest; the encoder's float32
-attention softmax over 1450 x 1450 scores, which the splash kernel removed, was ~7 %. Not reached: the 45 %
-MFU goal. What would move it, not done yet: larger per-chip batches for the LLM part (one 29 s utterance gives
-629 LLM tokens per chip), LoRA products fused into the frozen projections' matmuls, and unrolling the layer
-scan by 2 so XLA slices weights once per pair of layers."""
+Per-chip batch (rows `-b4`, `-b8`) is the lever that moved most: the per-step costs (Adam on 1.5 B trainable
+parameters, the gradient all-reduce, the scan's per-layer weight slicing) stay while the matmuls grow. Where the
+estimated cycles go at 4 utterances per chip (v5p, data 16, per fused op, efficiency = FLOPs / (cycles x the
+calibrated peak)): the LLM projection matmuls 59 % of cycles at 55 % average efficiency (forward and recompute
+fusions 85-92 %, the down-projection backward fused with the RMSNorm backward 45 %); drawing and storing the
+dropout masks ~7 % (halved per element since: 16-bit fields, 1064 -> 1052 ms at 8 per chip); the rank-8 LoRA
+products and their stacking ~7 % (an 8-wide output on a 128-wide MXU, memory-bound); saving residuals into the
+layer stacks (`dynamic_update_slice`) and applying the masks in the backward ~5 %; layout copies ~8 %. Not
+reached: the 45 % MFU goal (best 34.5 %, v5p data 16, 8 utterances per chip). What would move it, not done: LoRA
+A products fused into the frozen projections' matmuls (concatenated weights; the dropout on LoRA's input stands
+in the way), fewer saved residuals (a policy that recomputes the cheap elementwise work but keeps the matmul
+outputs), and on GPU cuDNN flash attention, which a compile-only host cannot build (the einsum attention's f32
+scores are ~30 % of the GPU rows' HBM bytes).
+
+GPU rows: the roofline bound `max(FLOPs / peak, HBM bytes / bandwidth)` now counts cuBLAS GEMM FLOPs (XLA's
+library calls; osum-train turns Triton GEMMs off on GPU, see docs/training.md) and, for the scan's
+`dynamic-slice` / in-place `dynamic-update-slice`, the slice and the update instead of the whole stacked operand
+(which made the 8 x H100 step look 3x more memory-bound than it is: 2.86 -> 0.95 TB at 4 utterances per GPU).
+Rows `v5p-1-16*` and `v5e-1-16` were compiled before the 16-bit dropout masks (about 1 % slower)."""
 
 
 def write(rows: list[dict]) -> None:
