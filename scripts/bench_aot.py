@@ -142,7 +142,8 @@ parameters, the gradient all-reduce, the scan's per-layer weight slicing) stay w
 estimated cycles go at 4 utterances per chip (v5p, data 16, per fused op, efficiency = FLOPs / (cycles x the
 calibrated peak)): the LLM projection matmuls 59 % of cycles at 55 % average efficiency (forward and recompute
 fusions 85-92 %, the down-projection backward fused with the RMSNorm backward 45 %); drawing and storing the
-dropout masks ~7 % (halved per element since: 16-bit fields, 1064 -> 1052 ms at 8 per chip); the rank-8 LoRA
+dropout masks ~7 % (hashing halved since with 16-bit fields; step time per chip-batch 1 / 4 / 8 on v5p data 16:
+167 -> 163, 566 -> 582, 1064 -> 1052 ms, mixed); the rank-8 LoRA
 products and their stacking ~7 % (an 8-wide output on a 128-wide MXU, memory-bound); saving residuals into the
 layer stacks (`dynamic_update_slice`) and applying the masks in the backward ~5 %; layout copies ~8 %. Not
 reached: the 45 % MFU goal (best 34.5 %, v5p data 16, 8 utterances per chip). What would move it, not done: LoRA
