@@ -6,7 +6,6 @@ that needs one skips, saying what to install, where it is missing, and fails und
 """
 
 import json
-import os
 import math
 import subprocess
 import sys
@@ -163,13 +162,7 @@ def test_cli_compiles_for_a_gpu_target_as_json_and_refuses_without_plan(gpu_comp
     assert mem["outputs"] - mem["aliased"] <= 8192 and mem["aliased"] >= 0.9 * mem["outputs"], mem
     assert r["step_basis"].startswith("roofline") and r["hlo_flops"] > 0 and r["hlo_hbm_bytes"] > 0
     assert 0.8 <= r["hlo_flops"] / r["model_flops"] <= 2.0, (r["hlo_flops"], r["model_flops"])
-    # osum-train turns XLA's Triton GEMMs off on GPU (every matmul a cuBLAS custom call, whose FLOPs count);
-    # a user's own XLA_FLAGS setting wins, and the FLOPs are the same either way
-    lib = subprocess.run([OSUM_TRAIN, "configs/tiny.yaml", "--plan", "--target", "cuda:h100:8", "--json"] + TINY_TPU,
-                         capture_output=True, text=True, timeout=900,
-                         env=dict(os.environ, XLA_FLAGS="--xla_gpu_enable_triton_gemm=true"))
-    assert lib.returncode == 0, lib.stderr[-2000:]
-    assert abs(json.loads(lib.stdout)["hlo_flops"] / r["hlo_flops"] - 1) < 0.05
+    # (osum-train turns XLA's Triton GEMMs off on GPU: every matmul is a cuBLAS custom call, counted above)
     bad = subprocess.run([OSUM_TRAIN, "configs/tiny.yaml", "--target", "cuda:h100:8"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "--target goes with --plan" in bad.stderr
