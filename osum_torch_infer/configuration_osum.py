@@ -87,11 +87,6 @@ class OSUMConfig(PreTrainedConfig):
         """The stored weights' dtype name (``bfloat16``, ``float16``, ``float32``)."""
         return str(self.dtype or "bfloat16").replace("torch.", "")
 
-    @property
-    def llm(self) -> dict:
-        """The text config as a plain dict (what format 1 called ``llm``)."""
-        return self.text_config.to_dict()
-
 
 def _dataclass(dc, value, name: str):
     if value is None:

@@ -33,7 +33,7 @@ from .audio import Adapter, AudioTower, WhisperEncoder, padding_mask
 from .configuration_osum import OSUMConfig
 from .decoding import fast_greedy_unsupported, greedy_decode, hf_compiles_decode
 from .devices import apply_npu_fusions, resolve_dtype, select_device
-from .loading import cast_parameters, check_tensors, load_audio_tensors, merge_adapter, weight_files
+from .loading import cast_parameters, check_tensors, load_audio_tensors, merge_adapter
 from .package import AdapterConfig, EncoderConfig, PackageConfig, PackageError  # noqa: F401
 
 log = logging.getLogger("osum_torch_infer")
@@ -105,7 +105,6 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
         if not root.is_dir():
             raise PackageError(f"{root} is not a package directory")
         pkg = PackageConfig.from_json(root / "config.json")
-        weight_files(root)  # names a missing shard before transformers does
         kwargs.pop("config", None)  # AutoModel passes the config it read; the package schema reads it here
         device_map = kwargs.pop("device_map", None)
         if isinstance(device_map, (str, torch.device)) and str(device_map) not in _SPREAD_MAPS:

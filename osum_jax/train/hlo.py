@@ -177,7 +177,7 @@ def _flops(ins: Instr, shapes: dict[str, str]) -> float:
     if not out:
         return 0.0
     n_out = math.prod(out[0][1])
-    operands = re.findall(r"%([^\s,)]+)", ins.text.split("(", 1)[1].split(")", 1)[0])
+    operands = _operands(ins)
     if ins.opcode == "dot":
         m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.text)
         lhs = _arrays(shapes.get(operands[0], "")) if operands else []
@@ -272,7 +272,7 @@ def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
                 if base == "all-gather":
                     b = max((_nbytes([a]) for a in out), default=0)
                 else:
-                    ops = re.findall(r"%([^\s,)]+)", ins.text.split("(", 1)[1].split(")", 1)[0])
+                    ops = _operands(ins)
                     b = sum(_nbytes(_arrays(shapes.get(o, ""))) for o in ops)
                 coll[base]["count"] += k
                 coll[base]["bytes"] += k * b
@@ -312,7 +312,7 @@ def _kernel_flops(ins: Instr, shapes: dict[str, str]) -> float:
     m = re.match(r"splash_m[hq]a_(fwd|dq|dkv)", ins.name)
     if not m:
         return 0.0
-    ops = re.findall(r"%([^\s,)]+)", ins.text.split("(", 1)[1].split(")", 1)[0])
+    ops = _operands(ins)
     floats = [a for o in ops for a in _arrays(shapes.get(o, ""))
               if a[0] in ("bf16", "f16", "f32") and len(a[1]) >= 3]
     if len(floats) < 2:
