@@ -114,12 +114,17 @@ class ModelConfig:
     # hand-written VJPs of GELU/SiLU/LoRA/attention (models/kernels.py): "auto" = where they measured faster
     # (CPU, TPU), plain autodiff on GPU; "always"; "never"
     custom_vjp: str = "auto"
+    # optimization barriers on the LLM projections' inputs (models/kernels.py): "auto" = TPU, where the compiler's
+    # cost model measured them faster; "always"; "never"
+    matmul_barrier: str = "auto"
 
     def validate(self) -> None:
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.custom_vjp not in ("auto", "always", "never"):
             raise ConfigError(f"model.custom_vjp={self.custom_vjp!r}; expected auto, always or never")
+        if self.matmul_barrier not in ("auto", "always", "never"):
+            raise ConfigError(f"model.matmul_barrier={self.matmul_barrier!r}; expected auto, always or never")
         if self.attention_impl not in ("auto", "xla", "cudnn", "splash"):
             raise ConfigError(f"model.attention_impl={self.attention_impl!r}; expected auto, xla, cudnn or splash")
         for name in ("dtype", "param_dtype"):

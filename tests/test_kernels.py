@@ -39,3 +39,45 @@ def test_custom_vjps_equal_autodiff():
 def test_auto_selects_custom_vjps_on_cpu_only():
     assert resolve("auto", "cpu") and resolve("auto", "tpu") and not resolve("auto", "gpu")
     assert resolve("always", "tpu") and not resolve("never", "cpu")
+
+
+@pytest.mark.parametrize("custom", [True, False])
+def test_matmul_barriers_change_no_values(custom):
+    """``model.matmul_barrier`` only changes what XLA fuses: the LLM's loss and gradients (LoRA, and the input
+    embeddings, i.e. everything upstream) are the same with and without, in both VJP modes; the traced program has
+    the barriers only when asked."""
+    from osum_jax.models.kernels import matmul_barriers
+    from osum_jax.models.qwen2 import Qwen2
+
+    cfg = tiny_model_config()
+    llm = Qwen2(cfg.llm, cfg.lora, rngs=nnx.Rngs(0))
+    graphdef, lora, rest = nnx.split(llm, nnx.LoRAParam, ...)
+    lora = jax.tree.map(lambda p: p + 0.05, lora)  # B = 0 at init: make the adapters contribute
+    rng = np.random.default_rng(0)
+    b, s = 2, 9
+    x = rng.standard_normal((b, s, cfg.llm.hidden_size)).astype(np.float32)
+    valid = np.arange(s)[None] < np.array([[9], [6]])
+    pos = np.broadcast_to(np.arange(s), (b, s))
+
+    def loss(p, x):
+        h = nnx.merge(graphdef, p, rest)(x, valid, pos, jax.random.key(1))
+        return (h * np.linspace(-1, 1, h.shape[-1])).sum()
+
+    results = []
+    for on in (True, False):
+        with custom_vjps(custom), matmul_barriers(on):
+            f = jax.value_and_grad(loss, argnums=(0, 1))
+            assert ("optimization_barrier" in str(jax.make_jaxpr(f)(lora, x))) == on
+            results.append(jax.jit(f)(lora, x))
+    (l1, (g1, dx1)), (l0, (g0, dx0)) = results
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
+    for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert np.abs(np.asarray(a) - np.asarray(c)).max() <= 1e-5 * np.abs(np.asarray(c)).max() + 1e-9
+
+
+def test_auto_puts_matmul_barriers_on_tpu_only():
+    from osum_jax.models.kernels import resolve_barrier
+
+    assert resolve_barrier("auto", "tpu") and not resolve_barrier("auto", "cpu") and not resolve_barrier("auto", "gpu")
+    assert resolve_barrier("always", "cpu") and not resolve_barrier("never", "tpu")

@@ -40,6 +40,10 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
+        if kernels.barriers_enabled():
+            # XLA:TPU would fuse the elementwise producer of x (RMSNorm, silu(gate) * up) into the matmul and
+            # recompute it per output tile; written once instead (models/kernels.py, model.matmul_barrier)
+            x = jax.lax.optimization_barrier(x)
         if self.lora_a is None:
             y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         else:

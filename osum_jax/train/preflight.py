@@ -78,7 +78,8 @@ def check(cfg: Config) -> None:
             return  # no finished step yet: the run starts afresh
         theirs = read_config(root, step).to_dict()["model"]
         diff = [x for x in _diff(theirs, cfg.to_dict()["model"], "model.")
-                if not x.startswith(("model.dtype", "model.remat_policy", "model.custom_vjp", "model.attention_impl"))]
+                if not x.startswith(("model.dtype", "model.remat_policy", "model.custom_vjp",
+                                         "model.attention_impl", "model.matmul_barrier"))]
         if diff:
             raise ConfigError(f"train.output_dir={tc.output_dir} holds a run of another model (step {step}); "
                               f"resume it with its config or pick a new output_dir. Differences: "

@@ -36,7 +36,7 @@ from ..data.pipeline import BucketSpec
 from ..models import OSUM
 from ..models.generate import greedy_decode
 from ..models.layers import as_dtype
-from ..models.kernels import custom_vjps, resolve
+from ..models.kernels import custom_vjps, matmul_barriers, resolve, resolve_barrier
 from ..models.sharding import activation_rules
 from .mesh import BATCH_KEYS, batch_sharding, data_parallel_size, frozen_rules_of, state_shardings
 from .optim import make_optimizer
@@ -124,6 +124,7 @@ class TrainProgram:
         self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
         self.platform = mesh.devices.flat[0].platform
         self.custom_vjp = resolve(mc.custom_vjp, self.platform)
+        self.matmul_barrier = resolve_barrier(mc.matmul_barrier, self.platform)
         self.rng_impl = tc.dropout_rng
         self.decode = jax.jit(self._decode, static_argnames=("max_new_tokens", "eos_id"))
 
@@ -134,7 +135,8 @@ class TrainProgram:
 
     def _train_step(self, trainable, opt_state, frozen, buffers, batch, key):
         def loss_fn(t):
-            with activation_rules(self.mesh, self.activation_rules), custom_vjps(self.custom_vjp):
+            with activation_rules(self.mesh, self.activation_rules), custom_vjps(self.custom_vjp), \
+                    matmul_barriers(self.matmul_barrier):
                 out = self.merge(t, frozen, buffers)(batch, key)
             return out["loss"], out["num_tokens"]
 
@@ -147,7 +149,7 @@ class TrainProgram:
         return trainable, opt_state, metrics
 
     def _eval_step(self, trainable, frozen, buffers, batch):
-        with activation_rules(self.mesh, self.activation_rules):
+        with activation_rules(self.mesh, self.activation_rules), matmul_barriers(self.matmul_barrier):
             out = self.merge(trainable, frozen, buffers)(batch)
         return {"loss": out["loss"], "num_tokens": out["num_tokens"]}
 
