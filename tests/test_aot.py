@@ -162,6 +162,9 @@ def test_cli_compiles_for_a_gpu_target_as_json_and_refuses_without_plan(gpu_comp
     assert mem["outputs"] - mem["aliased"] <= 8192 and mem["aliased"] >= 0.9 * mem["outputs"], mem
     assert r["step_basis"].startswith("roofline") and r["hlo_flops"] > 0 and r["hlo_hbm_bytes"] > 0
     assert 0.8 <= r["hlo_flops"] / r["model_flops"] <= 2.0, (r["hlo_flops"], r["model_flops"])
+    # bf16 on a GPU target without cuDNN (this host): the Pallas (Triton) flash-attention kernel, not the einsum
+    # path (no [B, N, T, S] scores in the program), its FLOPs counted with the rest
+    assert r["attention"] == "pallas"
     # (osum-train turns XLA's Triton GEMMs off on GPU: every matmul is a cuBLAS custom call, counted above)
     bad = subprocess.run([OSUM_TRAIN, "configs/tiny.yaml", "--target", "cuda:h100:8"], capture_output=True,
                          text=True, timeout=300)
@@ -202,3 +205,27 @@ def test_gpu_xla_defaults_keep_the_users_own_flags():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=true"}
     apply_gpu_xla_defaults(env)
     assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=true"
+
+
+def test_triton_flash_attention_flops_are_counted(gpu_compiler):
+    """The Pallas (Triton) attention kernels compiled for an H100: forward 2 and backward 5 products of
+    [T, S, H] per head, read from the kernels' operands in the optimized HLO (XLA counts none of them)."""
+    import numpy as np
+    from jax.experimental.pallas.ops.gpu.attention import mha
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from osum_jax.train.aot import target_devices
+    from osum_jax.train.hlo import analyse_hlo
+
+    devices = target_devices(parse_target("cuda:h100:8"))
+    sharding = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
+    b, t, n, h = 2, 256, 4, 64
+
+    def grads(q, k, v, seg):
+        return jax.grad(lambda q, k, v: mha(q, k, v, seg, sm_scale=h ** -0.5).astype(jnp.float32).sum(),
+                        argnums=(0, 1, 2))(q, k, v)
+
+    qkv = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16, sharding=sharding)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=sharding)
+    report = analyse_hlo(jax.jit(grads).lower(qkv, qkv, qkv, seg).compile().as_text())
+    assert report["flops"] == 2 * (2 + 5) * b * n * t * t * h

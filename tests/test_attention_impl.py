@@ -1,7 +1,8 @@
 """Every attention implementation that runs on CPU agrees with the einsum path (models/attention.py).
 
-The TPU splash kernel runs here in Pallas interpret mode: the same kernel code (blocking, segment ids, online
-softmax, its own backward kernels) executed by the CPU, so its numerics are checked without a TPU. Outputs are
+The TPU splash kernel and the GPU Pallas (Triton) flash-attention kernel run here in Pallas interpret mode: the
+same kernel code (blocking, segment ids, online softmax, their own backward kernels) executed by the CPU, so
+their numerics are checked without a TPU or GPU. Outputs are
 compared at valid query positions only: padding rows are computed differently by design and never read.
 """
 
@@ -24,8 +25,9 @@ def _qkv(rng, b, t, n, k, h):
     return f(b, t, n, h), f(b, t, k, h), f(b, t, k, h)
 
 
+@pytest.mark.parametrize("kernel", ["splash", "pallas"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_splash_kernel_equals_einsum_with_holes_and_gqa(causal):
+def test_fused_kernel_equals_einsum_with_holes_and_gqa(causal, kernel):
     rng = np.random.default_rng(0)
     b, t, n, k, h = 2, 200, 4, 2, 32  # t is not a multiple of the kernel's 128-lane blocks: padded inside
     q, kk, v = _qkv(rng, b, t, n, k, h)
@@ -37,11 +39,11 @@ def test_splash_kernel_equals_einsum_with_holes_and_gqa(causal):
     def loss(impl):
         return lambda q, kk, v: (dot_product_attention(q, kk, v, mask, impl) * w).sum()
 
-    out = {impl: dot_product_attention(q, kk, v, mask, impl) for impl in ("xla", "splash")}
+    out = {impl: dot_product_attention(q, kk, v, mask, impl) for impl in ("xla", kernel)}
     sel = valid[..., None, None]
-    np.testing.assert_allclose(np.where(sel, out["splash"], 0), np.where(sel, out["xla"], 0), atol=2e-5, rtol=1e-4)
-    grads = {impl: jax.grad(loss(impl), argnums=(0, 1, 2))(q, kk, v) for impl in ("xla", "splash")}
-    for a, r in zip(grads["splash"], grads["xla"]):
+    np.testing.assert_allclose(np.where(sel, out[kernel], 0), np.where(sel, out["xla"], 0), atol=2e-5, rtol=1e-4)
+    grads = {impl: jax.grad(loss(impl), argnums=(0, 1, 2))(q, kk, v) for impl in ("xla", kernel)}
+    for a, r in zip(grads[kernel], grads["xla"]):
         assert np.abs(np.asarray(a) - np.asarray(r)).max() <= 1e-4 * np.abs(np.asarray(r)).max()
 
 
@@ -50,6 +52,17 @@ def test_auto_is_einsum_on_cpu_and_dense_masks_never_go_to_splash():
     assert resolve_impl("auto", jnp.bfloat16, 64, SequenceMask(valid)) == "xla"
     assert resolve_impl("splash", jnp.float32, 64, jnp.ones((1, 1, 1, 8), bool)) == "xla"
     assert resolve_impl("cudnn", jnp.bfloat16, 64, SequenceMask(valid)) == "cudnn"
+    assert resolve_impl("pallas", jnp.float32, 64, jnp.ones((1, 1, 1, 8), bool)) == "xla"
+
+
+def test_auto_on_gpu_is_cudnn_else_pallas_for_16_bit(monkeypatch):
+    from osum_jax.models import attention
+
+    for avail, want in ((True, "cudnn"), (False, "pallas")):
+        monkeypatch.setattr(attention, "cudnn_available", lambda: avail)
+        assert attention.impl_for("auto", "cuda", jnp.bfloat16, 128) == want
+        assert attention.impl_for("auto", "cuda", jnp.float32, 128) == "xla"
+    assert attention.impl_for("auto", "tpu", jnp.float32, 64) == "splash"
     with pytest.raises(ValueError, match="expected one of"):
         resolve_impl("flash", jnp.float32, 64, None)
 

@@ -12,8 +12,12 @@ Implementations (``model.attention_impl``):
 * ``"cudnn"``: cuDNN's fused flash attention through :func:`jax.nn.dot_product_attention` (NVIDIA, bf16/fp16).
 * ``"splash"``: the TPU splash-attention Pallas kernel (``jax.experimental.pallas.ops.tpu``), run per device
   under ``shard_map`` when a mesh is active; on CPU it runs in Pallas interpret mode (tests only: slow).
-* ``"auto"`` (the default): splash on TPU, cuDNN on NVIDIA GPUs when cuDNN is loadable and the compute dtype is
-  bf16/fp16, the einsum path otherwise (CPU, float32, a dense mask). The platform is the active mesh's (so
+* ``"pallas"``: the Pallas (Triton) flash-attention kernel for NVIDIA GPUs
+  (``jax.experimental.pallas.ops.gpu.attention``), per device like splash; grouped-query keys/values are repeated
+  to the query heads; on CPU it runs in Pallas interpret mode (tests only).
+* ``"auto"`` (the default): splash on TPU; on NVIDIA GPUs with a bf16/fp16 compute dtype cuDNN when it is
+  loadable, else the Pallas kernel (a host that compiles for a GPU target without cuDNN, ``--plan --target
+  cuda:...``); the einsum path otherwise (CPU, float32, a dense mask). The platform is the active mesh's (so
   ``osum-train --plan --target tpu:...`` on a CPU host compiles the kernel the pod will run), else JAX's
   default backend.
 
@@ -39,7 +43,7 @@ from .sharding import activation_mesh, activation_specs
 # what jax.nn.dot_product_attention puts at masked scores: finite, so a fully masked row is uniform, not NaN
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +88,7 @@ def resolve_impl(impl: str, dtype, head_dim: int, mask) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
     if not isinstance(mask, SequenceMask) and mask is not None:
-        return "xla" if impl in ("auto", "splash") else impl
+        return "xla" if impl in ("auto", "splash", "pallas") else impl
     return impl_for(impl, platform(), dtype, head_dim)
 
 
@@ -95,8 +99,8 @@ def impl_for(impl: str, plat: str, dtype, head_dim: int) -> str:
     if plat == "tpu":
         return "splash"
     if plat in ("cuda", "gpu") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
-            and head_dim <= 128 and cudnn_available():
-        return "cudnn"
+            and head_dim <= 128:
+        return "cudnn" if cudnn_available() else "pallas"
     return "xla"
 
 
@@ -104,10 +108,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Seque
                           impl: str = "auto") -> jax.Array:
     """Scaled dot-product attention (scale ``1/sqrt(H)``), ``[B, T, N, H]``."""
     impl = resolve_impl(impl, q.dtype, q.shape[-1], mask)
-    if impl == "splash":
+    if impl in ("splash", "pallas"):
         if not isinstance(mask, SequenceMask):
-            raise ValueError("attention_impl='splash' needs a SequenceMask (self-attention), not a dense mask")
-        return _splash(q, k, v, mask)
+            raise ValueError(f"attention_impl={impl!r} needs a SequenceMask (self-attention), not a dense mask")
+        return _per_device_kernel(q, k, v, mask, _splash_local if impl == "splash" else _pallas_gpu_local)
     if impl == "cudnn":
         if isinstance(mask, SequenceMask):
             if mask.prefix and not mask.causal:
@@ -197,7 +201,26 @@ def _default_precision(fn):
     return run
 
 
-def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceMask) -> jax.Array:
+def _pallas_gpu_local(q, k, v, valid, *, causal: bool, interpret: bool):
+    """Per-device Pallas (Triton) flash attention on ``[b, T, n, H]`` with ``T`` a multiple of 128."""
+    from jax.experimental.pallas.ops.gpu.attention import mha
+
+    n, kv = q.shape[2], k.shape[2]
+    if kv != n:  # the kernel has no grouped-query heads: each key/value head serves n / kv query heads
+        k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
+    seg = valid.astype(jnp.int32)  # segment ids as for splash: padding attends to padding, never to nothing
+
+    def run(q, k, v, seg):
+        return mha(q, k, v, seg, sm_scale=1.0 / math.sqrt(q.shape[-1]), causal=causal, interpret=interpret)
+
+    if q.dtype in (jnp.bfloat16, jnp.float16):
+        run = _default_precision(run)
+    return run(q, k, v, seg)
+
+
+def _per_device_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceMask, local_fn) -> jax.Array:
+    """Run a per-device fused kernel (``local_fn(q, k, v, valid, causal=, interpret=)``) on ``[B, T, N, H]``,
+    the sequence padded to a multiple of 128, under ``shard_map`` when a mesh is active."""
     b, t = q.shape[:2]
     pad = -t % _SPLASH_LANES
     valid = mask.valid
@@ -205,7 +228,7 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceMask) -> jax
         widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
         q, k, v, valid = widen(q), widen(k), widen(v), widen(valid)
     interpret = platform() == "cpu"
-    local = functools.partial(_splash_local, causal=mask.causal, interpret=interpret)
+    local = functools.partial(local_fn, causal=mask.causal, interpret=interpret)
     mesh = activation_mesh()
     if mesh is not None:
         # a Pallas kernel is per device: run it under shard_map, batch split like the activations, heads split

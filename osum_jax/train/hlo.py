@@ -4,7 +4,7 @@ XLA's ``cost_analysis`` counts a loop body once; :func:`analyse_hlo` reads the o
 compiler returns and counts, per device and step, with loop trip counts applied:
 
 * FLOPs of dots and convolutions (convolutions as XLA:TPU writes batched matmuls count only the window taps that
-  read real input elements);
+  read real input elements), of XLA:GPU's cuBLAS GEMMs and of the Pallas (Triton) flash-attention kernels;
 * collectives by kind with their bytes;
 * HBM bytes read and written by the top-level instructions (every fusion reads its operands from HBM);
 * the TPU cost model's ``estimated_cycles`` and which ops they go to;
@@ -203,6 +203,16 @@ def _flops(ins: Instr, shapes: dict[str, str]) -> float:
             n_out_spatial *= n_o
             pairs *= _valid_pairs(n_in, n_o, **{k: v[i] for k, v in window.items()})
         return 2.0 * n_out / max(n_out_spatial, 1) * k_in * pairs
+    if ins.opcode == "custom-call" and 'custom_call_target="__gpu$xla.gpu.triton"' in ins.text:
+        # the Pallas (Triton) flash-attention kernels: q [B, T, N, H], k [B, S, N, H]; the forward runs two
+        # T x S x H products per head (scores, probabilities x values), the backward five (scores again, dP, dV,
+        # dQ, dK); other Triton kernels (the backward's preprocessing) are elementwise
+        m = re.search(r'op_name="[^"]*mha_(forward|backward)[^"]*pallas_call"', ins.text)
+        ops = [_arrays(shapes.get(o, "")) for o in operands[:2]]
+        if not m or not all(ops) or len(ops[0][0][1]) != 4:
+            return 0.0
+        q, k = ops[0][0][1], ops[1][0][1]
+        return 2.0 * (2 if m.group(1) == "forward" else 5) * math.prod(q) * k[1]
     if ins.opcode == "custom-call" and re.search(r'custom_call_target="__cublas\$(lt\$matmul|gemm)"', ins.text):
         # XLA:GPU's library GEMMs: output (first tuple element; the second is cuBLAS workspace) x contraction
         m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.text)
