@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --durations=15 tests
 
 # The quick tier while editing: everything but the tests marked `slow` (under 3 minutes on 2 cores; docs/testing.md).
 test-fast: $(STAMP)

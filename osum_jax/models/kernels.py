@@ -29,35 +29,35 @@ _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("osum_custom_vjp
 _BARRIERS: contextvars.ContextVar[bool] = contextvars.ContextVar("osum_matmul_barrier", default=False)
 
 
-@contextlib.contextmanager
-def custom_vjps(enabled: bool) -> Iterator[None]:
-    token = _ENABLED.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
+def _switch(var: contextvars.ContextVar[bool]):
+    """A context manager that sets ``var`` while a step is traced."""
+
+    @contextlib.contextmanager
+    def use(enabled: bool) -> Iterator[None]:
+        token = var.set(bool(enabled))
+        try:
+            yield
+        finally:
+            var.reset(token)
+
+    return use
+
+
+custom_vjps = _switch(_ENABLED)
+matmul_barriers = _switch(_BARRIERS)
 
 
 def enabled() -> bool:
     return _ENABLED.get()
 
 
+def barriers_enabled() -> bool:
+    return _BARRIERS.get()
+
+
 def resolve(setting: str, platform: str) -> bool:
     """``model.custom_vjp`` for a mesh of ``platform`` devices -> use the hand-written VJPs?"""
     return setting == "always" or (setting == "auto" and platform in ("cpu", "tpu"))
-
-
-@contextlib.contextmanager
-def matmul_barriers(enabled: bool) -> Iterator[None]:
-    token = _BARRIERS.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _BARRIERS.reset(token)
-
-
-def barriers_enabled() -> bool:
-    return _BARRIERS.get()
 
 
 def resolve_barrier(setting: str, platform: str) -> bool:
