@@ -133,29 +133,54 @@ model.encoder.num_layers=4`, v5p 2x2x4, data 4 / fsdp 4, same settings as the ro
 
 The TPU cost model gives the splash kernels (Mosaic custom calls) no cycles: `--plan --target` charges them
 their FLOPs at 50 % of the chip's peak (`osum_jax/train/aot.py`, `MOSAIC_EFFICIENCY`; 2.2 TFLOP, 9.6 ms of
-the 165 ms v5p 4/4 step), so that part of each TPU row is an assumption, not a compiler figure. The GPU row
-compiles the einsum attention: cuDNN's kernels are built by cuDNN, which this compile-only host does not
-have (`auto` picks cuDNN on a GPU host with bf16).
+the 165 ms v5p 4/4 step), so that part of each TPU row is an assumption, not a compiler figure. The GPU rows
+compile the Pallas (Triton) flash-attention kernel (`attention_impl=auto` on a GPU target when cuDNN cannot be
+loaded, as on this compile-only host; a GPU host with cuDNN runs cuDNN's kernels, which cannot be built here).
+With the einsum attention its float32 scores had been about half of the GPU rows' HBM bytes (8 x H100, roofline
+bound, 1 / 4 / 8 utterances per GPU: 132 -> 83, 282 -> 158, 487 -> 243 ms; MFU 15.9 -> 25.4, 29.8 -> 53.1,
+34.6 -> 69.4 %). A roofline bound assumes peak FLOPs or peak bandwidth, whichever binds, and counts each
+fusion's and kernel's operands once: it is an upper bound on MFU, not a prediction; no GPU has run it yet.
 
-Per-chip batch (rows `-b4`, `-b8`) is the lever that moved most: the per-step costs (Adam on 1.5 B trainable
-parameters, the gradient all-reduce, the scan's per-layer weight slicing) stay while the matmuls grow. Where the
-estimated cycles go at 4 utterances per chip (v5p, data 16, per fused op, efficiency = FLOPs / (cycles x the
-calibrated peak)): the LLM projection matmuls 59 % of cycles at 55 % average efficiency (forward and recompute
-fusions 85-92 %, the down-projection backward fused with the RMSNorm backward 45 %); drawing and storing the
-dropout masks ~7 % (hashing halved since with 16-bit fields; step time per chip-batch 1 / 4 / 8 on v5p data 16:
-167 -> 163, 566 -> 582, 1064 -> 1052 ms, mixed); the rank-8 LoRA
-products and their stacking ~7 % (an 8-wide output on a 128-wide MXU, memory-bound); saving residuals into the
-layer stacks (`dynamic_update_slice`) and applying the masks in the backward ~5 %; layout copies ~8 %. Not
-reached: the 45 % MFU goal (best 34.5 %, v5p data 16, 8 utterances per chip). What would move it, not done: LoRA
-A products fused into the frozen projections' matmuls (concatenated weights; the dropout on LoRA's input stands
-in the way), fewer saved residuals (a policy that recomputes the cheap elementwise work but keeps the matmul
-outputs), and on GPU cuDNN flash attention, which a compile-only host cannot build (the einsum attention's f32
-scores are ~30 % of the GPU rows' HBM bytes).
+A second proxy, for the per-chip batch that matters (4-layer proxy, v5p 2x2x4, data 16, 4 x 29 s utterances per
+chip, `scripts/bench_aot.py`'s settings plus `model.llm.num_layers=4 model.encoder.num_layers=4`):
 
-GPU rows: the roofline bound `max(FLOPs / peak, HBM bytes / bandwidth)` now counts cuBLAS GEMM FLOPs (XLA's
-library calls; osum-train turns Triton GEMMs off on GPU, see docs/training.md) and, for the scan's
-`dynamic-slice` / in-place `dynamic-update-slice`, the slice and the update instead of the whole stacked operand
-(which made the 8 x H100 step look 3x more memory-bound than it is: 2.86 -> 0.95 TB at 4 utterances per GPU).
+| variant | step (cost model) | MFU |
+|---|---|---|
+| the settings above before this change | 101.2 ms | 30.8 % |
+| **`optimization_barrier` on each LLM projection's input (`model.matmul_barrier=auto`, the default now on TPU)** | **96.4 ms** | **32.3 %** |
+| the same, and on the encoder/adapter `Linear` inputs | 98.1 ms | 31.8 % |
+| barriers on inputs and outputs of every LLM projection | 99.8 ms | 31.2 % |
+| barriers on the gate/up outputs and on `silu(gate) * up` | 103.3 ms | 30.2 % |
+| input barriers, and on the output / input gradients inside the LoRA VJP | 97.2 ms | 32.1 % |
+| libtpu's global `--xla_jf_conv_input_fusion=false` instead (it also stops weight slices fusing) | 141.3 ms | 22.1 % |
+| a remat policy that recomputes the rank-8 LoRA products instead of saving them | 105.2 ms | 29.6 % |
+| dropout masks from a broadcast of the 32-bit words instead of a concatenation | 109.6 ms | 28.5 % |
+| no dropout at all (not OSUM's recipe: an upper bound for what dropout costs) | 86.3 ms | 36.1 % |
+
+On the full step (v5p, data 16) the barriers moved 4 utterances per chip from 582 to 545 ms (MFU 31.2 -> 33.3 %)
+and 8 per chip from 1052 to 1042 ms (34.5 -> 34.8 %; XLA fuses the larger shapes differently). Where the cycles go with them
+(the proxy, per scan iteration, the splash kernels apart; efficiency = FLOPs / (cycles x calibrated peak)):
+
+| loop | ms | matmuls | dropout masks | rank-8 LoRA | layout copies, pads | elementwise | residual saves |
+|---|---|---|---|---|---|---|---|
+| LLM layer, forward | 5.99 | 48 % (at 89 %) | 22 % | 14 % | 7 % | 5 % | 6 % |
+| LLM layer, backward (recompute included) | 6.77 | 53 % (at 71 %) | 0 % | 11 % | 11 % | 25 % | 0 % |
+| encoder layer, forward | 1.96 | 31 % (at 53 %) | 27 % | 0 % | 25 % | 12 % | 6 % |
+| encoder layer, backward | 2.56 | 43 % (at 58 %) | 0 % | 0 % | 26 % | 27 % | 5 % |
+
+Not reached on TPU: the 45 % MFU goal (best 34.8 %, v5p data 16, 8 utterances per chip); reached on GPU as a
+roofline bound (69.4 %, 8 x H100, 8 utterances per GPU). What would move the TPU figure, not done: the dropout
+masks (a cheaper counter-based hash than threefry for them, or the hardware generator, whose cost the cost model
+does not show, so it cannot be judged here); the rank-8 LoRA products (an 8-wide operand on a 128-wide MXU: LoRA A
+fused into the frozen projections' matmuls, which the dropout on LoRA's input stands in the way of); the
+encoder's attention layout (16 heads of 64 fill half a 128-lane tile, and the pad of 1450 frames to the kernel's
+1536 and back is copied per layer: padding the sequence once at model level and projecting straight into
+`[B, N, T, H]` would remove most of it).
+
+GPU rows: the roofline bound `max(FLOPs / peak, HBM bytes / bandwidth)` counts cuBLAS GEMM FLOPs (XLA's library
+calls; osum-train turns Triton GEMMs off on GPU, see docs/training.md), the Triton attention kernels' FLOPs, and,
+for the scan's `dynamic-slice` / in-place `dynamic-update-slice`, the slice and the update instead of the whole
+stacked operand.
 Rows `v5p-1-16*` and `v5e-1-16` were compiled before the 16-bit dropout masks (about 1 % slower)."""
 
 
