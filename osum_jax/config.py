@@ -126,7 +126,8 @@ class ModelConfig:
         if self.matmul_barrier not in ("auto", "always", "never"):
             raise ConfigError(f"model.matmul_barrier={self.matmul_barrier!r}; expected auto, always or never")
         if self.attention_impl not in ("auto", "xla", "cudnn", "splash", "pallas"):
-            raise ConfigError(f"model.attention_impl={self.attention_impl!r}; expected auto, xla, cudnn, splash or pallas")
+            raise ConfigError(f"model.attention_impl={self.attention_impl!r}; "
+                              "expected auto, xla, cudnn, splash or pallas")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}; expected float32, bfloat16 or float16")
