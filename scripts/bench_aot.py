@@ -180,8 +180,7 @@ encoder's attention layout (16 heads of 64 fill half a 128-lane tile, and the pa
 GPU rows: the roofline bound `max(FLOPs / peak, HBM bytes / bandwidth)` counts cuBLAS GEMM FLOPs (XLA's library
 calls; osum-train turns Triton GEMMs off on GPU, see docs/training.md), the Triton attention kernels' FLOPs, and,
 for the scan's `dynamic-slice` / in-place `dynamic-update-slice`, the slice and the update instead of the whole
-stacked operand.
-Rows `v5p-1-16*` and `v5e-1-16` were compiled before the 16-bit dropout masks (about 1 % slower)."""
+stacked operand."""
 
 
 def write(rows: list[dict]) -> None:
