@@ -17,7 +17,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
 
-# The quick tier while editing: everything but the tests marked `slow` (under 3 minutes on 2 cores; docs/testing.md).
+# The quick tier while editing: everything but the tests marked `slow` (about 4 minutes on 2 cores; docs/testing.md).
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow" tests
 
