@@ -132,7 +132,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Seque
 
 # -- splash attention (TPU Pallas kernel) -------------------------------------------------------------------------
 
-_SPLASH_LANES = 128  # the kernel's sequence blocks are multiples of the TPU lane width
+_KERNEL_BLOCK = 128  # both fused kernels work on sequence blocks of 128 (splash: the TPU lane width)
 
 
 def _splash_block(length: int) -> int:
@@ -222,7 +222,7 @@ def _per_device_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceM
     """Run a per-device fused kernel (``local_fn(q, k, v, valid, causal=, interpret=)``) on ``[B, T, N, H]``,
     the sequence padded to a multiple of 128, under ``shard_map`` when a mesh is active."""
     b, t = q.shape[:2]
-    pad = -t % _SPLASH_LANES
+    pad = -t % _KERNEL_BLOCK
     valid = mask.valid
     if pad:
         widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731

@@ -12,7 +12,7 @@ the hand-written VJPs are used (the behaviour of every test and of CPU training)
 
 Matmul input barriers (``model.matmul_barrier``) are chosen the same way: XLA:TPU fuses the elementwise work that
 produces a matmul's input (RMSNorm, ``silu(gate) * up``, the dropout select) into the matmul itself and recomputes
-it for every tile of the output, which the v5p compiler's cost model puts at 52-69 % of the MXU's rate for the
+it for every tile of the output, which the v5p compiler's cost model puts at 42-69 % of the MXU's rate for the
 LLM projections instead of 85-92 %. An ``optimization_barrier`` on a projection's input makes XLA write that input
 once and feed the matmul from memory (and, by the barrier's transpose, the same for the input's gradient in the
 backward pass). ``auto`` uses them on TPU, where the cost model measured them (docs/benchmarks.md); XLA:GPU's
