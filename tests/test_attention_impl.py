@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from osum_jax.models import OSUM
-from osum_jax.models.attention import SequenceMask, dot_product_attention, resolve_impl
+from osum_jax.models.attention import (SequenceMask, dot_product_attention, heads_major, resolve_impl,
+                                       sequence_multiple)
 from osum_jax.models.sharding import activation_rules
 from osum_jax.train.mesh import build_mesh
 from osum_jax.config import MeshConfig, DEFAULT_ACTIVATION_RULES
@@ -45,6 +46,10 @@ def test_fused_kernel_equals_einsum_with_holes_and_gqa(causal, kernel):
     grads = {impl: jax.grad(loss(impl), argnums=(0, 1, 2))(q, kk, v) for impl in ("xla", kernel)}
     for a, r in zip(grads[kernel], grads["xla"]):
         assert np.abs(np.asarray(a) - np.asarray(r)).max() <= 1e-4 * np.abs(np.asarray(r)).max()
+    if kernel == "splash":  # the heads-major entry ([B, N, T, H] in and out) the projections feed on TPU
+        swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        hm = swap(dot_product_attention(swap(q), swap(kk), swap(v), mask, "splash", heads_major=True))
+        np.testing.assert_allclose(np.where(sel, hm, 0), np.where(sel, out["xla"], 0), atol=2e-5, rtol=1e-4)
 
 
 def test_auto_is_einsum_on_cpu_and_dense_masks_never_go_to_splash():
@@ -53,6 +58,11 @@ def test_auto_is_einsum_on_cpu_and_dense_masks_never_go_to_splash():
     assert resolve_impl("splash", jnp.float32, 64, jnp.ones((1, 1, 1, 8), bool)) == "xla"
     assert resolve_impl("cudnn", jnp.bfloat16, 64, SequenceMask(valid)) == "cudnn"
     assert resolve_impl("pallas", jnp.float32, 64, jnp.ones((1, 1, 1, 8), bool)) == "xla"
+    # the model pads its sequence once (to the kernels' 128 blocks) and projects heads-major only for splash
+    assert [sequence_multiple(i, jnp.bfloat16, 64) for i in ("auto", "xla", "splash", "pallas")] == [1, 1, 128, 128]
+    assert [heads_major(i, jnp.bfloat16, 64) for i in ("auto", "splash", "pallas")] == [False, True, False]
+    with pytest.raises(ValueError, match="splash kernel only"):
+        dot_product_attention(*[jnp.ones((1, 2, 8, 4))] * 3, SequenceMask(valid), "xla", heads_major=True)
 
 
 def test_auto_on_gpu_is_cudnn_else_pallas_for_16_bit(monkeypatch):

@@ -80,3 +80,60 @@ def test_auto_puts_matmul_barriers_on_tpu_only():
 
     assert resolve_barrier("auto", "tpu") and not resolve_barrier("auto", "cpu") and not resolve_barrier("auto", "gpu")
     assert resolve_barrier("always", "cpu") and not resolve_barrier("never", "tpu")
+
+
+def test_heads_major_projections_equal_token_major():
+    """The projections the splash path uses (``to_heads`` / ``from_heads``: einsums emitting or reading
+    ``[B, N, T, H]``) give the token-major projection's values and gradients, with the hand-written einsum VJP
+    and with plain autodiff (and, with dropout, the two VJPs agree with each other)."""
+    from osum_jax.models.layers import Linear
+    from osum_jax.models.lora import LoRALinear
+    from osum_jax.models.positions import apply_rope
+
+    rng = np.random.default_rng(0)
+    b, t, d, n, h = 2, 5, 16, 4, 8
+    x = jax.numpy.asarray(rng.standard_normal((b, t, d)), np.float32)
+    heads = jax.numpy.asarray(rng.standard_normal((b, n, t, h)), np.float32)
+    kw = dict(rank=4, alpha=8, lora_dropout=0.1, init_std=0.1, dtype=np.float32, param_dtype=np.float32)
+    up = LoRALinear(d, n * h, axes=("embed", "heads"), use_bias=True, rngs=nnx.Rngs(1), **kw)
+    down = LoRALinear(n * h, d, axes=("heads", "embed"), use_bias=False, rngs=nnx.Rngs(2), **kw)
+    up.bias[...] = up.bias[...] + 0.2
+    for m in (up, down):
+        m.lora_b[...] = m.lora_b[...] + 0.3  # B = 0 at init: make the adapters contribute
+    to_tokens = lambda y: y.transpose(0, 2, 1, 3)  # noqa: E731 - [B, N, T, H] <-> [B, T, N, H]
+
+    def grads(module, fn, inp, key=None):
+        graphdef, params = nnx.split(module)
+
+        def loss(params, inp):
+            return jax.numpy.sum(jax.numpy.sin(fn(nnx.merge(graphdef, params), inp, key)))
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, inp)
+
+    cases = [  # (module, heads-major call, the token-major call it must equal, input)
+        (up, lambda m, x, k: m.to_heads(x, n, k), lambda m, x, k: to_tokens(m(x, k).reshape(b, t, n, h)), x),
+        (down, lambda m, o, k: m.from_heads(o, k), lambda m, o, k: m(to_tokens(o).reshape(b, t, n * h), k), heads),
+    ]
+    for on in (True, False):
+        with custom_vjps(on):
+            for module, f_heads, f_tokens, inp in cases:
+                (lh, gh), (lt, gt) = grads(module, f_heads, inp), grads(module, f_tokens, inp)
+                np.testing.assert_allclose(lh, lt, rtol=1e-5)
+                for u, v in zip(jax.tree.leaves(gh), jax.tree.leaves(gt), strict=True):
+                    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+    key = jax.random.key(7)  # with dropout: the hand-written einsum VJP equals autodiff of the same forward
+    for module, f_heads, _, inp in cases:
+        runs = []
+        for on in (True, False):
+            with custom_vjps(on):
+                runs.append(grads(module, f_heads, inp, key))
+        np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6)
+        for u, v in zip(jax.tree.leaves(runs[0][1]), jax.tree.leaves(runs[1][1]), strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+    lin = Linear(d, n * h, axes=("embed", "heads"), rngs=nnx.Rngs(3))
+    lin_out = Linear(n * h, d, axes=("heads", "embed"), rngs=nnx.Rngs(4))
+    np.testing.assert_allclose(lin.to_heads(x, n), to_tokens(lin(x).reshape(b, t, n, h)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lin_out.from_heads(heads), lin_out(to_tokens(heads).reshape(b, t, n * h)),
+                               rtol=1e-5, atol=1e-6)
+    cos, sin = (jax.numpy.asarray(f(rng.standard_normal((b, t, h))), np.float32) for f in (np.cos, np.sin))
+    np.testing.assert_allclose(apply_rope(heads, cos, sin, heads_major=True),
+                               to_tokens(apply_rope(to_tokens(heads), cos, sin)), rtol=1e-6)

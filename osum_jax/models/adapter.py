@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import AdapterConfig
-from .attention import SequenceMask, padding_mask
+from .attention import SequenceMask, padding_mask, sequence_multiple
 from .encoder_block import EncoderBlock
 from .layers import Buffer, Conv1d, LayerNorm, Linear, as_dtype, dropout, gelu, param, split_key
 from .positions import espnet_sinusoids
@@ -71,6 +71,7 @@ class SpeechTransformer(nnx.Module):
         self.xscale = float(d) ** 0.5
         self.dtype = dtype
         self.remat = remat
+        self.attention_impl = attention_impl
 
     def __call__(self, x: jax.Array, lengths: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         t = x.shape[1]
@@ -80,10 +81,13 @@ class SpeechTransformer(nnx.Module):
         x = dropout(self.input_norm(self.input_proj(x)), self.cfg.dropout, k_in)
         x = x * jnp.asarray(self.xscale, self.dtype) + self.pos_table[:t].astype(self.dtype)
         x = dropout(x, self.cfg.positional_dropout, k_pos)
-        mask = SequenceMask(padding_mask(lengths, t), prefix=True)
+        pad = -t % sequence_multiple(self.attention_impl, self.dtype, x.shape[-1] // self.cfg.num_heads)
+        if pad:  # once for all layers, as in the Whisper encoder
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        mask = SequenceMask(padding_mask(lengths, t + pad), prefix=True)
         x = run_stacked(self.layers, x, lambda layer, h, k: layer(h, mask, k), self.cfg.num_layers,
                         dropout_key=k_layers, remat=self.remat)
-        return self.layer_norm(x)
+        return self.layer_norm(x[:, :t])
 
 
 class Adapter(nnx.Module):

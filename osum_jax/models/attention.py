@@ -104,14 +104,24 @@ def impl_for(impl: str, plat: str, dtype, head_dim: int) -> str:
     return "xla"
 
 
+def heads_major(impl: str, dtype, head_dim: int) -> bool:
+    """True when self-attention ``impl`` runs the splash kernel here, which works on heads-major ``[B, N, T, H]``:
+    the projections then emit that layout themselves (the transposes fold into their matmuls)."""
+    return impl_for(impl, platform(), dtype, head_dim) == "splash"
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "SequenceMask | jax.Array | None",
-                          impl: str = "auto") -> jax.Array:
-    """Scaled dot-product attention (scale ``1/sqrt(H)``), ``[B, T, N, H]``."""
+                          impl: str = "auto", *, heads_major: bool = False) -> jax.Array:
+    """Scaled dot-product attention (scale ``1/sqrt(H)``), ``[B, T, N, H]``, or ``[B, N, T, H]`` in and out with
+    ``heads_major`` (splash only, see :func:`heads_major`)."""
     impl = resolve_impl(impl, q.dtype, q.shape[-1], mask)
+    if heads_major and impl != "splash":
+        raise ValueError(f"heads-major attention runs the splash kernel only, not {impl!r}")
     if impl in ("splash", "pallas"):
         if not isinstance(mask, SequenceMask):
             raise ValueError(f"attention_impl={impl!r} needs a SequenceMask (self-attention), not a dense mask")
-        return _per_device_kernel(q, k, v, mask, _splash_local if impl == "splash" else _pallas_gpu_local)
+        local = functools.partial(_splash_local, heads_major=heads_major) if impl == "splash" else _pallas_gpu_local
+        return _per_device_kernel(q, k, v, mask, local, heads_major=heads_major)
     if impl == "cudnn":
         if isinstance(mask, SequenceMask):
             if mask.prefix and not mask.causal:
@@ -128,6 +138,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Seque
     if not kernels.enabled():  # plain autodiff of the same forward (models/kernels.py)
         return _attention_fwd_core(q, k, v, mask)[0]
     return _attention(q, k, v, mask)
+
+
+def sequence_multiple(impl: str, dtype, head_dim: int) -> int:
+    """The sequence-length multiple the self-attention ``impl`` works on (``impl`` as configured, resolved for the
+    current platform): 128 for the fused kernels, which pad shorter blocks themselves, else 1.
+
+    A stack of layers pads its sequence to this multiple once, instead of every layer padding q/k/v and slicing
+    the output (on the compiled v5p step those per-layer pads and slices were copies of every q/k/v/o)."""
+    resolved = impl_for(impl, platform(), dtype, head_dim)
+    return _KERNEL_BLOCK if resolved in ("splash", "pallas") else 1
 
 
 # -- splash attention (TPU Pallas kernel) -------------------------------------------------------------------------
@@ -151,21 +171,23 @@ def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
                               interpret=interpret)
 
 
-def _splash_local(q, k, v, valid, *, causal: bool, interpret: bool):
-    """Per-device splash attention on ``[b, T, n, H]`` with ``T`` a multiple of 128."""
+def _splash_local(q, k, v, valid, *, causal: bool, interpret: bool, heads_major: bool = False):
+    """Per-device splash attention on ``[b, T, n, H]`` (``[b, n, T, H]`` if ``heads_major``), ``T`` a multiple of
+    128."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
+    t_axis, n_axis = (2, 1) if heads_major else (1, 2)
     # built per trace, not cached: the kernel holds its block-mask tables as arrays of the current trace
-    kernel = _splash_kernel(q.shape[1], q.shape[2], causal, interpret)
+    kernel = _splash_kernel(q.shape[t_axis], q.shape[n_axis], causal, interpret)
     scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     # valid positions are segment 1, padding segment 0: a valid query sees exactly the valid keys (and the causal
     # mask); a padding query sees padding keys, so no row is ever fully masked
     seg = valid.astype(jnp.int32)
+    to_kernel = (lambda x: x) if heads_major else (lambda x: jnp.swapaxes(x, 0, 1))  # -> the kernel's [n, T, H]
 
-    def one(qb, kb, vb, sb):  # [T, n, H] -> the kernel's [n, T, H]
-        o = kernel(jnp.swapaxes(qb * scale, 0, 1), jnp.swapaxes(kb, 0, 1), jnp.swapaxes(vb, 0, 1),
-                   segment_ids=SegmentIds(q=sb, kv=sb))
-        return jnp.swapaxes(o, 0, 1)
+    def one(qb, kb, vb, sb):
+        o = kernel(to_kernel(qb * scale), to_kernel(kb), to_kernel(vb), segment_ids=SegmentIds(q=sb, kv=sb))
+        return to_kernel(o)
 
     run = jax.vmap(one)
     if q.dtype in (jnp.bfloat16, jnp.float16):
@@ -218,27 +240,35 @@ def _pallas_gpu_local(q, k, v, valid, *, causal: bool, interpret: bool):
     return run(q, k, v, seg)
 
 
-def _per_device_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceMask, local_fn) -> jax.Array:
-    """Run a per-device fused kernel (``local_fn(q, k, v, valid, causal=, interpret=)``) on ``[B, T, N, H]``,
-    the sequence padded to a multiple of 128, under ``shard_map`` when a mesh is active."""
-    b, t = q.shape[:2]
+def _per_device_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceMask, local_fn, *,
+                       heads_major: bool = False) -> jax.Array:
+    """Run a per-device fused kernel (``local_fn(q, k, v, valid, causal=, interpret=)``) on ``[B, T, N, H]``
+    (``[B, N, T, H]`` if ``heads_major``), the sequence padded to a multiple of 128, under ``shard_map`` when a
+    mesh is active."""
+    t_axis, n_axis = (2, 1) if heads_major else (1, 2)
+    b, t = q.shape[0], q.shape[t_axis]
     pad = -t % _KERNEL_BLOCK
     valid = mask.valid
     if pad:
-        widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
-        q, k, v, valid = widen(q), widen(k), widen(v), widen(valid)
+        def widen(x, axis):
+            return jnp.pad(x, [(0, pad) if i == axis else (0, 0) for i in range(x.ndim)])
+        q, k, v, valid = widen(q, t_axis), widen(k, t_axis), widen(v, t_axis), widen(valid, 1)
     interpret = platform() == "cpu"
     local = functools.partial(local_fn, causal=mask.causal, interpret=interpret)
     mesh = activation_mesh()
     if mesh is not None:
         # a Pallas kernel is per device: run it under shard_map, batch split like the activations, heads split
         # over the mesh axes of act_heads when they divide both query and key/value heads
-        batch_axes, head_axes = activation_specs(("act_batch", "act_heads"), (b, (q.shape[2], k.shape[2])))
-        spec = jax.sharding.PartitionSpec(batch_axes, None, head_axes, None)
+        batch_axes, head_axes = activation_specs(("act_batch", "act_heads"),
+                                                 (b, (q.shape[n_axis], k.shape[n_axis])))
+        dims = (batch_axes, head_axes, None, None) if heads_major else (batch_axes, None, head_axes, None)
+        spec = jax.sharding.PartitionSpec(*dims)
         local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch_axes)),
                               out_specs=spec, check_vma=False)
     out = local(q, k, v, valid)
-    return out[:, :t] if pad else out
+    if not pad:
+        return out
+    return out[:, :, :t] if heads_major else out[:, :t]
 
 
 # The einsum attention, same numerics as jax.nn.dot_product_attention(implementation="xla") up to float32

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from .attention import dot_product_attention
+from .attention import dot_product_attention, heads_major
 from .layers import LayerNorm, Linear, activation, dropout, split_key
 
 
@@ -31,6 +31,10 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         b, t, d = x.shape
+        if heads_major(self.attention_impl, self.q_proj.dtype, d // self.num_heads):
+            q, k, v = (p.to_heads(x, self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+            return self.out_proj.from_heads(dot_product_attention(q, k, v, mask, self.attention_impl,
+                                                                  heads_major=True))
         shape = (b, t, self.num_heads, d // self.num_heads)
         q = self.q_proj(x).reshape(shape)
         k = self.k_proj(x).reshape(shape)

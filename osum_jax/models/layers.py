@@ -65,6 +65,9 @@ def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.
     and low halves), halving the hashes. Odd last dimensions fall back to one word per element."""
     threshold = min(max(int(round(rate * 65536)), 1), 65535)
     keep_p = 1.0 - threshold / 65536
+    if str(jax.random.key_impl(key)) in ("rbg", "unsafe_rbg"):
+        # XLA's RngBitGenerator emits 16-bit values directly (no hash per element to share)
+        return jax.random.bits(key, shape, jnp.uint16) >= threshold, keep_p
     if shape and shape[-1] % 2 == 0:
         words = jax.random.bits(key, (*shape[:-1], shape[-1] // 2), jnp.uint32)
         halves = jnp.concatenate([words >> 16, words & 0xFFFF], axis=-1)
@@ -115,6 +118,23 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+    def to_heads(self, x: jax.Array, heads: int) -> jax.Array:
+        """``[B, T, in] -> [B, N, T, out / N]``: the projection emitted heads-major (same values as ``self(x)``
+        reshaped and transposed; the compiler folds the transpose into the matmul)."""
+        w = self.kernel[...].astype(self.dtype)
+        y = jnp.einsum("btd,dnh->bnth", x.astype(self.dtype), w.reshape(w.shape[0], heads, -1))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype).reshape(heads, 1, -1)
+        return y
+
+    def from_heads(self, x: jax.Array) -> jax.Array:
+        """``[B, N, T, H] -> [B, T, out]``, ``self`` applied to the heads concatenated along features."""
+        n, h = x.shape[1], x.shape[3]
+        y = jnp.einsum("bnth,nhd->btd", x.astype(self.dtype), self.kernel[...].astype(self.dtype).reshape(n, h, -1))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

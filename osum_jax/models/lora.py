@@ -8,6 +8,7 @@ adapter leaves the base model unchanged. ``A``/``B`` are ``nnx.LoRAParam`` (a su
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -39,11 +40,8 @@ class LoRALinear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        x = x.astype(self.dtype)
-        if kernels.barriers_enabled():
-            # XLA:TPU would fuse the elementwise producer of x (RMSNorm, silu(gate) * up) into the matmul and
-            # recompute it per output tile; written once instead (models/kernels.py, model.matmul_barrier)
-            x = jax.lax.optimization_barrier(x)
+        """``[B, T, in] -> [B, T, out]``."""
+        x = self._input(x)
         if self.lora_a is None:
             y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         else:
@@ -56,6 +54,55 @@ class LoRALinear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+    def to_heads(self, x: jax.Array, heads: int, dropout_key: jax.Array | None = None) -> jax.Array:
+        """``[B, T, in] -> [B, N, T, out / N]``: ``self(x)`` emitted heads-major, the transpose folded into the
+        matmuls (for the splash kernel, see ``attention.heads_major``)."""
+        x = self._input(x)
+        w, a, b = self._split(heads, out=True)
+        y = self._einsum(("btd", "dnh", "dr", "btr", "rnh", "bnth"), x, w, a, b, dropout_key)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype).reshape(heads, 1, -1)
+        return y
+
+    def from_heads(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """``[B, N, T, H] -> [B, T, out]``: ``self`` applied to the heads concatenated along features (the
+        dropout mask drawn in the heads-major shape)."""
+        x = self._input(x)
+        w, a, b = self._split(x.shape[1], out=False)
+        y = self._einsum(("bnth", "nhd", "nhr", "btr", "rd", "btd"), x, w, a, b, dropout_key)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+    def _input(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        if kernels.barriers_enabled():
+            # XLA:TPU would fuse the elementwise producer of x (RMSNorm, silu(gate) * up) into the matmul and
+            # recompute it per output tile; written once instead (models/kernels.py, model.matmul_barrier)
+            x = jax.lax.optimization_barrier(x)
+        return x
+
+    def _split(self, heads: int, *, out: bool):
+        """The kernel (and adapters) with the ``out`` (or ``in``) features split into ``[heads, head_dim]``."""
+        w = self.kernel[...].astype(self.dtype)
+        w = w.reshape(w.shape[0], heads, -1) if out else w.reshape(heads, -1, w.shape[1])
+        if self.lora_a is None:
+            return w, None, None
+        a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+        if out:
+            return w, a, b.reshape(b.shape[0], heads, -1)
+        return w, a.reshape(heads, -1, a.shape[1]), b
+
+    def _einsum(self, subs, x, w, a, b, dropout_key):
+        xs, ws, as_, lows, bs, ys = subs
+        if a is None:
+            return jnp.einsum(f"{xs},{ws}->{ys}", x, w)
+        xd = dropout(x, self.lora_dropout, dropout_key)
+        scaling = jnp.asarray(self.scaling, self.dtype)
+        if kernels.enabled():
+            return _lora_einsum(subs, x, xd, w, a, b, scaling)
+        return _lora_einsum_fwd(subs, x, xd, w, a, b, scaling)[0]
 
     def merge_(self) -> None:
         """Fold the adapter into the base kernel in place (``W += scaling * A @ B``; then ``B = 0``).
@@ -114,3 +161,36 @@ def _lora_matmul_bwd(res, dy):
 
 
 _lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
+
+
+# The same products for any einsum subscripts ``(x, W, A, low, B, y)``: ``y = x W + scaling (xd A) B``. Used for
+# projections emitted (or read) heads-major, where a 2-D matmul would need a transpose around it.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lora_einsum(subs, x, xd, w, a, b, scaling):
+    return _lora_einsum_fwd(subs, x, xd, w, a, b, scaling)[0]
+
+
+def _lora_einsum_fwd(subs, x, xd, w, a, b, scaling):
+    xs, ws, as_, lows, bs, ys = subs
+    low = jnp.einsum(f"{xs},{as_}->{lows}", xd, a)
+    y = jnp.einsum(f"{xs},{ws}->{ys}", x, w) + jnp.einsum(f"{lows},{bs}->{ys}", low, b) * scaling
+    return y, (x, xd, w, a, b, scaling, low)
+
+
+def _lora_einsum_bwd(subs, res, dy):
+    xs, ws, as_, lows, bs, ys = subs
+    x, xd, w, a, b, scaling, low = res
+    dys = dy * scaling
+    dlow = jnp.einsum(f"{ys},{bs}->{lows}", dys, b)
+    dx = jnp.einsum(f"{ys},{ws}->{xs}", dy, w)
+    dxd = jnp.einsum(f"{lows},{as_}->{xs}", dlow, a)
+    dw = jnp.einsum(f"{xs},{ys}->{ws}", x, dy)  # dead code (removed by XLA) when the base kernel is frozen
+    da = jnp.einsum(f"{xs},{lows}->{as_}", xd, dlow)
+    db = jnp.einsum(f"{lows},{ys}->{bs}", low, dys)
+    dscale = jnp.sum(jnp.einsum(f"{lows},{bs}->{ys}", low, b) * dy).astype(scaling.dtype)
+    return dx, dxd, dw, da, db, dscale
+
+
+_lora_einsum.defvjp(_lora_einsum_fwd, _lora_einsum_bwd)

@@ -44,10 +44,12 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x [B, S, N, H]`` by ``cos/sin [B, S, H]`` (``rotate_half`` convention of HF Qwen2/LLaMA)."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, heads_major: bool = False) -> jax.Array:
+    """Rotate ``x [B, S, N, H]`` (``[B, N, S, H]`` if ``heads_major``) by ``cos/sin [B, S, H]`` (``rotate_half``
+    convention of HF Qwen2/LLaMA)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos = cos[:, :, None, :].astype(x.dtype)
-    sin = sin[:, :, None, :].astype(x.dtype)
+    at = 1 if heads_major else 2
+    cos = jnp.expand_dims(cos, at).astype(x.dtype)
+    sin = jnp.expand_dims(sin, at).astype(x.dtype)
     return x * cos + rotated * sin

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import LLMConfig, LoRAConfig
-from .attention import SequenceMask, dot_product_attention
+from .attention import SequenceMask, dot_product_attention, heads_major, sequence_multiple
 from .layers import RMSNorm, as_dtype, param, silu, split_key
 from .lora import LoRALinear
 from .positions import apply_rope, rope_cos_sin
@@ -56,6 +56,12 @@ class Qwen2Attention(nnx.Module):
         """
         b, s, _ = x.shape
         kq, kk, kv, ko = split_key(dropout_key, 4)
+        if isinstance(mask, SequenceMask) and heads_major(self.attention_impl, self.q_proj.dtype, self.head_dim):
+            q = apply_rope(self.q_proj.to_heads(x, self.num_heads, kq), cos, sin, heads_major=True)
+            k = apply_rope(self.k_proj.to_heads(x, self.num_kv_heads, kk), cos, sin, heads_major=True)
+            v = self.v_proj.to_heads(x, self.num_kv_heads, kv)
+            o = dot_product_attention(q, k, v, mask, self.attention_impl, heads_major=True)
+            return self.o_proj.from_heads(o, ko)
         q = self.q_proj(x, kq).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x, kk).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, kv).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -122,6 +128,7 @@ class Qwen2(nnx.Module):
         self.cfg = cfg
         self.dtype = dt
         self.remat = remat
+        self.attention_impl = attention_impl
 
     def embed(self, ids: jax.Array) -> jax.Array:
         """``ids [...]`` (all >= 0) -> embeddings ``[..., D]`` in the compute dtype."""
@@ -130,12 +137,17 @@ class Qwen2(nnx.Module):
     def __call__(self, inputs_embeds: jax.Array, valid: jax.Array, positions: jax.Array,
                  dropout_key: jax.Array | None = None) -> jax.Array:
         """``inputs_embeds [B, S, D]``, ``valid [B, S]`` bool, ``positions [B, S]`` -> normed hidden ``[B, S, D]``."""
+        s = inputs_embeds.shape[1]
+        pad = -s % sequence_multiple(self.attention_impl, self.dtype, self.cfg.resolved_head_dim)
+        if pad:  # once for all layers: trailing padding is invalid, so no valid position ever attends to it
+            inputs_embeds = jnp.pad(inputs_embeds, ((0, 0), (0, pad), (0, 0)))
+            valid, positions = jnp.pad(valid, ((0, 0), (0, pad))), jnp.pad(positions, ((0, 0), (0, pad)))
         cos, sin = rope_cos_sin(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta)
         mask = SequenceMask(valid, causal=True)
         x = run_stacked(self.layers, inputs_embeds.astype(self.dtype),
                         lambda layer, h, k: layer(h, cos, sin, mask, k), self.cfg.num_layers,
                         dropout_key=dropout_key, remat=self.remat)
-        return self.norm(x)
+        return self.norm(x[:, :s])
 
     def init_cache(self, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
         """Empty KV cache ``[layers, B, max_len, KV, head_dim]`` (keys, values) in the compute dtype."""

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import EncoderConfig
-from .attention import SequenceMask, padding_mask
+from .attention import SequenceMask, padding_mask, sequence_multiple
 from .encoder_block import EncoderBlock
 from .layers import Buffer, Conv1d, LayerNorm, as_dtype, dropout, gelu, param, split_key
 from .positions import whisper_sinusoids
@@ -58,6 +58,7 @@ class WhisperEncoder(nnx.Module):
         self.cfg = cfg
         self.dtype = dt
         self.remat = remat
+        self.attention_impl = attention_impl
 
     def __call__(self, feats: jax.Array, lengths: jax.Array,
                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -77,7 +78,10 @@ class WhisperEncoder(nnx.Module):
         out_lengths = whisper_output_lengths(lengths)
         x = x + self.embed_positions[:t1].astype(self.dtype)
         x = dropout(x, self.cfg.positional_dropout, k_pos)
-        mask = SequenceMask(padding_mask(out_lengths, t1), prefix=True)
+        pad = -t1 % sequence_multiple(self.attention_impl, self.dtype, self.cfg.d_model // self.cfg.num_heads)
+        if pad:  # once for all layers (padding frames are masked keys and never reach a valid frame)
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        mask = SequenceMask(padding_mask(out_lengths, t1 + pad), prefix=True)
         x = run_stacked(self.layers, x, lambda layer, h, k: layer(h, mask, k), self.cfg.num_layers,
                         dropout_key=k_layers, remat=self.remat)
-        return self.layer_norm(x), out_lengths
+        return self.layer_norm(x[:, :t1]), out_lengths
