@@ -147,7 +147,7 @@ chip, `scripts/bench_aot.py`'s settings plus `model.llm.num_layers=4 model.encod
 | variant | step (cost model) | MFU |
 |---|---|---|
 | the settings above before this change | 101.2 ms | 30.8 % |
-| **`optimization_barrier` on each LLM projection's input (`model.matmul_barrier=auto`, the default now on TPU)** | **96.4 ms** | **32.3 %** |
+| `optimization_barrier` on each LLM projection's input (`model.matmul_barrier=auto`, the default on TPU) | 96.4 ms | 32.3 % |
 | the same, and on the encoder/adapter `Linear` inputs | 98.1 ms | 31.8 % |
 | barriers on inputs and outputs of every LLM projection | 99.8 ms | 31.2 % |
 | barriers on the gate/up outputs and on `silu(gate) * up` | 103.3 ms | 30.2 % |
@@ -156,26 +156,39 @@ chip, `scripts/bench_aot.py`'s settings plus `model.llm.num_layers=4 model.encod
 | a remat policy that recomputes the rank-8 LoRA products instead of saving them | 105.2 ms | 29.6 % |
 | dropout masks from a broadcast of the 32-bit words instead of a concatenation | 109.6 ms | 28.5 % |
 | no dropout at all (not OSUM's recipe: an upper bound for what dropout costs) | 86.3 ms | 36.1 % |
+| barriers, and the Whisper encoder's sequence padded once to the kernel's 128-row blocks (not per layer) | 94.1 ms | 33.1 % |
+| the same for all three stacks (encoder, adapter, Qwen2) | 92.3 ms | 33.8 % |
+| and the encoder's q/k/v/out projections heads-major (`[B, N, T, H]` straight out of the matmul) | 91.1 ms | 34.2 % |
+| **and Qwen2's projections heads-major too (LoRA through one einsum VJP): the default now on TPU** | **89.2 ms** | **35.0 %** |
+| that, with `train.dropout_rng=hash` (masks from a counter hash of threefry keys; opt-in, docs/training.md) | 86.8 ms | 35.9 % |
+| that, with `train.dropout_rng=rbg` / `unsafe_rbg` (not trusted, see below) | 80.6 / 80.4 ms | 38.7 / 38.8 % |
+| before the layout change: `rbg` / `unsafe_rbg` dropout keys | 95.2 / 93.4 ms | 32.8 / 33.4 % |
 
-On the full step (v5p, data 16) the barriers moved 4 utterances per chip from 582 to 545 ms (MFU 31.2 -> 33.3 %)
-and 8 per chip from 1052 to 1042 ms (34.5 -> 34.8 %; XLA fuses the larger shapes differently). Where the cycles go with them
-(the proxy, per scan iteration, the splash kernels apart; efficiency = FLOPs / (cycles x calibrated peak)):
+The hardware generator's rows are not a result: XLA does not partition `rng-bit-generator`, so every chip draws
+the random bits of the global batch (`u16[64, 640, 3584]` per mask on 16 chips with 4 utterances each, then
+slices its 4 rows out: 16x the draws, +2.1 GB on the proxy), and the TPU cost model gives a standalone
+`rng-bit-generator` instruction no cycles. Drawing the bits per chip (a `shard_map` around the draw) and
+charging the generator a measured rate are the prerequisites before `rbg` can be judged, on a TPU.
+
+Where the cycles go now (the proxy, per scan iteration, the splash kernels apart; efficiency = FLOPs / (cycles x
+calibrated peak); before the layout change: LLM forward 5.99 ms, backward 6.77, encoder 1.96 / 2.56):
 
 | loop | ms | matmuls | dropout masks | rank-8 LoRA | layout copies, pads | elementwise | residual saves |
 |---|---|---|---|---|---|---|---|
-| LLM layer, forward | 5.99 | 48 % (at 89 %) | 22 % | 14 % | 7 % | 5 % | 6 % |
-| LLM layer, backward (recompute included) | 6.77 | 53 % (at 71 %) | 0 % | 11 % | 11 % | 25 % | 0 % |
-| encoder layer, forward | 1.96 | 31 % (at 53 %) | 27 % | 0 % | 25 % | 12 % | 6 % |
-| encoder layer, backward | 2.56 | 43 % (at 58 %) | 0 % | 0 % | 26 % | 27 % | 5 % |
+| LLM layer, forward | 5.87 | 50 % (at 89 %) | 24 % | 14 % | 0 % | 5 % | 7 % |
+| LLM layer, backward (recompute included) | 5.90 | 60 % (at 74 %) | 1 % | 12 % | 1 % | 25 % | 2 % |
+| encoder layer, forward | 1.72 | 53 % (at 37 %) | 33 % | 0 % | 0 % | 10 % | 4 % |
+| encoder layer, backward | 2.04 | 56 % (at 59 %) | 4 % | 0 % | 13 % | 18 % | 8 % |
 
-Not reached on TPU: the 45 % MFU goal (best 34.8 %, v5p data 16, 8 utterances per chip); reached on GPU as a
-roofline bound (69.4 %, 8 x H100, 8 utterances per GPU). What would move the TPU figure, not done: the dropout
-masks (a cheaper counter-based hash than threefry for them, or the hardware generator, whose cost the cost model
-does not show, so it cannot be judged here); the rank-8 LoRA products (an 8-wide operand on a 128-wide MXU: LoRA A
-fused into the frozen projections' matmuls, which the dropout on LoRA's input stands in the way of); the
-encoder's attention layout (16 heads of 64 fill half a 128-lane tile, and the pad of 1450 frames to the kernel's
-1536 and back is copied per layer: padding the sequence once at model level and projecting straight into
-`[B, N, T, H]` would remove most of it).
+Not reached on TPU: the 45 % MFU goal (best: the table at the top of this section, v5p data 16, 8 utterances per
+chip); reached on GPU as a roofline bound (8 x H100, 8 utterances per GPU). What would move the TPU figure, not
+done: the dropout masks (a quarter of the LLM forward and a third of the encoder forward; the opt-in counter
+hash takes 2.8 of the proxy's 9.8 ms of them, the hardware generator drawn per chip, see above, might take
+more); the rank-8 LoRA products
+(an 8-wide operand on a 128-wide MXU: LoRA A fused into the frozen projections' matmuls, which the dropout on
+LoRA's input stands in the way of); the LLM backward's elementwise quarter (SiLU/RMSNorm recompute and the
+`silu(gate) * up` gradients over 18944-wide rows, fused into the down/up projections' matmul inputs, 60-69 %
+efficient against 92 % for the same matmuls in the forward); the encoder's matmuls (1024-wide, 37-59 %).
 
 GPU rows: the roofline bound `max(FLOPs / peak, HBM bytes / bandwidth)` counts cuBLAS GEMM FLOPs (XLA's library
 calls; osum-train turns Triton GEMMs off on GPU, see docs/training.md), the Triton attention kernels' FLOPs, and,

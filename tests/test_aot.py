@@ -119,7 +119,7 @@ def test_tpu_step_runs_splash_attention_kernels_and_charges_them(tiny_tpu_report
     the report counts its FLOPs, which the TPU cost model does not see."""
     cfg, r = tiny_tpu_report
     m, b = cfg.model, r["batch_shape"]
-    assert r["attention"] == "splash"
+    assert r["attention"] == "splash" and r["dropout_rng"] == "threefry2x32"
     local = b["batch"] // r["devices"]
     pad = lambda n: -(-n // 128) * 128  # noqa: E731  (the kernel works on 128-row blocks)
     t1 = -(-b["frames"] // 2)
@@ -164,7 +164,7 @@ def test_cli_compiles_for_a_gpu_target_as_json_and_refuses_without_plan(gpu_comp
     assert 0.8 <= r["hlo_flops"] / r["model_flops"] <= 2.0, (r["hlo_flops"], r["model_flops"])
     # bf16 on a GPU target without cuDNN (this host): the Pallas (Triton) flash-attention kernel, not the einsum
     # path (no [B, N, T, S] scores in the program), its FLOPs counted with the rest
-    assert r["attention"] == "pallas"
+    assert r["attention"] == "pallas" and r["dropout_rng"] == "threefry2x32"
     # (osum-train turns XLA's Triton GEMMs off on GPU: every matmul is a cuBLAS custom call, counted above)
     bad = subprocess.run([OSUM_TRAIN, "configs/tiny.yaml", "--target", "cuda:h100:8"], capture_output=True,
                          text=True, timeout=300)

@@ -27,6 +27,7 @@ from typing import Iterator
 
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("osum_custom_vjp", default=True)
 _BARRIERS: contextvars.ContextVar[bool] = contextvars.ContextVar("osum_matmul_barrier", default=False)
+_HASH_MASKS: contextvars.ContextVar[bool] = contextvars.ContextVar("osum_hash_masks", default=False)
 
 
 def _switch(var: contextvars.ContextVar[bool]):
@@ -45,6 +46,7 @@ def _switch(var: contextvars.ContextVar[bool]):
 
 custom_vjps = _switch(_ENABLED)
 matmul_barriers = _switch(_BARRIERS)
+hash_masks = _switch(_HASH_MASKS)
 
 
 def enabled() -> bool:
@@ -53,6 +55,10 @@ def enabled() -> bool:
 
 def barriers_enabled() -> bool:
     return _BARRIERS.get()
+
+
+def hash_masks_enabled() -> bool:
+    return _HASH_MASKS.get()
 
 
 def resolve(setting: str, platform: str) -> bool:

@@ -14,6 +14,7 @@ forward pass without a key is deterministic evaluation. There is no hidden train
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -65,15 +66,45 @@ def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.
     and low halves), halving the hashes. Odd last dimensions fall back to one word per element."""
     threshold = min(max(int(round(rate * 65536)), 1), 65535)
     keep_p = 1.0 - threshold / 65536
+    if kernels.hash_masks_enabled():
+        bits = functools.partial(_hash_bits, key)
+    else:
+        bits = functools.partial(jax.random.bits, key, dtype=jnp.uint32)
     if str(jax.random.key_impl(key)) in ("rbg", "unsafe_rbg"):
         # XLA's RngBitGenerator emits 16-bit values directly (no hash per element to share)
         return jax.random.bits(key, shape, jnp.uint16) >= threshold, keep_p
     if shape and shape[-1] % 2 == 0:
-        words = jax.random.bits(key, (*shape[:-1], shape[-1] // 2), jnp.uint32)
+        words = bits((*shape[:-1], shape[-1] // 2))
         halves = jnp.concatenate([words >> 16, words & 0xFFFF], axis=-1)
     else:
-        halves = jax.random.bits(key, shape, jnp.uint32) >> 16
+        halves = bits(shape) >> 16
     return halves >= threshold, keep_p
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """uint32 ``[shape]`` for dropout masks from a counter hash (``train.dropout_rng=hash``).
+
+    ``fmix32(fmix32(row ^ s0) ^ fmix32(col * φ ^ s1))`` with ``(s0, s1)`` drawn from ``key`` by threefry: one
+    finaliser per element (the row and column hashes are per row / per column), against threefry's 20 rounds.
+    Rows and columns are global indices (iotas), so a sharded mask is computed shard by shard, like JAX's
+    partitionable threefry. Not a cryptographic generator; the statistics dropout needs are tested
+    (tests/test_kernels.py)."""
+    s = jax.random.bits(key, (2,), jnp.uint32)
+    row_shape = (*shape[:-1], 1)
+    r = jnp.zeros(row_shape, jnp.uint32)
+    for axis in range(len(shape) - 1):  # the row-major index of each row, built in the mask's own shape
+        r = r * jnp.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, row_shape, axis)
+    c = jax.lax.broadcasted_iota(jnp.uint32, (1,) * (len(shape) - 1) + (shape[-1],), len(shape) - 1)
+    return _fmix32(_fmix32(r ^ s[0]) ^ _fmix32(c * jnp.uint32(0x9E3779B9) ^ s[1]))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

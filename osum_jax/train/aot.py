@@ -197,7 +197,7 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -
     else:
         step_s = max(hlo["flops"] / (chip.peak_tflops * 1e12), hlo["hbm_bytes"] / (chip.hbm_tb_s * 1e12))
         basis = "roofline bound (FLOPs / peak, HBM bytes / bandwidth)"
-    est = estimate(cfg, n, chip.hbm_gb, batch_shape=shape)
+    est = estimate(cfg, n, chip.hbm_gb, batch_shape=shape, platform=devices[0].platform)
     from ..models.attention import impl_for
 
     attention = impl_for(cfg.model.attention_impl, devices[0].platform, cfg.model.dtype,
@@ -205,7 +205,7 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -
     return {
         "target": target.spec, "devices": n, "mesh": dict(mesh.shape), "batch_shape": {"batch": b, "frames": t,
                                                                                       "prompt": p, "target": l_},
-        "compile_seconds": compile_s, "attention": attention,
+        "compile_seconds": compile_s, "attention": attention, "dropout_rng": program.rng_impl,
         "memory_bytes": memory,
         "hbm_bytes": chip.hbm_gb * GB,
         "headroom": 1.0 - total / (chip.hbm_gb * GB),
@@ -231,7 +231,7 @@ def format_report(r: dict[str, Any]) -> str:
     g = 1e9
     lines = [
         f"target {r['target']}: {r['devices']} devices, mesh {r['mesh']}, batch {r['batch_shape']} "
-        f"(compiled in {r['compile_seconds']:.0f} s, attention {r.get('attention', '?')})",
+        f"(compiled in {r['compile_seconds']:.0f} s, attention {r.get('attention', '?')}, dropout keys {r.get('dropout_rng', '?')})",
         "memory per device (compiler, GB):",
         f"  arguments {m['arguments'] / g:8.2f}   outputs {m['outputs'] / g:8.2f}   aliased {m['aliased'] / g:8.2f}"
         f"   temporaries {m['temporaries'] / g:8.2f}",

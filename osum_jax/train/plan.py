@@ -38,8 +38,9 @@ def _shard_elems(shape, spec: PartitionSpec, sizes: dict[str, int]) -> int:
 
 
 def plan(cfg: Config, n_devices: int | None = None, device_memory_gb: float = 0.0,
-         batch_shape: tuple[int, int, int, int] | None = None) -> dict:
-    """Per-device memory estimate; ``batch_shape`` ``(B, T, P, L)`` (global) instead of the worst data bucket."""
+         batch_shape: tuple[int, int, int, int] | None = None, platform: str | None = None) -> dict:
+    """Per-device memory estimate; ``batch_shape`` ``(B, T, P, L)`` (global) instead of the worst data bucket;
+    ``platform`` the devices' (default: JAX's backend), for what ``model.attention_impl=auto`` runs there."""
     mc, tc = cfg.model, cfg.train
     n_devices = n_devices or jax.device_count()
     sizes = dict(zip(AXES, mesh_shape(tc.mesh, n_devices)))
@@ -75,7 +76,8 @@ def plan(cfg: Config, n_devices: int | None = None, device_memory_gb: float = 0.
     shapes = {(batch_shape[1], batch_shape[3]): batch_shape[0]} if batch_shape else spec.batch_sizes
     worst = 0.0
     for (frames, tgt), b in shapes.items():
-        worst = max(worst, activation_bytes(mc, math.ceil(b / dp), frames, spec.prompt_len, tgt, tp))
+        worst = max(worst, activation_bytes(mc, math.ceil(b / dp), frames, spec.prompt_len, tgt, tp,
+                                            seq_multiple=_seq_multiple(mc, platform)))
     # FSDP gathers each layer's weights before using them: the largest layer, twice (the next one is gathered
     # while the current one computes), or the LM head, when they are sharded
     gathered = _gathered_bytes(mc, tc, sizes)
@@ -108,7 +110,17 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: int = 1) -> float:
+def _seq_multiple(mc, platform: str | None) -> int:
+    """The multiple the layer stacks pad their sequences to (models/attention.py ``sequence_multiple``)."""
+    from ..models.attention import _KERNEL_BLOCK, impl_for
+
+    impl = impl_for(mc.attention_impl, platform or jax.default_backend(), as_dtype(mc.dtype),
+                    mc.llm.resolved_head_dim)
+    return _KERNEL_BLOCK if impl in ("splash", "pallas") else 1
+
+
+def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: int = 1,
+                     seq_multiple: int = 1) -> float:
     """Per-device activation memory of a train step for ``b_dev`` utterances of the bucket (frames, target).
 
     With remat, each layer saves its input, what the policy keeps (``dots_*``: every projection output) and
@@ -118,8 +130,10 @@ def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: 
     """
     e, a, l_ = mc.encoder, mc.adapter, mc.llm
     dt = np.dtype(as_dtype(mc.dtype)).itemsize
+    up = lambda n: -(-n // seq_multiple) * seq_multiple  # noqa: E731 - each stack's padded sequence
     t1, t3 = math.ceil(frames / 2), math.ceil(frames / 8)
-    s = prompt + t3 + 2 + target
+    s = up(prompt + t3 + 2 + target)
+    t1, t3 = up(t1), up(t3)
     hd, d, f = l_.resolved_head_dim, l_.hidden_size, l_.intermediate_size
     policy = mc.remat_policy
     dots = policy in ("dots_saveable", "dots_with_no_batch_dims_saveable")

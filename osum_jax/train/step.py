@@ -36,7 +36,7 @@ from ..data.pipeline import BucketSpec
 from ..models import OSUM
 from ..models.generate import greedy_decode
 from ..models.layers import as_dtype
-from ..models.kernels import custom_vjps, matmul_barriers, resolve, resolve_barrier
+from ..models.kernels import custom_vjps, hash_masks, matmul_barriers, resolve, resolve_barrier
 from ..models.sharding import activation_rules
 from .mesh import BATCH_KEYS, batch_sharding, data_parallel_size, frozen_rules_of, state_shardings
 from .optim import make_optimizer
@@ -125,7 +125,9 @@ class TrainProgram:
         self.platform = mesh.devices.flat[0].platform
         self.custom_vjp = resolve(mc.custom_vjp, self.platform)
         self.matmul_barrier = resolve_barrier(mc.matmul_barrier, self.platform)
-        self.rng_impl = tc.dropout_rng
+        # "hash": threefry keys, masks from a counter hash of them (models/layers.py)
+        self.rng_impl = "threefry2x32" if tc.dropout_rng == "hash" else tc.dropout_rng
+        self.hash_masks = tc.dropout_rng == "hash"
         self.decode = jax.jit(self._decode, static_argnames=("max_new_tokens", "eos_id"))
 
     # -- the programs ---------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ class TrainProgram:
     def _train_step(self, trainable, opt_state, frozen, buffers, batch, key):
         def loss_fn(t):
             with activation_rules(self.mesh, self.activation_rules), custom_vjps(self.custom_vjp), \
-                    matmul_barriers(self.matmul_barrier):
+                    matmul_barriers(self.matmul_barrier), hash_masks(self.hash_masks):
                 out = self.merge(t, frozen, buffers)(batch, key)
             return out["loss"], out["num_tokens"]
 
