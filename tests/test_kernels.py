@@ -82,6 +82,7 @@ def test_auto_puts_matmul_barriers_on_tpu_only():
     assert resolve_barrier("always", "cpu") and not resolve_barrier("never", "tpu")
 
 
+@pytest.mark.slow
 def test_heads_major_projections_equal_token_major():
     """The projections the splash path uses (``to_heads`` / ``from_heads``: einsums emitting or reading
     ``[B, N, T, H]``) give the token-major projection's values and gradients, with the hand-written einsum VJP
