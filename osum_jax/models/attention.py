@@ -140,13 +140,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Seque
     return _attention(q, k, v, mask)
 
 
-def sequence_multiple(impl: str, dtype, head_dim: int) -> int:
-    """The sequence-length multiple the self-attention ``impl`` works on (``impl`` as configured, resolved for the
-    current platform): 128 for the fused kernels, which pad shorter blocks themselves, else 1.
+def sequence_multiple(impl: str, dtype, head_dim: int, plat: str | None = None) -> int:
+    """The sequence-length multiple the self-attention ``impl`` works on (``impl`` as configured, resolved for
+    ``plat``, default the current platform): 128 for the fused kernels, which pad shorter blocks themselves, else 1.
 
     A stack of layers pads its sequence to this multiple once, instead of every layer padding q/k/v and slicing
     the output (on the compiled v5p step those per-layer pads and slices were copies of every q/k/v/o)."""
-    resolved = impl_for(impl, platform(), dtype, head_dim)
+    resolved = impl_for(impl, plat or platform(), dtype, head_dim)
     return _KERNEL_BLOCK if resolved in ("splash", "pallas") else 1
 
 

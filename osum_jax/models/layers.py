@@ -66,13 +66,13 @@ def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.
     and low halves), halving the hashes. Odd last dimensions fall back to one word per element."""
     threshold = min(max(int(round(rate * 65536)), 1), 65535)
     keep_p = 1.0 - threshold / 65536
+    if str(jax.random.key_impl(key)) in ("rbg", "unsafe_rbg"):
+        # XLA's RngBitGenerator emits 16-bit values directly (no hash per element to share)
+        return jax.random.bits(key, shape, jnp.uint16) >= threshold, keep_p
     if kernels.hash_masks_enabled():
         bits = functools.partial(_hash_bits, key)
     else:
         bits = functools.partial(jax.random.bits, key, dtype=jnp.uint32)
-    if str(jax.random.key_impl(key)) in ("rbg", "unsafe_rbg"):
-        # XLA's RngBitGenerator emits 16-bit values directly (no hash per element to share)
-        return jax.random.bits(key, shape, jnp.uint16) >= threshold, keep_p
     if shape and shape[-1] % 2 == 0:
         words = bits((*shape[:-1], shape[-1] // 2))
         halves = jnp.concatenate([words >> 16, words & 0xFFFF], axis=-1)

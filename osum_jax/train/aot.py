@@ -231,7 +231,8 @@ def format_report(r: dict[str, Any]) -> str:
     g = 1e9
     lines = [
         f"target {r['target']}: {r['devices']} devices, mesh {r['mesh']}, batch {r['batch_shape']} "
-        f"(compiled in {r['compile_seconds']:.0f} s, attention {r.get('attention', '?')}, dropout keys {r.get('dropout_rng', '?')})",
+        f"(compiled in {r['compile_seconds']:.0f} s, attention {r.get('attention', '?')}, "
+        f"dropout keys {r.get('dropout_rng', '?')})",
         "memory per device (compiler, GB):",
         f"  arguments {m['arguments'] / g:8.2f}   outputs {m['outputs'] / g:8.2f}   aliased {m['aliased'] / g:8.2f}"
         f"   temporaries {m['temporaries'] / g:8.2f}",

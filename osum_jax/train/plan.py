@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 from ..config import Config
 from ..data.pipeline import BucketSpec
 from ..models import OSUM
+from ..models.attention import sequence_multiple
 from ..models.layers import as_dtype
 from .mesh import AXES, frozen_rules_of, mesh_shape, rules_of
 from .trainable import trainable_filter
@@ -75,9 +76,11 @@ def plan(cfg: Config, n_devices: int | None = None, device_memory_gb: float = 0.
     spec = BucketSpec.from_config(dataclasses.replace(cfg.data, batch_size_multiple=dp))
     shapes = {(batch_shape[1], batch_shape[3]): batch_shape[0]} if batch_shape else spec.batch_sizes
     worst = 0.0
+    multiple = sequence_multiple(mc.attention_impl, as_dtype(mc.dtype), mc.llm.resolved_head_dim,
+                                 platform or jax.default_backend())  # the stacks' padding on those devices
     for (frames, tgt), b in shapes.items():
         worst = max(worst, activation_bytes(mc, math.ceil(b / dp), frames, spec.prompt_len, tgt, tp,
-                                            seq_multiple=_seq_multiple(mc, platform)))
+                                            seq_multiple=multiple))
     # FSDP gathers each layer's weights before using them: the largest layer, twice (the next one is gathered
     # while the current one computes), or the LM head, when they are sharded
     gathered = _gathered_bytes(mc, tc, sizes)
@@ -108,15 +111,6 @@ def format_plan(p: dict) -> str:
         verdict = "fits" if p["fits"] else "does NOT fit"
         lines.append(f"=> {verdict} in {p['device_memory_GiB']:.0f} GiB per device (90 % usable)")
     return "\n".join(lines)
-
-
-def _seq_multiple(mc, platform: str | None) -> int:
-    """The multiple the layer stacks pad their sequences to (models/attention.py ``sequence_multiple``)."""
-    from ..models.attention import _KERNEL_BLOCK, impl_for
-
-    impl = impl_for(mc.attention_impl, platform or jax.default_backend(), as_dtype(mc.dtype),
-                    mc.llm.resolved_head_dim)
-    return _KERNEL_BLOCK if impl in ("splash", "pallas") else 1
 
 
 def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: int = 1,
