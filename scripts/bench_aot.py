@@ -41,6 +41,10 @@ ROWS = {
                     ["train.mesh.data=16", "train.mesh.fsdp=1"] + PER_CHIP(4)),
     "v5p-16-1-b8": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, 8 x 29 s utterances per chip",
                     ["train.mesh.data=16", "train.mesh.fsdp=1"] + PER_CHIP(8)),
+    "v5p-16-1-b4-hash": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, 4 x 29 s utterances per chip, hash dropout masks",
+                         ["train.mesh.data=16", "train.mesh.fsdp=1", "train.dropout_rng=hash"] + PER_CHIP(4)),
+    "v5p-16-1-b8-hash": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, 8 x 29 s utterances per chip, hash dropout masks",
+                         ["train.mesh.data=16", "train.mesh.fsdp=1", "train.dropout_rng=hash"] + PER_CHIP(8)),
     "v5p-1-16": ("tpu:v5p:2x2x4", "data 1 / fsdp 16", ["train.mesh.data=1", "train.mesh.fsdp=16"]),
     "v5p-1-16-frozen-rep": ("tpu:v5p:2x2x4", "fsdp 16, frozen LLM replicated",
                             ["train.mesh.data=1", "train.mesh.fsdp=16"] + FROZEN_REPLICATED),
@@ -66,9 +70,18 @@ def run_row(name: str) -> dict:
         raise SystemExit(f"{name}: {' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout)
     r["row"], r["description"], r["wall_s"] = name, desc, time.perf_counter() - t0
+    r["commit"] = _commit()
     r["command"] = "osum-train configs/osum_full.yaml --plan --target " + target + " " + " ".join(
         o if " " not in o else repr(o) for o in COMMON + overrides)
     return r
+
+
+def _commit() -> str:
+    """The source the row was compiled from: ``git describe``-style short hash, ``+`` when the tree had changes."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True)
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
 
 
 def reestimate(r: dict, name: str) -> dict:
@@ -114,7 +127,8 @@ def details(rows: list[dict]) -> str:
     for r in rows:
         top = "; ".join(f"{share:.0%} {op}" for op, share in r["top_ops_by_cycles"][:6])
         out.append(f"- `{r['row']}`: batch {r['batch_shape']}, model FLOPs {r['model_flops'] / 1e12:.2f} T/chip, "
-                   f"compiled {r['hlo_flops'] / 1e12:.2f} T/chip, compile {r['compile_seconds']:.0f} s"
+                   f"compiled {r['hlo_flops'] / 1e12:.2f} T/chip, compile {r['compile_seconds']:.0f} s, "
+                   f"source {r.get('commit', 'before 2026-12-03 (not recompiled since)')}"
                    + (f"; cycles: {top}" if top else "") + f"\n  `{r['command']}`")
     return "\n".join(out)
 

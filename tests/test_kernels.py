@@ -183,3 +183,76 @@ def test_hash_dropout_masks_have_the_right_statistics_and_shard_like_the_data():
     np.testing.assert_array_equal(np.asarray(sharded), m.astype(bool))
     hlo = draw.lower(key).compile().as_text()
     assert "[8,256," not in hlo and "[2,256," in hlo  # each device hashes its own rows, never the global batch
+
+
+def _saved_residuals(remat: str, hash_: bool) -> str:
+    """What ``jax.checkpoint`` with ``model.remat_policy=remat`` keeps from one Qwen2 decoder layer's forward
+    pass (``jax.ad_checkpoint.print_saved_residuals``), with the dropout masks drawn by threefry or the hash."""
+    import contextlib
+    import io
+
+    from osum_jax.models.attention import SequenceMask
+    from osum_jax.models.kernels import hash_masks
+    from osum_jax.models.layers import remat_policy
+    from osum_jax.models.positions import rope_cos_sin
+    from osum_jax.models.qwen2 import Qwen2DecoderLayer
+
+    cfg = tiny_model_config()
+    layer = Qwen2DecoderLayer(cfg.llm, cfg.lora, dtype=np.float32, param_dtype=np.float32, attention_impl="xla",
+                              rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    b, s = 2, 8
+    x = np.random.default_rng(0).standard_normal((b, s, cfg.llm.hidden_size)).astype(np.float32)
+    cos, sin = rope_cos_sin(np.broadcast_to(np.arange(s), (b, s)), cfg.llm.resolved_head_dim, cfg.llm.rope_theta)
+    mask = SequenceMask(np.ones((b, s), bool), causal=True)
+    out = io.StringIO()
+    with custom_vjps(True), hash_masks(hash_):
+        policy = remat_policy(remat)
+
+        def f(state, x):
+            return nnx.merge(graphdef, state)(x, cos, sin, mask, jax.random.key(3)).sum()
+
+        with contextlib.redirect_stdout(out):
+            jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(f, policy=policy), state, x)
+    return out.getvalue()
+
+
+def test_remat_keeps_lora_outputs_and_only_threefry_masks():
+    """The ``dots_*`` policies keep each LoRA projection's output (named ``lora_out``) instead of its two dot
+    terms; threefry masks are kept (drawing them twice costs more than a byte per element), hash masks never are
+    (recomputed, fused into their consumers); ``full`` keeps neither outputs nor hash masks."""
+    dots = "dots_with_no_batch_dims_saveable"
+    threefry, hashed, full = (_saved_residuals(dots, False), _saved_residuals(dots, True),
+                              _saved_residuals("full", True))
+    assert "named 'dropout_mask'" in threefry and "named 'dropout_mask'" not in hashed
+    assert "named 'lora_out'" in threefry and "named 'lora_out'" in hashed
+    assert "named" not in full
+
+
+def test_encoder_barriers_change_no_values():
+    """The encoder block's fc2 input barrier (``model.matmul_barrier``) changes no loss or gradient value, dropout
+    included, and is in the traced program only when asked."""
+    from osum_jax.models.encoder_block import EncoderBlock
+    from osum_jax.models.kernels import matmul_barriers
+
+    block = EncoderBlock(32, 4, 64, act="gelu", key_bias=False, eps=1e-5, dropout_rate=0.1, dtype=np.float32,
+                         param_dtype=np.float32, attention_impl="xla", rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(block, nnx.Param)
+    x = np.random.default_rng(1).standard_normal((2, 8, 32)).astype(np.float32)
+    mask = np.ones((2, 1, 8, 8), bool)
+
+    def loss(p, x):
+        h = nnx.merge(graphdef, p)(x, mask, jax.random.key(2))
+        return (h * np.linspace(-1, 1, 32)).sum()
+
+    results = []
+    for on in (True, False):
+        with custom_vjps(True), matmul_barriers(on):
+            f = jax.value_and_grad(loss, argnums=(0, 1))
+            assert ("optimization_barrier" in str(jax.make_jaxpr(f)(params, x))) == on
+            results.append(jax.jit(f)(params, x))
+    (l1, (g1, dx1)), (l0, (g0, dx0)) = results
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
+    for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from . import kernels
 from .attention import dot_product_attention, heads_major
 from .layers import LayerNorm, Linear, activation, dropout, split_key
 
@@ -63,5 +64,9 @@ class EncoderBlock(nnx.Module):
         h = self.self_attn(self.self_attn_layer_norm(x), mask)
         x = x + dropout(h, self.dropout_rate, k_attn)
         h = activation(self.act)(self.fc1(self.final_layer_norm(x)))
-        h = self.fc2(dropout(h, self.dropout_rate, k_ffn_inner))
+        h = dropout(h, self.dropout_rate, k_ffn_inner)
+        if kernels.barriers_enabled():
+            # fc2's input written once instead of GELU + dropout recomputed per output tile (models/kernels.py)
+            h = jax.lax.optimization_barrier(h)
+        h = self.fc2(h)
         return x + dropout(h, self.dropout_rate, k_ffn)

@@ -15,8 +15,11 @@ produces a matmul's input (RMSNorm, ``silu(gate) * up``, the dropout select) int
 it for every tile of the output, which the v5p compiler's cost model puts at 42-69 % of the MXU's rate for the
 LLM projections instead of 85-92 %. An ``optimization_barrier`` on a projection's input makes XLA write that input
 once and feed the matmul from memory (and, by the barrier's transpose, the same for the input's gradient in the
-backward pass). ``auto`` uses them on TPU, where the cost model measured them (docs/benchmarks.md); XLA:GPU's
-library GEMMs do not fuse their operands anyway, and on CPU they only add copies. Values are unchanged.
+backward pass). The same holds in the backward pass for the output cotangents the transposed matmuls read (for the
+MLP: ``dh * silu(gate)`` and ``dh * up * silu'(gate)``, 61-70 % of the MXU's rate when fused), so with barriers on,
+every LLM projection's output cotangent is written once too (``lora.py``), and the encoder's fc2 reads its input
+(GELU, dropout) from memory. ``auto`` uses them on TPU, where the cost model measured them (docs/benchmarks.md);
+XLA:GPU's library GEMMs do not fuse their operands anyway, and on CPU they only add copies. Values are unchanged.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ forward pass without a key is deterministic evaluation. There is no hidden train
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Sequence
 
@@ -63,21 +62,21 @@ def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.
 
     JAX's partitionable threefry spends one hash (64 bits) per drawn element whatever the width asked for, and
     drawing the masks was ~7 % of the full step's TPU cycles; each 32-bit word here feeds two elements (its high
-    and low halves), halving the hashes. Odd last dimensions fall back to one word per element."""
+    and low halves), halving the hashes. Odd last dimensions fall back to one word per element. With
+    ``train.dropout_rng=hash`` each element hashes its own global index instead (no halves: a pure elementwise
+    function of the indices that XLA fuses into the mask's consumer, so the mask is never written to memory)."""
     threshold = min(max(int(round(rate * 65536)), 1), 65535)
     keep_p = 1.0 - threshold / 65536
     if str(jax.random.key_impl(key)) in ("rbg", "unsafe_rbg"):
         # XLA's RngBitGenerator emits 16-bit values directly (no hash per element to share)
         return jax.random.bits(key, shape, jnp.uint16) >= threshold, keep_p
     if kernels.hash_masks_enabled():
-        bits = functools.partial(_hash_bits, key)
-    else:
-        bits = functools.partial(jax.random.bits, key, dtype=jnp.uint32)
+        return (_hash_bits(key, shape) >> 16) >= threshold, keep_p
     if shape and shape[-1] % 2 == 0:
-        words = bits((*shape[:-1], shape[-1] // 2))
+        words = jax.random.bits(key, (*shape[:-1], shape[-1] // 2), jnp.uint32)
         halves = jnp.concatenate([words >> 16, words & 0xFFFF], axis=-1)
     else:
-        halves = bits(shape) >> 16
+        halves = jax.random.bits(key, shape, jnp.uint32) >> 16
     return halves >= threshold, keep_p
 
 
@@ -112,7 +111,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     if key is None or rate <= 0.0:
         return x
     keep, keep_p = keep_mask(key, rate, x.shape)
-    # named, so that rematerialisation keeps the mask (1 byte per element) instead of drawing it again
+    # named, so that rematerialisation can keep the mask (1 byte per element) instead of drawing it again
     keep = checkpoint_name(keep, "dropout_mask")
     return jnp.where(keep, x / keep_p, jnp.zeros_like(x))
 
@@ -307,9 +306,14 @@ def conv_out_length(length: jax.Array | int, kernel: int, stride: int, pad_total
 def remat_policy(name: str):
     """Map a config name (``model.remat_policy``) to a ``jax.checkpoint`` policy; None means no remat.
 
-    Every policy also saves the dropout masks (``dropout_mask``): recomputing them in the backward pass means
-    generating every random bit twice, which the compiled TPU step spent ~6 % of its cycles on; a saved mask
-    costs one byte per element per layer."""
+    On top of the named policy:
+
+    - the dropout masks (``dropout_mask``) are saved, except with ``train.dropout_rng=hash``: recomputing threefry
+      masks in the backward pass means generating every random bit twice (~6 % of the compiled TPU step's cycles),
+      while a hash mask is a few integer ops that XLA fuses into its consumers, cheaper than writing and reading
+      a saved mask (4-layer v5p proxy, docs/benchmarks.md);
+    - the ``dots_*`` policies save each LoRA projection's output (``lora_out``: ``x W + s (xd A) B``) rather than
+      its two dot terms, which they would save separately and add again in the backward pass."""
     cp = jax.checkpoint_policies
     table = {
         "none": None,
@@ -322,4 +326,9 @@ def remat_policy(name: str):
         raise ValueError(f"unknown remat policy {name!r}; expected one of {sorted(table)}")
     if table[name] is None:
         return None
-    return cp.save_from_both_policies(table[name], cp.save_only_these_names("dropout_mask"))
+    names = ["lora_out"] if name.startswith("dots") else []
+    if not kernels.hash_masks_enabled():
+        names.append("dropout_mask")
+    if not names:
+        return table[name]
+    return cp.save_from_both_policies(table[name], cp.save_only_these_names(*names))

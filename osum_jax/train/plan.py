@@ -80,7 +80,7 @@ def plan(cfg: Config, n_devices: int | None = None, device_memory_gb: float = 0.
                                  platform or jax.default_backend())  # the stacks' padding on those devices
     for (frames, tgt), b in shapes.items():
         worst = max(worst, activation_bytes(mc, math.ceil(b / dp), frames, spec.prompt_len, tgt, tp,
-                                            seq_multiple=multiple))
+                                            seq_multiple=multiple, saved_masks=tc.dropout_rng != "hash"))
     # FSDP gathers each layer's weights before using them: the largest layer, twice (the next one is gathered
     # while the current one computes), or the LM head, when they are sharded
     gathered = _gathered_bytes(mc, tc, sizes)
@@ -114,11 +114,12 @@ def format_plan(p: dict) -> str:
 
 
 def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: int = 1,
-                     seq_multiple: int = 1) -> float:
+                     seq_multiple: int = 1, saved_masks: bool = True) -> float:
     """Per-device activation memory of a train step for ``b_dev`` utterances of the bucket (frames, target).
 
     With remat, each layer saves its input, what the policy keeps (``dots_*``: every projection output) and
-    its dropout masks (bytes; ``layers.remat_policy`` keeps them); one layer at a time is recomputed with its
+    its dropout masks (bytes; ``layers.remat_policy`` keeps them unless ``saved_masks`` is False: hash masks are
+    recomputed); one layer at a time is recomputed with its
     full working set (projections, float32 attention scores and probabilities). Without remat every layer
     keeps its working set. The float32 logits of the target block, their softmax and gradient come on top.
     """
@@ -137,7 +138,7 @@ def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: 
         saved_dots = tokens * proj_out * dt / tp if dots else 0.0
         if policy == "dots_saveable":
             saved_dots += heads * tokens * tokens * dt / tp
-        masks = tokens * (drop_masks + lora_masks) / tp
+        masks = tokens * (drop_masks + lora_masks) / tp if saved_masks else 0.0
         work = tokens * (proj_out + ffn) * dt / tp + 2 * heads * tokens * tokens * 4 / tp
         return inp, saved_dots + masks, work
 
