@@ -114,8 +114,8 @@ class ModelConfig:
     # hand-written VJPs of GELU/SiLU/LoRA/attention (models/kernels.py): "auto" = where they measured faster
     # (CPU, TPU), plain autodiff on GPU; "always"; "never"
     custom_vjp: str = "auto"
-    # optimization barriers on the LLM projections' inputs (models/kernels.py): "auto" = TPU, where the compiler's
-    # cost model measured them faster; "always"; "never"
+    # optimization barriers on matmul inputs and output cotangents (models/kernels.py): "auto" = TPU, where the
+    # compiler's cost model measured them faster; "always"; "never"
     matmul_barrier: str = "auto"
 
     def validate(self) -> None:
