@@ -45,6 +45,8 @@ ROWS = {
                          ["train.mesh.data=16", "train.mesh.fsdp=1", "train.dropout_rng=hash"] + PER_CHIP(4)),
     "v5p-16-1-b8-hash": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, 8 x 29 s utterances per chip, hash dropout masks",
                          ["train.mesh.data=16", "train.mesh.fsdp=1", "train.dropout_rng=hash"] + PER_CHIP(8)),
+    "v5p-16-1-b12-hash": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, 12 x 29 s utterances per chip, hash dropout masks",
+                          ["train.mesh.data=16", "train.mesh.fsdp=1", "train.dropout_rng=hash"] + PER_CHIP(12)),
     "v5p-1-16": ("tpu:v5p:2x2x4", "data 1 / fsdp 16", ["train.mesh.data=1", "train.mesh.fsdp=16"]),
     "v5p-1-16-frozen-rep": ("tpu:v5p:2x2x4", "fsdp 16, frozen LLM replicated",
                             ["train.mesh.data=1", "train.mesh.fsdp=16"] + FROZEN_REPLICATED),
@@ -178,6 +180,13 @@ chip, `scripts/bench_aot.py`'s settings plus `model.llm.num_layers=4 model.encod
 | that, with `train.dropout_rng=hash` (masks from a counter hash of threefry keys; opt-in, docs/training.md) | 86.8 ms | 35.9 % |
 | that, with `train.dropout_rng=rbg` / `unsafe_rbg` (not trusted, see below) | 80.6 / 80.4 ms | 38.7 / 38.8 % |
 | before the layout change: `rbg` / `unsafe_rbg` dropout keys | 95.2 / 93.4 ms | 32.8 / 33.4 % |
+| hash: barriers on the gate/up output cotangents (gate's LoRA VJP, an identity VJP for `up_proj`), the gate's output kept whole in remat | 85.1 ms | 36.6 % |
+| hash: the gate's output kept whole alone | 85.9 ms | 36.3 % |
+| hash: masks recomputed in the backward instead of saved (two elements per word, as before), gate cotangent barrier | 88.6 ms | 35.2 % |
+| hash: each element hashed on its own (fused into the consumers), masks recomputed, barrier on the encoder's fc2 input | 80.4 ms | 38.8 % |
+| hash: LoRA's rank-8 activations laid out `[r, B, T]` | 86.7 ms | 35.9 % |
+| hash: LoRA B folded into the frozen matmul (`[x, xd A] @ [W; s B]`, one matmul) | 95.5 ms | 32.6 % |
+| **hash: per-element masks recomputed, fc2 and cotangent barriers, every LoRA output kept whole (`lora_out`): the code now** | **78.6 ms** | **39.7 %** |
 
 The hardware generator's rows are not a result: XLA does not partition `rng-bit-generator`, so every chip draws
 the random bits of the global batch (`u16[64, 640, 3584]` per mask on 16 chips with 4 utterances each, then
@@ -190,25 +199,24 @@ from 1052 to 1042 ms; the attention layout change then moved 1 / 4 / 8 utterance
 157 / 501 / 988 ms (MFU 27.8 -> 28.9, 33.3 -> 36.2, 34.8 -> 36.7 %), for +1.5 / +3.2 / +5.5 GB of compiler
 memory (the encoder's rows padded from 1450 to 1536, heads-major residuals); v5p data 4 / fsdp 4: 154 -> 142 ms.
 
-Where the cycles go now (the proxy, per scan iteration, the splash kernels apart; efficiency = FLOPs / (cycles x
-calibrated peak); before the layout change: LLM forward 5.99 ms, backward 6.77, encoder 1.96 / 2.56):
+Where the cycles go now (the proxy with hash masks, per scan iteration, the splash kernels apart; efficiency =
+FLOPs / (cycles x calibrated peak); before this round: LLM forward 5.47 ms, backward 5.90, encoder 1.59 / 2.01):
 
-| loop | ms | matmuls | dropout masks | rank-8 LoRA | layout copies, pads | elementwise | residual saves |
+| loop | ms | matmuls | rank-8 LoRA | elementwise | residual saves | dropout masks | layout copies |
 |---|---|---|---|---|---|---|---|
-| LLM layer, forward | 5.87 | 50 % (at 89 %) | 24 % | 14 % | 0 % | 5 % | 7 % |
-| LLM layer, backward (recompute included) | 5.90 | 60 % (at 74 %) | 1 % | 12 % | 1 % | 25 % | 2 % |
-| encoder layer, forward | 1.72 | 53 % (at 37 %) | 33 % | 0 % | 0 % | 10 % | 4 % |
-| encoder layer, backward | 2.04 | 56 % (at 59 %) | 4 % | 0 % | 13 % | 18 % | 8 % |
+| LLM layer, forward | 4.17 | 70 % (at 89 %) | 12 % | 6 % | 11 % | 2 % | 0 % |
+| LLM layer, backward (recompute included) | 5.42 | 56 % (at 86 %) | 14 % | 26 % | 2 % | 1 % | 1 % |
+| encoder layer, forward | 1.18 | 67 % (at 40 %; q/k/v heads-major at 26 %) | 0 % | 14 % | 15 % | 3 % | 1 % |
+| encoder layer, backward | 2.16 | 47 % (at 67 %) | 0 % | 32 % | 8 % | 1 % | 13 % |
 
-Not reached on TPU: the 45 % MFU goal (best: the table at the top of this section, v5p data 16, 8 utterances per
-chip); reached on GPU as a roofline bound (8 x H100, 8 utterances per GPU). What would move the TPU figure, not
-done: the dropout masks (a quarter of the LLM forward and a third of the encoder forward; the opt-in counter
-hash takes 2.8 of the proxy's 9.8 ms of them, the hardware generator drawn per chip, see above, might take
-more); the rank-8 LoRA products
-(an 8-wide operand on a 128-wide MXU: LoRA A fused into the frozen projections' matmuls, which the dropout on
-LoRA's input stands in the way of); the LLM backward's elementwise quarter (SiLU/RMSNorm recompute and the
-`silu(gate) * up` gradients over 18944-wide rows, fused into the down/up projections' matmul inputs, 60-69 %
-efficient against 92 % for the same matmuls in the forward); the encoder's matmuls (1024-wide, 37-59 %).
+Not reached on TPU: the 45 % MFU goal (best: the table at the top of this section); reached on GPU as a
+roofline bound (8 x H100, 8 utterances per GPU). What would move the TPU figure, not done: the rank-8 LoRA
+products (an 8-wide operand on a 128-wide MXU; folding B into the frozen matmul measured worse, above, and the
+dropout on LoRA's input stands in the way of folding A); the LLM backward's elementwise quarter (the SiLU
+gradient over 18944-wide rows: three reads and two writes of `[tokens, 18944]`, a fused Pallas kernel's job);
+the encoder's matmuls (1024 wide, head dim 64: heads-major q/k/v at 26 % of the MXU's rate) and its backward's
+layout copies; the LM head's float32 log-softmax over 152 k classes (~1.3 ms of the proxy's 14.5 ms outside
+the loops); `rbg` drawn per chip and charged a measured rate, on a TPU.
 
 GPU rows: the roofline bound `max(FLOPs / peak, HBM bytes / bandwidth)` counts cuBLAS GEMM FLOPs (XLA's library
 calls; osum-train turns Triton GEMMs off on GPU, see docs/training.md), the Triton attention kernels' FLOPs, and,

@@ -28,6 +28,8 @@ import contextlib
 import contextvars
 from typing import Iterator
 
+import jax
+
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("osum_custom_vjp", default=True)
 _BARRIERS: contextvars.ContextVar[bool] = contextvars.ContextVar("osum_matmul_barrier", default=False)
 _HASH_MASKS: contextvars.ContextVar[bool] = contextvars.ContextVar("osum_hash_masks", default=False)
@@ -72,3 +74,32 @@ def resolve(setting: str, platform: str) -> bool:
 def resolve_barrier(setting: str, platform: str) -> bool:
     """``model.matmul_barrier`` for a mesh of ``platform`` devices -> put barriers on matmul inputs?"""
     return setting == "always" or (setting == "auto" and platform == "tpu")
+
+
+def output_barrier(y: jax.Array) -> jax.Array:
+    """A projection's output; with matmul barriers, its cotangent is written once before the transposed matmul
+    reads it (see :func:`cotangent`). Identity in value and gradient."""
+    return _cotangent_barrier(y) if barriers_enabled() else y
+
+
+@jax.custom_vjp
+def _cotangent_barrier(y):
+    return y
+
+
+def _cotangent_barrier_fwd(y):
+    return y, None
+
+
+def _cotangent_barrier_bwd(_, dy):
+    return (jax.lax.optimization_barrier(dy),)
+
+
+_cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
+
+
+def cotangent(dy: jax.Array) -> jax.Array:
+    """An output cotangent as a hand-written VJP's matmuls read it. With matmul barriers (TPU): written once, so
+    that XLA does not fuse its elementwise producer (for the MLP: ``dh * silu(gate)``, ``dh * up * silu'(gate)``)
+    into the transposed matmul and recompute it per output tile (61-70 % of the MXU's rate instead of 87-92 %)."""
+    return jax.lax.optimization_barrier(dy) if barriers_enabled() else dy

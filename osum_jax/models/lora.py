@@ -44,7 +44,7 @@ class LoRALinear(nnx.Module):
         """``[B, T, in] -> [B, T, out]``."""
         x = self._input(x)
         if self.lora_a is None:
-            y = _output(jnp.dot(x, self.kernel[...].astype(self.dtype)))
+            y = kernels.output_barrier(jnp.dot(x, self.kernel[...].astype(self.dtype)))
         else:
             xd = dropout(x, self.lora_dropout, dropout_key)
             w, a, b = (p[...].astype(self.dtype) for p in (self.kernel, self.lora_a, self.lora_b))
@@ -99,7 +99,7 @@ class LoRALinear(nnx.Module):
     def _einsum(self, subs, x, w, a, b, dropout_key):
         xs, ws, as_, lows, bs, ys = subs
         if a is None:
-            return _output(jnp.einsum(f"{xs},{ws}->{ys}", x, w))
+            return kernels.output_barrier(jnp.einsum(f"{xs},{ws}->{ys}", x, w))
         xd = dropout(x, self.lora_dropout, dropout_key)
         scaling = jnp.asarray(self.scaling, self.dtype)
         if kernels.enabled():
@@ -131,35 +131,6 @@ def merge_lora_(model: nnx.Module) -> int:
     return n
 
 
-def _output(y: jax.Array) -> jax.Array:
-    """A plain projection's output; with matmul barriers, its cotangent is written once before the transposed
-    matmul reads it (see ``_cotangent``)."""
-    return _cotangent_barrier(y) if kernels.barriers_enabled() else y
-
-
-@jax.custom_vjp
-def _cotangent_barrier(y):
-    return y
-
-
-def _cotangent_barrier_fwd(y):
-    return y, None
-
-
-def _cotangent_barrier_bwd(_, dy):
-    return (jax.lax.optimization_barrier(dy),)
-
-
-_cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
-
-
-def _cotangent(dy: jax.Array) -> jax.Array:
-    """The output cotangent as the backward matmuls read it. With matmul barriers (TPU): written once, so that
-    XLA does not fuse its elementwise producer (for the MLP: ``dh * silu(gate)``, ``dh * up * silu'(gate)``) into
-    the transposed matmul and recompute it per output tile (61-70 % of the MXU's rate instead of 87-92 %)."""
-    return jax.lax.optimization_barrier(dy) if kernels.barriers_enabled() else dy
-
-
 # ``x @ W + scaling * (xd @ A) @ B`` with a hand-written VJP over the flattened token axis. Autodiff gives the
 # same products, but XLA:CPU lays the cotangent of ``B`` out as a transposed [out, tokens] copy of the output
 # cotangent (for the MLP gate projection: a strided 2752 x 828 float32 transpose per layer that took longer than
@@ -179,7 +150,7 @@ def _lora_matmul_fwd(x, xd, w, a, b, scaling):
 
 def _lora_matmul_bwd(res, dy):
     x, xd, w, a, b, scaling, low = res
-    dy = _cotangent(dy)
+    dy = kernels.cotangent(dy)
     n_in, n_out = w.shape
     dy2 = dy.reshape(-1, n_out)
     x2, xd2, low2 = x.reshape(-1, n_in), xd.reshape(-1, n_in), low.reshape(-1, low.shape[-1])
@@ -216,7 +187,7 @@ def _lora_einsum_fwd(subs, x, xd, w, a, b, scaling):
 def _lora_einsum_bwd(subs, res, dy):
     xs, ws, as_, lows, bs, ys = subs
     x, xd, w, a, b, scaling, low = res
-    dy = _cotangent(dy)
+    dy = kernels.cotangent(dy)
     dys = dy * scaling
     dlow = jnp.einsum(f"{ys},{bs}->{lows}", dys, b)
     dx = jnp.einsum(f"{ys},{ws}->{xs}", dy, w)
