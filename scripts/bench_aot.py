@@ -187,6 +187,8 @@ chip, `scripts/bench_aot.py`'s settings plus `model.llm.num_layers=4 model.encod
 | hash: LoRA's rank-8 activations laid out `[r, B, T]` | 86.7 ms | 35.9 % |
 | hash: LoRA B folded into the frozen matmul (`[x, xd A] @ [W; s B]`, one matmul) | 95.5 ms | 32.6 % |
 | **hash: per-element masks recomputed, fc2 and cotangent barriers, every LoRA output kept whole (`lora_out`): the code now** | **78.6 ms** | **39.7 %** |
+| that, with barriers on the encoder/adapter projections' output cotangents too (encoder backward 2.16 -> 2.59 ms) | 80.5 ms | 38.7 % |
+| that, without remat (`model.remat_policy=none`: +4.6 GB, the forward writes every intermediate) | 83.3 ms | 37.4 % |
 
 The hardware generator's rows are not a result: XLA does not partition `rng-bit-generator`, so every chip draws
 the random bits of the global batch (`u16[64, 640, 3584]` per mask on 16 chips with 4 utterances each, then
