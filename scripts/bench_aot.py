@@ -200,6 +200,11 @@ On the full step (v5p, data 16) the barriers had moved 4 utterances per chip fro
 from 1052 to 1042 ms; the attention layout change then moved 1 / 4 / 8 utterances per chip from 163 / 545 / 1042 to
 157 / 501 / 988 ms (MFU 27.8 -> 28.9, 33.3 -> 36.2, 34.8 -> 36.7 %), for +1.5 / +3.2 / +5.5 GB of compiler
 memory (the encoder's rows padded from 1450 to 1536, heads-major residuals); v5p data 4 / fsdp 4: 154 -> 142 ms.
+This round's changes (cotangent and fc2 barriers, `lora_out` residuals, and for `hash` the per-element masks
+recomputed in the backward pass) moved the full step, threefry masks, 1 / 4 / 8 utterances per chip from
+157 / 501 / 988 to 156 / 494 / 983 ms (73.4 -> 65.5 GB at 8 per chip); with `train.dropout_rng=hash`, 4 / 8 / 12
+per chip run 430 / 834 / 1277 ms, MFU 42.2 / 43.5 / 42.6 %, 39.9 / 56.5 / 73.1 GB (the earlier hash was not
+compiled at full size). 8 x H100 roofline: 80 / 151 / 244 -> 79 / 145 / 232 ms.
 
 Where the cycles go now (the proxy with hash masks, per scan iteration, the splash kernels apart; efficiency =
 FLOPs / (cycles x calibrated peak); before this round: LLM forward 5.47 ms, backward 5.90, encoder 1.59 / 2.01):
