@@ -45,7 +45,6 @@ def test_matmul_barriers_change_no_values():
     """``model.matmul_barrier`` only changes what XLA fuses: the LLM's loss and gradients (LoRA, and the input
     embeddings, i.e. everything upstream) are the same with and without (with the hand-written VJPs, as on TPU);
     the traced program has the barriers only when asked."""
-    from osum_jax.models.kernels import matmul_barriers
     from osum_jax.models.qwen2 import Qwen2
 
     cfg = tiny_model_config()
@@ -62,12 +61,20 @@ def test_matmul_barriers_change_no_values():
         h = nnx.merge(graphdef, p, rest)(x, valid, pos, jax.random.key(1))
         return (h * np.linspace(-1, 1, h.shape[-1])).sum()
 
+    _assert_barriers_change_no_values(loss, lora, x)
+
+
+def _assert_barriers_change_no_values(loss, params, x):
+    """``loss(params, x)`` and its gradients are the same with and without matmul barriers (hand-written VJPs,
+    as on TPU), and the traced program has barriers only when asked."""
+    from osum_jax.models.kernels import matmul_barriers
+
     results = []
     for on in (True, False):
         with custom_vjps(True), matmul_barriers(on):
             f = jax.value_and_grad(loss, argnums=(0, 1))
-            assert ("optimization_barrier" in str(jax.make_jaxpr(f)(lora, x))) == on
-            results.append(jax.jit(f)(lora, x))
+            assert ("optimization_barrier" in str(jax.make_jaxpr(f)(params, x))) == on
+            results.append(jax.jit(f)(params, x))
     (l1, (g1, dx1)), (l0, (g0, dx0)) = results
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
@@ -233,7 +240,6 @@ def test_encoder_barriers_change_no_values():
     """The encoder block's fc2 input barrier (``model.matmul_barrier``) changes no loss or gradient value, dropout
     included, and is in the traced program only when asked."""
     from osum_jax.models.encoder_block import EncoderBlock
-    from osum_jax.models.kernels import matmul_barriers
 
     block = EncoderBlock(32, 4, 64, act="gelu", key_bias=False, eps=1e-5, dropout_rate=0.1, dtype=np.float32,
                          param_dtype=np.float32, attention_impl="xla", rngs=nnx.Rngs(0))
@@ -245,14 +251,4 @@ def test_encoder_barriers_change_no_values():
         h = nnx.merge(graphdef, p)(x, mask, jax.random.key(2))
         return (h * np.linspace(-1, 1, 32)).sum()
 
-    results = []
-    for on in (True, False):
-        with custom_vjps(True), matmul_barriers(on):
-            f = jax.value_and_grad(loss, argnums=(0, 1))
-            assert ("optimization_barrier" in str(jax.make_jaxpr(f)(params, x))) == on
-            results.append(jax.jit(f)(params, x))
-    (l1, (g1, dx1)), (l0, (g0, dx0)) = results
-    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-    np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
-    for a, c in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+    _assert_barriers_change_no_values(loss, params, x)
