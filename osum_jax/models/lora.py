@@ -200,4 +200,3 @@ def _lora_einsum_bwd(subs, res, dy):
 
 
 _lora_einsum.defvjp(_lora_einsum_fwd, _lora_einsum_bwd)
-

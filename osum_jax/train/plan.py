@@ -118,10 +118,10 @@ def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: 
     """Per-device activation memory of a train step for ``b_dev`` utterances of the bucket (frames, target).
 
     With remat, each layer saves its input, what the policy keeps (``dots_*``: every projection output) and
-    its dropout masks (bytes; ``layers.remat_policy`` keeps them unless ``saved_masks`` is False: hash masks are
-    recomputed); one layer at a time is recomputed with its
-    full working set (projections, float32 attention scores and probabilities). Without remat every layer
-    keeps its working set. The float32 logits of the target block, their softmax and gradient come on top.
+    its dropout masks (bytes; ``layers.remat_policy`` keeps them, except hash masks: ``saved_masks=False``); one
+    layer at a time is recomputed with its full working set (projections, float32 attention scores and
+    probabilities). Without remat every layer keeps its working set. The float32 logits of the target block, their
+    softmax and gradient come on top.
     """
     e, a, l_ = mc.encoder, mc.adapter, mc.llm
     dt = np.dtype(as_dtype(mc.dtype)).itemsize
