@@ -119,8 +119,9 @@ def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: 
 
     With remat, each layer saves its input, what the policy keeps (``dots_*``: every projection output) and
     its dropout masks (bytes; ``layers.remat_policy`` keeps them, except hash masks: ``saved_masks=False``); one
-    layer at a time is recomputed with its full working set (projections, float32 attention scores and
-    probabilities). Without remat every layer keeps its working set. The float32 logits of the target block, their
+    layer at a time is recomputed with its full working set (projections, and float32 attention scores and
+    probabilities unless a fused kernel runs, ``seq_multiple > 1``). Without remat every layer keeps its working
+    set. The float32 logits of the target block, their
     softmax and gradient come on top.
     """
     e, a, l_ = mc.encoder, mc.adapter, mc.llm
@@ -133,13 +134,16 @@ def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: 
     policy = mc.remat_policy
     dots = policy in ("dots_saveable", "dots_with_no_batch_dims_saveable")
 
+    # the fused attention kernels (the ones that pad to 128-row blocks) never hold [B, H, L, L] scores
+    scores = 0 if seq_multiple > 1 else 1
+
     def layer(tokens, width, ffn, heads, proj_out, drop_masks, lora_masks=0):
         inp = tokens * width * dt
         saved_dots = tokens * proj_out * dt / tp if dots else 0.0
         if policy == "dots_saveable":
-            saved_dots += heads * tokens * tokens * dt / tp
+            saved_dots += scores * heads * tokens * tokens * dt / tp
         masks = tokens * (drop_masks + lora_masks) / tp if saved_masks else 0.0
-        work = tokens * (proj_out + ffn) * dt / tp + 2 * heads * tokens * tokens * 4 / tp
+        work = tokens * (proj_out + ffn) * dt / tp + scores * 2 * heads * tokens * tokens * 4 / tp
         return inp, saved_dots + masks, work
 
     lora_in = 0
