@@ -33,7 +33,8 @@ Writes, under ``--out`` (all paths in the lists are relative to it, so the folde
     prompts.yaml              short prompts for the four tasks (OSUM's prompt_config.yaml format)
     corpus.json               what was made: counts, hours, label balance, held-out voices, the seed
 
-Deterministic: the same seed gives the same lists, labels and audio.
+Deterministic: the same seed gives the same lists, labels and speech (espeak-ng seeds the breath noise of
+its breathy voices from the clock, so two runs' waveforms can differ in that noise; tests/test_demo.py).
 """
 
 from __future__ import annotations
