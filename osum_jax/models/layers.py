@@ -242,13 +242,23 @@ class Conv1d(nnx.Module):
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, ``x * Phi(x)`` == ``jax.nn.gelu(x, approximate=False)`` == torch ``nn.GELU()``."""
-    return _gelu(x) if kernels.enabled() else jax.nn.gelu(x, approximate=False)
+    """Exact GELU as torch ``nn.GELU()`` computes it: ``x * 0.5 * (1 + erf(x / sqrt(2)))``, in float32.
+
+    Equal to ``jax.nn.gelu(x, approximate=False)`` up to float32 rounding; jax.nn writes it with ``erfc``, which
+    XLA evaluates as two rational approximations and an exponential per element (for |x| below and above 1,
+    then a select), where ``erf`` is one rational approximation: on TPU the encoder's GELU is bound by the
+    vector unit, not by memory (docs/benchmarks.md)."""
+    return _gelu(x) if kernels.enabled() else _gelu_erf(x)
+
+
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    return (x32 * (0.5 + 0.5 * jax.lax.erf(x32 * np.float32(math.sqrt(0.5))))).astype(x.dtype)
 
 
 @jax.custom_vjp
 def _gelu(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=False)
+    return _gelu_erf(x)
 
 
 def _gelu_fwd(x):
@@ -257,7 +267,7 @@ def _gelu_fwd(x):
 
 def _gelu_bwd(x, g):
     x32 = x.astype(jnp.float32)
-    cdf = 0.5 * jax.lax.erfc(-x32 * np.float32(math.sqrt(0.5)))
+    cdf = 0.5 + 0.5 * jax.lax.erf(x32 * np.float32(math.sqrt(0.5)))
     pdf = jnp.exp(-0.5 * x32 * x32) * np.float32(1.0 / math.sqrt(2.0 * math.pi))
     return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
 
