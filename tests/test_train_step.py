@@ -294,3 +294,44 @@ def test_schedules_start_above_zero_and_follow_their_formulas():
     cos = learning_rate_schedule(_cfg(learning_rate=lr, warmup_steps=w, schedule="cosine", steps=100).train)
     assert abs(float(cos(0)) - lr / w) <= 1e-9 and abs(float(cos(w - 1)) - lr) <= 1e-9
     assert 0 < float(cos(99)) < 0.01 * lr and float(cos(50)) < float(cos(20))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_accumulate_skipping_nonfinite_against_optax(k):
+    """The accumulator on its own, against optax run directly on the window's mean gradient: a window with a
+    non-finite gradient changes no parameter and no optimizer state (bit for bit) and is counted; a clean window
+    gives optax's own update; the reported norm is that window's mean gradient's (0 for a skipped k=1 window)."""
+    import optax
+
+    from osum_jax.train.optim import accumulate_skipping_nonfinite
+
+    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+    opt = accumulate_skipping_nonfinite(inner, k)
+    rng = np.random.default_rng(0)
+    params = {"w": jax.numpy.asarray(rng.standard_normal((3, 4)), np.float32),
+              "b": jax.numpy.asarray(rng.standard_normal(4), np.float32)}
+    grads = [jax.tree.map(lambda p: jax.numpy.asarray(rng.standard_normal(p.shape), np.float32), params)
+             for _ in range(2 * k)]
+    grads[0] = {**grads[0], "b": grads[0]["b"].at[1].set(np.nan)}  # the first window is bad
+    update = jax.jit(opt.update)
+    state = opt.init(params)
+    p = params
+    for g in grads[:k]:
+        u, state = update(g, state, p)
+        p = optax.apply_updates(p, u)
+    assert int(state.skipped) == 1 and (k > 1 or float(state.last_norm) == 0.0)
+    for name in params:
+        np.testing.assert_array_equal(p[name], params[name])
+    fresh = inner.init(params)
+    for a, b in zip(jax.tree.leaves(state.inner), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for g in grads[k:]:  # a clean window: optax on the mean gradient
+        u, state = update(g, state, p)
+        p = optax.apply_updates(p, u)
+    mean = jax.tree.map(lambda *gs: sum(gs) / k, *grads[k:]) if k > 1 else grads[k]
+    want_u, _ = inner.update(mean, fresh, params)
+    want = optax.apply_updates(params, want_u)
+    for name in params:
+        np.testing.assert_allclose(p[name], want[name], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(state.last_norm), float(optax.tree.norm(mean)), rtol=1e-6)
+    assert int(state.skipped) == 1

@@ -54,27 +54,30 @@ def accumulate_skipping_nonfinite(inner: optax.GradientTransformation, k: int) -
 
     def update(grads, state, params=None):
         finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)).astype(jnp.float32), grads)
-        mean = safe if k == 1 else jax.tree.map(lambda a, g: a + g / k, state.acc, safe)
+        if k == 1:  # the window is this gradient: a non-finite one's update is discarded below, not zeroed first
+            mean = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            norm = jnp.where(finite, optax.tree.norm(mean), 0.0)
+        else:
+            safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)).astype(jnp.float32), grads)
+            mean = jax.tree.map(lambda a, g: a + g / k, state.acc, safe)
+            norm = optax.tree.norm(mean)
         bad = state.bad | ~finite
         emit = state.mini_step == k - 1
         apply = emit & ~bad
-
-        def step(_):
-            upd, new_inner = inner.update(mean, state.inner, params)
-            return jax.tree.map(lambda u, g: u.astype(g.dtype), upd, grads), new_inner
-
-        def hold(_):
-            return jax.tree.map(jnp.zeros_like, grads), state.inner
-
-        updates, new_inner = jax.lax.cond(apply, step, hold, None)
+        # Selects, not a lax.cond between "update" and "hold": XLA fuses each select into the consumer (the
+        # parameter add, the moment writes), where a cond's hold branch materialised zero updates for every
+        # trainable tensor, and the update went through memory between the cond and the parameter add (TPU
+        # compiler: docs/benchmarks.md). Values are the same: a held window keeps state and parameters bit for bit.
+        upd, new_inner = inner.update(mean, state.inner, params)
+        updates = jax.tree.map(lambda u, g: jnp.where(apply, u, jnp.zeros_like(u)).astype(g.dtype), upd, grads)
+        new_inner = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_inner, state.inner)
         new_state = AccumulateState(
             mini_step=jnp.where(emit, 0, state.mini_step + 1).astype(jnp.int32),
             acc=() if k == 1 else jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), mean),
             bad=jnp.where(emit, False, bad),
             inner=new_inner,
             skipped=state.skipped + (emit & bad).astype(jnp.int32),
-            last_norm=jnp.where(emit, optax.tree.norm(mean), state.last_norm).astype(jnp.float32))
+            last_norm=jnp.where(emit, norm, state.last_norm).astype(jnp.float32))
         return updates, new_state
 
     return optax.GradientTransformation(init, update)
