@@ -61,9 +61,11 @@ class EncoderBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         k_attn, k_ffn_inner, k_ffn = split_key(dropout_key, 3)
-        h = self.self_attn(self.self_attn_layer_norm(x), mask)
+        # with matmul barriers, each LayerNorm's output cotangent is written once (kernels.output_barrier): XLA:TPU
+        # otherwise fuses the LayerNorm backward's reductions into the transposed matmul that produces it
+        h = self.self_attn(kernels.output_barrier(self.self_attn_layer_norm(x)), mask)
         x = x + dropout(h, self.dropout_rate, k_attn)
-        h = activation(self.act)(self.fc1(self.final_layer_norm(x)))
+        h = activation(self.act)(self.fc1(kernels.output_barrier(self.final_layer_norm(x))))
         h = dropout(h, self.dropout_rate, k_ffn_inner)
         if kernels.barriers_enabled():
             # fc2's input written once instead of GELU + dropout recomputed per output tile (models/kernels.py)
