@@ -226,13 +226,15 @@ def _saved_residuals(remat: str, hash_: bool) -> str:
 
 def test_remat_keeps_lora_outputs_and_only_threefry_masks():
     """The ``dots_*`` policies keep each LoRA projection's output (named ``lora_out``) instead of its two dot
-    terms; threefry masks are kept (drawing them twice costs more than a byte per element), hash masks never are
-    (recomputed, fused into their consumers); ``full`` keeps neither outputs nor hash masks."""
+    terms, and each norm's per-row statistics (``norm_stats``) instead of reducing again; threefry masks are kept
+    (drawing them twice costs more than a byte per element), hash masks never are (recomputed, fused into their
+    consumers); ``full`` keeps none of these."""
     dots = "dots_with_no_batch_dims_saveable"
     threefry, hashed, full = (_saved_residuals(dots, False), _saved_residuals(dots, True),
                               _saved_residuals("full", True))
     assert "named 'dropout_mask'" in threefry and "named 'dropout_mask'" not in hashed
     assert "named 'lora_out'" in threefry and "named 'lora_out'" in hashed
+    assert "named 'norm_stats'" in threefry and "named 'norm_stats'" in hashed
     assert "named" not in full
 
 

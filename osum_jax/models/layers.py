@@ -182,9 +182,9 @@ class LayerNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
+        mean = checkpoint_name(x32.mean(-1, keepdims=True), "norm_stats")
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = (x32 - mean) * checkpoint_name(jax.lax.rsqrt(var + self.eps), "norm_stats")
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
@@ -199,7 +199,9 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        # the per-row statistic is named so that remat keeps it ([..., 1] float32) instead of reducing again
+        y = x32 * checkpoint_name(jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps),
+                                  "norm_stats")
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
 
 
@@ -336,7 +338,7 @@ def remat_policy(name: str):
         raise ValueError(f"unknown remat policy {name!r}; expected one of {sorted(table)}")
     if table[name] is None:
         return None
-    names = ["lora_out"] if name.startswith("dots") else []
+    names = ["lora_out", "norm_stats"] if name.startswith("dots") else []
     if not kernels.hash_masks_enabled():
         names.append("dropout_mask")
     if not names:
