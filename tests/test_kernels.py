@@ -140,6 +140,16 @@ def test_heads_major_projections_equal_token_major():
     lin = Linear(d, n * h, axes=("embed", "heads"), rngs=nnx.Rngs(3))
     lin_out = Linear(n * h, d, axes=("heads", "embed"), rngs=nnx.Rngs(4))
     np.testing.assert_allclose(lin.to_heads(x, n), to_tokens(lin(x).reshape(b, t, n, h)), rtol=1e-5, atol=1e-6)
+    lin.bias[...] = lin.bias[...] + 0.1
+    lin_def, lin_params = nnx.split(lin)
+
+    def lin_grads(fn):
+        return jax.grad(lambda p: jax.numpy.sum(jax.numpy.sin(fn(nnx.merge(lin_def, p)))))(lin_params)
+
+    with custom_vjps(True):  # to_heads's bias gradient (a matmul with ones) equals the token-major autodiff one
+        gh, gt = lin_grads(lambda m: m.to_heads(x, n)), lin_grads(lambda m: to_tokens(m(x).reshape(b, t, n, h)))
+    for u, v in zip(jax.tree.leaves(gh), jax.tree.leaves(gt), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lin_out.from_heads(heads), lin_out(to_tokens(heads).reshape(b, t, n * h)),
                                rtol=1e-5, atol=1e-6)
     cos, sin = (jax.numpy.asarray(f(rng.standard_normal((b, t, h))), np.float32) for f in (np.cos, np.sin))

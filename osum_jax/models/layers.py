@@ -158,7 +158,8 @@ class Linear(nnx.Module):
         w = self.kernel[...].astype(self.dtype)
         y = jnp.einsum("btd,dnh->bnth", x.astype(self.dtype), w.reshape(w.shape[0], heads, -1))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype).reshape(heads, 1, -1)
+            b = self.bias[...].astype(self.dtype).reshape(heads, -1)
+            y = _add_heads_bias(y, b) if kernels.enabled() else y + b[:, None, :]
         return y
 
     def from_heads(self, x: jax.Array) -> jax.Array:
@@ -168,6 +169,24 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+@jax.custom_vjp
+def _add_heads_bias(y: jax.Array, b: jax.Array) -> jax.Array:
+    """``y [B, N, T, H] + b [N, H]`` whose bias gradient is a matmul with a ones vector over ``(B, T)``."""
+    return y + b[:, None, :]
+
+
+def _add_heads_bias_fwd(y, b):
+    return _add_heads_bias(y, b), None
+
+
+def _add_heads_bias_bwd(_, dy):
+    ones = jnp.ones((dy.shape[0], dy.shape[2]), dy.dtype)
+    return dy, jnp.einsum("bnth,bt->nh", dy, ones, preferred_element_type=jnp.float32).astype(dy.dtype)
+
+
+_add_heads_bias.defvjp(_add_heads_bias_fwd, _add_heads_bias_bwd)
 
 
 class LayerNorm(nnx.Module):
