@@ -189,6 +189,19 @@ chip, `scripts/bench_aot.py`'s settings plus `model.llm.num_layers=4 model.encod
 | **hash: per-element masks recomputed, fc2 and cotangent barriers, every LoRA output kept whole (`lora_out`): the code now** | **78.6 ms** | **39.7 %** |
 | that, with barriers on the encoder/adapter projections' output cotangents too (encoder backward 2.16 -> 2.59 ms) | 80.5 ms | 38.7 % |
 | that, without remat (`model.remat_policy=none`: +4.6 GB, the forward writes every intermediate) | 83.3 ms | 37.4 % |
+| *2026-12-04, from the 78.6 ms row (same proxy, `/tmp` runs of `osum-train ... --plan --target tpu:v5p:2x2x4 --hlo-out`):* | | |
+| LoRA's scaling applied to the rank-8 products in the backward instead of the `[tokens, out]` cotangent, and one SwiGLU VJP with a single sigmoid | 78.8 ms | 39.6 % |
+| that, and each LoRA input `dropout(x)` kept by remat (named) | 79.2 ms | 39.3 % |
+| **GELU as torch writes it, `x (1 + erf(x / sqrt 2)) / 2`, not jax.nn's `erfc` form (encoder layer forward/backward 1.98/3.61 -> 1.88/3.35 M cycles)** | **77.7 ms** | **40.1 %** |
+| that, and LoRA's scaling on the rank-8 products alone | 78.1 ms | 39.9 % |
+| **and the optimizer's update/hold `lax.cond` replaced by selects, no zeroed gradient copy at `grad_accum=1`** | **75.2 ms** | **41.5 %** |
+| **and each encoder LayerNorm's output cotangent written once (barrier), not fused into the transposed matmul** | **75.0 ms** | **41.6 %** |
+| that, with the encoder's q/k/v token-major (splash transposing inside) | 76.3 ms | 40.9 % |
+| **and remat keeping each norm's per-row statistics (`norm_stats`)** | **74.7 ms** | **41.7 %** |
+| **and heads-major bias gradients as a matmul with ones (encoder q/v)** | **74.5 ms** | **41.8 %** |
+| that, with the softmax scale folded into q's RoPE tables (LLM) and q's projection (encoder) | 74.7 ms | 41.7 % |
+| **and RoPE's `rotate_half` as a matmul with a signed permutation matrix (heads-major path): the code now** | **73.6 ms** | **42.3 %** |
+| that, with the softmax scale carried by q's RoPE tables (LLM only; 0.04 ms, not worth a kernel option) | 73.6 ms | 42.4 % |
 
 The hardware generator's rows are not a result: XLA does not partition `rng-bit-generator`, so every chip draws
 the random bits of the global batch (`u16[64, 640, 3584]` per mask on 16 chips with 4 utterances each, then
@@ -205,9 +218,18 @@ recomputed in the backward pass) moved the full step, threefry masks, 1 / 4 / 8 
 157 / 501 / 988 to 156 / 494 / 983 ms (73.4 -> 65.5 GB at 8 per chip); with `train.dropout_rng=hash`, 4 / 8 / 12
 per chip run 430 / 834 / 1277 ms, MFU 42.2 / 43.5 / 42.6 %, 39.9 / 56.5 / 73.1 GB (the earlier hash was not
 compiled at full size). 8 x H100 roofline: 80 / 151 / 244 -> 79 / 145 / 232 ms.
+The 2026-12-04 changes (erf GELU, optimizer selects, LayerNorm cotangent barriers, norm statistics kept,
+heads-major bias gradients as matmuls, RoPE's rotation as a matmul; the proxy table above) moved the full step
+with `train.dropout_rng=hash`, 4 / 8 / 12 utterances per chip, from 430 / 834 / 1277 to 406 / 801 / 1227 ms:
+**MFU 44.6 / 45.3 / 44.3 %** (40.5 / 57.7 / 74.9 GB, 57 / 39 / 21 % HBM headroom); with threefry masks (the
+default) 4 / 8 per chip 494 / 983 -> 472 / 955 ms (38.4 / 38.0 %); 8 x H100 roofline, 8 per GPU, 232 -> 224 ms
+(75.2 %). The other rows of the table were not recompiled (their source commit is in the list above).
 
-Where the cycles go now (the proxy with hash masks, per scan iteration, the splash kernels apart; efficiency =
-FLOPs / (cycles x calibrated peak); before this round: LLM forward 5.47 ms, backward 5.90, encoder 1.59 / 2.01):
+Where the cycles go (the proxy with hash masks, per scan iteration, the splash kernels apart; efficiency =
+FLOPs / (cycles x calibrated peak); before the round below: LLM forward 5.47 ms, backward 5.90, encoder
+1.59 / 2.01). This table is from before the 2026-12-04 changes; after them the same iterations take: LLM
+forward 4.14 ms, backward 5.26, encoder 1.13 / 1.81, and outside the loops 15.2 ms (the LM head's two
+152 k-wide matmuls 5.2 ms and its float32 log-softmax 1.3 ms, Adam on the trainable tensors ~2.5 ms):
 
 | loop | ms | matmuls | rank-8 LoRA | elementwise | residual saves | dropout masks | layout copies |
 |---|---|---|---|---|---|---|---|
@@ -216,19 +238,24 @@ FLOPs / (cycles x calibrated peak); before this round: LLM forward 5.47 ms, back
 | encoder layer, forward | 1.18 | 67 % (at 40 %; q/k/v heads-major at 26 %) | 0 % | 14 % | 15 % | 3 % | 1 % |
 | encoder layer, backward | 2.16 | 47 % (at 67 %) | 0 % | 32 % | 8 % | 1 % | 13 % |
 
-Not reached on TPU: the 45 % MFU goal (best: the table at the top of this section); reached on GPU as a
-roofline bound (8 x H100, 8 utterances per GPU). What would move the TPU figure, not done: the rank-8 LoRA
-products (an 8-wide operand on a 128-wide MXU; folding B into the frozen matmul measured worse, above, and the
-dropout on LoRA's input stands in the way of folding A); the LLM backward's elementwise quarter (the SiLU
-gradient over 18944-wide rows: three reads and two writes of `[tokens, 18944]`, a fused Pallas kernel's job);
-the encoder's matmuls (1024 wide, head dim 64: heads-major q/k/v at 26 % of the MXU's rate) and its backward's
-layout copies; the LM head's float32 log-softmax over 152 k classes (~1.3 ms of the proxy's 14.5 ms outside
-the loops); `rbg` drawn per chip and charged a measured rate, on a TPU.
+Reached on TPU, by the cost model and barely: 45.3 % at 8 utterances per chip with hash dropout masks
+(v5p x 16, data 16; 44.6 % at 4 per chip, 44.3 % at 12); not with threefry masks, the default (38.0-38.4 %).
+On GPU as a roofline bound (8 x H100, 8 utterances per GPU, 75.2 %). No TPU or GPU has run the step. What
+would move the TPU figure further, not done: the LLM MLP's 18944-wide elementwise passes (per layer at 4 per
+chip, backward: the SiLU gradient 0.46 ms, the down projection's dropout input recomputed 0.21 ms, its rank-8
+input gradient written full width 0.18 ms; forward: `up_proj`'s output copied into the remat stack 0.21 ms,
+the gate's LoRA term written full width 0.17 ms); the rank-8 LoRA products (an 8-wide operand on a 128-wide
+MXU; folding B into the frozen matmul measured worse, above, and the dropout on LoRA's input stands in the way
+of folding A); the encoder's head dim 64 (heads-major q/k/v at ~26 % of the MXU's rate; token-major measured
+worse); the per-layer q/o weight slices XLA relayouts and prefetches inside the loops (~0.2 ms per LLM layer);
+`rbg` drawn per chip and charged a measured rate, on a TPU; making `hash` the TPU default once a TPU run has
+checked it.
 
 GPU rows: the roofline bound `max(FLOPs / peak, HBM bytes / bandwidth)` counts cuBLAS GEMM FLOPs (XLA's library
 calls; osum-train turns Triton GEMMs off on GPU, see docs/training.md), the Triton attention kernels' FLOPs, and,
 for the scan's `dynamic-slice` / in-place `dynamic-update-slice`, the slice and the update instead of the whole
-stacked operand."""
+stacked operand.
+"""
 
 
 def write(rows: list[dict]) -> None:
