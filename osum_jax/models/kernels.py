@@ -2,9 +2,10 @@
 
 GELU, SiLU, the LoRA matmul and the einsum attention each have a hand-written VJP (``layers.py``, ``lora.py``,
 ``attention.py``) that keeps fewer or smaller residuals; the heads-major bias add's VJP computes the bias gradient
-as a matmul with ones (XLA:TPU made a slow standalone reduce of it). They are selected per backend (``model.custom_vjp``),
-by measurement: faster on XLA:CPU (wall clock, ``scripts/bench_model.py``) and on TPU (the v5p compiler's cost
-model: 32.0 vs 33.5 ms for a 4-layer proxy of the full step, docs/benchmarks.md), so ``auto`` uses them there;
+as a matmul with ones (XLA:TPU made a slow standalone reduce of it). They are selected per backend
+(``model.custom_vjp``), by measurement: faster on XLA:CPU (wall clock, ``scripts/bench_model.py``) and on TPU
+(the v5p compiler's cost model: 32.0 vs 33.5 ms for a 4-layer proxy of the full step, docs/benchmarks.md), so
+``auto`` uses them there;
 on GPU, where no cost model or device has measured them yet, ``auto`` uses plain autodiff. Forward values are
 identical either way and gradients agree up to float32 rounding (tested).
 

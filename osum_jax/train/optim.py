@@ -64,13 +64,24 @@ def accumulate_skipping_nonfinite(inner: optax.GradientTransformation, k: int) -
         bad = state.bad | ~finite
         emit = state.mini_step == k - 1
         apply = emit & ~bad
-        # Selects, not a lax.cond between "update" and "hold": XLA fuses each select into the consumer (the
-        # parameter add, the moment writes), where a cond's hold branch materialised zero updates for every
-        # trainable tensor, and the update went through memory between the cond and the parameter add (TPU
-        # compiler: docs/benchmarks.md). Values are the same: a held window keeps state and parameters bit for bit.
-        upd, new_inner = inner.update(mean, state.inner, params)
-        updates = jax.tree.map(lambda u, g: jnp.where(apply, u, jnp.zeros_like(u)).astype(g.dtype), upd, grads)
-        new_inner = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_inner, state.inner)
+        if k == 1:
+            # Every call ends a window: selects, not a lax.cond between "update" and "hold". XLA fuses each select
+            # into its consumer (the parameter add, the moment writes), where the cond's hold branch materialised
+            # zero updates for every trainable tensor and the update went through memory before the parameter
+            # add (TPU compiler, docs/benchmarks.md). A held step still keeps state and parameters bit for bit.
+            upd, new_inner = inner.update(mean, state.inner, params)
+            updates = jax.tree.map(lambda u, g: jnp.where(apply, u, jnp.zeros_like(u)).astype(g.dtype), upd, grads)
+            new_inner = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_inner, state.inner)
+        else:
+            # accumulating micro-steps skip the optimizer at run time (one branch of a cond executes)
+            def step(_):
+                upd, new_inner = inner.update(mean, state.inner, params)
+                return jax.tree.map(lambda u, g: u.astype(g.dtype), upd, grads), new_inner
+
+            def hold(_):
+                return jax.tree.map(jnp.zeros_like, grads), state.inner
+
+            updates, new_inner = jax.lax.cond(apply, step, hold, None)
         new_state = AccumulateState(
             mini_step=jnp.where(emit, 0, state.mini_step + 1).astype(jnp.int32),
             acc=() if k == 1 else jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), mean),
