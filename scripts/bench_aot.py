@@ -194,7 +194,7 @@ chip, `scripts/bench_aot.py`'s settings plus `model.llm.num_layers=4 model.encod
 | that, and each LoRA input `dropout(x)` kept by remat (named) | 79.2 ms | 39.3 % |
 | **GELU as torch writes it, `x (1 + erf(x / sqrt 2)) / 2`, not jax.nn's `erfc` form (encoder layer forward/backward 1.98/3.61 -> 1.88/3.35 M cycles)** | **77.7 ms** | **40.1 %** |
 | that, and LoRA's scaling on the rank-8 products alone | 78.1 ms | 39.9 % |
-| **and the optimizer's update/hold `lax.cond` replaced by selects, no zeroed gradient copy at `grad_accum=1`** | **75.2 ms** | **41.5 %** |
+| **and, at `grad_accum=1` (these rows), the optimizer's update/hold `lax.cond` replaced by selects and no zeroed gradient copy** | **75.2 ms** | **41.5 %** |
 | **and each encoder LayerNorm's output cotangent written once (barrier), not fused into the transposed matmul** | **75.0 ms** | **41.6 %** |
 | that, with the encoder's q/k/v token-major (splash transposing inside) | 76.3 ms | 40.9 % |
 | **and remat keeping each norm's per-row statistics (`norm_stats`)** | **74.7 ms** | **41.7 %** |
