@@ -48,6 +48,20 @@ def test_hlo_flops_count_loop_trips():
     assert trips in report["loops"]
 
 
+def test_a_conditional_is_charged_its_dearest_branch():
+    """A conditional runs one branch: FLOPs (and cycles, bytes, collectives) count the most expensive one, not
+    both (the optimizer's update-or-hold cond under gradient accumulation)."""
+    m, k = 16, 64
+
+    def f(p, x, w):
+        return jax.lax.cond(p, lambda x: (x @ w) @ w, lambda x: x @ w, x)
+
+    x, w = jax.ShapeDtypeStruct((m, k), jnp.float32), jax.ShapeDtypeStruct((k, k), jnp.float32)
+    text = jax.jit(f).lower(jax.ShapeDtypeStruct((), jnp.bool_), x, w).compile().as_text()
+    assert "conditional" in text
+    assert analyse_hlo(text)["flops"] == 2 * (2 * m * k * k)  # the two-matmul branch; both would be 3
+
+
 def test_hbm_traffic_counts_layer_slices_not_whole_stacks():
     """The roofline's HBM bytes (the GPU rows' step bound): a scan reading one layer of a stacked weight per
     iteration moves that layer, not the stack, and a stacked output updated in place moves the update. Counting

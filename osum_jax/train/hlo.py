@@ -135,11 +135,49 @@ def _trip_count(instr: Instr, comps: dict[str, list[Instr]]) -> int:
     return 1
 
 
+def _branches(ins: Instr) -> list[str]:
+    """The branch computations of a ``conditional`` instruction (either spelling)."""
+    m = re.search(r"branch_computations=\{([^}]*)\}", ins.text)
+    if m:
+        return [b.strip().lstrip("%") for b in m.group(1).split(",")]
+    return re.findall(r"(?:true_computation|false_computation)=%([^\s,]+)", ins.text)
+
+
+def _weight(name: str, comps, shapes, memo: dict[str, float]) -> float:
+    """What one run of a computation costs, to pick a conditional's dearest branch: the TPU cost model's cycles
+    where instructions carry them, FLOPs plus output bytes otherwise; loops times their trip counts, calls once,
+    a nested conditional its dearest branch."""
+    if name in memo:
+        return memo[name]
+    memo[name] = 0.0  # call graphs are DAGs; this only guards against malformed text
+    total = 0.0
+    for ins in comps.get(name, []):
+        c = re.search(r'"estimated_cycles":"(\d+)"', ins.text)
+        total += int(c.group(1)) if c else _flops(ins, shapes) + _nbytes(_arrays(ins.shape))
+        if ins.opcode == "while":
+            m = re.search(r"body=%([^\s,]+)", ins.text)
+            if m:
+                total += _trip_count(ins, comps) * _weight(m.group(1), comps, shapes, memo)
+        elif ins.opcode == "conditional":
+            total += max((_weight(b, comps, shapes, memo) for b in _branches(ins)), default=0.0)
+        elif ins.opcode != "fusion":
+            for m in re.finditer(r"calls=%([^\s,]+)", ins.text):
+                total += _weight(m.group(1), comps, shapes, memo)
+    memo[name] = total
+    return total
+
+
 def _multiplicities(comps, entry) -> tuple[dict[str, float], set[str], dict[str, int]]:
-    """How many times each computation runs per step; which are fusion bodies; loop trip counts by body."""
+    """How many times each computation runs per step; which are fusion bodies; loop trip counts by body.
+
+    A conditional runs one branch per execution: only its dearest branch (:func:`_weight`) is counted, so a
+    step's report is what its most expensive path costs (the optimizer's update-or-hold ``cond`` under gradient
+    accumulation would otherwise be charged both)."""
     mult: dict[str, float] = defaultdict(float)
     fused: set[str] = set()
     trips: dict[str, int] = {}
+    shapes = {i.name: i.shape for body in comps.values() for i in body}
+    memo: dict[str, float] = {}
     mult[entry] = 1.0
     order = [entry]
     seen = {entry}
@@ -155,13 +193,14 @@ def _multiplicities(comps, entry) -> tuple[dict[str, float], set[str], dict[str,
                         edges.append((m.group(1), n))
                         if key == "body":
                             trips[m.group(1)] = n
-            for m in re.finditer(r"(?:calls|true_computation|false_computation)=%([^\s,]+)", ins.text):
+            for m in re.finditer(r"calls=%([^\s,]+)", ins.text):
                 edges.append((m.group(1), 1))
                 if ins.opcode == "fusion":
                     fused.add(m.group(1))
-            m = re.search(r"branch_computations=\{([^}]*)\}", ins.text)
-            if m:
-                edges += [(b.strip().lstrip("%"), 1) for b in m.group(1).split(",")]
+            if ins.opcode == "conditional":
+                branches = _branches(ins)
+                if branches:
+                    edges.append((max(branches, key=lambda b: _weight(b, comps, shapes, memo)), 1))
             for child, k in edges:
                 if child not in comps:
                     continue
