@@ -79,8 +79,9 @@ def resolve_barrier(setting: str, platform: str) -> bool:
 
 
 def output_barrier(y: jax.Array) -> jax.Array:
-    """A projection's output; with matmul barriers, its cotangent is written once before the transposed matmul
-    reads it (see :func:`cotangent`). Identity in value and gradient."""
+    """A projection's (or a norm's) output; with matmul barriers, its cotangent is written once before its
+    consumer reads it: the transposed matmul (see :func:`cotangent`), or the norm's backward, whose reductions
+    XLA:TPU would otherwise fuse into the matmul producing that cotangent. Identity in value and gradient."""
     return _cotangent_barrier(y) if barriers_enabled() else y
 
 

@@ -135,6 +135,12 @@ def _trip_count(instr: Instr, comps: dict[str, list[Instr]]) -> int:
     return 1
 
 
+def _cycles(ins: Instr) -> int | None:
+    """The TPU cost model's ``estimated_cycles`` of a top-level instruction, None where it gives none."""
+    c = re.search(r'"estimated_cycles":"(\d+)"', ins.text)
+    return int(c.group(1)) if c else None
+
+
 def _branches(ins: Instr) -> list[str]:
     """The branch computations of a ``conditional`` instruction (either spelling)."""
     m = re.search(r"branch_computations=\{([^}]*)\}", ins.text)
@@ -152,8 +158,8 @@ def _weight(name: str, comps, shapes, memo: dict[str, float]) -> float:
     memo[name] = 0.0  # call graphs are DAGs; this only guards against malformed text
     total = 0.0
     for ins in comps.get(name, []):
-        c = re.search(r'"estimated_cycles":"(\d+)"', ins.text)
-        total += int(c.group(1)) if c else _flops(ins, shapes) + _nbytes(_arrays(ins.shape))
+        c = _cycles(ins)
+        total += c if c is not None else _flops(ins, shapes) + _nbytes(_arrays(ins.shape))
         if ins.opcode == "while":
             m = re.search(r"body=%([^\s,]+)", ins.text)
             if m:
@@ -328,10 +334,10 @@ def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
             if name not in fused and ins.opcode not in _NO_TRAFFIC:
                 hbm += k * _traffic(ins, shapes, comps)
             if name not in fused:
-                c = re.search(r'"estimated_cycles":"(\d+)"', ins.text)
-                if c:
-                    cycles += k * int(c.group(1))
-                    by_op[_op_label(ins)] += k * int(c.group(1))
+                c = _cycles(ins)
+                if c is not None:
+                    cycles += k * c
+                    by_op[_op_label(ins)] += k * c
                 elif ins.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in ins.text:
                     f = _kernel_flops(ins, shapes)
                     kernels["count"] += k
