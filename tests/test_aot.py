@@ -125,6 +125,9 @@ def test_compiled_step_has_no_stack_copies_and_counts_its_flops(tiny_tpu_report)
     assert 0.9 * model <= r["hlo_flops"] + r["pallas_kernels"]["flops"], (r["hlo_flops"], model)
     assert r["hlo_flops"] <= 1.6 * model, (r["hlo_flops"], model)
     assert r["estimated_cycles"] > 0 and r["step_seconds"] > 0 and 0 < r["mfu"] < 1
+    # tokens/s is per device: the global batch's LLM tokens (speech + prompt + bos/eos + target) / devices / step
+    tokens = b["batch"] * (math.ceil(b["frames"] / 8) + b["prompt"] + 2 + b["target"])
+    assert math.isclose(r["tokens_per_second"] * r["step_seconds"] * r["devices"], tokens)
 
 
 @pytest.mark.slow

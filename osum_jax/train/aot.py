@@ -139,25 +139,46 @@ def _layer_counts(cfg: Config) -> set[int]:
 
 def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``target_spec`` and report what the compiler says (per device)."""
-    import jax
+    import time
 
     from ..models.layers import as_dtype  # noqa: F401  (models import before the program)
-    from .flops import train_step_flops
     from .mesh import build_mesh
-    from .plan import plan as estimate
     from .step import TrainProgram
 
     target = parse_target(target_spec)
     devices = target_devices(target)
     mesh = build_mesh(cfg.train.mesh, devices)
     program = TrainProgram(cfg, mesh)
-    shape = program.largest_batch()
-    inputs = program.abstract_inputs(shape)
-    import time
-
+    inputs = program.abstract_inputs(program.largest_batch())
     t0 = time.perf_counter()
     compiled = program.lower(inputs).compile()
-    compile_s = time.perf_counter() - t0
+    return compiled_report(cfg, inputs, compiled, target.chip, target.spec, len(devices), devices[0].platform,
+                           time.perf_counter() - t0, hlo_out=hlo_out, mesh_shape=dict(mesh.shape),
+                           rng_impl=program.rng_impl)
+
+
+def chip_of(device) -> Chip | None:
+    """The :data:`CHIPS` entry of an attached device (``device_kind`` such as "NVIDIA H200"), or None."""
+    kind = str(getattr(device, "device_kind", "")).lower()
+    for name, chip in CHIPS.items():
+        if re.search(rf"\b{name}\b", kind):
+            return chip
+    return None
+
+
+def compiled_report(cfg: Config, inputs, compiled, chip: Chip | None, target: str, n: int, platform: str,
+                    compile_s: float, *, hlo_out: str | None = None, mesh_shape: dict | None = None,
+                    rng_impl: str = "") -> dict[str, Any]:
+    """What the compiler says about one compiled train step (per device): :func:`compile_plan`'s report, also
+    used for a step compiled on attached hardware (``scripts/bench_gpu_step.py``). ``chip`` None (e.g. CPU): no
+    peak, so no roofline step time or MFU."""
+    import jax
+
+    from .flops import train_step_flops
+    from .plan import plan as estimate
+
+    shape = tuple(inputs.batch["feats"].shape[:2]) + (inputs.batch["prompt"].shape[1],
+                                                       inputs.batch["target"].shape[1])
     mem = compiled.memory_analysis()
     text = compiled.as_text()
     if hlo_out:
@@ -168,8 +189,6 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -
     frozen_stacks = {(str(x.dtype), tuple(x.sharding.shard_shape(x.shape))) for x in jax.tree.leaves(inputs.frozen)
                      if len(x.shape) >= 3 and x.shape[0] in _layer_counts(cfg)}
     hlo = analyse_hlo(text, stacks, frozen_stacks)
-    n = target.devices
-    chip = target.chip
 
     def leaves_bytes(tree) -> float:
         return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -189,26 +208,29 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -
     memory["total"] = total
     b, t, p, l_ = shape
     model_flops = train_step_flops(cfg.model, b, t, p, l_, trainable=cfg.train.fire_module) / n
-    kernel_s = hlo["kernels"]["flops"] / (chip.peak_tflops * 1e12 * MOSAIC_EFFICIENCY)
-    if chip.seconds_per_cycle and hlo["estimated_cycles"]:
+    peak = chip.peak_tflops * 1e12 if chip else 0.0
+    kernel_s = hlo["kernels"]["flops"] / (peak * MOSAIC_EFFICIENCY) if chip else 0.0
+    if chip is None:
+        step_s, basis = 0.0, "no peak known for this device"
+    elif chip.seconds_per_cycle and hlo["estimated_cycles"]:
         step_s, basis = hlo["estimated_cycles"] * chip.seconds_per_cycle + kernel_s, "TPU cost model"
         if hlo["kernels"]["count"]:
             basis += f" + Pallas kernels at {MOSAIC_EFFICIENCY:.0%} of peak"
     else:
         step_s = max(hlo["flops"] / (chip.peak_tflops * 1e12), hlo["hbm_bytes"] / (chip.hbm_tb_s * 1e12))
         basis = "roofline bound (FLOPs / peak, HBM bytes / bandwidth)"
-    est = estimate(cfg, n, chip.hbm_gb, batch_shape=shape, platform=devices[0].platform)
+    hbm_gb = chip.hbm_gb if chip else 0.0
+    est = estimate(cfg, n, hbm_gb or 1.0, batch_shape=shape, platform=platform)
     from ..models.attention import impl_for
 
-    attention = impl_for(cfg.model.attention_impl, devices[0].platform, cfg.model.dtype,
-                         cfg.model.llm.resolved_head_dim)
+    attention = impl_for(cfg.model.attention_impl, platform, cfg.model.dtype, cfg.model.llm.resolved_head_dim)
     return {
-        "target": target.spec, "devices": n, "mesh": dict(mesh.shape), "batch_shape": {"batch": b, "frames": t,
-                                                                                      "prompt": p, "target": l_},
-        "compile_seconds": compile_s, "attention": attention, "dropout_rng": program.rng_impl,
+        "target": target, "devices": n, "mesh": mesh_shape, "batch_shape": {"batch": b, "frames": t,
+                                                                             "prompt": p, "target": l_},
+        "compile_seconds": compile_s, "attention": attention, "dropout_rng": rng_impl,
         "memory_bytes": memory,
-        "hbm_bytes": chip.hbm_gb * GB,
-        "headroom": 1.0 - total / (chip.hbm_gb * GB),
+        "hbm_bytes": hbm_gb * GB,
+        "headroom": 1.0 - total / (hbm_gb * GB) if hbm_gb else 0.0,
         "state_bytes": {"trainable": trainable_b, "optimizer": opt_b, "frozen_and_buffers": frozen_b,
                         "replicated_trainable": replicated_b},
         "hlo_flops": hlo["flops"],
@@ -220,8 +242,9 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -
         "pallas_kernels": {"count": hlo["kernels"]["count"], "flops": hlo["kernels"]["flops"], "seconds": kernel_s},
         "top_ops_by_cycles": hlo["top_ops_by_cycles"],
         "step_seconds": step_s, "step_basis": basis,
-        "tokens_per_second": (b * (math.ceil(t / 8) + p + 2 + l_)) / step_s if step_s else 0.0,
-        "mfu": model_flops / step_s / (chip.peak_tflops * 1e12) if step_s else 0.0,
+        # per device: the global batch's LLM tokens (speech + prompt + bos/eos + target) over the devices
+        "tokens_per_second": b * (math.ceil(t / 8) + p + 2 + l_) / n / step_s if step_s else 0.0,
+        "mfu": model_flops / step_s / peak if step_s else 0.0,
         "plan_estimate_bytes": est["per_device_GiB"]["total"] * 1024 ** 3,
     }
 
