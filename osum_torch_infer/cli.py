@@ -26,7 +26,7 @@ from typing import Sequence
 
 def _infer_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osum-infer", description="OSUM inference with a torch package "
-                                "(subcommand: export-onnx)")
+                                "(subcommands: export-onnx, calibrate-fp16)")
     p.add_argument("--model", required=True, help="package directory written by osum-convert export-torch")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--wav", nargs="+", help="audio files (any format libsndfile reads)")
@@ -102,6 +102,20 @@ def _export(args) -> int:
     return 0
 
 
+def check_generation_flags(args) -> None:
+    """Decoding settings transformers would refuse mid-run (a traceback) or take silently (``top_p`` 2, 0 beams):
+    one ``ValueError`` naming the flag."""
+    rules = (("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, "an integer >= 1"),
+             ("--num-beams", args.num_beams, lambda v: v >= 1, "an integer >= 1"),
+             ("--temperature", args.temperature, lambda v: v > 0, "> 0"),
+             ("--top-k", args.top_k, lambda v: v >= 0, ">= 0 (0: off)"),
+             ("--top-p", args.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+             ("--repetition-penalty", args.repetition_penalty, lambda v: v > 0, "> 0"))
+    for flag, value, ok, what in rules:
+        if value is not None and not ok(value):
+            raise ValueError(f"{flag} must be {what}, got {value:g}")
+
+
 def _infer(args) -> int:
     from .modeling import OSUMForConditionalGeneration, PackageError
     from .pipeline import Item, check_run_args, read_any, run, write_results
@@ -120,6 +134,7 @@ def _infer(args) -> int:
             raise ValueError("no input files")
         if args.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        check_generation_flags(args)  # before the model loads: a typo never costs a 7 B load
         model = OSUMForConditionalGeneration.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                                              npu_fusions=not args.no_npu_fusions)
         print(f"osum-infer: {model.device}, {str(model.dtype).replace('torch.', '')} ({model.device_reason})",

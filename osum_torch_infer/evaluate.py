@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .parsing import TAG_TASKS, expected_tags, is_align, is_transcribe
 from .scoring import WerOptions, format_report, plot_confusion, read_text_file, score
 from .files import LineError, json_object_line
 
@@ -58,6 +59,11 @@ def _slug(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", task).strip("_").lower() or "task"
 
 
+def _scored(task: str) -> bool:
+    """Whether osum-eval has a metric for ``task`` (WER/CER, tag accuracy or timestamp error)."""
+    return is_transcribe(task) or is_align(task) or bool(expected_tags(task))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="osum-eval", description="WER/CER, tag accuracy and SRWT timestamp error")
     p.add_argument("--ref", required=True, help="references: a data.list (txt, task) or OSUM's key<TAB>text file")
@@ -72,6 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="1: print each utterance's alignment, as compute-wer --v=1 (always written to "
                         "OUT/alignment.txt)")
     args = p.parse_args(argv)
+    if args.task and not _scored(args.task):
+        print(f"osum-eval: error: --task {args.task!r} has no metric (tasks with <TRANSCRIBE>, <ALIGN> or a tag "
+              f"task {sorted(TAG_TASKS)} are scored)", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else None
+    if out and out.exists() and not out.is_dir():
+        print(f"osum-eval: error: --out {args.out} exists and is not a directory", file=sys.stderr)
+        return 2
     try:
         refs, ref_tasks = read_any(args.ref)
         hyps, hyp_tasks = read_any(args.hyp)
@@ -86,9 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not result["tasks"]:
         print(f"osum-eval: error: no key is in both {args.ref} and {args.hyp}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else None
     if out:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"osum-eval: error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    unscored = sorted(t for t in result["tasks"] if not _scored(t))
+    if unscored:
+        print(f"osum-eval: no metric for task(s) {unscored} (their utterances are counted, not scored)",
+              file=sys.stderr)
     for task, report in result["tasks"].items():
         text = format_report(report)
         print(text)

@@ -175,6 +175,16 @@ class _Unit:
     prompt_ids: list[int]
 
 
+def _located(item: Item, message: str) -> str:
+    """An item's error naming where it came from: ``list:line (key k): ...`` for a data list line (errors found
+    while reading the list are located already), the audio path for ``--wav`` files."""
+    if item.error is not None:
+        return message
+    if item.where:
+        return f"{item.where} (key {item.key}): {message}"
+    return message if item.wav and item.wav in message else f"{item.wav}: {message}"
+
+
 def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: float) -> list[_Unit] | str:
     if item.error is not None:
         return item.error
@@ -280,8 +290,8 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
                 p = p if p is not None or isinstance(prepared, str) else model.prompt_for(t)
                 res = {"key": item.key, "wav": item.wav, "task": t, "prompt": p}
                 if isinstance(prepared, str):
-                    res["error"] = prepared
-                    print(f"osum-infer: {item.key}: {item.wav}: {prepared}", file=sys.stderr)
+                    res["error"] = prepared = _located(item, prepared)
+                    print(f"osum-infer: {prepared}", file=sys.stderr)
                 else:
                     for u in prepared:
                         u.item = i

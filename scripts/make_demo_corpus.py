@@ -201,16 +201,14 @@ def build(out: Path, seed: int, sizes: dict[str, int], workers: int, vocab_size:
                 "age": dict(collections.Counter(r["age"] for r in split)),
                 "voices": sorted({r["voice"] for r in split}),
                 "words": dict(collections.Counter(len(r["text"].split()) for r in split))}
-        # the training split as tar shards (what OSUM trains from); paths in the shard list are relative
+        # the training split as tar shards (what OSUM trains from); make-shards lists them relative to the
+        # list, so the corpus can move
         cwd = os.getcwd()
         try:
             os.chdir(tmp)
             res = make_shards("train.list", "shards", per_shard=128, workers=workers, progress=False)
         finally:
             os.chdir(cwd)
-        # shard paths relative to the list (the shard source resolves them there), so the corpus can move
-        shard_list = tmp / "shards" / "shards_list.txt"
-        shard_list.write_text("".join(Path(p).name + "\n" for p in shard_list.read_text().split()), encoding="utf-8")
         summary["shards"] = {"files": res["shards"], "utterances": res["utterances"], "skipped": res["skipped"]}
         texts = [normalize_label(json.loads(x)["txt"]) for x in (tmp / "train.list").read_text().splitlines()]
         texts += [p for ps in PromptBook.load().prompts.values() for p in ps]  # the shipped ones too

@@ -110,7 +110,7 @@ def test_export_osum_from_hf_import_loads_strictly_into_osum_layout(hf, tmp_path
 
 
 def _fails(capsys, argv, *patterns):
-    assert main(argv + ["--no-progress"]) == 1
+    assert main(argv + ["--no-progress"]) == 2
     err = capsys.readouterr().err
     for p in patterns:
         assert re.search(p, err), (p, err)

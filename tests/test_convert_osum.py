@@ -314,7 +314,7 @@ def _variant(files, name, edit):
 
 
 def _fails(capsys, argv, *patterns):
-    assert main(argv + ["--no-progress"] if argv[0] != "inspect" else argv) == 1
+    assert main(argv + ["--no-progress"] if argv[0] != "inspect" else argv) == 2
     err = capsys.readouterr().err
     for p in patterns:
         assert re.search(p, err), (p, err)
@@ -452,7 +452,7 @@ def test_export_osum_from_a_training_run(files, tmp_path):
     assert main(["export-osum", str(run), "--out", str(out2), "--layout-from", str(ckpt), "--no-progress"]) == 0
     _assert_same_state(torch.load(out2, weights_only=True), b)
     bad = tmp_path / "bad.pt"
-    assert main(["export-osum", str(run), "--out", str(bad), "--layout-from", str(run), "--no-progress"]) == 1
+    assert main(["export-osum", str(run), "--out", str(bad), "--layout-from", str(run), "--no-progress"]) == 2
     assert not bad.exists()
 
 

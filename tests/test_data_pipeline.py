@@ -177,6 +177,17 @@ def test_unknown_task_is_reported_at_start_up(pcm_corpus, tmp_path):
     with pytest.raises(ConfigError, match="max_prompt_tokens"):
         DataPipeline(cfg_for(pcm_corpus, max_prompt_tokens=4), str(pcm_corpus["list"]), shard_index=0,
                      shard_count=1)
+    # only the prompts of tasks the data has must fit: a long prompt of an unused task costs nothing
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text('"<TRANSCRIBE>": ["transcribe"]\n"<ALIGN>": ["' + "align every word " * 20 + '"]\n')
+    one = tmp_path / "one.list"
+    one.write_text(json.dumps(dict(e, task="<TRANSCRIBE>")) + "\n")
+    DataPipeline(cfg_for(pcm_corpus, max_prompt_tokens=8, prompts=str(prompts)), str(one), shard_index=0,
+                 shard_count=1)
+    one.write_text(json.dumps(dict(e, task="<ALIGN>")) + "\n")
+    with pytest.raises(ConfigError, match="prompt for '<ALIGN>' has .* tokens > data.max_prompt_tokens=8"):
+        DataPipeline(cfg_for(pcm_corpus, max_prompt_tokens=8, prompts=str(prompts)), str(one), shard_index=0,
+                     shard_count=1)
 
 
 @pytest.fixture(scope="module")
@@ -292,8 +303,9 @@ def test_osum_data_cli(pcm_corpus, tmp_path, capsys):
     lst = tmp_path / "sh" / "shards_list.txt"
     assert main(["index", str(lst)]) == 0
     assert json.loads(capsys.readouterr().out)["utterances"] == pcm_corpus["n"]
-    first_tar = lst.read_text().splitlines()[0]
-    idx = first_tar + ".idx.json"
+    first_tar = lst.read_text().splitlines()[0]  # relative to the list: the folder can move
+    assert first_tar == "shards_000000000.tar"
+    idx = str(lst.parent / first_tar) + ".idx.json"
     mtime = __import__("os").stat(idx).st_mtime_ns  # built once and cached beside the tar
     assert main(["inspect", str(lst)]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -148,7 +148,7 @@ def test_each_non_shape_mismatch_is_named(release, tmp_path, where, key, value, 
     (tmp_path / "config.json").write_text(json.dumps(q))
     args = [a if a not in ("osum/config.yaml", "qwen2/config.json") else
             str(tmp_path / ("osum.yaml" if a.endswith("yaml") else "config.json")) for a in IMPORT]
-    r = _run(w, "osum-convert", *args, "--out", str(tmp_path / "ck"), rc=1)
+    r = _run(w, "osum-convert", *args, "--out", str(tmp_path / "ck"), rc=2)
     line = next(x for x in r.stderr.splitlines() if needle in x)
     assert repr(value) in line or str(value) in line, line
     assert not (tmp_path / "ck").exists()
@@ -159,7 +159,7 @@ def test_unsupported_osum_settings_are_refused(release, tmp_path):
     y["adapter_type"] = "conv"
     (tmp_path / "osum.yaml").write_text(yaml.safe_dump(y))
     r = _run(release, "osum-convert", "import-osum", "osum/infer.pt", "--osum-config", str(tmp_path / "osum.yaml"),
-             "--config", "configs/tiny.yaml", "--out", str(tmp_path / "ck"), "--no-progress", rc=1)
+             "--config", "configs/tiny.yaml", "--out", str(tmp_path / "ck"), "--no-progress", rc=2)
     assert "adapter_type: 'conv' is not supported" in r.stderr
 
 

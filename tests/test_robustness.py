@@ -130,6 +130,17 @@ def test_list_and_its_shards_are_the_same_data(corpus, tmp_path):
     assert make_shards(corpus["root"] / "data.list", tmp_path / "shards", per_shard=100, progress=False,
                        force=True)["shards"] == 1
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shards_000000000.tar", "shards_list.txt"]
+    # the list names its tars relative to itself: the folder can be moved (or copied to the training host)
+    assert (tmp_path / "shards" / "shards_list.txt").read_text().split() == ["shards_000000000.tar"]
+    from osum_jax.data.sources import open_source
+
+    def keys(lst):
+        src = open_source(str(lst), "auto")
+        return sorted(src[i]["key"] for i in range(len(src)))
+
+    before = keys(tmp_path / "shards" / "shards_list.txt")
+    (tmp_path / "shards").rename(tmp_path / "moved")
+    assert keys(tmp_path / "moved" / "shards_list.txt") == before and set(corpus["good"]) <= set(before)
 
 
 def test_make_shards_strict_names_the_first_bad_line_and_leaves_nothing(corpus, tmp_path):
@@ -138,7 +149,7 @@ def test_make_shards_strict_names_the_first_bad_line_and_leaves_nothing(corpus, 
     with pytest.raises(SampleError) as e:
         make_shards(corpus["root"] / "data.list", tmp_path / "s", per_shard=1, strict=True, progress=False)
     assert str(e.value).startswith(f"{corpus['root'] / 'data.list'}:2") and "truncated audio" in str(e.value)
-    assert not [p for p in (tmp_path / "s").iterdir()], "strict make-shards left files behind"
+    assert not (tmp_path / "s").exists(), "strict make-shards left its folder behind"
 
 
 def test_inspect_reports_what_training_would_skip(corpus, tmp_path):
@@ -174,6 +185,17 @@ def test_strict_mode_names_the_first_bad_line_in_file_order(corpus, tmp_path):
         assert want in str(e.value), str(e.value)
 
 
+def test_osum_train_plan_flags_need_plan_and_sane_numbers(tmp_path):
+    for args, needle in ((["--devices", "4"], "--devices go(es) with --plan"),
+                         (["--json"], "--json go(es) with --plan"),
+                         (["--plan", "--hlo-out", "x.hlo"], "--hlo-out goes with --plan --target"),
+                         (["--plan", "--devices", "-4"], "must be positive"),
+                         (["--plan", "--device-memory-gb", "-1"], "must be positive")):
+        r = _train(args, tmp_path)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    assert not (tmp_path / "x.hlo").exists()
+
+
 def _train(args, cwd):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "osum_jax.train.cli", str(ROOT / "configs/tiny.yaml"), *args],
@@ -192,6 +214,7 @@ def test_osum_train_mistakes_are_one_line_and_exit_2(corpus, tmp_path):
         "no tokenizer.json": [f"data.train={root / 'data.list'}", f"data.tokenizer={tmp_path}"],
         "is not a checkpoint": ok + [f"train.init_from={tmp_path}"],
         "is a file": ok + ["train.output_dir=a_file"],
+        "empty label": ok + ["data.strict=true"],  # the data list's line 3, refused before anything is created
     }
     # an output_dir holding a run of another model (its newest step's config item, in the one checkpoint layout)
     from osum_jax.config import load_config
@@ -221,6 +244,67 @@ def test_make_shards_cli_refuses_a_file_as_out(corpus, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["make-shards", str(corpus["root"] / "data.list"), str(tmp_path / "f")]) == 2
     assert "is a file" in capsys.readouterr().err
+    for flag in ("--per-shard", "--sample-rate", "--workers"):  # one line naming the flag; no folder made
+        assert main(["make-shards", str(corpus["root"] / "data.list"), str(tmp_path / "s"), flag, "0"]) == 2
+        assert f"{flag} must be a positive integer, got 0" in capsys.readouterr().err
+        assert not (tmp_path / "s").exists()
+
+
+def test_osum_eval_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
+    from osum_torch_infer.evaluate import main
+
+    ref, hyp = tmp_path / "ref.txt", tmp_path / "hyp.txt"
+    ref.write_text("a\tHELLO WORLD\n")
+    hyp.write_text("a\tHELLO WORD\n")
+    assert main(["--ref", str(ref), "--hyp", str(hyp), "--out", str(ref)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert ref.read_text() == "a\tHELLO WORLD\n"
+    assert main(["--ref", str(ref), "--hyp", str(hyp), "--task", "<FOO>"]) == 2
+    assert "--task '<FOO>' has no metric" in capsys.readouterr().err
+    assert main(["--ref", str(ref), "--hyp", str(hyp), "--task", "<TRANSCRIBE>", "--out", str(tmp_path / "o")]) == 0
+    assert "WER: 50.00 %" in capsys.readouterr().out
+
+
+def test_osum_infer_refuses_bad_decoding_flags_before_loading(tmp_path, capsys):
+    """Values transformers would reject mid-run (a traceback) or take silently: one line, exit 2, no model load
+    (the --model here does not exist)."""
+    from osum_torch_infer.cli import main
+
+    base = ["--model", str(tmp_path / "no_package"), "--wav", "a.wav", "--out", str(tmp_path / "r.jsonl")]
+    for flags, needle in ((["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+                          (["--num-beams", "0"], "--num-beams must be an integer >= 1"),
+                          (["--do-sample", "--temperature", "-1"], "--temperature must be > 0, got -1"),
+                          (["--do-sample", "--top-p", "2"], "--top-p must be in (0, 1], got 2"),
+                          (["--top-k", "-3"], "--top-k must be >= 0"),
+                          (["--repetition-penalty", "0"], "--repetition-penalty must be > 0")):
+        assert main(base + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (flags, err)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_osum_serve_checks_its_flags_before_loading(tmp_path):
+    import argparse
+    import socket
+
+    from osum_torch_infer.serve.cli import check_serve_args
+
+    def args(**kw):
+        base = dict(port=0, host="127.0.0.1", max_batch=8, max_wait_ms=10.0, max_queue=64, max_mb=25.0,
+                    max_seconds=600.0, feedback_log=str(tmp_path / "f.jsonl"), replicas=0)
+        return argparse.Namespace(**{**base, **kw})
+
+    assert check_serve_args(args()) == ""
+    assert "no such folder" in check_serve_args(args(feedback_log=str(tmp_path / "nope" / "f.jsonl")))
+    assert "cannot append" in check_serve_args(args(feedback_log=str(tmp_path)))
+    assert "--max-batch 0 is out of range" == check_serve_args(args(max_batch=0))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        assert "cannot listen on 127.0.0.1:" in check_serve_args(args(port=taken.getsockname()[1]))
+    # the CLI: one line, exit 2, before the (absent) package is looked at
+    r = subprocess.run([sys.executable, "-m", "osum_torch_infer.serve.cli", str(tmp_path / "no_package"),
+                        "--feedback-log", str(tmp_path / "nope" / "f.jsonl")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("osum-serve: error: --feedback-log"), r.stderr
 
 
 def test_osum_style_remap_and_filter_no_extra_info(corpus, tmp_path):

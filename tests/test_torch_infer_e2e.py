@@ -132,10 +132,10 @@ def test_one_bad_line_costs_only_itself(speech_corpus, package, tmp_path, capsys
     assert f"{data}:2: the line is not UTF-8" in errors[0]
     assert f"{data}:3: broken JSON" in errors[1]
     assert f"{data}:4: no 'wav' field" in errors[2]
-    assert errors[3] == f"no such file: {tmp_path / 'missing.wav'}"
-    assert "'<NOPE>' is not in the package's prompt file" in errors[4]
+    assert errors[3] == f"{data}:5 (key m): no such file: {tmp_path / 'missing.wav'}"  # every error: file:line
+    assert errors[4].startswith(f"{data}:6 (key t): ") and "'<NOPE>' is not in the package's prompt file" in errors[4]
     assert f"{data}:7" in errors[5] and "used twice" in errors[5]
-    assert errors[6].startswith("truncated audio: the WAV header promises")
+    assert errors[6].startswith(f"{data}:9 (key cut): truncated audio: the WAV header promises")
     capsys.readouterr()
     strict = tmp_path / "strict.jsonl"
     assert cli.main(args + ["--out", str(strict), "--strict"]) == 2

@@ -242,7 +242,7 @@ def test_refuses_overwrite_and_force_replaces(setup, tmp_path):
     export_torch_package(setup["jax"], CFG, out, tokenizer_dir=setup["tok"], dtype="fp32", progress=False)
     marker = out / "config.json"
     before = marker.stat().st_mtime_ns
-    with pytest.raises(PackageError, match="exists; pass force=True"):
+    with pytest.raises(PackageError, match="exists; --force"):
         export_torch_package(setup["jax"], CFG, out, tokenizer_dir=setup["tok"], progress=False)
     assert marker.stat().st_mtime_ns == before
     export_torch_package(setup["jax"], CFG, out, tokenizer_dir=setup["tok"], dtype="bf16", force=True,

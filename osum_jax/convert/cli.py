@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    force=args.force, progress=show)
             except PackageError as e:
                 print(f"osum-convert export-torch: error: {e}", file=sys.stderr)
-                return 1
+                return 2
             print(f"osum-convert export-torch: wrote {args.out} in {time.perf_counter() - t0:.1f} s: {res}",
                   file=sys.stderr)
             return 0
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, CheckpointMismatch, SourceError, FileExistsError, FileNotFoundError,
             OverflowError) as e:
         print(f"osum-convert {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"osum-convert {args.command}: wrote {args.out}: {info['tensors']} tensors, "
           f"{info['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0

@@ -213,7 +213,7 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
     out = Path(out_dir)
     tok_dir = Path(tokenizer_dir)
     if out.exists() and not force:
-        raise PackageError(f"{out} exists; pass force=True (--force) to replace it")
+        raise PackageError(f"{out} exists; --force (force=True) replaces it")
     if max_shard_bytes < 1:
         raise PackageError("max_shard_bytes must be positive")
     eos_id = _tokenizer_eos(tok_dir, eod_token)

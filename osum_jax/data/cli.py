@@ -72,6 +72,9 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
     their reason; ``strict`` raises at the first bad line in file order, leaving nothing behind. ``out_dir`` must
     be empty or absent (``force`` empties it first), so no stale shard from an earlier run is listed.
     """
+    for flag, value in (("--per-shard", per_shard), ("--sample-rate", sample_rate), ("--workers", workers)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; make-shards writes a folder of tars")
@@ -112,6 +115,7 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(src), desc="make-shards", unit="utt")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         with ThreadPoolExecutor(max(1, workers)) as ex:
@@ -144,13 +148,16 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
         if strict:  # nothing half-made stays behind
             for w in written:
                 w.unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
         raise
     finally:
         if bar:
             bar.close()
     list_path = out / "shards_list.txt"
     with atomic_file(list_path) as tmp_list:
-        tmp_list.write_text("".join(str(p.resolve()) + "\n" for p in written), encoding="utf-8")
+        # names relative to the list's folder: the folder can be copied or moved as a whole
+        tmp_list.write_text("".join(p.name + "\n" for p in written), encoding="utf-8")
     return {"shards": len(written), "utterances": ok, "skipped": dict(skips.counts), "list": str(list_path)}
 
 

@@ -296,10 +296,12 @@ class DataPipeline:
         self.tokenizer = tokenizer
         self.prompts = prompts or PromptBook.load(cfg.prompts or None)
         # start-up checks: tasks without prompts (their utterances are skipped as "unknown task"; strict mode
-        # refuses the list at the first such line), every prompt fits the static prompt length
+        # refuses the list at the first such line), every prompt of a task the data has fits the static prompt
+        # length (a long prompt of a task this data never uses costs nothing)
         self.unknown_tasks = self._unknown_tasks()
+        used = {normalize_task(t) for t in self.source.tasks}
         for task, items in self.prompts.prompts.items():
-            for p in items:
+            for p in items if task in used else ():
                 n = len(tokenizer.encode(p)) if p != "<no_prompt>" else 0
                 if n > cfg.max_prompt_tokens:
                     raise ConfigError(f"prompt for {task!r} has {n} tokens > data.max_prompt_tokens="

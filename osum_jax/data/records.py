@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,12 @@ def cached_index(path: Path, cache_dir: str, build) -> dict:
         except OSError:  # read-only data directory: fall back to the user cache
             continue
     return idx
+
+
+def beside(list_path: Path, name: str) -> str:
+    """A relative path of a list resolves against the list's folder (a copied corpus keeps working); a path that
+    exists only relative to the working directory is still taken from there."""
+    if os.path.isabs(name):
+        return name
+    there = list_path.parent / name
+    return str(there) if there.exists() or not os.path.exists(name) else name

@@ -17,7 +17,7 @@ import numpy as np
 
 from osum_torch_infer.contract import AUDIO_SUFFIXES
 
-from .records import SampleError, SkipCounter, cached_index
+from .records import SampleError, SkipCounter, beside, cached_index
 
 log = logging.getLogger("osum_jax.data")
 
@@ -87,7 +87,7 @@ class TarShardSource:
             if not self.path.is_file():
                 raise FileNotFoundError(f"shard list {self.path} does not exist")
             lines = [ln.strip() for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            tars = [ln if os.path.isabs(ln) or os.path.exists(ln) else str(self.path.parent / ln) for ln in lines]
+            tars = [beside(self.path, ln) for ln in lines]
         else:
             self.path, tars = None, [str(t) for t in shard_list]
         missing = [t for t in tars if not os.path.isfile(t)]

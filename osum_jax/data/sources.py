@@ -29,7 +29,7 @@ import yaml
 
 from osum_torch_infer.files import LineError, json_object_line
 
-from .records import SampleError, SkipCounter, cached_index
+from .records import SampleError, SkipCounter, beside, cached_index
 from .shards import TarShardSource
 
 log = logging.getLogger("osum_jax.data")
@@ -114,9 +114,7 @@ class RawListSource:
             obj = json_object_line(raw)
         except LineError as e:  # file changed under us
             raise SampleError(e.reason, where, e.detail) from None
-        wav = str(obj["wav"])
-        if not os.path.isabs(wav) and not os.path.exists(wav):
-            wav = str(self.path.parent / wav)
+        wav = beside(self.path, str(obj["wav"]))
         rec = {k: obj.get(k) for k in ("key", "txt", "task", "lang", "speaker", "emotion", "gender", "extra")}
         rec.update(audio=wav, start=obj.get("start"), end=obj.get("end"), where=f"{where} (key {obj['key']})")
         return rec

@@ -105,8 +105,19 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"osum-train: config error: {e}", file=sys.stderr)
         return 2
-    if args.target and not args.plan:
-        print("osum-train: --target goes with --plan", file=sys.stderr)
+    plan_only = [flag for flag, given in (("--target", args.target), ("--devices", args.devices),
+                                          ("--device-memory-gb", args.device_memory_gb), ("--json", args.json),
+                                          ("--hlo-out", args.hlo_out)) if given]
+    if plan_only and not args.plan:
+        print(f"osum-train: {', '.join(plan_only)} go(es) with --plan", file=sys.stderr)
+        return 2
+    if args.hlo_out and not args.target:
+        print("osum-train: --hlo-out goes with --plan --target (only a compiled step has an optimized HLO)",
+              file=sys.stderr)
+        return 2
+    if args.devices < 0 or args.device_memory_gb < 0:
+        print("osum-train: --devices and --device-memory-gb must be positive (0 or absent: the devices present, "
+              "no fit verdict)", file=sys.stderr)
         return 2
     if args.plan:
         if args.target:  # compiling for a topology needs no accelerator backend on this host
@@ -152,6 +163,12 @@ def main(argv=None) -> int:
     import jax
 
     if jax.process_index() == 0:
+        out = cfg.train.output_dir
+        loss = summary.get("loss")
+        print(f"osum-train: stopped at step {trainer.step}" + (f", loss {loss:.4f}" if loss is not None else "")
+              + f"; checkpoints in {os.path.join(out, 'checkpoints')}, metrics in {os.path.join(out, 'metrics.jsonl')}"
+              f" (export: osum-convert export-torch {out} --tokenizer {cfg.data.tokenizer} --out PKG)",
+              file=sys.stderr)
         print(json.dumps({k: v for k, v in summary.items()}, default=str))
     return 0
 

@@ -269,9 +269,9 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
+        pipe = self.data_pipeline(train=True)  # first: data.strict refusing a line leaves no run folder behind
         self.open_checkpoints()
         self.restore_latest()
-        pipe = self.data_pipeline(train=True)
         # multi-host: one bucket per step on every process (held-back batches are part of the data state)
         it = AgreedBatches(iter(pipe.dataset()), spec=pipe.spec, refetch=pipe.processor,
                            mel_bins=cfg.data.num_mel_bins, gather=from_every_process,

@@ -145,10 +145,13 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
         line = json.dumps({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "model": model.path.name, **record}, ensure_ascii=False) + "\n"
         async with feedback_lock:  # one whole line per record, appended and flushed before the reply
-            with open(feedback_log, "a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(feedback_log, "a", encoding="utf-8") as f:
+                    f.write(line)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:  # the log went away under the server (checked at start): say so, as JSON
+                raise UserError(503, f"feedback not recorded: {e.strerror or e}") from None
         return {"ok": True}
 
     @app.get("/health")

@@ -1,7 +1,8 @@
 """``osum-serve PKG [--device auto] [--host 127.0.0.1] [--port 8000]``: serve a torch package over HTTP.
 
     osum-serve pkg/osum --port 8000
-    curl -F file=@a.wav -F task="<TRANSCRIBE><GENDER>" localhost:8000/v1/understand
+    curl -F file=@a.wav --form-string "task=<TRANSCRIBE><GENDER>" localhost:8000/v1/understand
+    # (--form-string: curl's -F reads a value that starts with "<" as a file name)
     curl -F file=@a.wav -F response_format=srt localhost:8000/v1/audio/transcriptions   # OpenAI-compatible
     open http://localhost:8000/   # the web page: upload or record, pick a task, see the fields, give feedback
 """
@@ -12,6 +13,34 @@ import argparse
 import os
 import sys
 from typing import Sequence
+
+
+def check_serve_args(args) -> str:
+    """What is wrong with the flags, checked before a model is loaded (``""``: nothing): sizes out of range, a
+    feedback log that cannot be appended to (else the first feedback would fail), a port already taken."""
+    for flag, value, ok in (("--port", args.port, 0 <= args.port <= 65535), ("--max-batch", args.max_batch,
+                            args.max_batch >= 1), ("--max-wait-ms", args.max_wait_ms, args.max_wait_ms >= 0),
+                            ("--max-queue", args.max_queue, args.max_queue >= 1), ("--max-mb", args.max_mb,
+                            args.max_mb > 0), ("--max-seconds", args.max_seconds, args.max_seconds > 0)):
+        if not ok:
+            return f"{flag} {value:g} is out of range"
+    if args.feedback_log:
+        log = os.path.abspath(args.feedback_log)
+        folder = os.path.dirname(log)
+        if not os.path.isdir(folder):
+            return f"--feedback-log {args.feedback_log}: no such folder {folder}"
+        if os.path.isdir(log) or (os.path.exists(log) and not os.access(log, os.W_OK)) or \
+                not os.access(folder, os.W_OK | os.X_OK):
+            return f"--feedback-log {args.feedback_log}: cannot append to it"
+    if not args.replicas:
+        import socket
+
+        try:
+            with socket.create_server((args.host, args.port)):
+                pass
+        except OSError as e:
+            return f"cannot listen on {args.host}:{args.port}: {e.strerror or e}"
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica (default 1)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs per replica (default 0)")
     args = p.parse_args(argv)
+    problem = check_serve_args(args)
+    if problem:
+        print(f"osum-serve: error: {problem}", file=sys.stderr)
+        return 2
     from ..modeling import OSUMForConditionalGeneration, PackageError
     from .app import Limits, create_app
 
