@@ -48,6 +48,46 @@ def test_hlo_flops_count_loop_trips():
     assert trips in report["loops"]
 
 
+# The shape of XLA:TPU's windowed einsum loops (an FSDP all-gather fused with its matmul): no known_trip_count,
+# the counter starts at a constant in the init tuple and steps by 2 up to 8, so the body runs 4 times, not 8.
+STEPPED_LOOP = """HloModule stepped
+%cond (p: (s32[], f32[16,32], f32[32,32])) -> pred[] {
+  %p = (s32[], f32[16,32]{1,0}, f32[32,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(8)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+%body (q: (s32[], f32[16,32], f32[32,32])) -> (s32[], f32[16,32], f32[32,32]) {
+  %q = (s32[], f32[16,32]{1,0}, f32[32,32]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %h = f32[16,32]{1,0} get-tuple-element(%q), index=1
+  %w = f32[32,32]{1,0} get-tuple-element(%q), index=2
+  %d = f32[16,32]{1,0} dot(%h, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = s32[] constant(2)
+  %next = s32[] add(%j, %two)
+  ROOT %t = (s32[], f32[16,32]{1,0}, f32[32,32]{1,0}) tuple(%next, %d, %w)
+}
+ENTRY %main (x: f32[16,32], w: f32[32,32]) -> f32[16,32] {
+  %x = f32[16,32]{1,0} parameter(0)
+  %w0 = f32[32,32]{1,0} parameter(1)
+  %start = s32[] constant(START)
+  %init = (s32[], f32[16,32]{1,0}, f32[32,32]{1,0}) tuple(%start, %x, %w0)
+  %loop = (s32[], f32[16,32]{1,0}, f32[32,32]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[16,32]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_a_loop_stepping_by_two_runs_half_as_often():
+    """Trip counts read off a loop without XLA's known_trip_count use its start and step: XLA:TPU's windowed
+    einsums (``i += 2`` while ``i < 8``) had been counted 8 times, doubling the FSDP rows' FLOPs, collective
+    bytes and cycles inside them."""
+    dot = 2 * 16 * 32 * 32
+    for start, trips in ((0, 4), (1, 4), (2, 3), (8, 0)):
+        report = analyse_hlo(STEPPED_LOOP.replace("START", str(start)))
+        assert report["flops"] == trips * dot, (start, report["flops"] / dot)
+
+
 def test_a_conditional_is_charged_its_dearest_branch():
     """A conditional runs one branch: FLOPs (and cycles, bytes, collectives) count the most expensive one, not
     both (the optimizer's update-or-hold cond under gradient accumulation)."""

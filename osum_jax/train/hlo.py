@@ -119,7 +119,11 @@ def _traffic(ins: Instr, shapes: dict[str, str], comps: dict[str, list[Instr]]) 
     return sum(read) + max(write, 0.0)
 
 
-def _trip_count(instr: Instr, comps: dict[str, list[Instr]]) -> int:
+def _trip_count(instr: Instr, comps: dict[str, list[Instr]], caller: list[Instr] | None = None) -> int:
+    """Iterations of a ``while``: XLA's ``known_trip_count`` when it gives one, else read off the loop: the
+    condition's ``i < N`` on a tuple element, that element's start in the init tuple (``caller``, the computation
+    holding the while; 0 when it is not a constant) and its step in the body's root tuple (1 unless a constant is
+    added: XLA:TPU's windowed einsums step by 2 with ``i < 8`` for 4 iterations)."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.text)
     if m:
         return int(m.group(1))
@@ -127,12 +131,46 @@ def _trip_count(instr: Instr, comps: dict[str, list[Instr]]) -> int:
     body = comps.get(cond.group(1), []) if cond else []
     consts = {i.name: int(c.group(1)) for i in body
               if i.opcode == "constant" and (c := re.match(r"constant\((-?\d+)\)", i.text))}
-    for i in body:  # i < N with the induction variable starting at 0 (how scans lower)
+    gtes = {i.name: int(g.group(1)) for i in body
+            if i.opcode == "get-tuple-element" and (g := re.search(r"index=(\d+)", i.text))}
+    for i in body:  # i < N (how scans and XLA's own loops lower)
         if i.opcode == "compare" and "direction=LT" in i.text:
-            for name in re.findall(r"%([^\s,)]+)", i.text.split("(", 1)[1]):
-                if name in consts:
-                    return consts[name]
+            ops = _operands(i)
+            if len(ops) == 2 and ops[1] in consts:
+                limit, index = consts[ops[1]], gtes.get(ops[0])
+                start, step = _loop_start(instr, caller, index), _loop_step(instr, comps, index)
+                return max(0, -(-(limit - start) // step))
     return 1
+
+
+def _loop_step(instr: Instr, comps, index: int | None) -> int:
+    """The constant the body adds to tuple element ``index`` (1 when it is not ``gte(param, index) + c``)."""
+    m = re.search(r"body=%([^\s,]+)", instr.text)
+    body = comps.get(m.group(1), []) if m else []
+    if index is None or not body:
+        return 1
+    by = {i.name: i for i in body}
+    ops = _operands(body[-1]) if body[-1].opcode == "tuple" else []
+    upd = by.get(ops[index]) if index < len(ops) else None
+    if upd is None or upd.opcode != "add":
+        return 1
+    vals = [by.get(o) for o in _operands(upd)]
+    steps = [int(c.group(1)) for v in vals if v is not None and v.opcode == "constant"
+             and (c := re.match(r"constant\((-?\d+)\)", v.text))]
+    reads = any(v is not None and v.opcode == "get-tuple-element" and f"index={index}" in v.text for v in vals)
+    return steps[0] if reads and len(steps) == 1 and steps[0] > 0 else 1
+
+
+def _loop_start(instr: Instr, caller: list[Instr] | None, index: int | None) -> int:
+    """Tuple element ``index`` of the while's init tuple when it is a constant, else 0."""
+    if index is None or not caller:
+        return 0
+    by = {i.name: i for i in caller}
+    init = by.get((_operands(instr) or [""])[0])
+    ops = _operands(init) if init is not None and init.opcode == "tuple" else []
+    v = by.get(ops[index]) if index < len(ops) else None
+    c = re.match(r"constant\((-?\d+)\)", v.text) if v is not None and v.opcode == "constant" else None
+    return int(c.group(1)) if c else 0
 
 
 def _cycles(ins: Instr) -> int | None:
@@ -163,7 +201,7 @@ def _weight(name: str, comps, shapes, memo: dict[str, float]) -> float:
         if ins.opcode == "while":
             m = re.search(r"body=%([^\s,]+)", ins.text)
             if m:
-                total += _trip_count(ins, comps) * _weight(m.group(1), comps, shapes, memo)
+                total += _trip_count(ins, comps, comps.get(name)) * _weight(m.group(1), comps, shapes, memo)
         elif ins.opcode == "conditional":
             total += max((_weight(b, comps, shapes, memo) for b in _branches(ins)), default=0.0)
         elif ins.opcode != "fusion":
@@ -192,7 +230,7 @@ def _multiplicities(comps, entry) -> tuple[dict[str, float], set[str], dict[str,
         for ins in comps.get(name, []):
             edges = []
             if ins.opcode == "while":
-                n = _trip_count(ins, comps)
+                n = _trip_count(ins, comps, comps.get(name))
                 for key in ("body", "condition"):
                     m = re.search(key + r"=%([^\s,]+)", ins.text)
                     if m:
