@@ -223,10 +223,15 @@ heads-major bias gradients as matmuls, RoPE's rotation as a matmul; the proxy ta
 with `train.dropout_rng=hash`, 4 / 8 / 12 utterances per chip, from 430 / 834 / 1277 to 406 / 801 / 1227 ms:
 **MFU 44.6 / 45.3 / 44.3 %** (40.5 / 57.7 / 74.9 GB, 57 / 39 / 21 % HBM headroom); with threefry masks (the
 default) 4 / 8 per chip 494 / 983 -> 472 / 955 ms (38.4 / 38.0 %); 8 x H100 roofline, 8 per GPU, 232 -> 224 ms
-(75.2 %); one utterance per chip, v5p data 16: 156 -> 143 ms (29.1 -> 31.7 %), 8 x H100 unchanged (79 ms). The rows left from earlier rounds were recompiled the same evening at 40717a8 (same
-model code): v5p data 4 / fsdp 4, 1 / 4 per chip, 140 / 521 -> 137 / 500 ms (32.3 / 34.8 -> 33.0 / 36.3 %, 33.3 ->
-30.0 GB at 4 per chip); fsdp 16: 428 -> 424 ms (9.9 -> 9.0 GB), frozen LLM replicated 267 -> 260 ms, OSUM's
-3900-frame budget 838 -> 827 ms; v5e fsdp 16 544 -> 531 ms; 8 x H100, 4 per GPU, 145 -> 142 ms (59.2 %).
+(75.2 %); one utterance per chip, v5p data 16: 156 -> 143 ms (29.1 -> 31.7 %), 8 x H100 unchanged (79 ms). The rows left from earlier rounds were recompiled the same evening (same model code):
+v5p data 4 / fsdp 4, 1 / 4 per chip, 140 / 521 -> 137 / 500 ms (32.3 / 34.8 -> 33.0 / 36.3 %, 33.3 -> 30.0 GB at 4
+per chip); 8 x H100, 4 per GPU, 145 -> 142 ms (59.2 %). The fsdp 16 rows had been mis-read: XLA:TPU fuses FSDP's
+all-gathers with their matmuls into windowed-einsum loops that step by 2 to 8 (4 iterations) and carry no
+`known_trip_count`; `hlo.py` counted them 8 times, doubling their FLOPs (39.8 against 20.8 TFLOP of model FLOPs per
+chip), collective bytes and cycles. Counted right (6f26b61): v5p fsdp 16 428 -> 258 ms (MFU 10.6 -> 17.6 %), with
+the frozen LLM replicated 267 -> 196 ms (17.0 -> 23.1 %), OSUM's 3900-frame budget 838 -> 518 ms (12.1 -> 19.6 %);
+v5e fsdp 16 544 -> 351 ms (19.4 -> 30.1 %). The data-parallel and data 4 / fsdp 4 rows have no such loops
+(unchanged).
 
 Where the cycles go (the proxy with hash masks, per scan iteration, the splash kernels apart; efficiency =
 FLOPs / (cycles x calibrated peak); before the round below: LLM forward 5.47 ms, backward 5.90, encoder
