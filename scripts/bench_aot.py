@@ -231,7 +231,9 @@ all-gathers with their matmuls into windowed-einsum loops that step by 2 to 8 (4
 chip), collective bytes and cycles. Counted right (6f26b61): v5p fsdp 16 428 -> 258 ms (MFU 10.6 -> 17.6 %), with
 the frozen LLM replicated 267 -> 196 ms (17.0 -> 23.1 %), OSUM's 3900-frame budget 838 -> 518 ms (12.1 -> 19.6 %);
 v5e fsdp 16 544 -> 351 ms (19.4 -> 30.1 %). The data-parallel and data 4 / fsdp 4 rows have no such loops
-(unchanged).
+(unchanged). Not understood: on v5e the compiler puts eight async fusions that all-gather the LM head
+(`bf16[3584, 152064]`, 1.09 GB) inside the forward layer loop, so the row counts 28 x 8 of them (248 GB); on v5p
+the same mesh gathers the head twice (2.14 GB). Whether v5e really moves that much, only a v5e can say.
 
 Where the cycles go (the proxy with hash masks, per scan iteration, the splash kernels apart; efficiency =
 FLOPs / (cycles x calibrated peak); before the round below: LLM forward 5.47 ms, backward 5.90, encoder
