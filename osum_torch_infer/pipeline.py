@@ -272,7 +272,7 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(items), desc="osum-infer", unit="utt", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=len(items), desc="infer", unit="utt", file=sys.stderr, dynamic_ncols=True)
     chunk = max(1, batch_size) * 16
     overrides = {"max_new_tokens": max_new_tokens, "cache_implementation": cache_implementation,
                  **{k: v for k, v in (generation or {}).items() if v is not None}}
