@@ -57,7 +57,7 @@ def measure(cfg, *, steps: int, warmup: int, hlo_out: str | None = None) -> dict
     import jax
 
     from osum_jax.models.layers import as_dtype  # noqa: F401  (models import before the program)
-    from osum_jax.train.aot import chip_of, compiled_report
+    from osum_jax.train.aot import chip_of, compiled_report, llm_tokens
     from osum_jax.train.mesh import build_mesh
     from osum_jax.train.step import TrainProgram
 
@@ -94,9 +94,8 @@ def measure(cfg, *, steps: int, warmup: int, hlo_out: str | None = None) -> dict
             times.append(dt)
     stats = devices[0].memory_stats() or {}
     step_s = statistics.median(times)
-    b, t, p, l_ = shape
     peak = chip.peak_tflops * 1e12 if chip else 0.0
-    tokens = b * (-(-t // 8) + p + 2 + l_) / len(devices)
+    tokens = llm_tokens(shape) / len(devices)
     measured = {"step_seconds_median": step_s, "step_seconds_min": min(times), "steps": len(times),
                 "warmup": warmup, "init_seconds": init_s, "losses": losses,
                 "all_finite": all(x == x and abs(x) != float("inf") for x in losses),

@@ -118,7 +118,7 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with ThreadPoolExecutor(max(1, workers)) as ex:
+        with ThreadPoolExecutor(workers) as ex:
             for s in range(n_shards):
                 name = out / f"{prefix}_{s:09d}.tar"
                 with atomic_file(name) as tmp, tarfile.open(tmp, "w") as tf:

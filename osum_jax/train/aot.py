@@ -157,6 +157,12 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -
                            rng_impl=program.rng_impl)
 
 
+def llm_tokens(shape: tuple[int, int, int, int]) -> int:
+    """LLM tokens of a batch ``(B, T, P, L)``: speech (T / 8 after the adapter) + prompt + bos/eos + target."""
+    b, t, p, l_ = shape
+    return b * (math.ceil(t / 8) + p + 2 + l_)
+
+
 def chip_of(device) -> Chip | None:
     """The :data:`CHIPS` entry of an attached device (``device_kind`` such as "NVIDIA H200"), or None."""
     kind = str(getattr(device, "device_kind", "")).lower()
@@ -242,8 +248,7 @@ def compiled_report(cfg: Config, inputs, compiled, chip: Chip | None, target: st
         "pallas_kernels": {"count": hlo["kernels"]["count"], "flops": hlo["kernels"]["flops"], "seconds": kernel_s},
         "top_ops_by_cycles": hlo["top_ops_by_cycles"],
         "step_seconds": step_s, "step_basis": basis,
-        # per device: the global batch's LLM tokens (speech + prompt + bos/eos + target) over the devices
-        "tokens_per_second": b * (math.ceil(t / 8) + p + 2 + l_) / n / step_s if step_s else 0.0,
+        "tokens_per_second": llm_tokens(shape) / n / step_s if step_s else 0.0,
         "mfu": model_flops / step_s / peak if step_s else 0.0,
         "plan_estimate_bytes": est["per_device_GiB"]["total"] * 1024 ** 3,
     }

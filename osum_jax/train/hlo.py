@@ -129,8 +129,7 @@ def _trip_count(instr: Instr, comps: dict[str, list[Instr]], caller: list[Instr]
         return int(m.group(1))
     cond = re.search(r"condition=%([^\s,]+)", instr.text)
     body = comps.get(cond.group(1), []) if cond else []
-    consts = {i.name: int(c.group(1)) for i in body
-              if i.opcode == "constant" and (c := re.match(r"constant\((-?\d+)\)", i.text))}
+    consts = {i.name: c for i in body if (c := _int_constant(i)) is not None}
     gtes = {i.name: int(g.group(1)) for i in body
             if i.opcode == "get-tuple-element" and (g := re.search(r"index=(\d+)", i.text))}
     for i in body:  # i < N (how scans and XLA's own loops lower)
@@ -155,8 +154,7 @@ def _loop_step(instr: Instr, comps, index: int | None) -> int:
     if upd is None or upd.opcode != "add":
         return 1
     vals = [by.get(o) for o in _operands(upd)]
-    steps = [int(c.group(1)) for v in vals if v is not None and v.opcode == "constant"
-             and (c := re.match(r"constant\((-?\d+)\)", v.text))]
+    steps = [c for v in vals if v is not None and (c := _int_constant(v)) is not None]
     reads = any(v is not None and v.opcode == "get-tuple-element" and f"index={index}" in v.text for v in vals)
     return steps[0] if reads and len(steps) == 1 and steps[0] > 0 else 1
 
@@ -169,8 +167,14 @@ def _loop_start(instr: Instr, caller: list[Instr] | None, index: int | None) -> 
     init = by.get((_operands(instr) or [""])[0])
     ops = _operands(init) if init is not None and init.opcode == "tuple" else []
     v = by.get(ops[index]) if index < len(ops) else None
-    c = re.match(r"constant\((-?\d+)\)", v.text) if v is not None and v.opcode == "constant" else None
-    return int(c.group(1)) if c else 0
+    c = _int_constant(v) if v is not None else None
+    return c if c is not None else 0
+
+
+def _int_constant(ins: Instr) -> int | None:
+    """The value of an integer scalar ``constant``, else None."""
+    c = re.match(r"constant\((-?\d+)\)", ins.text) if ins.opcode == "constant" else None
+    return int(c.group(1)) if c else None
 
 
 def _cycles(ins: Instr) -> int | None:
