@@ -7,6 +7,7 @@
     osum-convert export-osum CKPT|RUN --out FILE.pt [--step N] [--dtype bf16|fp16|fp32]
                              [--layout-from CKPT] [--force]
     osum-convert export-torch CKPT --tokenizer DIR --out PKG [--dtype bf16|fp16|fp32] [--no-merge-lora] [--force]
+    osum-convert average RUN (--steps A,B,C | --last N) --out CKPT [--force]
     osum-convert inspect PATH
 
 See docs/convert.md. Exit status 0 on success, 1 on a checked error (message on stderr), 2 on bad usage.
@@ -95,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--step", type=int, help="step to export (default: the newest)")
     common(tp)
 
+    av = sub.add_parser("average", help="mean of the weights of several steps of an osum-train run -> JAX "
+                                        "checkpoint (as wenet's average_model.py)")
+    av.add_argument("run", help="osum-train output directory (or its checkpoints folder, or a checkpoint root)")
+    av.add_argument("--steps", metavar="A,B,C", help="the steps to average, separated by commas")
+    av.add_argument("--last", metavar="N", help="average the newest N steps")
+    av.add_argument("--out", required=True, help="output checkpoint directory (a converter checkpoint, as "
+                                                 "import-* writes)")
+    common(av)
+
     ins = sub.add_parser("inspect", help="what a JAX checkpoint, .pt or safetensors file/directory holds")
     ins.add_argument("path", help="an osum-train run, a JAX checkpoint, a .pt, or a safetensors file/directory")
     return p
@@ -129,6 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = commands.import_osum(args.checkpoint, args.config, args.overrides, out=args.out,
                                         force=args.force, progress=show, osum_config=args.osum_config,
                                         llm_config=args.llm_config, prompts=args.prompts)
+        elif args.command == "average":
+            from .average import average
+
+            info = average(args.run, out=args.out, steps=args.steps, last=args.last, force=args.force,
+                           progress=show)
+            print(f"osum-convert average: steps {info['steps']} of {info['root']}; key layout from {info['layout']}",
+                  file=sys.stderr)
         elif args.command == "export-torch":
             from .export_torch import export_torch
             from .torch_package import PackageError
