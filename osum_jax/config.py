@@ -12,6 +12,8 @@ the file (or override) it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from typing import Any
 
 import yaml
@@ -193,29 +195,63 @@ class DataConfig:
     spec_sub: bool = True
     spec_sub_num_t_sub: int = 3
     spec_sub_max_t: int = 30
-    # static-shape batching
-    frame_buckets: tuple[int, ...] = (500, 1000, 1500, 2000, 2900)
+    # static-shape batching (docs/data.md "Batches"): the budgets are per data-parallel device, as OSUM's are
+    # per GPU; each device's rows are packed by OSUM's rule (longest x (n + 1) <= budget, frames and
+    # seq = frames / 8 + label + prompt), then padded to the bucket's static rows
+    frame_buckets: tuple[int, ...] = ()  # () = aligned to the budget: max_frames_per_batch // n for n utterances
     target_buckets: tuple[int, ...] = (48, 96, 200)
-    max_prompt_tokens: int = 64
-    max_frames_per_batch: int = 3900
-    max_tokens_per_batch: int = 1900
+    max_prompt_tokens: int = 0  # static prompt length; 0 = the longest prompt of the data's tasks, tokenized
+    max_frames_per_batch: int = 3900  # per device (OSUM: max_frames_in_batch, per GPU)
+    max_tokens_per_batch: int = 1900  # per device (OSUM: max_seq_in_batch, per GPU)
+    max_utts_per_device: int = 8  # rows per device at most (OSUM's rule alone would pack up to ~36 1 s clips)
+    # osum: each device's rows packed by OSUM's rule, padded to the bucket's static rows (the most the rule can
+    # put there); fill: every batch of a bucket has min(budget // F, tokens // padded sequence) rows, the budgets
+    # applied to the padded shape (osum-jax before per-device packing; configs/demo.yaml keeps it)
+    packing: str = "osum"
     # order, scale, resume
     seed: int = 777
     shuffle: bool = True
     num_epochs: int = 0  # 0 = repeat forever
     num_workers: int = 0  # Grain worker processes (0 = in-process)
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
-    batch_size_multiple: int = 1  # bucket batch sizes are rounded down to a multiple (the trainer sets it)
+    devices_per_batch: int = 1  # data-parallel devices one pipeline batch spans (the trainer sets it)
+
+    # written by osum-jax before per-device budgets (the trainer's setting; the run's config.yaml keeps it)
+    RETIRED_KEYS: typing.ClassVar[tuple[str, ...]] = ("batch_size_multiple",)
+
+    @property
+    def resolved_frame_buckets(self) -> tuple[int, ...]:
+        """``frame_buckets``, or the budget-aligned default: ``min(max_frames, max_frames_per_batch // n)`` for
+        n = 1..8 utterances, then n growing by about a quarter up to ``max_utts_per_device``. A bucket of
+        ``budget // n`` frames holds exactly the utterances OSUM's rule packs n to a batch, so its static rows
+        are n and its padded frames stay within the budget."""
+        if self.frame_buckets:
+            return tuple(self.frame_buckets)
+        counts, n = [], 1
+        while n < max(1, self.max_utts_per_device):
+            counts.append(n)
+            n = n + 1 if n < 8 else math.ceil(n * 1.25)
+        counts.append(max(1, self.max_utts_per_device))
+        frames = {min(self.max_frames, self.max_frames_per_batch // n) for n in counts} | {self.max_frames}
+        return tuple(sorted(f for f in frames if f >= 1))
 
     def validate(self) -> None:
         if self.format not in ("auto", "raw", "shard", "mix"):
             raise ConfigError(f"data.format={self.format!r}; expected auto, raw, shard or mix")
         for name in ("frame_buckets", "target_buckets"):
-            b = getattr(self, name)
+            b = self.resolved_frame_buckets if name == "frame_buckets" else self.target_buckets
             if not b or list(b) != sorted(set(b)) or b[0] < 1:
                 raise ConfigError(f"data.{name}={list(b)} must be a non-empty strictly increasing list of positive ints")
-        if self.frame_buckets[-1] < self.max_frames:
-            raise ConfigError(f"data.frame_buckets ends at {self.frame_buckets[-1]} < data.max_frames={self.max_frames}")
+        if self.resolved_frame_buckets[-1] < self.max_frames:
+            raise ConfigError(f"data.frame_buckets ends at {self.resolved_frame_buckets[-1]} < "
+                              f"data.max_frames={self.max_frames}")
+        for name in ("max_frames_per_batch", "max_tokens_per_batch", "max_utts_per_device"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if self.packing not in ("osum", "fill"):
+            raise ConfigError(f"data.packing={self.packing!r}; expected osum or fill")
+        if self.max_prompt_tokens < 0:
+            raise ConfigError("data.max_prompt_tokens must be >= 0 (0 = measured from the prompt book)")
         if self.target_buckets[-1] < self.max_label_tokens:
             raise ConfigError(f"data.target_buckets ends at {self.target_buckets[-1]} < "
                               f"data.max_label_tokens={self.max_label_tokens}")
@@ -369,8 +405,8 @@ class Config:
         if self.data.num_mel_bins != self.model.encoder.num_mel_bins:
             raise ConfigError(f"data.num_mel_bins={self.data.num_mel_bins} != "
                               f"model.encoder.num_mel_bins={self.model.encoder.num_mel_bins}")
-        if self.data.frame_buckets[-1] > 2 * self.model.encoder.max_source_positions:
-            raise ConfigError(f"data.frame_buckets go up to {self.data.frame_buckets[-1]} frames; the encoder "
+        if self.data.resolved_frame_buckets[-1] > 2 * self.model.encoder.max_source_positions:
+            raise ConfigError(f"data.frame_buckets go up to {self.data.resolved_frame_buckets[-1]} frames; the encoder "
                               f"accepts at most {2 * self.model.encoder.max_source_positions}")
         return self
 

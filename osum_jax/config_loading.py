@@ -82,6 +82,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    # keys older osum-jax versions wrote into run configs, read and dropped so those runs stay readable
+    data = {k: v for k, v in data.items() if k not in getattr(cls, "RETIRED_KEYS", ())}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")

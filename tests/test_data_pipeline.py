@@ -107,13 +107,25 @@ def test_labels_are_normalized_and_prompts_match_tasks(pcm_corpus):
     assert seen == pcm_corpus["n"]
 
 
+def test_prompt_length_is_measured_from_the_prompt_book(pcm_corpus):
+    """data.max_prompt_tokens=0 (the default): the static prompt length is the longest prompt of the data's
+    tasks with the run's tokenizer, rounded up to 8; every batch has it."""
+    pipe = DataPipeline(cfg_for(pcm_corpus, max_prompt_tokens=0, num_epochs=1), str(pcm_corpus["list"]),
+                        shard_index=0, shard_count=1)
+    tok = Tokenizer(str(pcm_corpus["tokenizer"]))
+    tasks = {json.loads(line).get("task") or "<TRANSCRIBE>" for line in pcm_corpus["list"].read_text().splitlines()}
+    longest = max(len(tok.encode(p)) for t in tasks for p in pipe.prompts.prompts[t])
+    assert pipe.prompt_len == -(-longest // 8) * 8 and pipe.prompt_len >= longest
+    assert {b["prompt"].shape[1] for b in pipe} == {pipe.prompt_len}
+
+
 def test_exact_resume(pcm_corpus):
     cfg = cfg_for(pcm_corpus, num_epochs=3)
     pipe = DataPipeline(cfg, str(pcm_corpus["shards"]), shard_index=0, shard_count=1)
     it = iter(pipe.dataset())
     take(it, 4)
     state = it.get_state()
-    assert any(buf for _, buf in state["buffers"])  # samples were waiting in buckets when we saved
+    assert any(closed or open_ for _, closed, open_ in state["buffers"])  # samples were waiting in buckets
     expected = take(it, 5)
     fresh = iter(DataPipeline(cfg, str(pcm_corpus["shards"]), shard_index=0, shard_count=1).dataset())
     fresh.set_state(json.loads(json.dumps(state)))  # the state survives JSON (orbax stores it that way)
@@ -185,7 +197,7 @@ def test_unknown_task_is_reported_at_start_up(pcm_corpus, tmp_path):
     DataPipeline(cfg_for(pcm_corpus, max_prompt_tokens=8, prompts=str(prompts)), str(one), shard_index=0,
                  shard_count=1)
     one.write_text(json.dumps(dict(e, task="<ALIGN>")) + "\n")
-    with pytest.raises(ConfigError, match="prompt for '<ALIGN>' has .* tokens > data.max_prompt_tokens=8"):
+    with pytest.raises(ConfigError, match="prompt for '<ALIGN>' in .*prompts.yaml has .* tokens > data.max_prompt_tokens=8"):
         DataPipeline(cfg_for(pcm_corpus, max_prompt_tokens=8, prompts=str(prompts)), str(one), shard_index=0,
                      shard_count=1)
 

@@ -14,9 +14,11 @@ Everything random (shuffle, prompt choice, augmentation) is a pure function of `
 The batcher's checkpoint state holds the element numbers waiting in its buckets, not their tensors; on
 restore they are recomputed, so a restored pipeline yields exactly the batches that would have come next.
 
-Static shapes: a batch has ``F`` frames from ``data.frame_buckets``, ``L`` target tokens from
-``data.target_buckets`` and ``P = data.max_prompt_tokens``; its batch size is fixed per (F, L) by the frame
-and token budgets. So a run has at most ``len(frame_buckets) * len(target_buckets)`` shapes (15 by default).
+Static shapes: a batch has ``F`` frames from ``data.frame_buckets`` (by default aligned to the frame budget),
+``L`` target tokens from ``data.target_buckets`` and ``P`` prompt tokens (``data.max_prompt_tokens``, or the
+longest prompt of the data's tasks); its rows are ``devices x per_device[(F, L)]``. The budgets are per
+data-parallel device, and each device's rows are packed by OSUM's rule (:class:`BucketSpec`). So a run has at
+most ``len(frame_buckets) * len(target_buckets)`` shapes (24 by default).
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ class SampleProcessor:
     Pure and picklable: Grain workers and the batcher's restore path call it with the same results.
     """
 
-    def __init__(self, cfg: DataConfig, source, tokenizer: Tokenizer, prompts: PromptBook, *, train: bool):
+    def __init__(self, cfg: DataConfig, source, tokenizer: Tokenizer, prompts: PromptBook, *, train: bool,
+                 prompt_len: int | None = None):
         self.cfg, self.source, self.tok, self.prompts, self.train = cfg, source, tokenizer, prompts, train
+        self.prompt_len = cfg.max_prompt_tokens if prompt_len is None else prompt_len
         self.n = len(source)
 
     @functools.lru_cache(maxsize=2)
@@ -94,8 +98,8 @@ class SampleProcessor:
                                                      f"{cfg.min_label_tokens}..{cfg.max_label_tokens}")
         prompt_text = self.prompts.choose(task, cfg.seed, epoch if self.train else 0, record)
         prompt = self.tok.encode(prompt_text) if prompt_text else []
-        if len(prompt) > cfg.max_prompt_tokens:
-            raise SampleError("prompt too long", where, f"{len(prompt)} > data.max_prompt_tokens")
+        if len(prompt) > self.prompt_len:
+            raise SampleError("prompt too long", where, f"{len(prompt)} > the static prompt length {self.prompt_len}")
         try:  # the header first: over-long audio is rejected before it is decoded and resampled
             sr, n_head = audio_length(rec["audio"], start=rec.get("start"), end=rec.get("end"))
             if num_frames(n_head, sr) > cfg.max_frames:
@@ -121,7 +125,7 @@ class SampleProcessor:
             feats = log_mel_spectrogram(wave, cfg.num_mel_bins, sample_rate=cfg.sample_rate)
         except AudioError as e:
             raise SampleError("bad audio", where, str(e)) from None
-        if feats.shape[0] > cfg.frame_buckets[-1]:
+        if feats.shape[0] > cfg.resolved_frame_buckets[-1]:
             raise SampleError("too long", where, f"{feats.shape[0]} frames > largest bucket")
         if self.train and (cfg.spec_aug or cfg.spec_sub):
             rng = np.random.default_rng([cfg.seed, epoch, record, 1])
@@ -142,21 +146,52 @@ class SampleProcessor:
 
 @dataclass(frozen=True)
 class BucketSpec:
+    """Static shapes and OSUM's packing rule, per data-parallel device.
+
+    OSUM (wenet ``dynamic_batch``) packs each GPU's batch on its own: an utterance joins the open batch while
+    ``longest_frames * (n + 1) <= max_frames_per_batch`` and ``longest_seq * (n + 1) <= max_tokens_per_batch``,
+    ``seq = frames / 8 + label + prompt`` (the longest taken with the newcomer included). Here the same rule
+    packs one device's rows inside a ``(frames, target)`` bucket; the rows are then padded to the bucket's
+    static per-device batch ``per_device[(F, L)]``: the most rows the rule can ever put in that bucket (its
+    shortest possible utterance decides), capped at ``data.max_utts_per_device``. A pipeline batch holds
+    ``devices`` such groups, device-major (rows ``d * per_device .. (d + 1) * per_device`` are device d's), so
+    ``batch_sizes[(F, L)] = devices * per_device[(F, L)]``.
+    """
+
     frame_buckets: tuple[int, ...]
     target_buckets: tuple[int, ...]
     prompt_len: int
-    batch_sizes: dict  # (frames, target) -> batch size
+    per_device: dict  # (frames, target) -> rows per device
+    devices: int = 1
+    max_frames_per_batch: int = 3900
+    max_tokens_per_batch: int = 1900
+    packing: str = "osum"  # or "fill": a group takes per_device rows, whatever their lengths
 
     @classmethod
-    def from_config(cls, cfg: DataConfig) -> "BucketSpec":
-        sizes = {}
-        for f in cfg.frame_buckets:
-            for t in cfg.target_buckets:
-                seq = cfg.max_prompt_tokens + math.ceil(f / 8) + 2 + t
-                b = max(1, min(cfg.max_frames_per_batch // f, cfg.max_tokens_per_batch // seq))
-                m = max(1, cfg.batch_size_multiple)
-                sizes[(f, t)] = max(m, b // m * m)  # divisible by the data-parallel shards
-        return cls(tuple(cfg.frame_buckets), tuple(cfg.target_buckets), cfg.max_prompt_tokens, sizes)
+    def from_config(cls, cfg: DataConfig, *, devices: int = 1, prompt_len: int | None = None) -> "BucketSpec":
+        """``devices``: the data-parallel devices one batch of this pipeline spans (this process's share of
+        ``data x fsdp``); ``prompt_len``: the static prompt length (default ``data.max_prompt_tokens``, which
+        the pipeline measures from the prompt book when it is 0)."""
+        frames = cfg.resolved_frame_buckets
+        p = cfg.max_prompt_tokens if prompt_len is None else prompt_len
+        per_device = {}
+        for i, f in enumerate(frames):
+            lo_f = frames[i - 1] + 1 if i else max(1, cfg.min_frames)
+            for j, t in enumerate(cfg.target_buckets):
+                lo_t = cfg.target_buckets[j - 1] + 1 if j else max(1, cfg.min_label_tokens)
+                if cfg.packing == "fill":  # the budgets on the padded shape, no cap
+                    n = min(cfg.max_frames_per_batch // f, cfg.max_tokens_per_batch // (p + math.ceil(f / 8) + 2 + t))
+                else:
+                    n = min(cfg.max_frames_per_batch // lo_f,
+                            math.floor(cfg.max_tokens_per_batch / (lo_f / 8 + lo_t)), cfg.max_utts_per_device)
+                per_device[(f, t)] = max(1, n)
+        return cls(tuple(frames), tuple(cfg.target_buckets), p, per_device, max(1, devices),
+                   cfg.max_frames_per_batch, cfg.max_tokens_per_batch, cfg.packing)
+
+    @property
+    def batch_sizes(self) -> dict:
+        """``(frames, target) -> rows`` of one pipeline batch (every device's group)."""
+        return {k: v * self.devices for k, v in self.per_device.items()}
 
     @property
     def shapes(self) -> list[tuple[int, int, int, int]]:
@@ -168,17 +203,34 @@ class BucketSpec:
         t = next((b for b in self.target_buckets if target <= b), None)
         return None if f is None or t is None else (f, t)
 
-    def pad(self, examples: list[dict], bucket: tuple[int, int], mel_bins: int) -> dict[str, np.ndarray]:
+    def fits(self, group: list[dict], ex: dict, bucket: tuple[int, int]) -> bool:
+        """OSUM's rule: may ``ex`` join one device's open ``group`` of ``bucket``?"""
+        n = len(group) + 1
+        if n > self.per_device[bucket]:
+            return False
+        if self.packing == "fill":
+            return True
+        longest_frames = max(seq_cost(e)[0] for e in (*group, ex))
+        longest_seq = max(seq_cost(e)[1] for e in (*group, ex))
+        return longest_frames * n <= self.max_frames_per_batch and longest_seq * n <= self.max_tokens_per_batch
+
+    def pad(self, rows: list, bucket: tuple[int, int], mel_bins: int) -> dict[str, np.ndarray]:
+        """A batch of ``bucket`` from ``rows`` (an example or None per row, at most ``batch_sizes[bucket]``;
+        missing rows are padding: one silent frame, no prompt, no target, index -1)."""
         f, t = bucket
         b, p = self.batch_sizes[bucket], self.prompt_len
+        if len(rows) > b:
+            raise ValueError(f"{len(rows)} rows > the bucket's {b}")
         feats = np.zeros((b, f, mel_bins), np.float32)
-        feats_lengths = np.ones(b, np.int32)  # padding rows: one silent frame, no prompt, no target
+        feats_lengths = np.ones(b, np.int32)
         prompt = np.full((b, p), PAD_PROMPT, np.int32)
         prompt_lengths = np.zeros(b, np.int32)
         target = np.full((b, t), IGNORE_ID, np.int32)
         target_lengths = np.zeros(b, np.int32)
         keys, tasks, indices = [""] * b, [""] * b, [-1] * b
-        for i, ex in enumerate(examples):
+        for i, ex in enumerate(rows):
+            if ex is None:
+                continue
             n = ex["feats"].shape[0]
             feats[i, :n] = ex["feats"]
             feats_lengths[i] = n
@@ -190,7 +242,29 @@ class BucketSpec:
         return {"feats": feats, "feats_lengths": feats_lengths, "prompt": prompt, "prompt_lengths": prompt_lengths,
                 "target": target, "target_lengths": target_lengths, "keys": np.asarray(keys),
                 "tasks": np.asarray(tasks), "indices": np.asarray(indices, np.int64),
-                "num_real": np.int32(len(examples))}
+                "num_real": np.int32(sum(ex is not None for ex in rows))}
+
+    def rows_of(self, bucket: tuple[int, int], groups: list[list]) -> list:
+        """Device-major rows of a batch from its per-device ``groups`` (each at most ``per_device`` long)."""
+        cap = self.per_device[bucket]
+        rows: list = [None] * (cap * len(groups))
+        for d, g in enumerate(groups):
+            rows[d * cap: d * cap + len(g)] = g
+        return rows
+
+
+def seq_cost(ex: dict) -> tuple[int, float]:
+    """``(frames, seq)`` of an example as OSUM's batching counts them: seq = frames / 8 + label + prompt."""
+    n = int(ex["feats"].shape[0])
+    return n, n / 8 + len(ex["target"]) + len(ex["prompt"])
+
+
+def real_rows(batch: dict) -> np.ndarray:
+    """Boolean ``[B]``: the rows of a pipeline batch that hold an utterance (padding rows have index -1)."""
+    if "indices" in batch:
+        return np.asarray(batch["indices"]) >= 0
+    n = int(batch.get("num_real", len(batch["feats_lengths"])))
+    return np.arange(len(batch["feats_lengths"])) < n
 
 
 class BucketBatchIterDataset(grain.IterDataset):
@@ -207,14 +281,19 @@ class BucketBatchIterDataset(grain.IterDataset):
 
 
 class BucketBatchIterator(grain.DatasetIterator):
-    """Groups examples into per-bucket buffers and emits padded batches; counts skipped samples by reason."""
+    """Packs examples per bucket and device by OSUM's rule (:meth:`BucketSpec.fits`) and emits a padded batch
+    once ``spec.devices`` groups of a bucket are closed; counts skipped samples by reason.
+
+    A device's open group of a bucket is closed when the next utterance of that bucket would break the rule
+    (as OSUM's ``dynamic_batch`` yields its buffer) or when it holds the bucket's static rows."""
 
     MAX_WARNINGS_PER_REASON = 10
 
     def __init__(self, parent, spec: BucketSpec, refetch, mel_bins: int):
         super().__init__(parent)
         self._spec, self._refetch, self._mel_bins = spec, refetch, mel_bins
-        self._buffers: dict[tuple[int, int], list[dict]] = collections.defaultdict(list)
+        # bucket -> (closed groups, open group)
+        self._buffers: dict[tuple[int, int], tuple[list[list[dict]], list[dict]]] = {}
         self._skipped: collections.Counter = collections.Counter()
         self._exhausted = False
 
@@ -224,15 +303,25 @@ class BucketBatchIterator(grain.DatasetIterator):
             if self._skipped[ex["skip"]] <= self.MAX_WARNINGS_PER_REASON:
                 log.warning("skipping sample: %s", ex["message"])
             return None
-        bucket = self._spec.bucket_of(ex["feats"].shape[0], len(ex["target"]))
+        spec = self._spec
+        bucket = spec.bucket_of(ex["feats"].shape[0], len(ex["target"]))
         if bucket is None:  # filters keep this from happening with a consistent config
             self._skipped["no bucket"] += 1
             return None
-        buf = self._buffers[bucket]
-        buf.append(ex)
-        if len(buf) == self._spec.batch_sizes[bucket]:
-            del self._buffers[bucket]
-            return self._spec.pad(buf, bucket, self._mel_bins)
+        closed, open_ = self._buffers.setdefault(bucket, ([], []))
+        if open_ and not spec.fits(open_, ex, bucket):
+            closed.append(list(open_))
+            open_.clear()
+        open_.append(ex)
+        if len(open_) == spec.per_device[bucket]:  # full: no utterance can join it
+            closed.append(list(open_))
+            open_.clear()
+        if len(closed) >= spec.devices:
+            groups = closed[:spec.devices]
+            del closed[:spec.devices]
+            if not closed and not open_:
+                del self._buffers[bucket]
+            return spec.pad(spec.rows_of(bucket, groups), bucket, self._mel_bins)
         return None
 
     def __next__(self):
@@ -245,24 +334,38 @@ class BucketBatchIterator(grain.DatasetIterator):
             batch = self._add(ex)
             if batch is not None:
                 return batch
-        if self._buffers:  # end of data: flush partial buckets (padded with empty rows), fixed order
+        if self._buffers:  # end of data: flush what is left (missing groups and rows are padding), fixed order
             bucket = min(self._buffers)
-            return self._spec.pad(self._buffers.pop(bucket), bucket, self._mel_bins)
+            closed, open_ = self._buffers[bucket]
+            groups = closed + ([list(open_)] if open_ else [])
+            take, rest = groups[:self._spec.devices], groups[self._spec.devices:]
+            if rest:
+                self._buffers[bucket] = (rest, [])
+            else:
+                del self._buffers[bucket]
+            return self._spec.pad(self._spec.rows_of(bucket, take), bucket, self._mel_bins)
         raise StopIteration
 
     def get_state(self) -> dict:
         return {
             "parent": self._parent.get_state(),
-            "buffers": [[list(b), [ex["index"] for ex in exs]] for b, exs in sorted(self._buffers.items())],
+            # [bucket, closed groups, open group], as global element numbers (refetched on restore)
+            "buffers": [[list(b), [[ex["index"] for ex in g] for g in closed], [ex["index"] for ex in open_]]
+                        for b, (closed, open_) in sorted(self._buffers.items())],
             "skipped": dict(self._skipped),
             "exhausted": self._exhausted,
         }
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
-        self._buffers = collections.defaultdict(list)
-        for bucket, indices in state["buffers"]:
-            self._buffers[tuple(bucket)] = [self._refetch(g) for g in indices]
+        self._buffers = {}
+        for entry in state["buffers"]:
+            if len(entry) == 2:  # written by an osum-jax without per-device groups: one open group
+                bucket, closed, open_ = entry[0], [], entry[1]
+            else:
+                bucket, closed, open_ = entry
+            self._buffers[tuple(bucket)] = ([[self._refetch(g) for g in grp] for grp in closed],
+                                            [self._refetch(g) for g in open_])
         self._skipped = collections.Counter(state["skipped"])
         self._exhausted = state["exhausted"]
 
@@ -300,18 +403,14 @@ class DataPipeline:
         # length (a long prompt of a task this data never uses costs nothing)
         self.unknown_tasks = self._unknown_tasks()
         used = {normalize_task(t) for t in self.source.tasks}
-        for task, items in self.prompts.prompts.items():
-            for p in items if task in used else ():
-                n = len(tokenizer.encode(p)) if p != "<no_prompt>" else 0
-                if n > cfg.max_prompt_tokens:
-                    raise ConfigError(f"prompt for {task!r} has {n} tokens > data.max_prompt_tokens="
-                                      f"{cfg.max_prompt_tokens}: {p!r}")
-        self.spec = BucketSpec.from_config(cfg)
+        self.prompt_len = prompt_length(cfg, tokenizer, self.prompts, used)
+        self.spec = BucketSpec.from_config(cfg, devices=cfg.devices_per_batch, prompt_len=self.prompt_len)
         if shard_index is None or shard_count is None:
             opts = grain.sharding.ShardByJaxProcess()
             shard_index, shard_count = opts.shard_index, opts.shard_count
         self.shard_index, self.shard_count = shard_index, shard_count
-        self.processor = SampleProcessor(cfg, self.source, tokenizer, self.prompts, train=train)
+        self.processor = SampleProcessor(cfg, self.source, tokenizer, self.prompts, train=train,
+                                         prompt_len=self.prompt_len)
 
     def _strict_prepass(self, known: set[str]) -> None:
         """``data.strict`` on a raw list: the first line that cannot be used, in file order, among what can be
@@ -374,6 +473,84 @@ class DataPipeline:
 
     def __iter__(self):
         return iter(self.dataset())
+
+
+def longest_prompt(tokenizer: Tokenizer, prompts: PromptBook, tasks=None) -> tuple[int, str, str]:
+    """``(tokens, task, prompt)`` of the longest prompt in ``prompts`` (of ``tasks`` only, when given)."""
+    best = (0, "", "")
+    for task, items in prompts.prompts.items():
+        if tasks is not None and task not in tasks:
+            continue
+        for p in items:
+            n = len(tokenizer.encode(p)) if p != "<no_prompt>" else 0
+            best = max(best, (n, task, p))
+    return best
+
+
+def prompt_length(cfg: DataConfig, tokenizer: Tokenizer, prompts: PromptBook, tasks=None) -> int:
+    """The static prompt length of a batch: ``data.max_prompt_tokens``, or when it is 0 the longest prompt of
+    the data's tasks with this tokenizer, rounded up to a multiple of 8. A set cap that a prompt of those tasks
+    exceeds is refused at start-up, naming the prompt (a long prompt of a task the data never uses costs
+    nothing)."""
+    n, task, text = longest_prompt(tokenizer, prompts, tasks)
+    if not cfg.max_prompt_tokens:
+        return max(8, -(-n // 8) * 8)
+    if n > cfg.max_prompt_tokens:
+        raise ConfigError(f"prompt for {task!r} in {prompts.source} has {n} tokens > data.max_prompt_tokens="
+                          f"{cfg.max_prompt_tokens} (0 measures it from the prompt book): {text!r}")
+    return cfg.max_prompt_tokens
+
+
+def packing_report(spec: BucketSpec, items) -> dict[str, Any]:
+    """Packs ``items`` (``(frames, target tokens, prompt tokens)`` per utterance, in stream order) with the
+    pipeline's own batcher and reports, per bucket and overall, the batches, rows and what padding costs:
+    ``frame_waste`` = 1 - real / padded encoder frames, ``token_waste`` the same for LLM positions
+    (prompt + frames / 8 + 2 + target), ``row_fill`` = utterances / rows. Frames of one batch are those of
+    all its devices."""
+    examples = [{"index": i, "key": str(i), "task": "", "feats": np.zeros((f, 1), np.float32),
+                 "prompt": np.zeros(p, np.int32), "target": np.zeros(t, np.int32)} for i, (f, t, p) in enumerate(items)]
+    by_index = {ex["index"]: ex for ex in examples}
+    it = BucketBatchIterator(iter(grain.MapDataset.source(examples).to_iter_dataset()), spec,
+                             by_index.__getitem__, 1)
+    buckets: dict = {}
+    for b in it:
+        bucket = (int(b["feats"].shape[1]), int(b["target"].shape[1]))
+        real = real_rows(b)
+        fl, tl, pl = b["feats_lengths"][real], b["target_lengths"][real], b["prompt_lengths"][real]
+        r = buckets.setdefault(bucket, dict(batches=0, rows=0, utterances=0, frames=0, padded_frames=0,
+                                            tokens=0, padded_tokens=0))
+        rows, f, t = b["feats"].shape[0], bucket[0], bucket[1]
+        r["batches"] += 1
+        r["rows"] += rows
+        r["utterances"] += int(real.sum())
+        r["frames"] += int(fl.sum())
+        r["padded_frames"] += rows * f
+        r["tokens"] += int((pl + -(-fl // 8) + 2 + tl).sum())
+        r["padded_tokens"] += rows * (spec.prompt_len + -(-f // 8) + 2 + t)
+    total = {k: sum(r[k] for r in buckets.values()) for k in ("batches", "rows", "utterances", "frames",
+                                                               "padded_frames", "tokens", "padded_tokens")}
+    for r in (*buckets.values(), total):
+        r["frame_waste"] = 1 - r["frames"] / max(r["padded_frames"], 1)
+        r["token_waste"] = 1 - r["tokens"] / max(r["padded_tokens"], 1)
+        r["row_fill"] = r["utterances"] / max(r["rows"], 1)
+    return {"buckets": {f"{f}x{t}": r for (f, t), r in sorted(buckets.items())}, "total": total,
+            "skipped": dict(it._skipped)}
+
+
+PLAN_PROMPT_TOKENS = 64  # what a plan assumes for data.max_prompt_tokens=0 when it has no tokenizer to measure
+
+
+def static_prompt_len(cfg: DataConfig) -> int:
+    """The prompt length a step is compiled or planned for without a data list: ``data.max_prompt_tokens``, or
+    the longest prompt of the prompt book with ``data.tokenizer``, or (no tokenizer set)
+    :data:`PLAN_PROMPT_TOKENS`, logged."""
+    if cfg.max_prompt_tokens:
+        return cfg.max_prompt_tokens
+    if not cfg.tokenizer:
+        log.warning("data.max_prompt_tokens=0 and no data.tokenizer to measure the prompts with: planning for "
+                    "%d prompt tokens", PLAN_PROMPT_TOKENS)
+        return PLAN_PROMPT_TOKENS
+    return prompt_length(cfg, Tokenizer(cfg.tokenizer, cfg.eod_token), PromptBook.load(cfg.prompts or None))
 
 
 def skip_counts(state: Any) -> dict[str, int]:

@@ -71,7 +71,8 @@ class AgreedBatches:
     # -- checkpointed state ---------------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
-        held = [[list(bucket_of(b)), [int(i) for i in b["indices"][: int(b["num_real"])]]] for b in self.held]
+        # every row's global element number (-1: a padding row), so the device-major row layout comes back
+        held = [[list(bucket_of(b)), [int(i) for i in b["indices"]]] for b in self.held]
         return {"iterator": self.it.get_state(), "held": held, "padding_steps": self.padding_steps}
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -79,6 +80,6 @@ class AgreedBatches:
             self.it.set_state(state)
             return
         self.it.set_state(state["iterator"])
-        self.held = [self.spec.pad([self.refetch(g) for g in indices], tuple(bucket), self.mel_bins)
-                     for bucket, indices in state["held"]]
+        self.held = [self.spec.pad([self.refetch(g) if g >= 0 else None for g in indices], tuple(bucket),
+                                   self.mel_bins) for bucket, indices in state["held"]]
         self.padding_steps = int(state.get("padding_steps", 0))

@@ -79,9 +79,11 @@ class StepAccumulator:
         self.outs.append(out)
         self.flops += flops
         self.started = started if self.started is None else self.started
-        n = int(host.get("num_real", len(host["feats_lengths"])))
-        self.tokens += int(np.sum(host["target_lengths"][:n]))
-        self.audio_s += float(np.sum(host["feats_lengths"][:n])) / 100.0
+        from ..data.pipeline import real_rows
+
+        real = real_rows(host)
+        self.tokens += int(np.sum(host["target_lengths"][real]))
+        self.audio_s += float(np.sum(host["feats_lengths"][real])) / 100.0
 
     def flush(self, trainer: Trainer, lr) -> dict[str, float]:
         outs = jax.device_get(self.outs)  # waits for the step's computation

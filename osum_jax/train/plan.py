@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from ..config import Config
-from ..data.pipeline import BucketSpec
+from ..data.pipeline import BucketSpec, packing_report, static_prompt_len
 from ..models import OSUM
 from ..models.attention import sequence_multiple
 from ..models.layers import as_dtype
@@ -73,7 +73,7 @@ def plan(cfg: Config, n_devices: int | None = None, device_memory_gb: float = 0.
 
     # activations for the largest bucket (the batch the trainer builds: sizes rounded to the data-parallel size)
     dp, tp = sizes["data"] * sizes["fsdp"], sizes["tensor"]
-    spec = BucketSpec.from_config(dataclasses.replace(cfg.data, batch_size_multiple=dp))
+    spec = BucketSpec.from_config(cfg.data, devices=dp, prompt_len=static_prompt_len(cfg.data))
     shapes = {(batch_shape[1], batch_shape[3]): batch_shape[0]} if batch_shape else spec.batch_sizes
     worst = 0.0
     multiple = sequence_multiple(mc.attention_impl, as_dtype(mc.dtype), mc.llm.resolved_head_dim,
@@ -93,10 +93,56 @@ def plan(cfg: Config, n_devices: int | None = None, device_memory_gb: float = 0.
                            "activations_estimate": worst / GiB,
                            "gathered_weights": gathered / GiB, "total": need / GiB},
     }
+    out["batches"] = batches_report(cfg, spec)
     if device_memory_gb:
         out["device_memory_GiB"] = device_memory_gb
         out["fits"] = bool(need / GiB <= 0.9 * device_memory_gb)  # keep 10 % for XLA buffers/fragmentation
     return out
+
+
+LENGTH_MIX = ("OSUM-like task mix: durations log-uniform on 2-29 s (median 7.6 s), labels 4 tokens per second + 2 "
+              "(tag, end of text), every prompt at the static prompt length; 4000 utterances, shuffled")
+
+
+def length_mix(n: int = 4000, seed: int = 0, prompt: int = 0, max_frames: int = 2900, max_label: int = 200):
+    """``(frames, target, prompt)`` of ``n`` utterances drawn from :data:`LENGTH_MIX`."""
+    rng = np.random.default_rng(seed)
+    seconds = np.exp(rng.uniform(np.log(2.0), np.log(29.0), n))
+    frames = np.minimum((seconds * 100).astype(int), max_frames)
+    target = np.minimum((seconds * 4).astype(int) + 2, max_label)
+    return [(int(f), int(t), prompt) for f, t in zip(frames, target)]
+
+
+def batches_report(cfg: Config, spec) -> dict:
+    """The per-device rows of every bucket (OSUM's rule, padded to static shapes) and what padding costs on
+    :data:`LENGTH_MIX` through the pipeline's own batcher."""
+    dc = cfg.data
+    one = dataclasses.replace(spec, devices=1)  # per device: every device packs its own share alike
+    rep = packing_report(one, length_mix(prompt=spec.prompt_len, max_frames=dc.max_frames,
+                                         max_label=dc.max_label_tokens))
+    return {
+        "rule": f"per device: add while longest x (n + 1) <= {dc.max_frames_per_batch} frames and <= "
+                f"{dc.max_tokens_per_batch} seq (frames / 8 + label + prompt), at most {dc.max_utts_per_device} "
+                "rows",
+        "devices": spec.devices, "prompt_len": spec.prompt_len,
+        "per_device": [{"frames": f, "target": t, "rows": n, "padded_frames": n * f,
+                        "llm_positions": n * (spec.prompt_len + -(-f // 8) + 2 + t)}
+                       for (f, t), n in sorted(spec.per_device.items())],
+        "length_mix": LENGTH_MIX, "mix": rep["total"],
+        "mix_utterances_per_device_batch": rep["total"]["utterances"] / max(rep["total"]["batches"], 1),
+    }
+
+
+def format_batches(b: dict) -> list[str]:
+    lines = [f"batches ({b['rule']}; x {b['devices']} data-parallel devices per step; prompt {b['prompt_len']}):",
+             "  frames target  rows/device  padded frames  LLM positions"]
+    lines += [f"  {r['frames']:6d} {r['target']:6d} {r['rows']:12d} {r['padded_frames']:14d} {r['llm_positions']:14d}"
+              for r in b["per_device"]]
+    m = b["mix"]
+    lines.append(f"padding on the length mix ({b['length_mix']}): {b['mix_utterances_per_device_batch']:.2f} "
+                 f"utterances per device batch, frame waste {100 * m['frame_waste']:.1f} %, LLM-position waste "
+                 f"{100 * m['token_waste']:.1f} %, rows filled {100 * m['row_fill']:.1f} %")
+    return lines
 
 
 def format_plan(p: dict) -> str:
@@ -107,6 +153,8 @@ def format_plan(p: dict) -> str:
         "per device (GiB):",
     ]
     lines += [f"  {k:22s} {v:10.2f}" for k, v in g.items()]
+    if "batches" in p:
+        lines += format_batches(p["batches"])
     if "fits" in p:
         verdict = "fits" if p["fits"] else "does NOT fit"
         lines.append(f"=> {verdict} in {p['device_memory_GiB']:.0f} GiB per device (90 % usable)")

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import Config
-from ..data.pipeline import BucketSpec
+from ..data.pipeline import BucketSpec, static_prompt_len
 from ..models import OSUM
 from ..models.generate import greedy_decode
 from ..models.layers import as_dtype
@@ -188,8 +188,8 @@ class TrainProgram:
 
     def largest_batch(self) -> tuple[int, int, int, int]:
         """``(B, T, P, L)`` of the data config's bucket with the largest per-device work (frames + LLM tokens)."""
-        dcfg = dataclasses.replace(self.cfg.data, batch_size_multiple=data_parallel_size(self.mesh))
-        spec = BucketSpec.from_config(dcfg)
+        spec = BucketSpec.from_config(self.cfg.data, devices=data_parallel_size(self.mesh),
+                                      prompt_len=static_prompt_len(self.cfg.data))
         return max(spec.shapes, key=lambda s: (s[0] * (s[1] + s[1] // 8 + s[2] + s[3]), s[1], s[3]))
 
     def abstract_batch(self, shape: tuple[int, int, int, int]) -> dict:

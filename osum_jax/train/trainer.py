@@ -116,7 +116,7 @@ class Trainer:
         dp = data_parallel_size(self.mesh)
         if dp % jax.process_count():
             raise ValueError(f"data x fsdp = {dp} is not divisible by {jax.process_count()} processes")
-        dcfg = dataclasses.replace(self.cfg.data, batch_size_multiple=max(1, dp // jax.process_count()))
+        dcfg = dataclasses.replace(self.cfg.data, devices_per_batch=max(1, dp // jax.process_count()))
         pipe = DataPipeline(dcfg, train=train, tokenizer=self._tokenizer, prompts=self._prompts,
                             shard_index=jax.process_index(), shard_count=jax.process_count())
         self._tokenizer, self._prompts = pipe.tokenizer, pipe.prompts
@@ -212,6 +212,7 @@ class Trainer:
         tasks of all rows are gathered in global order, so every process scores the same whole set."""
         from osum_torch_infer.scoring import score
 
+        from ..data.pipeline import real_rows
         from ..data.text import normalize_task
 
         tc = self.cfg.train
@@ -244,7 +245,7 @@ class Trainer:
                                                      eos_id=pipe.tokenizer.eod_id)
             if i < tc.eval_decode_batches:
                 local_tasks = np.full(batch["target"].shape[0] // jax.process_count(), -1, np.int32)  # aligned rows
-                for r in range(int(host.get("num_real", 0))):
+                for r in np.flatnonzero(real_rows(host)):
                     local_tasks[r] = task_id[normalize_task(str(host["tasks"][r]))]
                 g_tasks = global_to_host(put_rows(local_tasks, self.mesh))
                 toks, lens = global_to_host(toks), global_to_host(lens)
