@@ -174,7 +174,7 @@ def main() -> None:
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         cli = [sys.executable, "-m", "osum_jax.convert.cli"]
         extra = [f"{o}" for o in overrides]
-        imp = run(cli + ["import-osum", str(pt), "--config", args.config, "--out", str(ckpt), "--no-progress"]
+        imp = run(cli + ["import-osum", "--allow-default-prompts", str(pt), "--config", args.config, "--out", str(ckpt), "--no-progress"]
                   + extra)
         ck_size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
         print(f"import-osum: {imp['wall_s']:.0f} s, peak RSS {imp['maxrss_gib']:.2f} GiB (anonymous "

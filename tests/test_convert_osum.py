@@ -170,7 +170,7 @@ def files(tmp_path_factory):
     pt = d / "infer.pt"
     torch.save(state, pt)
     ckpt = d / "ckpt"
-    assert main(["import-osum", str(pt), "--config", TINY, "--out", str(ckpt), "--no-progress"]) == 0
+    assert main(["import-osum", "--allow-default-prompts", str(pt), "--config", TINY, "--out", str(ckpt), "--no-progress"]) == 0
     return d, tm, pt, ckpt
 
 
@@ -297,7 +297,7 @@ def test_plain_peft_names_import_and_round_trip(files):
     plain["lm_head.weight"] = plain["llama_model.base_model.model.lm_head.weight"]
     p2, c2, back = d / "plain.pt", d / "plain_ckpt", d / "plain_back.pt"
     torch.save(plain, p2)
-    assert main(["import-osum", str(p2), "--config", TINY, "--out", str(c2), "--no-progress"]) == 0
+    assert main(["import-osum", "--allow-default-prompts", str(p2), "--config", TINY, "--out", str(c2), "--no-progress"]) == 0
     a, b = ck.restore_params(ckpt, dtype="bfloat16"), ck.restore_params(c2, dtype="bfloat16")
     assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
     assert main(["export-osum", str(c2), "--out", str(back), "--no-progress"]) == 0
@@ -330,10 +330,10 @@ def test_missing_extra_and_wrong_shape_keys_abort(files, capsys, tmp_path):
                        (extra, [r"1 unexpected key", r"speech_transformer\.embed\.out\.2\.weight \[3\]"]),
                        (shape, [r"speech_llama_proj\.bias: shape \[65\].*needs \[64\]"])):
         out = tmp_path / path.stem
-        _fails(capsys, ["import-osum", str(path), "--config", TINY, "--out", str(out)], re.escape(str(path)), *pats)
+        _fails(capsys, ["import-osum", "--allow-default-prompts", str(path), "--config", TINY, "--out", str(out)], re.escape(str(path)), *pats)
         assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
     # a config whose dims disagree with the tensors is named too
-    _fails(capsys, ["import-osum", str(files[2]), "--config", TINY, "model.llm.intermediate_size=128",
+    _fails(capsys, ["import-osum", "--allow-default-prompts", str(files[2]), "--config", TINY, "model.llm.intermediate_size=128",
                     "--out", str(tmp_path / "dims")], r"mlp\.up_proj\.weight: shape \[160, 64\].*needs \[128, 64\]")
 
 
@@ -348,7 +348,7 @@ def test_file_without_the_unused_extras_imports_and_round_trips(files, tmp_path)
 
     pt = _variant(files, "no_extras", drop)
     ckpt, back = tmp_path / "ckpt", tmp_path / "back.pt"
-    assert main(["import-osum", str(pt), "--config", TINY, "--out", str(ckpt), "--no-progress"]) == 0
+    assert main(["import-osum", "--allow-default-prompts", str(pt), "--config", TINY, "--out", str(ckpt), "--no-progress"]) == 0
     assert not (ckpt / "0" / "extras").exists() and ck.restore_extras(ckpt, 0) == {}
     assert main(["export-osum", str(ckpt), "--out", str(back), "--no-progress"]) == 0
     _assert_same_state(torch.load(pt, weights_only=True), torch.load(back, weights_only=True))
@@ -359,7 +359,7 @@ def test_alias_that_differs_is_an_error(files, capsys, tmp_path):
         s["lm_head.weight"] = s["lm_head.weight"].clone()
         s["lm_head.weight"][3, 4] += 1
     path = _variant(files, "alias", edit)
-    _fails(capsys, ["import-osum", str(path), "--config", TINY, "--out", str(tmp_path / "x")],
+    _fails(capsys, ["import-osum", "--allow-default-prompts", str(path), "--config", TINY, "--out", str(tmp_path / "x")],
            r"lm_head\.weight differs from llama_model\.base_model\.model\.lm_head\.weight")
 
 
@@ -369,9 +369,9 @@ def test_truncated_file_and_existing_output(files, capsys, tmp_path):
     for cut in (len(data) // 2, len(data) - 100):
         bad = tmp_path / f"cut{cut}.pt"
         bad.write_bytes(data[:cut])
-        _fails(capsys, ["import-osum", str(bad), "--config", TINY, "--out", str(tmp_path / "o")],
+        _fails(capsys, ["import-osum", "--allow-default-prompts", str(bad), "--config", TINY, "--out", str(tmp_path / "o")],
                re.escape(str(bad)), r"truncated|corrupt|cannot read")
-    _fails(capsys, ["import-osum", str(pt), "--config", TINY, "--out", str(ckpt)], r"already exists.*--force")
+    _fails(capsys, ["import-osum", "--allow-default-prompts", str(pt), "--config", TINY, "--out", str(ckpt)], r"already exists.*--force")
     target = tmp_path / "exists.pt"
     target.write_bytes(b"keep me")
     _fails(capsys, ["export-osum", str(ckpt), "--out", str(target)], r"already exists")
@@ -470,7 +470,7 @@ def test_export_osum_from_a_run_trained_from_scratch(tmp_path, capsys):
     assert state["embed_tokens.weight"].data_ptr() == \
         state["llama_model.base_model.model.model.embed_tokens.weight"].data_ptr()
     back = tmp_path / "back"
-    assert main(["import-osum", str(out), "--config", TINY, "--out", str(back), "--no-progress"]) == 0
+    assert main(["import-osum", "--allow-default-prompts", str(out), "--config", TINY, "--out", str(back), "--no-progress"]) == 0
     restored = ck.restore_params(back)
     want = {k: np.asarray(v.get_value()) for k, v in flat_variables(model).items()}
     assert sorted(restored) == sorted(want)

@@ -119,8 +119,13 @@ def test_the_documented_path_from_osums_release(release):
     _run(w, "osum-eval", "--ref", "test.list", "--hyp", "hyp_list.jsonl", "--out", "report")
     assert json.loads((w / "report/report.json").read_text(encoding="utf-8"))["tasks"]
     # without OSUM's prompts: a loud warning at export, and again at load
-    _run(w, "osum-convert", *[a for a in IMPORT if a not in ("--prompts", "osum/prompt_config.yaml")],
-         "--out", "ckpt/no-prompts")
+    # (OSUM's YAML alone in its folder: no prompt file beside it to be found; the flag lets the import go on)
+    (w / "lone").mkdir(exist_ok=True)
+    (w / "lone" / "config.yaml").write_text((w / "osum" / "config.yaml").read_text(encoding="utf-8"),
+                                            encoding="utf-8")
+    _run(w, "osum-convert", *[a if a != "osum/config.yaml" else "lone/config.yaml" for a in IMPORT
+                              if a not in ("--prompts", "osum/prompt_config.yaml")],
+         "--allow-default-prompts", "--out", "ckpt/no-prompts")
     r = _run(w, "osum-convert", "export-torch", "ckpt/no-prompts", "--tokenizer", "tok", "--out", "pkg/np",
              "--dtype", "fp32", "--no-progress")
     assert "export-torch: WARNING" in r.stderr and "never saw" in r.stderr
@@ -159,7 +164,8 @@ def test_unsupported_osum_settings_are_refused(release, tmp_path):
     y["adapter_type"] = "conv"
     (tmp_path / "osum.yaml").write_text(yaml.safe_dump(y))
     r = _run(release, "osum-convert", "import-osum", "osum/infer.pt", "--osum-config", str(tmp_path / "osum.yaml"),
-             "--config", "configs/tiny.yaml", "--out", str(tmp_path / "ck"), "--no-progress", rc=2)
+             "--config", "configs/tiny.yaml", "--out", str(tmp_path / "ck"), "--no-progress",
+             "--allow-default-prompts", rc=2)
     assert "adapter_type: 'conv' is not supported" in r.stderr
 
 

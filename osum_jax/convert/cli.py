@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from osum_torch_infer.contract import dtype_long, dtype_short
@@ -65,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     osum.add_argument("--llm-config", metavar="QWEN2_DIR_OR_CONFIG_JSON",
                       help="the Qwen2 config.json OSUM was built on (checked the same way)")
     osum.add_argument("--prompts", metavar="PROMPT_YAML",
-                      help="OSUM's prompt_config.yaml, stored with the checkpoint (export-torch ships it)")
+                      help="OSUM's prompt_config.yaml, stored with the checkpoint (export-torch ships it); default: "
+                           "the one found beside --osum-config (conf/prompt_config.yaml)")
+    osum.add_argument("--allow-default-prompts", action="store_true",
+                      help="without OSUM's prompt file, let the model go with osum-jax's English prompts (it was "
+                           "trained on OSUM's Chinese ones)")
     osum.add_argument("--config", help="this project's YAML config (e.g. configs/osum_full.yaml); needed without "
                                        "--osum-config")
     osum.add_argument("--out", required=True, help="output checkpoint directory")
@@ -136,6 +141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       force=args.force, seed=args.seed, progress=show,
                                       osum_config=args.osum_config, prompts=args.prompts)
         elif args.command == "import-osum":
+            if args.prompts is None:
+                from ..osum_recipe import find_prompts
+
+                found = find_prompts(Path(args.osum_config), "conf/prompt_config.yaml") if args.osum_config else None
+                if found is not None:
+                    args.prompts = str(found)
+                    print(f"osum-convert import-osum: prompts from {found}", file=sys.stderr)
+                elif not args.allow_default_prompts:
+                    print("osum-convert import-osum: no OSUM prompt file (--prompts conf/prompt_config.yaml, or "
+                          "--osum-config with it beside); the model was trained on OSUM's prompts, so pass one, or "
+                          "--allow-default-prompts to ship osum-jax's English prompts", file=sys.stderr)
+                    return 2
             info = commands.import_osum(args.checkpoint, args.config, args.overrides, out=args.out,
                                         force=args.force, progress=show, osum_config=args.osum_config,
                                         llm_config=args.llm_config, prompts=args.prompts)

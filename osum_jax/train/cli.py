@@ -2,6 +2,9 @@
 
     osum-train configs/tiny.yaml data.train=corpus/train.list data.tokenizer=tok/ train.output_dir=runs/x
     osum-train configs/osum_full.yaml --plan --devices 8 --device-memory-gb 80
+    osum-train --osum-config OSUM/conf/config_llm_huawei_base-version.yaml data.train=train.list \
+        data.tokenizer=qwen2/ train.init_from=ckpt/osum     # OSUM's own recipe (its prompts from beside it)
+    osum-train --osum-config OSUM/conf/config_llm_huawei_base-version.yaml --print-config
 
 Multi-host: set ``train.distributed.coordinator_address/num_processes/process_id`` (or the environment
 variables ``OSUM_COORDINATOR``, ``OSUM_NUM_PROCESSES``, ``OSUM_PROCESS_ID``) and start one process per host;
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def detected_cluster(env=os.environ) -> str:
@@ -79,12 +83,67 @@ def apply_gpu_xla_defaults(env=os.environ) -> None:
         env["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
 
 
+DEFAULT_BASE = Path(__file__).resolve().parents[2] / "configs" / "osum_full.yaml"
+
+
+def resolve_config(args):
+    """The run's config: ``CONFIG`` + overrides, or ``--osum-config``'s recipe on ``CONFIG`` (default
+    configs/osum_full.yaml where the checkout has it, else the built-in defaults, which are OSUM's); ``--prompts``
+    sets ``data.prompts``. Raises ``ConfigError`` (one line for the user)."""
+    import yaml
+
+    from ..config import ConfigError, load_config
+
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None  # `--osum-config X key=value ...`
+    overrides = list(args.overrides)
+    if args.prompts:
+        overrides.append(f"data.prompts={args.prompts}")
+    if not args.osum_config:
+        if args.allow_default_prompts:
+            raise ConfigError("--allow-default-prompts goes with --osum-config")
+        if args.config is None:
+            raise ConfigError("give a config (configs/*.yaml) or --osum-config OSUM_YAML")
+        return load_config(args.config, overrides)
+    from ..osum_recipe import config_from_recipe, describe, read_recipe
+
+    recipe = read_recipe(args.osum_config)
+    base_path = Path(args.config) if args.config else (DEFAULT_BASE if DEFAULT_BASE.is_file() else None)
+    base = {}
+    if base_path is not None:
+        try:
+            base = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{base_path}: cannot read ({e})") from None
+    if recipe.prompts is None and not args.prompts and not (base.get("data") or {}).get("prompts") \
+            and not any(o.startswith("data.prompts=") for o in overrides) and not args.allow_default_prompts:
+        raise ConfigError(f"{args.osum_config}: OSUM's prompt file (dataset_conf.prompt_conf_path) is neither "
+                          f"beside it nor at OSUM's repository root; pass --prompts conf/prompt_config.yaml, or "
+                          f"--allow-default-prompts to train on osum-jax's English prompts")
+    source = f"{base_path or 'the defaults'} + {args.osum_config}"
+    cfg = config_from_recipe(recipe, base, overrides, source)
+    logging.getLogger("osum_jax.train").info("OSUM recipe %s on %s:\n%s\n  prompts: %s", args.osum_config,
+                                             base_path or "the defaults", describe(recipe),
+                                             cfg.data.prompts or "osum-jax's built-in prompts")
+    return cfg
+
+
 def main(argv=None) -> int:
     apply_gpu_xla_defaults()
     ap = argparse.ArgumentParser(prog="osum-train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="YAML config (configs/*.yaml); key=value overrides follow")
+    ap.add_argument("config", nargs="?", default=None,
+                    help="YAML config (configs/*.yaml); key=value overrides follow. With --osum-config: the base "
+                         "its recipe applies to (default configs/osum_full.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    ap.add_argument("--osum-config", metavar="OSUM_YAML",
+                    help="OSUM's training YAML (conf/config_llm_huawei_base-version.yaml): every key is mapped "
+                         "(optimizer, schedule, accumulation, clipping, filters, batching, augmentation, "
+                         "fire_module, LoRA) or named as not used; OSUM's prompt file is taken from beside it")
+    ap.add_argument("--prompts", metavar="PROMPT_YAML", help="the prompt file (sets data.prompts)")
+    ap.add_argument("--allow-default-prompts", action="store_true",
+                    help="with --osum-config and no OSUM prompt file: train on osum-jax's English prompts")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     ap.add_argument("--plan", action="store_true", help="print per-device memory and exit (allocates nothing)")
     ap.add_argument("--devices", type=int, default=0, help="--plan: number of devices (default: those present)")
     ap.add_argument("--device-memory-gb", type=float, default=0.0, help="--plan: memory per device")
@@ -101,10 +160,13 @@ def main(argv=None) -> int:
     from ..config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = resolve_config(args)
     except ConfigError as e:
         print(f"osum-train: config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
     plan_only = [flag for flag, given in (("--target", args.target), ("--devices", args.devices),
                                           ("--device-memory-gb", args.device_memory_gb), ("--json", args.json),
                                           ("--hlo-out", args.hlo_out)) if given]
