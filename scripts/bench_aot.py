@@ -102,25 +102,38 @@ def reestimate(r: dict, name: str) -> dict:
     return r
 
 
+def step_cells(r: dict) -> tuple[str, str]:
+    """The step and MFU cells of a row: the TPU cost model's estimate, or (GPU) the two roofline bounds as bounds
+    (a row compiled before the per-kernel bound existed shows its whole-program bound alone)."""
+    if "mfu_bound_program" in r:
+        return (f"≥ {r['step_ms_bound_program']:.0f} ms whole program, ≥ {r['step_ms_bound_per_kernel']:.0f} ms per "
+                f"kernel (roofline bounds)",
+                f"≤ {r['mfu_bound_program']:.1%} / ≤ {r['mfu_bound_per_kernel']:.1%}")
+    if r["step_basis"].startswith("TPU"):
+        basis = "TPU cost model" + (" + attention kernels" if r.get("pallas_kernels", {}).get("count") else "")
+        return f"{r['step_seconds'] * 1e3:.0f} ms ({basis})", f"{r['mfu']:.1%}"
+    # an older report: its roofline figure was the whole-program bound under bare keys
+    return (f"≥ {r['step_seconds'] * 1e3:.0f} ms whole program (roofline bound; per kernel not computed)",
+            f"≤ {r['mfu']:.1%} / not computed")
+
+
 def table(rows: list[dict]) -> str:
     g = 1e9
     head = ("| target | mesh / batch | attention | compiler memory / chip (args, out, aliased, temp) | headroom | "
-            "`--plan` estimate | collectives / step | whole-stack copies | step (basis) | MFU |\n"
+            "`--plan` estimate | collectives / step | whole-stack copies | step (basis) | MFU (GPU: bounds, "
+            "whole program / per kernel) |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         m = r["memory_bytes"]
         coll = ", ".join(f"{k} {c['bytes'] / g:.2f} GB" for k, c in r["collectives"].items() if c["bytes"] > 1e6)
-        basis = "TPU cost model" if r["step_basis"].startswith("TPU") else "roofline bound"
-        if r.get("pallas_kernels", {}).get("count"):
-            basis += " + attention kernels"
+        step, mfu = step_cells(r)
         lines.append(
             f"| {r['target']} | {r['description']} | {r.get('attention', 'xla')} | {m['total'] / g:.1f} GB "
             f"({m['arguments'] / g:.1f}, "
             f"{m['outputs'] / g:.2f}, {m['aliased'] / g:.2f}, {m['temporaries'] / g:.1f}) | {r['headroom']:.0%} | "
             f"{r['plan_estimate_bytes'] / g:.1f} GB ({r['plan_estimate_bytes'] / m['total'] - 1:+.0%}) | "
-            f"{coll or 'none'} | {int(r['stack_copies']['count'])} | {r['step_seconds'] * 1e3:.0f} ms ({basis}) | "
-            f"{r['mfu']:.1%} |")
+            f"{coll or 'none'} | {int(r['stack_copies']['count'])} | {step} | {mfu} |")
     return "\n".join(lines)
 
 
@@ -153,10 +166,14 @@ their FLOPs at 50 % of the chip's peak (`osum_jax/train/aot.py`, `MOSAIC_EFFICIE
 the 165 ms v5p 4/4 step), so that part of each TPU row is an assumption, not a compiler figure. The GPU rows
 compile the Pallas (Triton) flash-attention kernel (`attention_impl=auto` on a GPU target when cuDNN cannot be
 loaded, as on this compile-only host; a GPU host with cuDNN runs cuDNN's kernels, which cannot be built here).
-With the einsum attention its float32 scores had been about half of the GPU rows' HBM bytes (8 x H100, roofline
-bound, 1 / 4 / 8 utterances per GPU: 132 -> 83, 282 -> 158, 487 -> 243 ms; MFU 15.9 -> 25.4, 29.8 -> 53.1,
-34.6 -> 69.4 %). A roofline bound assumes peak FLOPs or peak bandwidth, whichever binds, and counts each
-fusion's and kernel's operands once: it is an upper bound on MFU, not a prediction; no GPU has run it yet.
+With the einsum attention its float32 scores had been about half of the GPU rows' HBM bytes (8 x H100,
+whole-program roofline bound, 1 / 4 / 8 utterances per GPU: 132 -> 83, 282 -> 158, 487 -> 243 ms; MFU bound
+15.9 -> 25.4, 29.8 -> 53.1, 34.6 -> 69.4 %). A roofline bound assumes peak FLOPs or peak bandwidth, whichever
+binds, and counts each fusion's and kernel's operands once: it is an upper bound on MFU, not a prediction. The
+whole-program bound lets all FLOPs of the step overlap all its bytes; the per-kernel bound (each kernel takes at
+least the max of its own FLOPs / peak and bytes / bandwidth, kernels one after another) does not, and is the
+tighter: 8 per GPU, >= 322 ms against >= 224 ms, MFU <= 52.3 % against <= 75.2 % (7485aea+, 2026-12-06). No GPU
+has run the step yet.
 
 A second proxy, for the per-chip batch that matters (4-layer proxy, v5p 2x2x4, data 16, 4 x 29 s utterances per
 chip, `scripts/bench_aot.py`'s settings plus `model.llm.num_layers=4 model.encoder.num_layers=4`):
@@ -217,15 +234,15 @@ This round's changes (cotangent and fc2 barriers, `lora_out` residuals, and for 
 recomputed in the backward pass) moved the full step, threefry masks, 1 / 4 / 8 utterances per chip from
 157 / 501 / 988 to 156 / 494 / 983 ms (73.4 -> 65.5 GB at 8 per chip); with `train.dropout_rng=hash`, 4 / 8 / 12
 per chip run 430 / 834 / 1277 ms, MFU 42.2 / 43.5 / 42.6 %, 39.9 / 56.5 / 73.1 GB (the earlier hash was not
-compiled at full size). 8 x H100 roofline: 80 / 151 / 244 -> 79 / 145 / 232 ms.
+compiled at full size). 8 x H100 whole-program roofline bound: 80 / 151 / 244 -> 79 / 145 / 232 ms.
 The 2026-12-04 changes (erf GELU, optimizer selects, LayerNorm cotangent barriers, norm statistics kept,
 heads-major bias gradients as matmuls, RoPE's rotation as a matmul; the proxy table above) moved the full step
 with `train.dropout_rng=hash`, 4 / 8 / 12 utterances per chip, from 430 / 834 / 1277 to 406 / 801 / 1227 ms:
 **MFU 44.6 / 45.3 / 44.3 %** (40.5 / 57.7 / 74.9 GB, 57 / 39 / 21 % HBM headroom); with threefry masks (the
-default) 4 / 8 per chip 494 / 983 -> 472 / 955 ms (38.4 / 38.0 %); 8 x H100 roofline, 8 per GPU, 232 -> 224 ms
-(75.2 %); one utterance per chip, v5p data 16: 156 -> 143 ms (29.1 -> 31.7 %), 8 x H100 unchanged (79 ms). The rows left from earlier rounds were recompiled the same evening (same model code):
+default) 4 / 8 per chip 494 / 983 -> 472 / 955 ms (38.4 / 38.0 %); 8 x H100 whole-program roofline bound, 8 per
+GPU, 232 -> 224 ms (MFU <= 75.2 %); one utterance per chip, v5p data 16: 156 -> 143 ms (29.1 -> 31.7 %), 8 x H100 unchanged (79 ms). The rows left from earlier rounds were recompiled the same evening (same model code):
 v5p data 4 / fsdp 4, 1 / 4 per chip, 140 / 521 -> 137 / 500 ms (32.3 / 34.8 -> 33.0 / 36.3 %, 33.3 -> 30.0 GB at 4
-per chip); 8 x H100, 4 per GPU, 145 -> 142 ms (59.2 %). The fsdp 16 rows had been mis-read: XLA:TPU fuses FSDP's
+per chip); 8 x H100, 4 per GPU, 145 -> 142 ms (whole-program bound, MFU <= 59.2 %). The fsdp 16 rows had been mis-read: XLA:TPU fuses FSDP's
 all-gathers with their matmuls into windowed-einsum loops that step by 2 to 8 (4 iterations) and carry no
 `known_trip_count`; `hlo.py` counted them 8 times, doubling their FLOPs (39.8 against 20.8 TFLOP of model FLOPs per
 chip), collective bytes and cycles. Counted right (6f26b61): v5p fsdp 16 428 -> 258 ms (MFU 10.6 -> 17.6 %), with
@@ -250,7 +267,9 @@ forward 4.14 ms, backward 5.26, encoder 1.13 / 1.81, and outside the loops 15.2 
 
 Reached on TPU, by the cost model and barely: 45.3 % at 8 utterances per chip with hash dropout masks
 (v5p x 16, data 16; 44.6 % at 4 per chip, 44.3 % at 12); not with threefry masks, the default (38.0-38.4 %).
-On GPU as a roofline bound (8 x H100, 8 utterances per GPU, 75.2 %). No TPU or GPU has run the step. What
+On GPU nothing is predicted, only bounded: 8 x H100 with 8 utterances per GPU has MFU <= 75.2 % by the
+whole-program roofline bound and <= 52.3 % by the per-kernel bound (step >= 224 / >= 322 ms); where under those
+bounds the step lands, only a GPU can say. No TPU or GPU has run the step. What
 would move the TPU figure further, not done: the LLM MLP's 18944-wide elementwise passes (per layer at 4 per
 chip, backward: the SiLU gradient 0.46 ms, the down projection's dropout input recomputed 0.21 ms, its rank-8
 input gradient written full width 0.18 ms; forward: `up_proj`'s output copied into the remat stack 0.21 ms,
@@ -261,10 +280,16 @@ worse); the per-layer q/o weight slices XLA relayouts and prefetches inside the 
 `rbg` drawn per chip and charged a measured rate, on a TPU; making `hash` the TPU default once a TPU run has
 checked it.
 
-GPU rows: the roofline bound `max(FLOPs / peak, HBM bytes / bandwidth)` counts cuBLAS GEMM FLOPs (XLA's library
-calls; osum-train turns Triton GEMMs off on GPU, see docs/training.md), the Triton attention kernels' FLOPs, and,
-for the scan's `dynamic-slice` / in-place `dynamic-update-slice`, the slice and the update instead of the whole
-stacked operand.
+GPU rows: both roofline bounds count cuBLAS GEMM FLOPs (XLA's library calls; osum-train turns Triton GEMMs off on
+GPU, see docs/training.md), the Triton attention kernels' FLOPs, and, for the scan's `dynamic-slice` / in-place
+`dynamic-update-slice`, the slice and the update instead of the whole stacked operand. The whole-program bound is
+`max(all FLOPs / peak, all HBM bytes / bandwidth)`; the per-kernel bound sums, over the kernels of the step (each
+top-level fusion, GEMM and attention kernel, times its loop trips, a fusion charged its fused computation's
+FLOPs), `max(kernel FLOPs / peak, kernel bytes / bandwidth)`, leaving out the asynchronous collectives
+(`*-start` / `*-done`: the FSDP all-gathers and reduce-scatters), which overlap the kernels (charged as kernels
+too, 8 per GPU would give 352.5 ms instead of 321.7). Both take `hlo.py`'s byte count as it is (each operand read
+once from HBM, each output written once; L2 hits and partly read operands are not modelled): they bound the step
+as far as that count holds.
 """
 
 
@@ -276,7 +301,11 @@ def write(rows: list[dict]) -> None:
                "in constraints.txt). Full OSUM (8.0 B parameters), bf16 compute, frozen LLM in bf16, remat "
                "`dots_with_no_batch_dims_saveable`, OSUM's `link_and_encoder_and_lora`. Memory, FLOPs, collectives "
                "and cycles are the target compiler's own (per device, loop trip counts included); MFU = "
-               "trainable-aware model FLOPs (`osum_jax/train/flops.py`) / step time / chip peak.\n\n"
+               "trainable-aware model FLOPs (`osum_jax/train/flops.py`) / step time / chip peak. TPU rows: the "
+               "step time of the TPU compiler's cost model. GPU rows (XLA:GPU has no cost model): two roofline "
+               "bounds, each a lower bound on the step time and so an upper bound on MFU, not a prediction: the "
+               "whole program's `max(FLOPs / peak, HBM bytes / bandwidth)`, and the per-kernel bound, each kernel's "
+               "own max summed over the step.\n\n"
                + table(rows) + "\n\n" + details(rows) + "\n\n" + TRIED + "\n")
     pattern = re.compile(r"## Train step compiled for pods.*?(?=\n## |\Z)", re.S)
     text = pattern.sub(lambda _: section.rstrip("\n"), text) if pattern.search(text) else \
@@ -299,8 +328,8 @@ def main(argv=None) -> int:
             continue
         r = run_row(name)
         rows.append(r)
-        print(f"{name}: {r['memory_bytes']['total'] / 1e9:.1f} GB, {r['step_seconds'] * 1e3:.0f} ms, "
-              f"MFU {r['mfu']:.1%} ({r['wall_s']:.0f} s)", flush=True)
+        step, mfu = step_cells(r)
+        print(f"{name}: {r['memory_bytes']['total'] / 1e9:.1f} GB, {step}, MFU {mfu} ({r['wall_s']:.0f} s)", flush=True)
         if args.json_dir:
             Path(args.json_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.json_dir) / f"{name}.json").write_text(json.dumps(r, indent=1), encoding="utf-8")

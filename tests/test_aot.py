@@ -215,9 +215,18 @@ def test_cli_compiles_for_a_gpu_target_as_json_and_refuses_without_plan(gpu_comp
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["target"] == "cuda:h100:8" and r["devices"] == 8 and r["mesh"]["fsdp"] == 8
+    assert r["batch_shape"]["frames"] == 1000 and r["batch_shape"]["batch"] % 8 == 0, r["batch_shape"]
     mem = r["memory_bytes"]
     assert mem["outputs"] - mem["aliased"] <= 8192 and mem["aliased"] >= 0.9 * mem["outputs"], mem
     assert r["step_basis"].startswith("roofline") and r["hlo_flops"] > 0 and r["hlo_hbm_bytes"] > 0
+    # XLA:GPU has no cost model: two lower bounds on the step time and the MFU bounds they give, never a bare
+    # step time or MFU (issue 30: "MFU 75.2 %" had been read as a prediction)
+    assert not {"mfu", "step_seconds", "tokens_per_second"} & set(r), sorted(r)
+    assert r["step_ms_bound_program"] > 0 and r["step_ms_bound_per_kernel"] > 0
+    for kind in ("program", "per_kernel"):
+        assert math.isclose(r[f"mfu_bound_{kind}"] * r[f"step_ms_bound_{kind}"] / 1e3 * 989e12, r["model_flops"])
+    shares = [share for _, share in r["top_kernels_by_bound"]]  # where the per-kernel bound goes, largest first
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9, shares
     assert 0.8 <= r["hlo_flops"] / r["model_flops"] <= 2.0, (r["hlo_flops"], r["model_flops"])
     # bf16 on a GPU target without cuDNN (this host): the Pallas (Triton) flash-attention kernel, not the einsum
     # path (no [B, N, T, S] scores in the program), its FLOPs counted with the rest
@@ -286,3 +295,5 @@ def test_triton_flash_attention_flops_are_counted(gpu_compiler):
     seg = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=sharding)
     report = analyse_hlo(jax.jit(grads).lower(qkv, qkv, qkv, seg).compile().as_text())
     assert report["flops"] == 2 * (2 + 5) * b * n * t * t * h
+    # the per-kernel roofline bound charges those FLOPs to the kernels that run them (none is lost)
+    assert sum(k * f for k, f, _, _ in report["kernel_costs"]) == report["flops"]

@@ -36,7 +36,11 @@ def test_bench_gpu_step_runs_the_donated_step_on_local_devices(tmp_path):
     assert out == json.loads(r.stdout.splitlines()[-1])
     c, m = out["compiler"], out["measured"]
     assert out["devices"] == 2 and c["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
-    assert out["chip"] is None and c["step_seconds"] == 0 and out["ratio"]["step_vs_roofline"] is None
+    # no peak known for a CPU: no step figure, no MFU of any kind, no ratio to one
+    assert out["chip"] is None and not {"step_seconds", "mfu", "mfu_bound_program", "mfu_bound_per_kernel"} & set(c)
+    assert set(out["ratio"]) == {"step_vs_program_bound", "step_vs_per_kernel_bound", "step_vs_cost_model",
+                                 "peak_memory_vs_compiler_total"}
+    assert out["ratio"]["step_vs_program_bound"] is None and out["ratio"]["step_vs_per_kernel_bound"] is None
     # the executable that ran is the donated step: trainable + optimizer state come back aliased
     state = c["state_bytes"]
     assert c["memory_bytes"]["aliased"] >= 0.9 * (state["trainable"] + state["optimizer"])  # per device, both

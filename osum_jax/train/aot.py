@@ -12,9 +12,12 @@ data config. The report is the compiler's own:
   ``cost_analysis`` counts a loop body once; the HLO text analysis is ``hlo.py``);
 * collectives by kind with their bytes (loop trip counts included);
 * on TPU, the compiler's cost model: the per-instruction ``estimated_cycles`` summed over executions and
-  converted to seconds with the chip's calibration (a lone bf16 8192^3 matmul); elsewhere a roofline bound
-  ``max(FLOPs / peak, bytes / HBM bandwidth)``;
-* tokens/s and MFU at that step time, with the trainable-aware model FLOPs of ``flops.py``.
+  converted to seconds with the chip's calibration (a lone bf16 8192^3 matmul), then tokens/s and MFU at that
+  step time, with the trainable-aware model FLOPs of ``flops.py``;
+* elsewhere (GPU: XLA:GPU has no cost model) two roofline bounds (``hlo.roofline_bounds``): the whole program's
+  ``max(FLOPs / peak, HBM bytes / bandwidth)`` and the per-kernel sum of each kernel's own max. Both are lower
+  bounds on the step time, so the MFU at either is an upper bound (``mfu_bound_program``,
+  ``mfu_bound_per_kernel``; no bare ``mfu``): not a prediction.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import re
 from typing import Any
 
 from ..config import Config, ConfigError
-from .hlo import analyse_hlo
+from .hlo import analyse_hlo, roofline_bounds
 
 GB = 1e9
 
@@ -216,15 +219,24 @@ def compiled_report(cfg: Config, inputs, compiled, chip: Chip | None, target: st
     model_flops = train_step_flops(cfg.model, b, t, p, l_, trainable=cfg.train.fire_module) / n
     peak = chip.peak_tflops * 1e12 if chip else 0.0
     kernel_s = hlo["kernels"]["flops"] / (peak * MOSAIC_EFFICIENCY) if chip else 0.0
-    if chip is None:
-        step_s, basis = 0.0, "no peak known for this device"
+    tokens = llm_tokens(shape) / n
+    if chip is None:  # no peak: no step time, no MFU
+        step = {"step_basis": "no peak known for this device"}
     elif chip.seconds_per_cycle and hlo["estimated_cycles"]:
         step_s, basis = hlo["estimated_cycles"] * chip.seconds_per_cycle + kernel_s, "TPU cost model"
         if hlo["kernels"]["count"]:
             basis += f" + Pallas kernels at {MOSAIC_EFFICIENCY:.0%} of peak"
-    else:
-        step_s = max(hlo["flops"] / (chip.peak_tflops * 1e12), hlo["hbm_bytes"] / (chip.hbm_tb_s * 1e12))
-        basis = "roofline bound (FLOPs / peak, HBM bytes / bandwidth)"
+        step = {"step_seconds": step_s, "step_basis": basis, "tokens_per_second": tokens / step_s,
+                "mfu": model_flops / step_s / peak}
+    else:  # no cost model (GPU): two lower bounds on the step time, so upper bounds on MFU and tokens/s
+        bounds = roofline_bounds(hlo, peak, chip.hbm_tb_s * 1e12)
+        program_s, kernel_bound_s = bounds["program_seconds"], bounds["per_kernel_seconds"]
+        step = {"step_basis": "roofline bounds (no cost model): lower bounds on the step time, upper bounds on MFU",
+                "step_ms_bound_program": program_s * 1e3, "step_ms_bound_per_kernel": kernel_bound_s * 1e3,
+                "mfu_bound_program": model_flops / program_s / peak if program_s else 0.0,
+                "mfu_bound_per_kernel": model_flops / kernel_bound_s / peak if kernel_bound_s else 0.0,
+                "tokens_per_second_bound": tokens / max(program_s, kernel_bound_s) if program_s else 0.0,
+                "top_kernels_by_bound": bounds["top_kernels"]}
     hbm_gb = chip.hbm_gb if chip else 0.0
     est = estimate(cfg, n, hbm_gb or 1.0, batch_shape=shape, platform=platform)
     from ..models.attention import impl_for
@@ -247,9 +259,7 @@ def compiled_report(cfg: Config, inputs, compiled, chip: Chip | None, target: st
         "estimated_cycles": hlo["estimated_cycles"],
         "pallas_kernels": {"count": hlo["kernels"]["count"], "flops": hlo["kernels"]["flops"], "seconds": kernel_s},
         "top_ops_by_cycles": hlo["top_ops_by_cycles"],
-        "step_seconds": step_s, "step_basis": basis,
-        "tokens_per_second": llm_tokens(shape) / n / step_s if step_s else 0.0,
-        "mfu": model_flops / step_s / peak if step_s else 0.0,
+        **step,
         "plan_estimate_bytes": est["per_device_GiB"]["total"] * 1024 ** 3,
     }
 
@@ -284,9 +294,29 @@ def format_report(r: dict[str, Any]) -> str:
     if pk.get("count"):
         lines.append(f"Pallas kernels (attention): {int(pk['count'])} calls, {pk['flops'] / 1e12:.2f} TFLOPs, charged "
                      f"{pk['seconds'] * 1e3:.1f} ms (no cost-model cycles for them)")
-    lines.append(f"step time {r['step_seconds'] * 1e3:.1f} ms ({r['step_basis']}); "
-                 f"{r['tokens_per_second']:.0f} LLM tokens/s per device; MFU {r['mfu']:.1%}")
+    lines += step_lines(r)
+    if r.get("top_kernels_by_bound"):
+        lines.append("where the per-kernel bound goes:")
+        lines += [f"  {share:6.1%}  {op}" for op, share in r["top_kernels_by_bound"]]
     if r["top_ops_by_cycles"]:
         lines.append("where the estimated cycles go:")
         lines += [f"  {share:6.1%}  {op}" for op, share in r["top_ops_by_cycles"]]
     return "\n".join(lines)
+
+
+def step_lines(r: dict[str, Any]) -> list[str]:
+    """The step time and MFU lines of a report, each figure labelled with what it is: the TPU cost model's
+    estimate, or (GPU) the two roofline bounds, printed as bounds (``>=`` step time, ``<=`` MFU)."""
+    if "mfu" in r:
+        return [f"step time {r['step_seconds'] * 1e3:.1f} ms ({r['step_basis']}); "
+                f"{r['tokens_per_second']:.0f} LLM tokens/s per device; MFU {r['mfu']:.1%} (TPU cost model)"]
+    if "mfu_bound_program" in r:
+        return [
+            f"step time >= {r['step_ms_bound_program']:.1f} ms, MFU <= {r['mfu_bound_program']:.1%} "
+            f"(whole-program roofline bound: max(all FLOPs / peak, all HBM bytes / bandwidth))",
+            f"step time >= {r['step_ms_bound_per_kernel']:.1f} ms, MFU <= {r['mfu_bound_per_kernel']:.1%} "
+            f"(per-kernel roofline bound: each kernel's max(FLOPs / peak, HBM bytes / bandwidth), summed)",
+            f"<= {r['tokens_per_second_bound']:.0f} LLM tokens/s per device. Bounds, not predictions: no cost model "
+            f"for this target",
+        ]
+    return [f"step time: none ({r['step_basis']})"]

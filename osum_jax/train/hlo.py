@@ -7,6 +7,8 @@ compiler returns and counts, per device and step, with loop trip counts applied:
   read real input elements), of XLA:GPU's cuBLAS GEMMs and of the Pallas (Triton) flash-attention kernels;
 * collectives by kind with their bytes;
 * HBM bytes read and written by the top-level instructions (every fusion reads its operands from HBM);
+* each kernel's FLOPs and HBM bytes (``kernel_costs``: every top-level instruction that runs as a kernel, a
+  fusion's FLOPs counted from its fused computation), for the per-kernel roofline bound of :func:`roofline_bounds`;
 * the TPU cost model's ``estimated_cycles`` and which ops they go to;
 * Pallas (Mosaic) kernels, which the cost model gives no cycles, with the FLOPs of splash attention's kernels;
 * whole layer-stack copies inside loop bodies.
@@ -28,6 +30,13 @@ _COMP = re.compile(r"^(ENTRY\s+)?%([^\s(]+)\s*\(.*\{\s*$")
 _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call", "conditional",
                "after-all", "partition-id", "replica-id", "iota"}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# asynchronous operations (collectives, copies, send/recv) run beside the kernels of the compute stream, not one
+# after another with them: the per-kernel bound leaves them out (the whole-program bound counts their bytes)
+_ASYNC = {"send", "recv", "send-done", "recv-done"}
+
+
+def _is_async(opcode: str) -> bool:
+    return opcode in _ASYNC or opcode.endswith(("-start", "-done", "-update"))
 
 
 def _arrays(shape_text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -356,6 +365,8 @@ def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
     stack_copies = {"count": 0.0, "bytes": 0.0, "frozen_count": 0.0, "frozen_bytes": 0.0}
     hbm = 0.0  # bytes read and written by the top-level instructions: every fusion reads its operands from HBM
     kernels = {"count": 0.0, "flops": 0.0}  # Pallas/Mosaic kernels: the TPU cost model gives them no cycles
+    kernel_costs: list[tuple[float, float, float, str]] = []  # (runs per step, FLOPs, HBM bytes, label) per kernel
+    fusion_memo: dict[str, float] = {}
     for name, body in comps.items():
         k = mult.get(name, 0.0)
         if not k:
@@ -374,7 +385,13 @@ def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
                 coll[base]["count"] += k
                 coll[base]["bytes"] += k * b
             if name not in fused and ins.opcode not in _NO_TRAFFIC:
-                hbm += k * _traffic(ins, shapes, comps)
+                moved = _traffic(ins, shapes, comps)
+                hbm += k * moved
+                if not _is_async(ins.opcode):
+                    work = _flops(ins, shapes) + _fusion_flops(ins, comps, shapes, fusion_memo)
+                    if ins.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in ins.text:
+                        work += _kernel_flops(ins, shapes)
+                    kernel_costs.append((k, work, moved, _op_label(ins)))
             if name not in fused:
                 c = _cycles(ins)
                 if c is not None:
@@ -394,9 +411,49 @@ def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
                         stack_copies["frozen_bytes"] += k * _nbytes([arr])
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
     return {"flops": flops, "hbm_bytes": hbm, "collectives": coll, "estimated_cycles": cycles, "stack_copies": stack_copies,
-            "kernels": kernels,
+            "kernels": kernels, "kernel_costs": kernel_costs,
             "top_ops_by_cycles": [(op, c / cycles if cycles else 0.0) for op, c in top],
             "loops": sorted(trips.values())}
+
+
+def _fusion_flops(ins: Instr, comps, shapes, memo: dict[str, float]) -> float:
+    """FLOPs of one run of a ``fusion`` instruction: those of its fused computation, nested fusions included (0 for
+    other instructions)."""
+    if ins.opcode != "fusion":
+        return 0.0
+    m = re.search(r"calls=%([^\s,)]+)", ins.text)
+    if not m:
+        return 0.0
+    name = m.group(1)
+    if name not in memo:
+        memo[name] = 0.0  # guards against malformed (cyclic) text
+        memo[name] = sum(_flops(i, shapes) + _fusion_flops(i, comps, shapes, memo) for i in comps.get(name, []))
+    return memo[name]
+
+
+def roofline_bounds(hlo: dict[str, Any], peak_flops: float, bytes_per_s: float, top: int = 12) -> dict[str, Any]:
+    """Two lower bounds on the step time of an analysed program (:func:`analyse_hlo`) on a chip with
+    ``peak_flops`` FLOP/s and ``bytes_per_s`` of HBM bandwidth, neither a prediction:
+
+    * ``program_seconds``: ``max(all FLOPs / peak, all HBM bytes / bandwidth)``, as if every FLOP ran at peak while
+      every byte moved at full bandwidth, overlapped across the whole step;
+    * ``per_kernel_seconds``: the kernels run one after another, each taking at least
+      ``max(its FLOPs / peak, its HBM bytes / bandwidth)``, summed with the loop trip counts (asynchronous
+      collectives and copies, which overlap the kernels, are left out; their bytes are in the whole-program bound).
+
+    FLOPs and bytes are :func:`analyse_hlo`'s (dots, convolutions, library GEMMs and attention kernels; each
+    operand read once from HBM and each output written once). ``top_kernels``: the kernels with the largest share
+    of the per-kernel bound, summed by label."""
+    program = max((hlo["flops"] + hlo["kernels"]["flops"]) / peak_flops, hlo["hbm_bytes"] / bytes_per_s)
+    by_label: dict[str, float] = defaultdict(float)
+    per_kernel = 0.0
+    for k, f, b, label in hlo["kernel_costs"]:
+        t = k * max(f / peak_flops, b / bytes_per_s)
+        per_kernel += t
+        by_label[label] += t
+    ranked = sorted(by_label.items(), key=lambda kv: -kv[1])[:top]
+    return {"program_seconds": program, "per_kernel_seconds": per_kernel,
+            "top_kernels": [(label, t / per_kernel if per_kernel else 0.0) for label, t in ranked]}
 
 
 # Matmuls of S x H per query row in each splash-attention kernel: forward (scores, probabilities x values),
