@@ -103,7 +103,10 @@ def target_devices(target: Target) -> list:
             # one process per host have it, as it must when it drives real chips)
             os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-            topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+            from ..platforms import TPU_NOISE, filtered_stderr
+
+            with filtered_stderr(TPU_NOISE):  # libtpu's start-up lines about not running on a TPU VM
+                topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
         else:
             import jax_plugins.xla_cuda12  # noqa: F401
 
