@@ -118,7 +118,9 @@ KEYS: dict[str, Key] = {
     "encoder_conf.attention_dropout_rate": _must(0.0, "no dropout on attention probabilities"),
     "encoder_conf.attention_heads": _set("model.encoder.num_heads"),
     "encoder_conf.dropout_rate": _set("model.encoder.dropout", convert=float),
-    "encoder_conf.gradient_checkpointing": _set("model.remat_policy", convert=lambda v: "full" if v else "none"),
+    # per-layer recomputation; the policy that keeps the weight matmuls (configs/osum_full.yaml, docs/training.md)
+    "encoder_conf.gradient_checkpointing": _set("model.remat_policy",
+                                                convert=lambda v: "dots_with_no_batch_dims_saveable" if v else "none"),
     "encoder_conf.input_layer": _must("conv1d2"),
     "encoder_conf.key_bias": _set("model.encoder.key_bias", convert=bool),
     "encoder_conf.linear_units": _set("model.encoder.ffn_dim"),

@@ -27,14 +27,15 @@ FROZEN_REPLICATED = ["train.mesh.frozen_rules=[[embed, null]]"]
 
 
 def PER_CHIP(n: int, chips: int = 16) -> list[str]:
-    """Data budgets for ``n`` 29 s utterances (2900 frames, 64 + 363 + 2 + 200 LLM tokens) per chip."""
-    return [f"data.max_frames_per_batch={n * chips * 2900}", f"data.max_tokens_per_batch={n * chips * 630}",
-            "data.frame_buckets=[2900]"]
+    """Per-device data budgets for ``n`` 29 s utterances (2900 frames, 64 + 363 + 2 + 200 LLM tokens) per chip
+    (``chips`` is kept for the rows' readability: the budgets are per device)."""
+    return [f"data.max_frames_per_batch={n * 2900}", f"data.max_tokens_per_batch={n * 630}",
+            "data.frame_buckets=[2900]", f"data.max_utts_per_device={n}", "data.max_prompt_tokens=64"]
 
 
 ROWS = {
-    "v5p-44": ("tpu:v5p:2x2x4", "data 4 / fsdp 4 (the README's pod mesh)", ["train.mesh.data=4", "train.mesh.fsdp=4"]),
-    "v5p-16-1": ("tpu:v5p:2x2x4", "data 16 / fsdp 1", ["train.mesh.data=16", "train.mesh.fsdp=1"]),
+    "v5p-44": ("tpu:v5p:2x2x4", "data 4 / fsdp 4 (the README's pod mesh)", ["train.mesh.data=4", "train.mesh.fsdp=4"] + PER_CHIP(1)),
+    "v5p-16-1": ("tpu:v5p:2x2x4", "data 16 / fsdp 1", ["train.mesh.data=16", "train.mesh.fsdp=1"] + PER_CHIP(1)),
     "v5p-44-b4": ("tpu:v5p:2x2x4", "data 4 / fsdp 4, 4 x 29 s utterances per chip",
                   ["train.mesh.data=4", "train.mesh.fsdp=4"] + PER_CHIP(4)),
     "v5p-16-1-b4": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, 4 x 29 s utterances per chip",
@@ -47,14 +48,15 @@ ROWS = {
                          ["train.mesh.data=16", "train.mesh.fsdp=1", "train.dropout_rng=hash"] + PER_CHIP(8)),
     "v5p-16-1-b12-hash": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, 12 x 29 s utterances per chip, hash dropout masks",
                           ["train.mesh.data=16", "train.mesh.fsdp=1", "train.dropout_rng=hash"] + PER_CHIP(12)),
-    "v5p-1-16": ("tpu:v5p:2x2x4", "data 1 / fsdp 16", ["train.mesh.data=1", "train.mesh.fsdp=16"]),
+    "v5p-1-16": ("tpu:v5p:2x2x4", "data 1 / fsdp 16", ["train.mesh.data=1", "train.mesh.fsdp=16"] + PER_CHIP(1)),
     "v5p-1-16-frozen-rep": ("tpu:v5p:2x2x4", "fsdp 16, frozen LLM replicated",
-                            ["train.mesh.data=1", "train.mesh.fsdp=16"] + FROZEN_REPLICATED),
+                            ["train.mesh.data=1", "train.mesh.fsdp=16"] + FROZEN_REPLICATED + PER_CHIP(1)),
     "v5p-1-16-3900": ("tpu:v5p:2x2x4", "fsdp 16, OSUM's 3900-frame budget per device (5 x 500-frame utterances)",
-                      ["train.mesh.data=1", "train.mesh.fsdp=16", "data.max_frames_per_batch=62400",
-                       "data.max_tokens_per_batch=30400", "data.frame_buckets=[500]", "data.max_frames=500"]),
-    "v5e-1-16": ("tpu:v5e:4x4", "data 1 / fsdp 16", ["train.mesh.data=1", "train.mesh.fsdp=16"]),
-    "h100-8": ("cuda:h100:8", "data 1 / fsdp 8", ["train.mesh.data=1", "train.mesh.fsdp=8"]),
+                      ["train.mesh.data=1", "train.mesh.fsdp=16", "data.max_frames_per_batch=3900",
+                       "data.max_tokens_per_batch=1900", "data.frame_buckets=[500]", "data.max_frames=500",
+                       "data.max_utts_per_device=5", "data.max_prompt_tokens=64"]),
+    "v5e-1-16": ("tpu:v5e:4x4", "data 1 / fsdp 16", ["train.mesh.data=1", "train.mesh.fsdp=16"] + PER_CHIP(1)),
+    "h100-8": ("cuda:h100:8", "data 1 / fsdp 8", ["train.mesh.data=1", "train.mesh.fsdp=8"] + PER_CHIP(1)),
     "h100-8-b4": ("cuda:h100:8", "data 1 / fsdp 8, 4 x 29 s utterances per GPU",
                   ["train.mesh.data=1", "train.mesh.fsdp=8"] + PER_CHIP(4, chips=8)),
     "h100-8-b8": ("cuda:h100:8", "data 1 / fsdp 8, 8 x 29 s utterances per GPU",

@@ -264,3 +264,35 @@ def test_encoder_barriers_change_no_values():
         return (h * np.linspace(-1, 1, 32)).sum()
 
     _assert_barriers_change_no_values(loss, params, x)
+
+
+def test_hash_dropout_masks_pass_wider_statistical_tests():
+    """What makes ``train.dropout_rng=hash`` the recipe's default (configs/osum_full.yaml), beyond the test above:
+    no correlation at power-of-two strides along any axis (a counter hash's usual weakness), per-row keep counts
+    distributed as Binomial(n, p) (chi-square over 1024 rows), and masks of the 28 layers' keys (fold_in, as the
+    stacks derive them) pairwise uncorrelated. Every estimate is held to 4 standard errors."""
+    from osum_jax.models.kernels import hash_masks
+    from osum_jax.models.layers import keep_mask
+
+    shape = (4, 1024, 1024)
+    key = jax.random.key(3)
+    with hash_masks(True):
+        m, p = keep_mask(key, 0.1, shape)
+        layers = [np.asarray(keep_mask(jax.random.fold_in(key, i), 0.1, (64, 1024))[0], np.float64)
+                  for i in range(28)]
+    m = np.asarray(m, np.float64)
+    x = (m - p) / np.sqrt(p * (1 - p))
+    for lag in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+        for a, b in ((x[..., lag:], x[..., :-lag]), (x[:, lag:], x[:, :-lag])):
+            assert abs((a * b).mean()) < 4 / np.sqrt(a.size), lag
+    rows = m.reshape(-1, shape[-1]).sum(-1)  # keep counts of 4096 rows of 1024
+    n = shape[-1]
+    mean, var = n * p, n * p * (1 - p)
+    assert abs(rows.mean() - mean) < 4 * np.sqrt(var / rows.size)
+    # the variance of the counts is the binomial one (chi-square with rows - 1 degrees of freedom, +-4 sd)
+    chi2 = ((rows - mean) ** 2 / var).sum()
+    assert abs(chi2 - rows.size) < 4 * np.sqrt(2 * rows.size), chi2
+    z = [(lay - p) / np.sqrt(p * (1 - p)) for lay in layers]
+    worst = max(abs((z[i] * z[j]).mean()) for i in range(28) for j in range(i + 1, 28))
+    # 378 pairs: 4.5 standard errors keeps the family's chance of a false alarm small
+    assert worst < 4.5 / np.sqrt(z[0].size), worst

@@ -209,3 +209,12 @@ def test_import_osum_without_prompts_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("osum-convert")]
     assert len(lines) == 1 and "no OSUM prompt file" in lines[0] and not (tmp_path / "ck").exists()
+
+
+def test_cli_global_frames_needs_a_device_count():
+    out = run_train("configs/tiny.yaml", "--plan", "--global-frames", "374400")
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("osum-train")]
+    assert lines == ["osum-train: --global-frames needs --target, or --devices and --device-memory-gb"]
+    out = run_train("configs/tiny.yaml", "--global-frames", "374400")
+    assert out.returncode == 2 and "go(es) with --plan" in out.stderr

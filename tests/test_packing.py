@@ -139,3 +139,25 @@ def test_fill_packing_keeps_the_padded_budget_rule():
     items = [(100, 5, 3)] * 30  # the rule would stop at 30; fill takes 24 rows whatever the lengths
     rep = packing_report(spec, items)
     assert (rep["total"]["batches"], rep["total"]["rows"]) == (2, 48)
+
+
+def test_global_batch_proposal_reproduces_the_recipe_and_respects_memory():
+    """``--plan --global-frames``: every candidate's per-device budget x devices x accumulation covers the
+    recipe's frames per optimizer step (within one frame per device and step); the proposal is the fewest
+    accumulation steps whose memory estimate leaves 20 % free, so less memory means more accumulation."""
+    from osum_jax.config import load_config
+    from osum_jax.train.plan import propose_recipe
+
+    cfg = load_config("configs/tiny.yaml", ["train.mesh.data=2", "train.mesh.fsdp=1", "data.max_prompt_tokens=16"])
+    big = propose_recipe(cfg, 2, 80.0, 24 * 4 * 3900, max_accum=4)
+    for r in big["candidates"]:
+        assert 374400 <= r["global_frames"] < 374400 + 2 * r["grad_accum"]
+        assert r["max_tokens_per_batch"] == -(-1900 * r["max_frames_per_batch"] // 3900)
+    assert big["proposal"]["grad_accum"] == 1
+    need = [r["estimate_GiB"] for r in big["candidates"]]
+    assert need == sorted(need, reverse=True)  # smaller per-device batches need less memory
+    # a device that holds only candidates from the third on (80 % of it is what may be used)
+    mem = (need[2] + need[1]) / 2 / 0.8 * 1024 ** 3 / 1e9
+    small = propose_recipe(cfg, 2, mem, 24 * 4 * 3900, max_accum=4)
+    assert small["proposal"]["grad_accum"] == 3
+    assert "train.grad_accum=3" in small["overrides"]

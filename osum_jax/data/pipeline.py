@@ -537,6 +537,7 @@ def packing_report(spec: BucketSpec, items) -> dict[str, Any]:
             "skipped": dict(it._skipped)}
 
 
+_warned_plan_prompt: list = []
 PLAN_PROMPT_TOKENS = 64  # what a plan assumes for data.max_prompt_tokens=0 when it has no tokenizer to measure
 
 
@@ -547,6 +548,9 @@ def static_prompt_len(cfg: DataConfig) -> int:
     if cfg.max_prompt_tokens:
         return cfg.max_prompt_tokens
     if not cfg.tokenizer:
+        if _warned_plan_prompt:
+            return PLAN_PROMPT_TOKENS
+        _warned_plan_prompt.append(True)
         log.warning("data.max_prompt_tokens=0 and no data.tokenizer to measure the prompts with: planning for "
                     "%d prompt tokens", PLAN_PROMPT_TOKENS)
         return PLAN_PROMPT_TOKENS

@@ -128,6 +128,41 @@ def resolve_config(args):
     return cfg
 
 
+def _plan_recipe(cfg, args) -> int:
+    """``--plan --global-frames N``: the per-device budget x accumulation for a recipe's global batch."""
+    from .plan import format_proposal, propose_recipe
+
+    if args.target:
+        from .aot import parse_target
+
+        target = parse_target(args.target)
+        n, mem, platform = target.devices, target.chip.hbm_gb, {"tpu": "tpu", "cuda": "gpu"}[target.chip.platform]
+    else:
+        if not args.devices or not args.device_memory_gb:
+            print("osum-train: --global-frames needs --target, or --devices and --device-memory-gb",
+                  file=sys.stderr)
+            return 2
+        n, mem, platform = args.devices, args.device_memory_gb, None
+    p = propose_recipe(cfg, n, mem, args.global_frames, platform=platform)
+    base = " ".join(["osum-train", *([args.config] if args.config else []),
+                     *([f"--osum-config {args.osum_config}"] if args.osum_config else []), *args.overrides])
+    if not args.target or p["proposal"] is None:
+        print(json.dumps(p, indent=1) if args.json else format_proposal(p, base))
+        return 0 if p["proposal"] is not None else 1
+    from ..config import config_from_dict
+    from .aot import MissingCompiler, compile_plan, format_report
+
+    chosen = config_from_dict(cfg.to_dict(), p["overrides"], source="the proposal")
+    try:
+        report = compile_plan(chosen, args.target, hlo_out=args.hlo_out or None)
+    except MissingCompiler as e:
+        print(f"osum-train: {e}", file=sys.stderr)
+        return 2
+    report["proposal"] = p
+    print(json.dumps(report, indent=1) if args.json else format_proposal(p, base) + "\n" + format_report(report))
+    return 0
+
+
 def main(argv=None) -> int:
     apply_gpu_xla_defaults()
     ap = argparse.ArgumentParser(prog="osum-train", description=__doc__,
@@ -150,6 +185,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="",
                     help="--plan: compile the real train step for a TPU/GPU target, e.g. tpu:v5p:2x2x4, tpu:v5e:4x4, "
                          "cuda:h100:8 (needs .[tpu-aot] / .[gpu-aot]; no accelerator needed)")
+    ap.add_argument("--global-frames", type=int, default=0, metavar="N",
+                    help="--plan: a recipe's frames per optimizer step (OSUM's: 24 GPUs x 4 x 3900 = 374400): "
+                         "propose the per-device budget x accumulation that reproduces it on the devices (or "
+                         "--target) with 20 %% of memory free, print the command; with --target, compile it")
     ap.add_argument("--json", action="store_true", help="--plan: print the report as JSON")
     ap.add_argument("--hlo-out", default="", help="--plan --target: also write the optimized HLO to this file")
     ap.add_argument("--verbose", action="store_true", help="also show orbax's/absl's per-checkpoint INFO logs")
@@ -169,6 +208,7 @@ def main(argv=None) -> int:
         return 0
     plan_only = [flag for flag, given in (("--target", args.target), ("--devices", args.devices),
                                           ("--device-memory-gb", args.device_memory_gb), ("--json", args.json),
+                                          ("--global-frames", args.global_frames),
                                           ("--hlo-out", args.hlo_out)) if given]
     if plan_only and not args.plan:
         print(f"osum-train: {', '.join(plan_only)} go(es) with --plan", file=sys.stderr)
@@ -181,10 +221,15 @@ def main(argv=None) -> int:
         print("osum-train: --devices and --device-memory-gb must be positive (0 or absent: the devices present, "
               "no fit verdict)", file=sys.stderr)
         return 2
+    if args.global_frames < 0:
+        print("osum-train: --global-frames must be positive", file=sys.stderr)
+        return 2
     if args.plan:
         if args.target:  # compiling for a topology needs no accelerator backend on this host
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
         try:
+            if args.global_frames:
+                return _plan_recipe(cfg, args)
             if args.target:
                 from .aot import MissingCompiler, compile_plan, format_report
 

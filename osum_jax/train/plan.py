@@ -229,3 +229,70 @@ def _gathered_bytes(mc, tc, sizes: dict[str, int]) -> float:
     layer = d * (l_.num_heads + 2 * l_.num_kv_heads) * hd + l_.num_heads * hd * d + 3 * d * f
     fb = np.dtype(as_dtype(tc.frozen_param_dtype)).itemsize
     return float(max(2 * layer, d * l_.vocab_size) * fb / sizes["tensor"])
+
+
+# -- the same global batch on any pod ---------------------------------------------------------------------------
+
+OSUM_GLOBAL_FRAMES = 24 * 4 * 3900  # OSUM's recipe: 24 GPUs x accum_grad 4 x max_frames_in_batch 3900
+HEADROOM = 0.2  # of the device memory left free by a proposal
+
+
+def recipe_config(cfg: Config, dp: int, accum: int, global_frames: int) -> Config:
+    """``cfg`` with per-device budgets and accumulation that give ``global_frames`` frames per optimizer step on
+    ``dp`` data-parallel devices: frames ``ceil(global / (dp x accum))``, tokens in the config's tokens-per-frame
+    ratio (OSUM: 1900 / 3900) and ``max_utts_per_device`` in the same proportion (so short clips pack as far by
+    OSUM's rule as in the base recipe)."""
+    dc = cfg.data
+    frames = math.ceil(global_frames / (dp * accum))
+    scale = frames / dc.max_frames_per_batch
+    data = dataclasses.replace(dc, max_frames_per_batch=frames,
+                               max_tokens_per_batch=math.ceil(dc.max_tokens_per_batch * scale),
+                               max_utts_per_device=max(1, math.ceil(dc.max_utts_per_device * scale)))
+    return dataclasses.replace(cfg, data=data, train=dataclasses.replace(cfg.train, grad_accum=accum)).validate()
+
+
+def propose_recipe(cfg: Config, n_devices: int, device_memory_gb: float, global_frames: int,
+                   platform: str | None = None, max_accum: int = 16) -> dict:
+    """Per-device budget x accumulation candidates that reproduce ``global_frames`` frames per optimizer step on
+    ``n_devices``, each with the ``--plan`` memory estimate; the proposal is the fewest accumulation steps (the
+    largest per-device batch) that leaves :data:`HEADROOM` of ``device_memory_gb`` free (the TPU cost model's step
+    gains from per-chip batch up to about 8 x 29 s utterances: docs/training.md)."""
+    sizes = dict(zip(AXES, mesh_shape(cfg.train.mesh, n_devices)))
+    dp = sizes["data"] * sizes["fsdp"]
+    rows, chosen = [], None
+    for accum in range(1, max_accum + 1):
+        c = recipe_config(cfg, dp, accum, global_frames)
+        p = plan(c, n_devices, platform=platform)
+        gib = p["per_device_GiB"]["total"]
+        fits = bool(device_memory_gb) and gib * GiB <= (1 - HEADROOM) * device_memory_gb * 1e9
+        d = c.data
+        rows.append({"grad_accum": accum, "max_frames_per_batch": d.max_frames_per_batch,
+                     "max_tokens_per_batch": d.max_tokens_per_batch, "max_utts_per_device": d.max_utts_per_device,
+                     "global_frames": d.max_frames_per_batch * dp * accum, "estimate_GiB": gib, "fits": fits,
+                     "frame_waste": p["batches"]["mix"]["frame_waste"]})
+        if fits and chosen is None:
+            chosen = rows[-1]
+    out = {"global_frames": global_frames, "devices": n_devices, "data_parallel": dp,
+           "device_memory_GB": device_memory_gb, "candidates": rows, "proposal": chosen}
+    if chosen is not None:
+        out["overrides"] = [f"data.max_frames_per_batch={chosen['max_frames_per_batch']}",
+                            f"data.max_tokens_per_batch={chosen['max_tokens_per_batch']}",
+                            f"data.max_utts_per_device={chosen['max_utts_per_device']}",
+                            f"train.grad_accum={chosen['grad_accum']}"]
+    return out
+
+
+def format_proposal(p: dict, command: str) -> str:
+    lines = [f"{p['global_frames']:,} frames per optimizer step on {p['devices']} devices ({p['data_parallel']} "
+             f"data-parallel), {p['device_memory_GB']:.0f} GB each, {100 * HEADROOM:.0f} % kept free:",
+             "  accum  frames/device  tokens/device  utts/device  --plan GiB  fits  frame waste (length mix)"]
+    for r in p["candidates"]:
+        mark = " <=" if r is p["proposal"] else ""
+        lines.append(f"  {r['grad_accum']:5d} {r['max_frames_per_batch']:14d} {r['max_tokens_per_batch']:14d} "
+                     f"{r['max_utts_per_device']:12d} {r['estimate_GiB']:11.2f}  {'yes' if r['fits'] else 'no ':3s}"
+                     f"  {100 * r['frame_waste']:5.1f} %{mark}")
+    if p["proposal"] is None:
+        lines.append("=> no candidate fits: use more devices, or a smaller global batch")
+    else:
+        lines.append("=> " + command + " " + " ".join(p["overrides"]))
+    return "\n".join(lines)
