@@ -309,6 +309,9 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # slices joined by the data-centre network (multi-slice TPU): data/fsdp/tensor are then per slice and the
+    # data axis spans the slices (MaxText's dcn_data_parallelism); 1 = one slice
+    dcn_data: int = 1
     rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES
     frozen_rules: tuple[tuple[str, str | None], ...] = ()  # overrides of rules for frozen parameters
     activation_rules: tuple[tuple[str, str | None], ...] = DEFAULT_ACTIVATION_RULES
@@ -381,6 +384,8 @@ class TrainConfig:
             v = getattr(self.mesh, name)
             if v == 0 or v < -1:
                 raise ConfigError(f"train.mesh.{name}={v}; use a positive size or -1 (fill)")
+        if self.mesh.dcn_data < 1:
+            raise ConfigError(f"train.mesh.dcn_data={self.mesh.dcn_data}; use the number of slices (>= 1)")
         if sum(getattr(self.mesh, n) == -1 for n in ("data", "fsdp", "tensor")) > 1:
             raise ConfigError("train.mesh: at most one axis may be -1")
         for name in ("rules", "frozen_rules", "activation_rules"):

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.target
 OSUM_TRAIN = str(Path(sys.executable).parent / "osum-train")  # the console script, as the README runs it
 TINY_TPU = ["model.dtype=bfloat16", "model.remat_policy=full", "train.frozen_param_dtype=bfloat16",
             "train.mesh.data=1", "train.mesh.fsdp=-1", "data.frame_buckets=[1000]", "data.max_frames=1000",
-            "data.target_buckets=[48]", "data.max_label_tokens=48", "data.max_frames_per_batch=4000",
-            "data.max_tokens_per_batch=4000"]
+            "data.target_buckets=[48]", "data.max_label_tokens=48", "data.max_frames_per_batch=1000",
+            "data.max_tokens_per_batch=1000", "data.max_utts_per_device=1", "data.max_prompt_tokens=64"]
 
 
 def test_hlo_flops_count_loop_trips():
@@ -256,7 +256,10 @@ def test_plan_estimate_agrees_with_the_gpu_compiler_at_full_width(gpu_compiler):
     cfg = load_config("configs/osum_full.yaml", [
         "model.llm.num_layers=2", "model.encoder.num_layers=2", "model.adapter.num_layers=2",
         "model.dtype=bfloat16", "train.frozen_param_dtype=bfloat16",
-        "model.remat_policy=dots_with_no_batch_dims_saveable", "train.mesh.data=1", "train.mesh.fsdp=8"])
+        "model.remat_policy=dots_with_no_batch_dims_saveable", "train.mesh.data=1", "train.mesh.fsdp=8",
+        # one 29 s utterance per GPU (the budgets are per device)
+        "data.max_frames_per_batch=2900", "data.max_tokens_per_batch=630", "data.frame_buckets=[2900]",
+        "data.max_utts_per_device=1", "data.max_prompt_tokens=64"])
     r = compile_plan(cfg, "cuda:h100:8")
     total, estimate = r["memory_bytes"]["total"], r["plan_estimate_bytes"]
     assert abs(estimate / total - 1) <= 0.15, (estimate / 1e9, total / 1e9, r["memory_bytes"])

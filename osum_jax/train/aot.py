@@ -62,12 +62,19 @@ class Target:
     spec: str
     chip: Chip
     topology: str  # TPU: "v5p:2x2x4"; GPU: "1xHOSTSxPER_HOST"
-    devices: int
+    devices: int  # all of them, every slice's
+    slices: int = 1  # TPU slices joined by the data-centre network
 
 
 def parse_target(spec: str) -> Target:
-    """``tpu:v5p:2x2x4`` | ``tpu:v5e:4x4`` | ``cuda:h100:8`` (8 GPUs per host; 16 = two hosts)."""
+    """``tpu:v5p:2x2x4`` | ``tpu:v5p:2x2x4:2`` (two such slices over the data-centre network) | ``tpu:v5e:4x4`` |
+    ``cuda:h100:8`` (8 GPUs per host; 16 = two hosts)."""
     parts = spec.split(":")
+    slices = 1
+    if len(parts) == 4 and parts[0] == "tpu":
+        if not parts[3].isdigit() or int(parts[3]) < 1:
+            raise ConfigError(f"--target {spec!r}: the slice count (4th field) must be a positive integer")
+        slices, parts = int(parts[3]), parts[:3]
     if len(parts) != 3 or parts[0] not in ("tpu", "cuda"):
         raise ConfigError(f"--target {spec!r}: expected tpu:CHIP:TOPOLOGY (e.g. tpu:v5p:2x2x4) or cuda:GPU:N "
                           f"(e.g. cuda:h100:8)")
@@ -78,7 +85,8 @@ def parse_target(spec: str) -> Target:
     if platform == "tpu":
         if not re.fullmatch(r"\d+(x\d+)+", shape):
             raise ConfigError(f"--target {spec!r}: TPU topology must look like 2x2x4")
-        return Target(spec, CHIPS[chip], f"{chip}:{shape}", math.prod(int(d) for d in shape.split("x")))
+        return Target(spec, CHIPS[chip], f"{chip}:{shape}", slices * math.prod(int(d) for d in shape.split("x")),
+                      slices)
     if not shape.isdigit() or int(shape) < 1:
         raise ConfigError(f"--target {spec!r}: the GPU count must be a positive integer")
     n = int(shape)
@@ -106,7 +114,8 @@ def target_devices(target: Target) -> list:
             from ..platforms import TPU_NOISE, filtered_stderr
 
             with filtered_stderr(TPU_NOISE):  # libtpu's start-up lines about not running on a TPU VM
-                topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+                kw = {"num_slices": target.slices} if target.slices > 1 else {}
+                topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu", **kw)
         else:
             import jax_plugins.xla_cuda12  # noqa: F401
 
@@ -143,8 +152,10 @@ def _layer_counts(cfg: Config) -> set[int]:
 # -- the report ---------------------------------------------------------------------------------------------------
 
 
-def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -> dict[str, Any]:
-    """Compile ``cfg``'s train step for ``target_spec`` and report what the compiler says (per device)."""
+def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None,
+                 bucket: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Compile ``cfg``'s train step for ``target_spec`` and report what the compiler says (per device), for the
+    data config's bucket with the most work per device or the ``(frames, target)`` ``bucket``."""
     import time
 
     from ..models.layers import as_dtype  # noqa: F401  (models import before the program)
@@ -155,7 +166,7 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None) -
     devices = target_devices(target)
     mesh = build_mesh(cfg.train.mesh, devices)
     program = TrainProgram(cfg, mesh)
-    inputs = program.abstract_inputs(program.largest_batch())
+    inputs = program.abstract_inputs(program.bucket_batch(bucket) if bucket else program.largest_batch())
     t0 = time.perf_counter()
     compiled = program.lower(inputs).compile()
     return compiled_report(cfg, inputs, compiled, target.chip, target.spec, len(devices), devices[0].platform,

@@ -154,7 +154,7 @@ def _plan_recipe(cfg, args) -> int:
 
     chosen = config_from_dict(cfg.to_dict(), p["overrides"], source="the proposal")
     try:
-        report = compile_plan(chosen, args.target, hlo_out=args.hlo_out or None)
+        report = compile_plan(chosen, args.target, hlo_out=args.hlo_out or None, bucket=args.bucket_shape)
     except MissingCompiler as e:
         print(f"osum-train: {e}", file=sys.stderr)
         return 2
@@ -189,6 +189,9 @@ def main(argv=None) -> int:
                     help="--plan: a recipe's frames per optimizer step (OSUM's: 24 GPUs x 4 x 3900 = 374400): "
                          "propose the per-device budget x accumulation that reproduces it on the devices (or "
                          "--target) with 20 %% of memory free, print the command; with --target, compile it")
+    ap.add_argument("--bucket", default="", metavar="FxL",
+                    help="--plan --target: compile the step for this (frames x target tokens) data bucket, e.g. "
+                         "487x48 (default: the bucket with the most work per device)")
     ap.add_argument("--json", action="store_true", help="--plan: print the report as JSON")
     ap.add_argument("--hlo-out", default="", help="--plan --target: also write the optimized HLO to this file")
     ap.add_argument("--verbose", action="store_true", help="also show orbax's/absl's per-checkpoint INFO logs")
@@ -208,7 +211,7 @@ def main(argv=None) -> int:
         return 0
     plan_only = [flag for flag, given in (("--target", args.target), ("--devices", args.devices),
                                           ("--device-memory-gb", args.device_memory_gb), ("--json", args.json),
-                                          ("--global-frames", args.global_frames),
+                                          ("--global-frames", args.global_frames), ("--bucket", args.bucket),
                                           ("--hlo-out", args.hlo_out)) if given]
     if plan_only and not args.plan:
         print(f"osum-train: {', '.join(plan_only)} go(es) with --plan", file=sys.stderr)
@@ -221,6 +224,18 @@ def main(argv=None) -> int:
         print("osum-train: --devices and --device-memory-gb must be positive (0 or absent: the devices present, "
               "no fit verdict)", file=sys.stderr)
         return 2
+    bucket = None
+    if args.bucket:
+        try:
+            f, t = (int(v) for v in args.bucket.lower().split("x"))
+            bucket = (f, t)
+        except ValueError:
+            print(f"osum-train: --bucket {args.bucket!r}: expected FRAMESxTARGET, e.g. 487x48", file=sys.stderr)
+            return 2
+        if not args.target:
+            print("osum-train: --bucket goes with --plan --target", file=sys.stderr)
+            return 2
+    args.bucket_shape = bucket
     if args.global_frames < 0:
         print("osum-train: --global-frames must be positive", file=sys.stderr)
         return 2
@@ -234,7 +249,7 @@ def main(argv=None) -> int:
                 from .aot import MissingCompiler, compile_plan, format_report
 
                 try:
-                    report = compile_plan(cfg, args.target, hlo_out=args.hlo_out or None)
+                    report = compile_plan(cfg, args.target, hlo_out=args.hlo_out or None, bucket=bucket)
                 except MissingCompiler as e:
                     print(f"osum-train: {e}", file=sys.stderr)
                     return 2

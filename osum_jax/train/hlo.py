@@ -384,6 +384,14 @@ def analyse_hlo(text: str, stack_shapes: set[tuple[int, ...]] = frozenset(),
                     b = sum(_nbytes(_arrays(shapes.get(o, ""))) for o in ops)
                 coll[base]["count"] += k
                 coll[base]["bytes"] += k * b
+            if ins.opcode == "send" and "_xla_megascale_transfer_type=" in ins.text:
+                # multi-slice: XLA:TPU hands the data-centre-network part of a collective to the megascale
+                # runtime as a host send (the ICI part stays a collective within the slice)
+                kind = "dcn " + re.search(r'_xla_megascale_transfer_type="([^"]+)"', ins.text)[1].lower()
+                b = sum(_nbytes(_arrays(shapes.get(o, ""))) for o in _operands(ins)[:1])
+                entry_ = coll.setdefault(kind, {"count": 0.0, "bytes": 0.0})
+                entry_["count"] += k
+                entry_["bytes"] += k * b
             if name not in fused and ins.opcode not in _NO_TRAFFIC:
                 moved = _traffic(ins, shapes, comps)
                 hbm += k * moved

@@ -18,23 +18,48 @@ AXES = ("data", "fsdp", "tensor")
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` over ``n_devices``; with ``dcn_data`` slices the sizes given are per slice (ICI)
+    and the data axis is ``dcn_data`` times the per-slice one (MaxText's ``dcn_data_parallelism``)."""
+    slices = max(1, cfg.dcn_data)
+    if n_devices % slices:
+        raise ConfigError(f"train.mesh.dcn_data={slices}: {n_devices} devices are not divisible into {slices} slices")
+    per = n_devices // slices
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if n_devices % fixed:
-            raise ConfigError(f"train.mesh {dict(zip(AXES, sizes))}: {n_devices} devices are not divisible by {fixed}")
-        sizes[sizes.index(-1)] = n_devices // fixed
-    if math.prod(sizes) != n_devices:
-        raise ConfigError(f"train.mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices; "
-                          f"{n_devices} are available")
-    return tuple(sizes)
+        if per % fixed:
+            raise ConfigError(f"train.mesh {dict(zip(AXES, sizes))}: {per} devices"
+                              f"{' per slice' if slices > 1 else ''} are not divisible by {fixed}")
+        sizes[sizes.index(-1)] = per // fixed
+    if math.prod(sizes) != per:
+        raise ConfigError(f"train.mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices"
+                          f"{' per slice' if slices > 1 else ''}; {per} are available")
+    return (sizes[0] * slices, sizes[1], sizes[2])
 
 
 def build_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """A mesh over ``devices`` (default: all) with Auto axis types (Explicit breaks nnx.Linear under sharding)."""
+    """A mesh over ``devices`` (default: all) with Auto axis types (Explicit breaks nnx.Linear under sharding).
+
+    ``train.mesh.dcn_data > 1``: the devices form that many slices (their ``slice_index``; devices without
+    distinct slice indices, e.g. simulated CPU devices, are taken as contiguous blocks) and the data axis runs
+    across them, slice-major, so only the data-parallel gradient reduction crosses the data-centre network
+    while fsdp and tensor stay on each slice's ICI."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    axis_types = (AxisType.Auto,) * 3
+    slices = max(1, cfg.dcn_data)
+    if slices == 1:
+        return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+    ici = (shape[0] // slices, shape[1], shape[2])
+    if len({getattr(d, "slice_index", 0) for d in devices}) == slices:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    else:  # no slice indices to go by: contiguous blocks of devices are the slices
+        per = len(devices) // slices
+        grid = np.concatenate([np.asarray(devices[i * per:(i + 1) * per], dtype=object).reshape(ici)
+                               for i in range(slices)], axis=0)
+    return jax.sharding.Mesh(grid, AXES, axis_types=axis_types)
 
 
 def rules_of(cfg: MeshConfig) -> tuple[tuple[str, str | None], ...]:

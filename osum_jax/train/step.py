@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.pipeline import BucketSpec, static_prompt_len
 from ..models import OSUM
 from ..models.generate import greedy_decode
@@ -191,6 +191,15 @@ class TrainProgram:
         spec = BucketSpec.from_config(self.cfg.data, devices=data_parallel_size(self.mesh),
                                       prompt_len=static_prompt_len(self.cfg.data))
         return max(spec.shapes, key=lambda s: (s[0] * (s[1] + s[1] // 8 + s[2] + s[3]), s[1], s[3]))
+
+    def bucket_batch(self, bucket: tuple[int, int]) -> tuple[int, int, int, int]:
+        """``(B, T, P, L)`` of one ``(frames, target)`` bucket of the data config (every device's rows)."""
+        spec = BucketSpec.from_config(self.cfg.data, devices=data_parallel_size(self.mesh),
+                                      prompt_len=static_prompt_len(self.cfg.data))
+        if tuple(bucket) not in spec.batch_sizes:
+            raise ConfigError(f"bucket {bucket[0]}x{bucket[1]} is not one of the data config's: "
+                              f"{' '.join(f'{f}x{t}' for f, t in sorted(spec.batch_sizes))}")
+        return spec.batch_sizes[tuple(bucket)], bucket[0], spec.prompt_len, bucket[1]
 
     def abstract_batch(self, shape: tuple[int, int, int, int]) -> dict:
         b, t, p, l_ = shape
