@@ -260,6 +260,7 @@ def compiled_report(cfg: Config, inputs, compiled, chip: Chip | None, target: st
         "target": target, "devices": n, "mesh": mesh_shape, "batch_shape": {"batch": b, "frames": t,
                                                                              "prompt": p, "target": l_},
         "compile_seconds": compile_s, "attention": attention, "dropout_rng": rng_impl,
+        "dropout_masks": cfg.train.dropout_rng,
         "memory_bytes": memory,
         "hbm_bytes": hbm_gb * GB,
         "headroom": 1.0 - total / (hbm_gb * GB) if hbm_gb else 0.0,
@@ -284,7 +285,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"target {r['target']}: {r['devices']} devices, mesh {r['mesh']}, batch {r['batch_shape']} "
         f"(compiled in {r['compile_seconds']:.0f} s, attention {r.get('attention', '?')}, "
-        f"dropout keys {r.get('dropout_rng', '?')})",
+        f"dropout keys {r.get('dropout_rng', '?')}, masks {r.get('dropout_masks', '?')})",
         "memory per device (compiler, GB):",
         f"  arguments {m['arguments'] / g:8.2f}   outputs {m['outputs'] / g:8.2f}   aliased {m['aliased'] / g:8.2f}"
         f"   temporaries {m['temporaries'] / g:8.2f}",
