@@ -34,35 +34,62 @@ def _wav(seconds: float, seed: int = 0, sr: int = 16000) -> bytes:
     return buf.getvalue()
 
 
+_BUILT: dict = {}
+
+
+def build_package(tmp_path_factory) -> Path:
+    """The tiny random package, built once per test process (tests/test_serve_abuse.py shares it)."""
+    if "pkg" not in _BUILT:
+        root = tmp_path_factory.mktemp("serve")
+        tok = train_tokenizer(["transcribe the speech", "alpha bravo charlie"] * 4, root / "tok", vocab_size=300)
+        export_torch_package(OSUM(CFG, rngs=nnx.Rngs(5)), CFG, root / "pkg", tokenizer_dir=tok, dtype="fp32",
+                             progress=False)
+        _BUILT["pkg"] = root / "pkg"
+    return _BUILT["pkg"]
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    tok = train_tokenizer(["transcribe the speech", "alpha bravo charlie"] * 4, root / "tok", vocab_size=300)
-    export_torch_package(OSUM(CFG, rngs=nnx.Rngs(5)), CFG, root / "pkg", tokenizer_dir=tok, dtype="fp32",
-                         progress=False)
-    return root / "pkg"
+    return build_package(tmp_path_factory)
 
 
 class Server:
-    def __init__(self, package, *args, timeout: float = 120):
+    """``osum-serve PACKAGE --device cpu ARGS`` on a free localhost port; its stderr goes to a file (a pipe nobody
+    reads would block a server that logs a lot)."""
+
+    def __init__(self, package, *args, timeout: float = 120, env: dict | None = None):
+        import tempfile
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="osum-serve-", suffix=".log")
         self.proc = subprocess.Popen([str(Path(sys.executable).parent / "osum-serve"), str(package), "--device",
                                       "cpu", "--port", str(self.port), *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read())
+                raise RuntimeError(self.stderr())
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.2)
         raise RuntimeError("osum-serve did not start")
+
+    def stderr(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+    def rss_mb(self) -> float:
+        """The server's resident memory now (VmRSS of /proc/PID/status), MiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
 
     def close(self):
         self.proc.terminate()  # SIGTERM; osum-serve --replicas shuts Ray Serve down on it
@@ -71,6 +98,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=30)
+        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +178,7 @@ def test_concurrent_requests_are_batched_and_equal_one_by_one(server):
 
 
 def test_a_full_queue_answers_503_with_retry_after(package):
-    s = Server(package, "--max-queue", "1", "--max-batch", "1", "--max-wait-ms", "0", "--feedback-log", "")
+    s = Server(package, "--max-queue", "1", "--max-batch", "1", "--max-wait-ms", "0", "--max-seconds", "30")
     try:
         off = httpx.post(s.url + "/v1/feedback", json={"verdict": "correct"})
         assert off.status_code == 403 and "--feedback-log" in off.json()["error"]

@@ -1,43 +1,83 @@
-"""Dynamic batching: concurrent requests are queued and decoded together.
+"""Dynamic batching, admitted and scheduled by work (windows x beams), not by request.
 
-Each request brings its windows (log-mel features + prompt ids) and its decoding settings; the worker takes the
-oldest request, then waits up to ``max_wait_ms`` for more requests with the *same* settings (requests that cannot
-share a ``generate`` call wait for a later batch), up to ``max_batch`` windows, runs one batched ``generate`` in a
-thread, and routes each window's text back to its caller. A full queue refuses new requests (:class:`QueueFull`,
-answered 503 with Retry-After).
+Each request brings its windows (log-mel features + prompt ids), its decoding settings and its rows per window
+(1 for greedy, the beam count otherwise). The queue holds windows: a request whose windows would take the queue
+past ``max_queue`` windows is refused (:class:`QueueFull`, answered 503 with Retry-After).
+
+The worker takes the request that should go first (the one with the fewest windows left; one that has waited
+longer than ``starve_s`` goes first, oldest first), waits up to ``max_wait_ms`` for company with the same
+settings, and fills one ``generate`` call with windows in that order: never more than ``max_batch`` rows
+(windows x beams), never more than ``max_frames`` padded frames (windows x the longest window; the first window
+always goes), and never a window that would make padding more than ``PAD_FACTOR`` times the batch's real
+frames (a 30 s window does not join a batch of 2 s windows). A long request's windows are therefore spread over
+several calls, and short requests are not held behind it: they go first when they wait together, and one that
+arrives while a long request's call runs waits for that call only (``max_frames`` bounds it, like vLLM's
+``max_num_batched_tokens``).
+
+A request that is cancelled (its client went away, or its deadline passed) loses its queued windows at once.
+A ``generate`` call that fails (e.g. CUDA out of memory) is retried as two halves, down to single windows,
+before any caller sees the error; only the request owning a window that fails alone gets it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+log = logging.getLogger("osum.serve")
+PAD_FACTOR = 4.0  # padded frames of a batch <= PAD_FACTOR x its real frames (the first window always goes)
 
 
 class QueueFull(RuntimeError):
     pass
 
 
-@dataclass
-class _Request:
+@dataclass(eq=False)
+class _Job:
     units: list  # [(feats [T, n_mels], prompt_ids)]
-    settings: tuple  # hashable decoding settings: requests with equal settings share a batch
+    settings: tuple  # hashable decoding settings: equal settings share a generate call
+    rows: int  # generate rows per window (beams)
     future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
+    texts: list = field(default_factory=list)
+    next: int = 0  # first window not yet taken
+    left: int = 0  # windows not yet answered
+
+    def __post_init__(self):
+        self.texts = [None] * len(self.units)
+        self.left = len(self.units)
+
+    @property
+    def queued(self) -> int:
+        return len(self.units) - self.next
 
 
 class Batcher:
-    def __init__(self, model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queue: int = 64):
+    def __init__(self, model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queue: int = 64,
+                 max_frames: int = 0, starve_s: float = 30.0, on_batch: Callable[[int, int, float], None] | None = None,
+                 on_retry: Callable[[], None] | None = None):
+        """``max_batch``: rows per ``generate`` call; ``max_queue``: queued windows; ``max_frames``: padded
+        log-mel frames per call (0: no limit but ``max_batch``); ``on_batch(rows, tokens,
+        seconds)`` is called after each successful call and ``on_retry()`` after each failed one (metrics)."""
         self.model, self.max_batch, self.max_wait = model, max(1, max_batch), max(0.0, max_wait_ms) / 1000.0
-        self.max_queue = max(1, max_queue)
-        self.pending: collections.deque[_Request] = collections.deque()
+        self.max_queue, self.starve_s, self.on_batch, self.on_retry = max(1, max_queue), starve_s, on_batch, on_retry
+        self.max_frames = max(0, int(max_frames))
+        self.jobs: list[_Job] = []  # requests with windows still queued, in arrival order
+        self.queued_windows = 0
         self.wakeup = asyncio.Event()
-        self.stats = {"requests": 0, "batches": 0, "windows": 0, "rejected": 0}
+        self.stats = {"requests": 0, "batches": 0, "windows": 0, "rejected": 0, "cancelled_windows": 0,
+                      "retried_batches": 0, "largest_batch_rows": 0}
         self._task: asyncio.Task | None = None
+        self.generating = 0  # windows in the generate call now running
+
+    @property
+    def pending(self) -> list[_Job]:
+        return self.jobs
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -46,55 +86,129 @@ class Batcher:
         if self._task:
             self._task.cancel()
 
-    async def submit(self, units: list, settings: dict[str, Any]) -> list[str]:
-        """Texts of ``units``, in order, once their batch has run."""
-        if len(self.pending) >= self.max_queue:
+    async def submit(self, units: list, settings: dict[str, Any], rows: int = 1) -> list[str]:
+        """Texts of ``units``, in order, once all their windows have been decoded."""
+        if rows > self.max_batch:
+            raise ValueError(f"this decoding needs {rows} rows per window > the server's --max-batch "
+                             f"{self.max_batch}")
+        if self.queued_windows + len(units) > self.max_queue:
             self.stats["rejected"] += 1
-            raise QueueFull(f"{len(self.pending)} requests are waiting (max {self.max_queue})")
-        fut = asyncio.get_running_loop().create_future()
-        self.pending.append(_Request(units, tuple(sorted(settings.items())), fut))
+            raise QueueFull(f"{self.queued_windows} windows are waiting; {len(units)} more would pass "
+                            f"--max-queue {self.max_queue}")
+        job = _Job(units, tuple(sorted(settings.items())), rows, asyncio.get_running_loop().create_future())
+        self.jobs.append(job)
+        self.queued_windows += len(units)
         self.stats["requests"] += 1
         self.wakeup.set()
-        return await fut
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            self._drop(job)
+            raise
 
-    def _take(self) -> list[_Request]:
-        first = self.pending.popleft()
-        group, n = [first], len(first.units)
-        for r in list(self.pending):
-            if r.settings == first.settings and n + len(r.units) <= self.max_batch:
-                group.append(r)
-                n += len(r.units)
-                self.pending.remove(r)
-        return group
+    def _drop(self, job: _Job) -> None:
+        """Forget a request's queued windows (its windows already in a running call finish unanswered)."""
+        if job in self.jobs:
+            self.jobs.remove(job)
+            self.queued_windows -= job.queued
+            self.stats["cancelled_windows"] += job.queued
+            job.next = len(job.units)
+        if not job.future.done():
+            job.future.cancel()
+
+    def _order(self, now: float) -> list[_Job]:
+        starved = [j for j in self.jobs if now - j.arrived > self.starve_s]
+        rest = sorted((j for j in self.jobs if now - j.arrived <= self.starve_s), key=lambda j: (j.queued, j.arrived))
+        return starved + rest  # starved ones oldest first (self.jobs is in arrival order)
+
+    def _rows_waiting(self, settings: tuple) -> int:
+        return sum(j.queued * j.rows for j in self.jobs if j.settings == settings)
+
+    def _take(self, head: _Job) -> list[tuple[_Job, int]]:
+        """One call's windows: ``[(job, window index)]``, at most ``max_batch`` rows, padding bounded."""
+        batch: list[tuple[_Job, int]] = []
+        rows = frames = t_max = 0
+        for job in self._order(time.perf_counter()):
+            if job.settings != head.settings:
+                continue
+            while job.queued and rows + job.rows <= self.max_batch:
+                t = job.units[job.next][0].shape[0]
+                padded = (len(batch) + 1) * max(t_max, t)
+                if batch and (padded > PAD_FACTOR * (frames + t) or (self.max_frames and padded > self.max_frames)):
+                    break
+                batch.append((job, job.next))
+                job.next += 1
+                rows += job.rows
+                frames += t
+                t_max = max(t_max, t)
+            if rows >= self.max_batch:
+                break
+        for job, _ in batch:
+            if not job.queued and job in self.jobs:
+                self.jobs.remove(job)
+        self.queued_windows -= len(batch)
+        return batch
 
     async def _run(self) -> None:
         while True:
-            if not self.pending:
+            if not self.jobs:
                 self.wakeup.clear()
                 await self.wakeup.wait()
-            first = self.pending[0]
-            deadline = first.arrived + self.max_wait
-            while time.perf_counter() < deadline and sum(
-                    len(r.units) for r in self.pending if r.settings == first.settings) < self.max_batch:
-                await asyncio.sleep(min(0.002, max(0.0, deadline - time.perf_counter())))
-            group = self._take()
-            units = [u for r in group for u in r.units]
-            try:
-                texts = await asyncio.to_thread(self._generate, units, dict(group[0].settings))
-            except Exception as e:  # a failure of the batch reaches every caller in it
-                for r in group:
-                    if not r.future.done():
-                        r.future.set_exception(e)
                 continue
-            self.stats["batches"] += 1
-            self.stats["windows"] += len(units)
-            i = 0
-            for r in group:
-                if not r.future.done():
-                    r.future.set_result(texts[i:i + len(r.units)])
-                i += len(r.units)
+            head = self._order(time.perf_counter())[0]
+            deadline = head.arrived + self.max_wait
+            while time.perf_counter() < deadline and head in self.jobs and \
+                    self._rows_waiting(head.settings) < self.max_batch:
+                await asyncio.sleep(min(0.002, max(0.0, deadline - time.perf_counter())))
+            if head not in self.jobs:  # cancelled while waiting for company
+                continue
+            batch = self._take(head)
+            await self._decode(batch, dict(head.settings))
 
-    def _generate(self, units: list, settings: dict[str, Any]) -> list[str]:
+    async def _decode(self, batch: list[tuple[_Job, int]], settings: dict[str, Any]) -> None:
+        """Run one call; on failure, the two halves (recursively); route each window's text to its job."""
+        live = [(j, i) for j, i in batch if not j.future.done()]  # windows of cancelled jobs are skipped
+        if not live:
+            return
+        rows = sum(j.rows for j, _ in live)
+        t0 = time.perf_counter()
+        self.generating = len(live)
+        try:
+            texts, tokens = await asyncio.to_thread(self._generate, [j.units[i] for j, i in live], dict(settings))
+        except Exception as e:  # noqa: BLE001 - retried smaller; a single window's failure goes to its request
+            if len(live) > 1:
+                self.stats["retried_batches"] += 1
+                if self.on_retry is not None:
+                    self.on_retry()
+                log.warning("generate failed on %d windows (%d rows): %s: %s; retrying as two halves",
+                            len(live), rows, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                self.generating = 0
+                _free_accelerator_memory()
+                half = len(live) // 2
+                await self._decode(live[:half], settings)
+                await self._decode(live[half:], settings)
+                return
+            self.generating = 0
+            job = live[0][0]
+            if not job.future.done():
+                job.future.set_exception(e)
+            self._drop(job)  # its other windows are not decoded for nothing
+            return
+        self.generating = 0
+        self.stats["batches"] += 1
+        self.stats["windows"] += len(live)
+        self.stats["largest_batch_rows"] = max(self.stats["largest_batch_rows"], rows)
+        if self.on_batch is not None:
+            self.on_batch(rows, tokens, time.perf_counter() - t0)
+        for (job, i), text in zip(live, texts):
+            if job.future.done():
+                continue
+            job.texts[i] = text
+            job.left -= 1
+            if not job.left:
+                job.future.set_result(list(job.texts))
+
+    def _generate(self, units: list, settings: dict[str, Any]) -> tuple[list[str], int]:
         order = sorted(range(len(units)), key=lambda k: -units[k][0].shape[0])
         t_max = units[order[0]][0].shape[0]
         feats = np.zeros((len(units), t_max, units[0][0].shape[1]), np.float32)
@@ -106,4 +220,21 @@ class Batcher:
         texts = [""] * len(units)
         for j, k in enumerate(order):
             texts[k] = self.model.decode_text(tokens[j])
-        return texts
+        return texts, sum(len(t) for t in tokens)
+
+
+def _free_accelerator_memory() -> None:
+    """Give cached blocks back after a failed call (CUDA/NPU out of memory), so the halves can fit."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        npu = getattr(torch, "npu", None)
+        if npu is not None and npu.is_available():
+            npu.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort only
+        pass

@@ -5,6 +5,7 @@
     # (--form-string: curl's -F reads a value that starts with "<" as a file name)
     curl -F file=@a.wav -F response_format=srt localhost:8000/v1/audio/transcriptions   # OpenAI-compatible
     open http://localhost:8000/   # the web page: upload or record, pick a task, see the fields, give feedback
+    OSUM_SERVE_API_KEY=... osum-serve pkg/osum --host 0.0.0.0 --allowed-origin https://asr.example.com
 """
 
 from __future__ import annotations
@@ -15,15 +16,56 @@ import sys
 from typing import Sequence
 
 
+KEY_ENV = "OSUM_SERVE_API_KEY"
+
+
+def _is_local(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def check_serve_args(args) -> str:
     """What is wrong with the flags, checked before a model is loaded (``""``: nothing): sizes out of range, a
-    feedback log that cannot be appended to (else the first feedback would fail), a port already taken."""
+    non-local ``--host`` without a key (unless ``--insecure``), a malformed key or origin, a feedback log that
+    cannot be appended to (else the first feedback would fail), a port already taken."""
+    from .guard import normalize_origin
+
     for flag, value, ok in (("--port", args.port, 0 <= args.port <= 65535), ("--max-batch", args.max_batch,
                             args.max_batch >= 1), ("--max-wait-ms", args.max_wait_ms, args.max_wait_ms >= 0),
                             ("--max-queue", args.max_queue, args.max_queue >= 1), ("--max-mb", args.max_mb,
-                            args.max_mb > 0), ("--max-seconds", args.max_seconds, args.max_seconds > 0)):
+                            args.max_mb > 0), ("--max-seconds", args.max_seconds, args.max_seconds > 0),
+                            ("--max-connections", args.max_connections, args.max_connections >= 2),
+                            ("--decode-workers", args.decode_workers, args.decode_workers >= 1),
+                            ("--max-prompt-tokens", args.max_prompt_tokens, args.max_prompt_tokens >= 0),
+                            ("--read-timeout", args.read_timeout, args.read_timeout > 0),
+                            ("--request-timeout", args.request_timeout, args.request_timeout > 0),
+                            ("--keep-alive", args.keep_alive, args.keep_alive >= 1),
+                            ("--max-batch-seconds", args.max_batch_seconds, args.max_batch_seconds >= 0)):
         if not ok:
             return f"{flag} {value:g} is out of range"
+    from ..features import MAX_SECONDS
+    from .audio import max_windows
+
+    need = max_windows(args.max_seconds, MAX_SECONDS)
+    if args.max_queue < need:
+        return (f"--max-queue {args.max_queue} is below the {need} windows of one {args.max_seconds:g} s request "
+                f"(--max-seconds); raise it or lower --max-seconds")
+    if args.api_key is not None:
+        key = args.api_key
+        if len(key) < 16 or not key.isascii() or not key.isprintable() or " " in key:
+            return "the API key must be at least 16 printable ASCII characters without spaces"
+    if not _is_local(args.host) and args.api_key is None and not args.insecure:
+        return (f"--host {args.host} accepts connections from other machines: give an API key (--api-key KEY or "
+                f"{KEY_ENV}), or --insecure to serve without one")
+    for origin in args.allowed_origin:
+        if normalize_origin(origin) is None:
+            return f"--allowed-origin {origin!r}: expected scheme://host[:port], e.g. https://asr.example.com"
     if args.feedback_log:
         log = os.path.abspath(args.feedback_log)
         folder = os.path.dirname(log)
@@ -43,27 +85,66 @@ def check_serve_args(args) -> str:
     return ""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osum-serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="package directory written by osum-convert export-torch")
     p.add_argument("--device", default="auto", help="auto | cuda[:N] | npu[:N] | cpu")
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: localhost only; any other needs --api-key or --insecure)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=8, help="windows decoded together at most (default 8)")
-    p.add_argument("--max-wait-ms", type=float, default=10.0,
+    a = p.add_argument_group("access (docs/serving.md, Security)")
+    a.add_argument("--api-key", default=os.environ.get(KEY_ENV) or None,
+                   help=f"require 'Authorization: Bearer KEY' on every endpoint but /health and the page (default: "
+                        f"${KEY_ENV}; none on localhost). Prefer the variable: a flag shows in ps")
+    a.add_argument("--insecure", action="store_true",
+                   help="allow a non-localhost --host without an API key (anyone who reaches the port can use it)")
+    a.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin allowed besides the server's own, e.g. https://asr.example.com (the "
+                        "public address behind a proxy); repeatable. Its host is also accepted in Host headers")
+    a.add_argument("--feedback-log", default=None,
+                   help="JSONL file the web page's correct/wrong feedback is appended to (default: none, and "
+                        "POST /v1/feedback answers 403)")
+    b = p.add_argument_group("batching and limits (docs/serving.md, Limits)")
+    b.add_argument("--max-batch", type=int, default=8,
+                   help="rows (windows x beams) per generate call at most (default 8)")
+    b.add_argument("--max-batch-seconds", type=float, default=0.0,
+                   help="padded audio seconds per generate call (windows x the longest; 0, the default: no limit "
+                        "but --max-batch). Lower it so a long request's 30 s windows go in smaller calls and short "
+                        "requests arriving meanwhile wait less")
+    b.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long the first request of a batch waits for others (default 10 ms)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 503 (default 64)")
-    p.add_argument("--max-mb", type=float, default=25.0, help="largest upload in MB (default 25)")
-    p.add_argument("--max-seconds", type=float, default=600.0, help="longest audio in seconds (default 600)")
-    p.add_argument("--feedback-log", default="osum_feedback.jsonl",
-                   help="JSONL file the web page's correct/wrong feedback is appended to (default "
-                        "osum_feedback.jsonl; an empty string turns feedback off)")
-    p.add_argument("--replicas", type=int, default=0,
+    b.add_argument("--max-queue", type=int, default=64,
+                   help="windows waiting at most; a request that would pass it gets 503 (default 64)")
+    b.add_argument("--max-mb", type=float, default=25.0, help="largest upload in MB (default 25)")
+    b.add_argument("--max-seconds", type=float, default=600.0,
+                   help="longest audio in seconds, read from the header before decoding (default 600)")
+    b.add_argument("--max-prompt-tokens", type=int, default=0,
+                   help="longest free prompt in tokens (default 0: the longest prompt of the package's prompt file)")
+    b.add_argument("--decode-workers", type=int, default=2,
+                   help="threads decoding audio and computing log-mel (default 2)")
+    b.add_argument("--max-connections", type=int, default=64,
+                   help="uvicorn's limit_concurrency: a new request when this many connections or requests are "
+                        "open gets 503 (default 64)")
+    b.add_argument("--read-timeout", type=float, default=10.0,
+                   help="seconds allowed for a request's headers, and between two pieces of its body (408; "
+                        "default 10)")
+    b.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds from a request's headers to its answer, upload and queue included (504, its "
+                        "queued work cancelled; default 300)")
+    b.add_argument("--keep-alive", type=int, default=5,
+                   help="seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive; default 5)")
+    r = p.add_argument_group("replicas")
+    r.add_argument("--replicas", type=int, default=0,
                    help="run N replicas behind Ray Serve (needs the .[ray] extra; default: one process, no Ray)")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica (default 1)")
-    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs per replica (default 0)")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica (default 1)")
+    r.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs per replica (default 0)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     problem = check_serve_args(args)
     if problem:
@@ -71,13 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from ..modeling import OSUMForConditionalGeneration, PackageError
     from .app import Limits, create_app
+    from .guard import normalize_origin
 
-    limits = Limits(max_bytes=int(args.max_mb * (1 << 20)), max_seconds=args.max_seconds)
+    limits = Limits(max_bytes=int(args.max_mb * (1 << 20)), max_seconds=args.max_seconds,
+                    max_prompt_tokens=args.max_prompt_tokens, decode_workers=args.decode_workers,
+                    max_batch_seconds=args.max_batch_seconds,
+                    read_timeout=args.read_timeout, request_timeout=args.request_timeout)
     app_kwargs = dict(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                      limits=limits, feedback_log=os.path.abspath(args.feedback_log) if args.feedback_log else None)
+                      limits=limits, feedback_log=os.path.abspath(args.feedback_log) if args.feedback_log else None,
+                      api_key=args.api_key, allowed_origins=tuple(normalize_origin(o) for o in args.allowed_origin))
     if args.replicas:
         if args.replicas < 1:
-            p.error("--replicas must be >= 1")
+            print("osum-serve: error: --replicas must be >= 1", file=sys.stderr)
+            return 2
         try:
             import ray  # noqa: F401
             from ray import serve  # noqa: F401
@@ -99,12 +186,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PackageError, RuntimeError, ValueError) as e:
         print(f"osum-serve: error: {e}", file=sys.stderr)
         return 2
-    print(f"osum-serve: {model.device}, {str(model.dtype).replace('torch.', '')} ({model.device_reason}); "
-          f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     import uvicorn
 
+    from .protocol import protocol_class
+
     app = create_app(model, **app_kwargs)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    access = "API key required" if args.api_key else ("no API key (--insecure)" if not _is_local(args.host)
+                                                     else "no API key (localhost only)")
+    print(f"osum-serve: {model.device}, {str(model.dtype).replace('torch.', '')} ({model.device_reason}); "
+          f"{access}; feedback {'to ' + args.feedback_log if args.feedback_log else 'off'}; "
+          f"http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=protocol_class(args.read_timeout),
+                ws="none", limit_concurrency=args.max_connections, timeout_keep_alive=args.keep_alive,
+                h11_max_incomplete_event_size=16 << 10, server_header=False, timeout_graceful_shutdown=5)
     return 0
 
 
