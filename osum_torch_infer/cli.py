@@ -6,7 +6,7 @@
                [--device auto|cuda|npu|cpu] [--dtype auto|fp32|fp16|bf16] [--decoding greedy|beam|osum]
                [--num-beams N] [--max-new-tokens N] [--do-sample] [--temperature T] [--top-k K] [--top-p P]
                [--repetition-penalty R] [--seed N] [--prompt TEXT] [--format jsonl|text] [--strict]
-               --out results.jsonl
+               --out results.jsonl [--overwrite]
     osum-infer export-onnx --model PKG --out DIR [--trace-frames N] [--check-frames N ...] [--opset N]
                            [--ir-version N]
     osum-infer calibrate-fp16 --model PKG --data LIST [--max-new-tokens N] [--limit N] [--out REPORT]
@@ -51,7 +51,9 @@ def _infer_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="longest output per window (default: the package's)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="longer audio is split into windows")
     p.add_argument("--format", default="jsonl", choices=("jsonl", "text"), help="text = OSUM's key<TAB>text")
-    p.add_argument("--out", required=True, help="results file (written to a temporary name, then renamed)")
+    p.add_argument("--out", required=True, help="results file (written to a temporary name, then renamed); an "
+                                                 "existing file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--strict", action="store_true",
                    help="refuse the whole list at its first bad line, unknown task or repeated key (default: that "
                         "line gets an error record naming file:line, the others run, exit status 1)")
@@ -126,6 +128,8 @@ def _infer(args) -> int:
             raise ValueError(f"--out {args.out} is a directory; give a file name, e.g. {out / 'results.jsonl'}")
         if out.parent.exists() and not out.parent.is_dir():
             raise ValueError(f"--out {args.out}: {out.parent} is not a directory")
+        if out.exists() and not args.overwrite:
+            raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
         if args.data:
             items = read_any(args.data, strict=args.strict)
         else:

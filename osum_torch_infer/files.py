@@ -1,6 +1,7 @@
 """Files, written and read the same way everywhere (torch- and JAX-free; ``osum_jax`` uses it too).
 
-* :func:`atomic_file`: a file appears complete or not at all (write a temporary sibling, then rename).
+* :func:`atomic_file`: a file appears complete or not at all (write a temporary sibling, fsync, rename, fsync the
+  folder).
 * :func:`json_object_line`: one line of a JSONL file -> ``dict``, or :class:`LineError` with the reason a data
   list counts it under (``non-utf8 text``, ``bad json line``).
 """
@@ -14,16 +15,42 @@ from pathlib import Path
 from typing import Iterator
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a written (and closed) file's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; on success it replaces ``path`` (parents created), on any
-    error it is removed and ``path`` is untouched."""
+    """Yield a temporary sibling of ``path`` to write (and close); on success its data is fsynced, it replaces
+    ``path`` (parents created) and the rename is fsynced, so after a crash ``path`` holds the old file or the
+    whole new one; on any error it is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -200,6 +200,22 @@ class TorchPtSource(TensorSource):
         self._state = {}
 
 
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def _safe_open_check(f: Path) -> None:
+    """Open ``f`` with ``safetensors.safe_open`` (header validation only; no tensor is read)."""
+    try:
+        from safetensors import safe_open
+    except ImportError:  # pragma: no cover - safetensors is in the train extra; the checks above are its own
+        return
+    try:
+        with safe_open(str(f), framework="numpy"):
+            pass
+    except Exception as e:  # noqa: BLE001 - SafetensorError (a Rust error) or OSError: say what safetensors said
+        raise SourceError(f"{f}: safetensors refuses it ({str(e).splitlines()[0][:200]})") from None
+
+
 _ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -248,34 +264,72 @@ class SafetensorsSource(TensorSource):
 
     @staticmethod
     def _header(f: Path) -> dict[str, tuple[int, tuple[int, ...], str]]:
+        """``{key: (file offset, shape, dtype)}``, after checking exactly what ``safetensors.safe_open`` checks: a
+        header of at most 100 MB of UTF-8 JSON, an object of tensor entries (``dtype``, ``shape``,
+        ``data_offsets`` of non-negative integers) and an optional string-to-string ``__metadata__``; each
+        tensor's byte count matching its shape and dtype; offsets, sorted, contiguous from 0 (no overlap, no gap)
+        and ending exactly at the end of the file. Then ``safe_open`` itself opens the file, so nothing it refuses
+        gets through. Every refusal is a one-line :class:`SourceError` naming the file."""
         size = f.stat().st_size
         with open(f, "rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
                 raise SourceError(f"{f}: truncated safetensors file (no header)")
             n = int.from_bytes(raw, "little")
+            if n > MAX_HEADER_BYTES:
+                raise SourceError(f"{f}: safetensors header of {n} bytes > the format's limit of {MAX_HEADER_BYTES}")
             if n <= 0 or 8 + n > size:
                 raise SourceError(f"{f}: truncated or corrupt safetensors header (length {n}, file {size} bytes)")
-            try:
-                header = json.loads(fh.read(n))
-            except ValueError as e:
-                raise SourceError(f"{f}: corrupt safetensors header ({e})") from None
-        out = {}
-        base = 8 + n
+            text = fh.read(n)
+        try:
+            header = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise SourceError(f"{f}: corrupt safetensors header ({str(e).splitlines()[0][:200]})") from None
+        if not isinstance(header, dict):
+            raise SourceError(f"{f}: corrupt safetensors header (not a JSON object)")
+        meta = header.pop("__metadata__", None)
+        if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise SourceError(f"{f}: corrupt safetensors header (__metadata__ must map names to strings)")
+
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        spans = []
         for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            dt = _ST_DTYPES.get(info.get("dtype"))
+            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+                raise SourceError(f"{f}: corrupt safetensors header (tensor {key!r} needs dtype, shape and "
+                                  f"data_offsets)")
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not isinstance(shape, list) or not all(count(d) for d in shape):
+                raise SourceError(f"{f}: corrupt safetensors header (tensor {key!r}: shape {shape!r} is not a "
+                                  f"list of non-negative integers)")
+            if not isinstance(offsets, list) or len(offsets) != 2 or not all(count(o) for o in offsets):
+                raise SourceError(f"{f}: corrupt safetensors header (tensor {key!r}: data_offsets {offsets!r} "
+                                  f"are not two non-negative integers)")
+            dt = _ST_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
             if dt is None:
-                raise SourceError(f"{f}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-            begin, end = info["data_offsets"]
-            shape = tuple(int(s) for s in info["shape"])
+                raise SourceError(f"{f}: tensor {key!r} has unsupported dtype {info['dtype']!r}")
+            begin, end = offsets
+            shape = tuple(shape)
             want = int(np.prod(shape, dtype=np.int64)) * np_dtype(dt).itemsize
-            if end - begin != want:
+            if end < begin or end - begin != want:
                 raise SourceError(f"{f}: tensor {key!r} has {end - begin} bytes, shape {shape} {dt} needs {want}")
+            spans.append((begin, end, key, shape, dt))
+        base = 8 + n
+        out, pos = {}, 0
+        for begin, end, key, shape, dt in sorted(spans):
+            if begin != pos:
+                what = "overlaps the tensor before it" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+                raise SourceError(f"{f}: tensor {key!r} at data bytes [{begin}, {end}) {what} (safetensors "
+                                  f"offsets must be contiguous)")
             if base + end > size:
                 raise SourceError(f"{f}: truncated: tensor {key!r} ends at byte {base + end}, file has {size}")
             out[key] = (base + begin, shape, dt)
+            pos = end
+        if base + pos != size:
+            raise SourceError(f"{f}: {size - base - pos} bytes after the last tensor (safetensors data must end "
+                              f"with the file)")
+        _safe_open_check(f)
         return out
 
     def keys(self) -> list[str]:
