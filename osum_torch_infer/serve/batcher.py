@@ -5,8 +5,8 @@ Each request brings its windows (log-mel features + prompt ids), its decoding se
 past ``max_queue`` windows is refused (:class:`QueueFull`, answered 503 with Retry-After).
 
 The worker takes the request that should go first (the one with the fewest windows left; one that has waited
-longer than ``starve_s`` goes first, oldest first), waits up to ``max_wait_ms`` for company with the same
-settings, and fills one ``generate`` call with windows in that order: never more than ``max_batch`` rows
+longer than ``starve_s`` goes first, oldest first), waits up to ``max_wait_ms`` per window it has for company
+with the same settings, and fills one ``generate`` call with windows in that order: never more than ``max_batch`` rows
 (windows x beams), never more than ``max_frames`` padded frames (windows x the longest window; the first window
 always goes), and never a window that would make padding more than ``PAD_FACTOR`` times the batch's real
 frames (a 30 s window does not join a batch of 2 s windows). A long request's windows are therefore spread over
@@ -155,15 +155,25 @@ class Batcher:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            head = self._order(time.perf_counter())[0]
-            deadline = head.arrived + self.max_wait
-            while time.perf_counter() < deadline and head in self.jobs and \
-                    self._rows_waiting(head.settings) < self.max_batch:
-                await asyncio.sleep(min(0.002, max(0.0, deadline - time.perf_counter())))
-            if head not in self.jobs:  # cancelled while waiting for company
+            head = self._ready()
+            if head is None:
+                await asyncio.sleep(0.002)
                 continue
             batch = self._take(head)
             await self._decode(batch, dict(head.settings))
+
+    def _ready(self) -> _Job | None:
+        """The request to build a call around now, or ``None`` to wait for company a little longer.
+
+        The first request in order waits up to ``max_wait`` per window it has (a long request waits longer, so
+        that short ones of the same burst, which go first, can still arrive), unless the rows waiting with the
+        same settings (its own first window counted, its other windows not) already fill a call."""
+        now = time.perf_counter()
+        head = self._order(now)[0]
+        if now >= head.arrived + self.max_wait * max(1, head.queued):
+            return head
+        others = self._rows_waiting(head.settings) - (head.queued - 1) * head.rows
+        return head if others >= self.max_batch else None
 
     async def _decode(self, batch: list[tuple[_Job, int]], settings: dict[str, Any]) -> None:
         """Run one call; on failure, the two halves (recursively); route each window's text to its job."""
