@@ -274,6 +274,8 @@ def probe_framework_errors_are_json(s):
     assert r.status_code == 400 and "max_new_tokens" in _error(r)
     r = httpx.get(s.url + "/docs")  # no CDN-backed docs page
     assert r.status_code == 404 and _error(r)
+    status, raw, _, _ = _raw(s.port, b"NOT AN HTTP REQUEST\r\n\r\n")  # answered by the HTTP layer itself
+    assert status == 400 and "invalid HTTP request" in _error(_body_of(raw)), raw
 
 
 def probe_decode_error_message(s):
@@ -326,6 +328,23 @@ def test_probe_is_refused_fast_with_bounded_memory_and_the_server_stays_healthy(
     assert took < 15, f"{probe.__name__} took {took:.1f} s"
     again = _understand(server.url, _wav(1.3, seed=3))
     assert again.status_code == 200 and again.json() == server.expected
+
+
+def test_a_connection_flood_is_a_json_503_and_the_idle_connections_are_dropped(server):
+    """--max-connections 64 (uvicorn's limit_concurrency): with 64 silent connections open, a request gets 503
+    in JSON with Retry-After; the header timeout (--read-timeout 2 s) drops the silent ones and the server
+    answers again."""
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(64)]
+    try:
+        r = httpx.get(server.url + "/health", timeout=5)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "too many open connections" in _error(r)
+        assert _wait_for(lambda: httpx.get(server.url + "/health", timeout=5).status_code == 200, timeout=10)
+        for sock in socks:  # the server closed them: each reads EOF
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_metrics_count_requests_rejections_and_batches(server):

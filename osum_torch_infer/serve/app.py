@@ -203,7 +203,9 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
             raise UserError(400, f"max_new_tokens must lie in [1, {limits.max_new_tokens}]")
         if task is not None and len(task) > 200:
             raise UserError(400, "task is longer than 200 characters")
-        size = file.size if file.size is not None else os.fstat(file.file.fileno()).st_size
+        file.file.seek(0, os.SEEK_END)  # the spooled upload (in memory or on disk), bounded by the guard
+        size = file.file.tell()
+        file.file.seek(0)
         if size > limits.max_bytes:
             raise UserError(413, f"upload larger than {limits.max_bytes} bytes", reason="body_too_large")
         if not size:
