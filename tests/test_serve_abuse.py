@@ -347,6 +347,25 @@ def test_a_connection_flood_is_a_json_503_and_the_idle_connections_are_dropped(s
             sock.close()
 
 
+def test_openai_prompt_is_context_before_the_instruction(server):
+    """/v1/audio/transcriptions' prompt goes before the <TRANSCRIBE> instruction (OpenAI's meaning), never instead
+    of it: the text equals /v1/understand's with the prompt "CONTEXT INSTRUCTION"; over the limit it is a 400."""
+    wav = _wav(1.1, seed=21)
+    instruction = _understand(server.url, wav).json()["prompt"]
+    assert instruction
+    t = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": ("a.wav", wav, "audio/wav")},
+                   data={"prompt": "alpha bravo", "response_format": "verbose_json"}, timeout=60)
+    assert t.status_code == 200, t.text
+    both = httpx.post(server.url + "/v1/understand", files={"file": ("a.wav", wav, "audio/wav")},
+                      data={"prompt": f"alpha bravo {instruction}"}, timeout=60).json()
+    assert both["prompt"] == f"alpha bravo {instruction}"
+    assert t.json()["text"] == both.get("transcript", both["text"])
+    limit = httpx.get(server.url + "/v1/models").json()["data"][0]["max_prompt_tokens"]
+    r = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": ("a.wav", wav, "audio/wav")},
+                   data={"prompt": "alpha bravo " * limit}, timeout=60)
+    assert r.status_code == 400 and "prompt limit" in _error(r)
+
+
 def test_metrics_count_requests_rejections_and_batches(server):
     _understand(server.url, _wav(0.7, seed=1))
     _understand(server.url, _wav_declaring(8, 4000))
