@@ -36,6 +36,8 @@ def check_serve_args(args) -> str:
     cannot be appended to (else the first feedback would fail), a port already taken."""
     from .guard import normalize_origin
 
+    defaults = {a.dest: a.default for a in _parser()._actions if a.dest != "help"}
+    args = argparse.Namespace(**{**defaults, **vars(args)})  # callers may pass only some flags
     for flag, value, ok in (("--port", args.port, 0 <= args.port <= 65535), ("--max-batch", args.max_batch,
                             args.max_batch >= 1), ("--max-wait-ms", args.max_wait_ms, args.max_wait_ms >= 0),
                             ("--max-queue", args.max_queue, args.max_queue >= 1), ("--max-mb", args.max_mb,
