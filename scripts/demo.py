@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     for name, (ref, hyp, ev) in tests.items():
         stages.run(f"infer {name}", [_bin("osum-infer"), "--model", str(pkg), "--data", str(corpus / ref),
                                      "--device", "cpu", "--dtype", "fp32", "--batch-size", str(args.batch_size),
-                                     "--out", str(out / hyp)])
+                                     "--out", str(out / hyp), "--overwrite"])  # a rerun of make demo replaces them
         stages.run(f"eval {name}", [_bin("osum-eval"), "--ref", str(corpus / ref), "--hyp", str(out / hyp),
                                     "--out", str(out / ev)], log=out / f"{ev}.log")
 
