@@ -21,7 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["model.dtype=bfloat16", "train.frozen_param_dtype=bfloat16",
-          "model.remat_policy=dots_with_no_batch_dims_saveable"]
+          "model.remat_policy=dots_with_no_batch_dims_saveable",
+          # the rows were measured with threefry masks unless they say hash (configs/osum_full.yaml now defaults
+          # to hash masks, so this keeps each row's program as documented; a row's own override comes later)
+          "train.dropout_rng=threefry2x32"]
 # the frozen LLM kept whole on every device (no per-step all-gathers of 7.6 B frozen weights)
 FROZEN_REPLICATED = ["train.mesh.frozen_rules=[[embed, null]]"]
 
