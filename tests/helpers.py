@@ -59,3 +59,21 @@ def assert_same_loss_and_grads(got, want, *, loss_rtol: float, grad_rel: float) 
     for a, b in zip(flat1, flat0):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() <= grad_rel * np.abs(b).max() + 1e-9
+
+
+def headless_chromium(chromium):
+    """A selenium driver for Debian's headless chromium (``chromium``: the conftest fixture's (binary, driver));
+    a browser that cannot start fails the test, with the reason."""
+    import pytest
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = chromium
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,1400"):
+        opts.add_argument(a)
+    try:
+        return webdriver.Chrome(service=Service(driver_path), options=opts)
+    except Exception as e:  # noqa: BLE001 - a browser that cannot start is a failure here, with the reason
+        pytest.fail(f"headless chromium did not start: {e}")

@@ -21,7 +21,7 @@ from flax import nnx
 from osum_jax.convert.torch_package import export_torch_package
 from osum_jax.models import OSUM
 from tests.corpus import train_tokenizer
-from tests.helpers import tiny_model_config
+from tests.helpers import headless_chromium, tiny_model_config
 
 CFG = tiny_model_config()
 pytestmark = pytest.mark.e2e
@@ -218,25 +218,15 @@ def test_web_page_in_headless_chromium(server, chromium, tmp_path):
     """Debian's chromium opens the page, uploads a wav, picks a task, submits, reads the result from the page
     (equal to what the API answers for the same request), marks it correct, and the feedback log has the line.
     A screenshot goes to test-artifacts/serve_page.png (OSUM_TEST_ARTIFACTS overrides the folder)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    binary, driver_path = chromium
     wav = tmp_path / "hello.wav"
     wav.write_bytes(_wav(1.5, seed=7))
     task = "<TRANSCRIBE><GENDER>"
     api = _understand(server.url, wav.read_bytes(), task=task, max_new_tokens="6").json()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,1400"):
-        opts.add_argument(a)
-    try:
-        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
-    except Exception as e:  # noqa: BLE001 - a browser that cannot start is a failure here, with the reason
-        pytest.fail(f"headless chromium did not start: {e}")
+    driver = headless_chromium(chromium)
     try:
         wait = WebDriverWait(driver, 120)
         driver.get(server.url + "/")

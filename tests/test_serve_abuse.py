@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.helpers import headless_chromium
 from tests.test_serve import Server, _wav, build_package
 
 pytestmark = pytest.mark.e2e
@@ -725,24 +726,14 @@ def test_every_serve_option_has_help():
 def test_web_page_asks_for_the_key_once_and_keeps_it_in_the_page(keyed, chromium, tmp_path):
     """Headless chromium on a keyed server: the page asks for the key, a wrong key is refused, the right one
     loads the model list and runs a request; the key is in no storage of the browser."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    binary, driver_path = chromium
     wav = tmp_path / "keyed.wav"
     wav.write_bytes(_wav(1.2, seed=9))
     api = _understand(keyed.url, wav.read_bytes(), headers={"Authorization": f"Bearer {KEY}"},
                       max_new_tokens="5").json()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,1400"):
-        opts.add_argument(a)
-    try:
-        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
-    except Exception as e:  # noqa: BLE001 - a browser that cannot start is a failure here, with the reason
-        pytest.fail(f"headless chromium did not start: {e}")
+    driver = headless_chromium(chromium)
     try:
         wait = WebDriverWait(driver, 60)
         driver.get(keyed.url + "/")
