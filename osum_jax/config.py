@@ -157,6 +157,11 @@ class ModelConfig:
             raise ConfigError("model.speech_token_num must be >= 1 (bos/eos rows live above it)")
 
 
+# model settings that do not change the weights: a run resumes, and checkpoints average, across other values
+RUNTIME_MODEL_KEYS = ("model.dtype", "model.remat_policy", "model.custom_vjp", "model.attention_impl",
+                      "model.matmul_barrier")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Data section
 # --------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -223,9 +223,10 @@ def find_prompts(yaml_path: Path, rel: str) -> Path | None:
     return None
 
 
-def merge(a: dict, b: dict) -> dict:
+def merge(a: dict, b: Mapping) -> dict:
+    """``b`` merged into ``a`` (nested mappings key by key; ``a`` is changed and returned)."""
     for k, v in b.items():
-        a[k] = merge(dict(a.get(k) or {}), v) if isinstance(v, dict) else v
+        a[k] = merge(dict(a.get(k) or {}), v) if isinstance(v, Mapping) else v
     return a
 
 

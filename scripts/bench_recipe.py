@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from osum_jax.train.plan import OSUM_GLOBAL_FRAMES  # noqa: E402
+
 
 def _commit() -> str:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="tpu:v5p:2x2x4")
     ap.add_argument("--mesh", nargs="*", default=["train.mesh.data=16", "train.mesh.fsdp=1"])
-    ap.add_argument("--global-frames", type=int, default=24 * 4 * 3900)
+    ap.add_argument("--global-frames", type=int, default=OSUM_GLOBAL_FRAMES)
     ap.add_argument("--buckets", type=int, default=3, help="compile the buckets with the most padded frames")
     ap.add_argument("--json-dir", required=True)
     ap.add_argument("--reuse", action="store_true", help="use compiled rows already in --json-dir")

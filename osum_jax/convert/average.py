@@ -26,14 +26,10 @@ import numpy as np
 
 from .. import checkpoint as ck
 from ..checkpoint.tree import CheckpointMismatch
-from ..config import Config
+from ..config import RUNTIME_MODEL_KEYS, Config
 from .export_osum import osum_export_source
 from .stream import BLOCK_BYTES, Progress, write_checkpoint_atomic
 
-# model settings that do not change the weights (a run may be resumed with other values: osum-train's resume check
-# in osum_jax.train.preflight ignores the same keys)
-RUNTIME_KEYS = ("model.dtype", "model.remat_policy", "model.custom_vjp", "model.attention_impl",
-                "model.matmul_barrier")
 
 
 def _parse_steps(text: str) -> list[int]:
@@ -69,23 +65,14 @@ def choose_steps(run: str | Path, steps: str | Sequence[int] | None = None,
     return root, have[-int(n):]
 
 
-def _flat(tree: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: tree}
-
-
 def check_same_model(cfgs: dict[int, Config]) -> None:
-    """Every step's ``model`` section equals the first one's (the settings in :data:`RUNTIME_KEYS` aside);
+    """Every step's ``model`` section equals the first one's (the settings in :data:`osum_jax.config.RUNTIME_MODEL_KEYS` aside);
     raises :class:`CheckpointMismatch` naming the two steps and the first differing key."""
     (s0, c0), *rest = cfgs.items()
-    a = _flat(c0.to_dict()["model"], "model")
+    a = ck.flatten(c0.to_dict()["model"], "model.")
     for s, c in rest:
-        b = _flat(c.to_dict()["model"], "model")
-        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RUNTIME_KEYS)]
+        b = ck.flatten(c.to_dict()["model"], "model.")
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RUNTIME_MODEL_KEYS)]
         if diff:
             k = diff[0]
             more = f" (and {len(diff) - 1} more key(s))" if len(diff) > 1 else ""

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from ..config import Config, ConfigError, config_from_dict, load_config
+from ..osum_recipe import merge
 from .sources import SourceError
 
 
@@ -139,12 +140,6 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
-def _merge(a: dict, b: Mapping) -> dict:
-    for k, v in b.items():
-        a[k] = _merge(dict(a.get(k) or {}), v) if isinstance(v, Mapping) else v
-    return a
-
-
 def config_from_sources(config: str | Path | None, overrides: Sequence[str], sources: Sequence[tuple[str, dict]]
                         ) -> Config:
     """The final config (``config`` or the defaults plus the sources' fields, then ``overrides``), after checking
@@ -153,7 +148,7 @@ def config_from_sources(config: str | Path | None, overrides: Sequence[str], sou
     only when no ``config`` is given; with one, they are the config's business."""
     fields: dict = {}
     for _, f in sources:
-        _merge(fields, f)
+        merge(fields, f)
     if config is None:
         cfg = config_from_dict(fields, overrides, source=" + ".join(name for name, _ in sources))
         where = "the overrides"

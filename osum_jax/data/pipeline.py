@@ -494,7 +494,7 @@ def prompt_length(cfg: DataConfig, tokenizer: Tokenizer, prompts: PromptBook, ta
     nothing)."""
     n, task, text = longest_prompt(tokenizer, prompts, tasks)
     if not cfg.max_prompt_tokens:
-        return max(8, -(-n // 8) * 8)
+        return _round_prompt(n)
     if n > cfg.max_prompt_tokens:
         raise ConfigError(f"prompt for {task!r} in {prompts.source} has {n} tokens > data.max_prompt_tokens="
                           f"{cfg.max_prompt_tokens} (0 measures it from the prompt book): {text!r}")
@@ -537,7 +537,6 @@ def packing_report(spec: BucketSpec, items) -> dict[str, Any]:
             "skipped": dict(it._skipped)}
 
 
-_warned_plan_prompt: list = []
 PLAN_PROMPT_TOKENS = 64  # what a plan assumes for data.max_prompt_tokens=0 when it has no tokenizer to measure
 
 
@@ -547,14 +546,23 @@ def static_prompt_len(cfg: DataConfig) -> int:
     :data:`PLAN_PROMPT_TOKENS`, logged."""
     if cfg.max_prompt_tokens:
         return cfg.max_prompt_tokens
-    if not cfg.tokenizer:
-        if _warned_plan_prompt:
-            return PLAN_PROMPT_TOKENS
-        _warned_plan_prompt.append(True)
+    return _measured_prompt_len(cfg.tokenizer, cfg.eod_token, cfg.prompts)
+
+
+@functools.lru_cache(maxsize=8)
+def _measured_prompt_len(tokenizer: str, eod_token: str, prompts: str) -> int:
+    """:func:`static_prompt_len` for ``data.max_prompt_tokens=0``, once per tokenizer and prompt book (a plan asks
+    for every candidate config; the tokenizer is loaded and every prompt tokenized once)."""
+    if not tokenizer:
         log.warning("data.max_prompt_tokens=0 and no data.tokenizer to measure the prompts with: planning for "
                     "%d prompt tokens", PLAN_PROMPT_TOKENS)
         return PLAN_PROMPT_TOKENS
-    return prompt_length(cfg, Tokenizer(cfg.tokenizer, cfg.eod_token), PromptBook.load(cfg.prompts or None))
+    return _round_prompt(longest_prompt(Tokenizer(tokenizer, eod_token), PromptBook.load(prompts or None))[0])
+
+
+def _round_prompt(n: int) -> int:
+    """A measured prompt length as a static shape: up to a multiple of 8, at least 8."""
+    return max(8, -(-n // 8) * 8)
 
 
 def skip_counts(state: Any) -> dict[str, int]:

@@ -149,10 +149,10 @@ def _plan_recipe(cfg, args) -> int:
     if not args.target or p["proposal"] is None:
         print(json.dumps(p, indent=1) if args.json else format_proposal(p, base))
         return 0 if p["proposal"] is not None else 1
-    from ..config import config_from_dict
     from .aot import MissingCompiler, compile_plan, format_report
+    from .plan import recipe_config
 
-    chosen = config_from_dict(cfg.to_dict(), p["overrides"], source="the proposal")
+    chosen = recipe_config(cfg, p["data_parallel"], p["proposal"]["grad_accum"], args.global_frames)
     try:
         report = compile_plan(chosen, args.target, hlo_out=args.hlo_out or None, bucket=args.bucket_shape)
     except MissingCompiler as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, read_config, resolve
-from ..config import Config, ConfigError
+from ..config import RUNTIME_MODEL_KEYS, Config, ConfigError
 
 
 def _diff(a, b, prefix: str) -> list[str]:
@@ -78,8 +78,7 @@ def check(cfg: Config) -> None:
             return  # no finished step yet: the run starts afresh
         theirs = read_config(root, step).to_dict()["model"]
         diff = [x for x in _diff(theirs, cfg.to_dict()["model"], "model.")
-                if not x.startswith(("model.dtype", "model.remat_policy", "model.custom_vjp",
-                                         "model.attention_impl", "model.matmul_barrier"))]
+                if not x.startswith(RUNTIME_MODEL_KEYS)]
         if diff:
             raise ConfigError(f"train.output_dir={tc.output_dir} holds a run of another model (step {step}); "
                               f"resume it with its config or pick a new output_dir. Differences: "
