@@ -200,6 +200,9 @@ class DataConfig:
     spec_sub: bool = True
     spec_sub_num_t_sub: int = 3
     spec_sub_max_t: int = 30
+    # Gaussian noise of this standard deviation added to the training features (seeded per record and epoch);
+    # 0 = none. A robustness probe: scripts/bench_demo.py checks that 1e-6 moves the demo's result by little
+    feature_noise: float = 0.0
     # static-shape batching (docs/data.md "Batches"): the budgets are per data-parallel device, as OSUM's are
     # per GPU; each device's rows are packed by OSUM's rule (longest x (n + 1) <= budget, frames and
     # seq = frames / 8 + label + prompt), then padded to the bucket's static rows
@@ -262,6 +265,8 @@ class DataConfig:
                               f"data.max_label_tokens={self.max_label_tokens}")
         if self.num_workers < 0 or self.num_epochs < 0:
             raise ConfigError("data.num_workers and data.num_epochs must be >= 0")
+        if not (self.feature_noise >= 0 and math.isfinite(self.feature_noise)):
+            raise ConfigError(f"data.feature_noise={self.feature_noise} must be a finite number >= 0")
 
 
 # --------------------------------------------------------------------------------------------------------------

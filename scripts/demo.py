@@ -118,6 +118,75 @@ def pooled(report: dict) -> dict:
 # WER of guessing: the right number of words drawn uniformly from the 20-word vocabulary (19 of 20 wrong)
 CHANCE_WER = 19 / 20
 
+# the documented spread (docs/benchmarks.md), written by scripts/bench_demo.py --write-reference
+REFERENCE = Path(__file__).with_name("demo_reference.json")
+TEST_TITLE = "test: unseen word combinations, training voices"
+VOICES_TITLE = "test-voices: unseen word combinations, held-out voices"
+# figure -> (label, summary split, summary metric, higher is better, acceptance bound from issue 32)
+FIGURES = {"test_wer": ("test WER", TEST_TITLE, "wer", False, 0.10),
+           "voices_wer": ("held-out voices WER", VOICES_TITLE, "wer", False, 0.20),
+           "test_gender": ("test gender acc.", TEST_TITLE, "gender", True, 0.95),
+           "voices_gender": ("held-out voices gender acc.", VOICES_TITLE, "gender", True, 0.95),
+           "test_age": ("test age acc.", TEST_TITLE, "age", True, 0.95),
+           "voices_age": ("held-out voices age acc.", VOICES_TITLE, "age", True, 0.95)}
+
+
+def figures(summary: dict) -> dict[str, float]:
+    """The demo's headline figures from its summary.json (fractions; ``total_s`` in seconds)."""
+    out = {name: summary[split][metric] for name, (_, split, metric, _, _) in FIGURES.items()
+           if metric in summary.get(split, {})}
+    out["total_s"] = sum(summary["time_s"].values())
+    return out
+
+
+def against_reference(figs: dict[str, float], reference: dict | None) -> list[str]:
+    """The report's section that sets this run beside the documented spread and says when it falls outside."""
+    lines = ["## this run against the documented spread", ""]
+    if reference is None:
+        return lines + [f"(no documented spread: {REFERENCE.name} is missing)", ""]
+    spread = reference["spread"]
+    lines += [f"documented: {len(reference['runs'])} corpus seeds at commit `{reference['commit']}` "
+              f"(`{reference['command']}`, {reference['date']}; docs/benchmarks.md)", "",
+              "| figure | this run | documented min / median / max | |", "|---|---|---|---|"]
+    outside = []
+    for name, (label, _, _, higher, bound) in FIGURES.items():
+        if name not in figs or name not in spread:
+            continue
+        lo, med, hi = spread[name]
+        v = figs[name]
+        worse = v < lo if higher else v > hi
+        better = v > hi if higher else v < lo
+        verdict = "**outside: worse**" if worse else "outside: better" if better else "inside"
+        if worse:
+            outside.append(f"{label} {100 * v:.1f} % (documented {100 * lo:.1f}-{100 * hi:.1f} %)")
+        lines.append(f"| {label} | {100 * v:.1f} % | {100 * lo:.1f} / {100 * med:.1f} / {100 * hi:.1f} % | "
+                     f"{verdict} |")
+    if "total_s" in spread:
+        lo, med, hi = spread["total_s"]
+        lines.append(f"| time (demo.py, without the venv) | {figs['total_s']:.0f} s | {lo:.0f} / {med:.0f} / {hi:.0f} s "
+                     f"| {'slower' if figs['total_s'] > hi else 'inside' if figs['total_s'] >= lo else 'faster'} "
+                     "(depends on the machine and its load) |")
+    lines.append("")
+    if outside:
+        lines.append("**This run falls outside the documented spread**: " + "; ".join(outside) + ". The documented "
+                     "figures are not what this run gives; see docs/benchmarks.md (Demo) for what is known to move "
+                     "them, and please report it with OUT/report.md and OUT/corpus/corpus.json.")
+    else:
+        lines.append("Every accuracy figure of this run is inside (or better than) the documented spread.")
+    return lines + [""]
+
+
+def corpus_line(corpus: dict) -> str:
+    ref = corpus.get("matches_reference")
+    what = (f"corpus speech: {corpus.get('espeak_ng', 'espeak-ng ?')}, PCM sha256 {corpus.get('pcm_sha256', '?')[:16]}")
+    if ref is True:
+        return what + ": the same speech as the reference corpus of this seed (scripts/demo_corpus_sha256.json)."
+    if ref is False:
+        return (what + ": **different from the reference corpus of this seed** (scripts/demo_corpus_sha256.json): "
+                "this espeak-ng speaks differently from the one the documented figures were made with, so they "
+                "need not hold here.")
+    return what + " (no reference checksum for this seed and size)."
+
 
 def examples_by_task(refs: dict[str, dict], hyps: list[dict], per_kind: int = 2) -> dict[str, list[tuple]]:
     """Per task, up to ``per_kind`` right and ``per_kind`` wrong test utterances: ``(key, ref, hyp, ok)``."""
@@ -159,7 +228,7 @@ def split_section(title: str, report: dict, examples: dict[str, list[tuple]]) ->
 
 
 def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], results: dict[str, tuple],
-                stages: Stages, devices: int, mesh: dict) -> str:
+                stages: Stages, devices: int, mesh: dict, compared: list[str] = ()) -> str:
     total = sum(stages.times.values())
     k = max(1, len(train) // 10)
     first, last = train[0], train[-1]
@@ -177,7 +246,7 @@ def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], r
               "words in new sequences, not new words;",
               f"- **voices**: {', '.join(f'{v} ({g})' for g, v in held.items())} occur only in the test-voices split "
               f"(train uses the other {len(sp['train']['voices'])} voices); the test split uses the training voices.",
-              ""]
+              "", corpus_line(corpus), ""]
     lines += ["## training (osum-train, JAX)", "",
               f"- {last['step']} optimizer steps on {devices} simulated CPU devices (mesh data {mesh['data']} x "
               f"fsdp {mesh['fsdp']} x tensor {mesh['tensor']}),"
@@ -195,6 +264,7 @@ def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], r
     lines += ["", "## held-out tests (osum-infer on the exported torch package, scored by osum-eval)", ""]
     for title, (report, examples) in results.items():
         lines += split_section(title, report, examples)
+    lines += list(compared)
     lines += ["## time", ""]
     lines += [f"- {name}: {sec:.0f} s" for name, sec in stages.times.items()]
     lines.append(f"- total: {total:.0f} s ({total / 60:.1f} min; budget {BUDGET_S // 60} min)")
@@ -218,16 +288,21 @@ def main(argv=None) -> int:
     ap.add_argument("--train-size", type=int, help="training utterances (default: the corpus script's)")
     ap.add_argument("--seed", type=int, default=0, help="corpus seed")
     ap.add_argument("--keep-corpus", action="store_true", help="reuse OUT/corpus if it exists")
+    ap.add_argument("--corpus", help="use this existing corpus (made by make_demo_corpus.py) instead of making one")
     ap.add_argument("--batch-size", type=int, default=16, help="osum-infer batch size")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for osum-train")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     corpus, run, pkg = out / "corpus", out / "run", out / "package"
+    if args.corpus:
+        corpus = Path(args.corpus).resolve()
+        if not (corpus / "corpus.json").is_file():
+            ap.error(f"--corpus {args.corpus}: no corpus.json there (make one with scripts/make_demo_corpus.py)")
     stages = Stages(out)
     t_start = time.time()
 
-    if not (args.keep_corpus and (corpus / "corpus.json").is_file()):
+    if not args.corpus and not (args.keep_corpus and (corpus / "corpus.json").is_file()):
         size = ["--train", str(args.train_size)] if args.train_size else []
         stages.run("corpus", [sys.executable, "scripts/make_demo_corpus.py", "--out", str(corpus),
                               "--seed", str(args.seed), *size])
@@ -260,8 +335,7 @@ def main(argv=None) -> int:
         report = json.loads((out / ev / "report.json").read_text(encoding="utf-8"))
         refs = {json.loads(ln)["key"]: json.loads(ln) for ln in (corpus / ref).read_text().splitlines()}
         hyps = [json.loads(ln) for ln in (out / hyp).read_text().splitlines()]
-        title = ("test: unseen word combinations, training voices" if name == "test" else
-                 "test-voices: unseen word combinations, held-out voices")
+        title = TEST_TITLE if name == "test" else VOICES_TITLE
         results[title] = (report, examples_by_task(refs, hyps))
     corpus_info = json.loads((corpus / "corpus.json").read_text(encoding="utf-8"))
     (out / "commands.sh").write_text("#!/usr/bin/env bash\n# the demo's commands, as run by scripts/demo.py\n"
@@ -271,10 +345,13 @@ def main(argv=None) -> int:
     mesh = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["train"]["mesh"]
     if mesh.get("fsdp") == -1:  # -1 fills the remaining devices
         mesh["fsdp"] = args.devices // (mesh["data"] * mesh["tensor"])
-    text = report_text(out, corpus_info, train, evals, results, stages, args.devices, mesh)
-    (out / "report.md").write_text(text, encoding="utf-8")
     summary = {title: {k: v[0] for k, v in pooled(rep).items()} for title, (rep, _) in results.items()}
     summary["time_s"] = dict(stages.times)
+    summary["corpus"] = {k: corpus_info.get(k) for k in ("seed", "espeak_ng", "pcm_sha256", "matches_reference")}
+    reference = json.loads(REFERENCE.read_text(encoding="utf-8")) if REFERENCE.is_file() else None
+    compared = against_reference(figures(summary), reference)
+    text = report_text(out, corpus_info, train, evals, results, stages, args.devices, mesh, compared)
+    (out / "report.md").write_text(text, encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print("\n" + text)
     total = time.time() - t_start

@@ -25,7 +25,7 @@ What makes OSUM's tasks meaningful at toy scale, and what is held out:
 
 Writes, under ``--out`` (all paths in the lists are relative to it, so the folder can be moved):
 
-    wav/*.wav                 espeak-ng output (22.05 kHz mono; the pipeline resamples to 16 kHz)
+    wav/*.wav                 espeak-ng output, resampled to 16 kHz mono 16-bit PCM in exact integer arithmetic
     train.list dev.list test.list test_voices.list   raw data.lists (jsonl: key, wav, txt, task, gender, speaker,
                               extra)
     shards/shards_list.txt    the training split as 16 kHz tar shards (osum-data make-shards)
@@ -33,14 +33,19 @@ Writes, under ``--out`` (all paths in the lists are relative to it, so the folde
     prompts.yaml              short prompts for the four tasks (OSUM's prompt_config.yaml format)
     corpus.json               what was made: counts, hours, label balance, held-out voices, the seed
 
-Deterministic: the same seed gives the same lists, labels and speech (espeak-ng seeds the breath noise of
-its breathy voices from the clock, so two runs' waveforms can differ in that noise; tests/test_demo.py).
+The same on every machine with the same espeak-ng build: the same seed gives the same lists, labels and speech,
+byte for byte. Nothing random comes from outside the seed: no breathy espeak-ng voices (their noise comes from
+libc's rand()), and the 22.05 -> 16 kHz resampling is integer arithmetic (soxr picks float SIMD kernels per
+CPU). ``corpus.json`` records a sha256 of a few utterances' PCM and whether it matches the repository's
+reference for the seed (scripts/demo_corpus_sha256.json; tests/test_demo.py checks it). An espeak-ng other than
+the reference build may still speak differently: the checksum shows it.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
 import shutil
@@ -61,8 +66,12 @@ WORDS = DIGITS + COMMANDS
 # utterance length in words -> share (single words occur in training only: dev and test hold combinations)
 LENGTHS = {1: 0.15, 2: 0.45, 3: 0.4}
 
+# Only voices whose output is a pure function of the text and settings: espeak-ng's breathy variants (f2, f3,
+# f5: a `breath` line in espeak-ng-data/voices/!v) add noise drawn from libc's rand(), so their waveform changes
+# with the C library (glibc, musl, macOS) and the call order; tests/test_demo.py checks every voice here against
+# a different rand() sequence. steph and Annie stand in for f2 and f3 (similar pitch ranges).
 VOICES = {"male": ["en-us+m1", "en-gb-x-rp+m2", "en-us+m3", "en-gb-x-rp+m4"],
-          "female": ["en-us+f1", "en-gb-x-rp+f2", "en-us+f3", "en-gb-x-rp+f4"]}
+          "female": ["en-us+f1", "en-gb-x-rp+steph", "en-us+Annie", "en-gb-x-rp+f4"]}
 # one voice per gender that train and dev never contain (test_voices.list only)
 HELD_OUT_VOICES = {"male": "en-us+m3", "female": "en-gb-x-rp+f4"}
 # split -> (voices it may use, whether single words may occur)
@@ -150,23 +159,109 @@ def _espeak(row: dict, text: str) -> tuple[np.ndarray, int]:
                            f"{res.stderr.decode(errors='replace').strip()}")
     import io
 
-    x, sr = sf.read(io.BytesIO(res.stdout), dtype="float32")
+    x, sr = sf.read(io.BytesIO(res.stdout), dtype="int16")  # the samples exactly as espeak-ng made them
     return x, sr
+
+
+ESPEAK_RATE, SAMPLE_RATE = 22050, 16000  # espeak-ng's output rate; the corpus's (the pipeline's, no resampling)
+_UP, _DOWN = 320, 441  # 16000 / 22050
+_TAPS = 48  # per polyphase branch
+
+
+def _resample_taps() -> np.ndarray:
+    """``[_UP, _TAPS]`` int64 taps (scaled by 2**15) of a Kaiser-windowed sinc low-pass at 7.6 kHz, split into
+    the 320 phases of the 320/441 polyphase resampler. Integers, so the arithmetic below is exact: the float
+    design rounds to the same integers on any machine (a float difference would have to sit within ~1e-16 of a
+    rounding boundary to change one tap)."""
+    n = _UP * _TAPS
+    m = np.arange(n, dtype=np.float64) - (n - 1) / 2
+    fc = 7600.0 / (ESPEAK_RATE * _UP)  # cycles per sample at the upsampled rate
+    h = 2 * fc * np.sinc(2 * fc * m) * np.kaiser(n, 8.6) * _UP
+    q = np.round(h * 2 ** 15).astype(np.int64)
+    return q.reshape(_TAPS, _UP).T  # phase p holds taps p, p + 320, ...
+
+
+_TAP_TABLE: np.ndarray | None = None
+
+
+def resample_to_16k(pcm: np.ndarray) -> np.ndarray:
+    """int16 PCM at 22.05 kHz -> int16 PCM at 16 kHz, in exact integer arithmetic (bit-identical on every
+    machine; soxr's float SIMD kernels are chosen per CPU)."""
+    global _TAP_TABLE
+    if _TAP_TABLE is None:
+        _TAP_TABLE = _resample_taps()
+    x = np.asarray(pcm, np.int64)
+    n_out = (len(x) * _UP) // _DOWN
+    # output j sits at position j * 441 of the 320x upsampled signal, where input i sits at 320 * i; with the
+    # prototype h centred at index d, y[j] = sum_i h[j * 441 + d - 320 * i] * x[i]; writing j * 441 + d =
+    # 320 * f + p gives y[j] = sum_k taps[p, k] * x[f - k] over the 48 taps of phase p
+    shifted = np.arange(n_out, dtype=np.int64) * _DOWN + (_UP * _TAPS) // 2
+    ph, first = shifted % _UP, shifted // _UP
+    idx = first[:, None] - np.arange(_TAPS)[None, :]
+    vals = np.where((idx >= 0) & (idx < len(x)), x[np.clip(idx, 0, len(x) - 1)], 0)
+    acc = (vals * _TAP_TABLE[ph]).sum(axis=1)  # int64: exact
+    y = (acc + (1 << 14)) >> 15
+    return np.clip(y, -32768, 32767).astype(np.int16)
 
 
 def synthesize(row: dict, wav: Path) -> None:
     """The phrase as a sequence of isolated words, each synthesised alone, trimmed of silence and placed at the
-    start of its own ``SLOT_SECONDS`` slot (after ``LEAD_SECONDS`` of silence): digit-string style speech."""
-    parts, sr = [], None
+    start of its own ``SLOT_SECONDS`` slot (after ``LEAD_SECONDS`` of silence): digit-string style speech,
+    resampled to 16 kHz by :func:`resample_to_16k` and written as 16-bit PCM."""
+    parts, sr = [], ESPEAK_RATE
     for word in row["text"].split():
         x, sr = _espeak(row, word)
-        loud = np.flatnonzero(np.abs(x) > 0.02 * float(np.abs(x).max()))
+        if sr != ESPEAK_RATE:
+            raise RuntimeError(f"espeak-ng wrote {sr} Hz audio; make_demo_corpus expects {ESPEAK_RATE} Hz")
+        loud = np.flatnonzero(np.abs(x) > 0.02 * int(np.abs(x.astype(np.int32)).max()))
         x = x[loud[0]:loud[-1] + 1][: int(SLOT_SECONDS * sr)]
-        slot = np.zeros(int(SLOT_SECONDS * sr), np.float32)
+        slot = np.zeros(int(SLOT_SECONDS * sr), np.int16)
         slot[: len(x)] = x
         parts.append(slot)
-    audio = np.concatenate([np.zeros(int(LEAD_SECONDS * sr), np.float32), *parts])
-    sf.write(str(wav), audio, sr, subtype="PCM_16")
+    audio = np.concatenate([np.zeros(int(LEAD_SECONDS * sr), np.int16), *parts])
+    sf.write(str(wav), resample_to_16k(audio), SAMPLE_RATE, subtype="PCM_16")
+
+
+DEFAULT_SIZES = {"train": 4000, "dev": 64, "test": 160, "test_voices": 96}
+# the reference checksums (scripts/demo_corpus_sha256.json): per seed, of the first CHECK_ROWS utterances of
+# every split at DEFAULT_SIZES, made on the reference box; tests/test_demo.py compares against them
+CHECKSUM_FILE = Path(__file__).with_name("demo_corpus_sha256.json")
+CHECK_ROWS = 3
+
+
+def espeak_version() -> str:
+    res = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True)
+    return res.stdout.split(" Data at")[0].strip()
+
+
+def pcm_sha256(wavs: list[tuple[str, Path]]) -> str:
+    """sha256 over each (key, 16-bit PCM samples) in order: what the model hears, independent of WAV headers."""
+    h = hashlib.sha256()
+    for key, wav in wavs:
+        x, sr = sf.read(str(wav), dtype="int16")
+        h.update(f"{key}:{sr}:{len(x)}\n".encode())
+        h.update(np.ascontiguousarray(x, "<i2").tobytes())
+    return h.hexdigest()
+
+
+def check_rows(splits: dict[str, list[dict]]) -> list[dict]:
+    return [r for split in splits.values() for r in split[:CHECK_ROWS]]
+
+
+def corpus_checksum(seed: int, sizes: dict[str, int] | None = None) -> str:
+    """The checksum of ``seed``'s corpus, synthesising only the checked utterances (a second or two)."""
+    rows = check_rows(plan(seed, sizes or DEFAULT_SIZES))
+    with tempfile.TemporaryDirectory() as d:
+        for r in rows:
+            synthesize(r, Path(d) / f"{r['key']}.wav")
+        return pcm_sha256([(r["key"], Path(d) / f"{r['key']}.wav") for r in rows])
+
+
+def reference_checksum(seed: int, sizes: dict[str, int]) -> str | None:
+    """The stored checksum for ``seed`` at these sizes, or None when the repository has none for them."""
+    if sizes != DEFAULT_SIZES or not CHECKSUM_FILE.is_file():
+        return None
+    return json.loads(CHECKSUM_FILE.read_text(encoding="utf-8"))["seeds"].get(str(seed))
 
 
 def build(out: Path, seed: int, sizes: dict[str, int], workers: int, vocab_size: int) -> dict:
@@ -183,7 +278,12 @@ def build(out: Path, seed: int, sizes: dict[str, int], workers: int, vocab_size:
         rows = [r for split in splits.values() for r in split]
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(lambda r: synthesize(r, tmp / "wav" / f"{r['key']}.wav"), rows))
-        summary = {"seed": seed, "held_out_voices": HELD_OUT_VOICES, "splits": {}}
+        checksum = pcm_sha256([(r["key"], tmp / "wav" / f"{r['key']}.wav") for r in check_rows(splits)])
+        reference = reference_checksum(seed, sizes)
+        summary = {"seed": seed, "espeak_ng": espeak_version(), "sample_rate": SAMPLE_RATE,
+                   "pcm_sha256": checksum, "reference_sha256": reference,
+                   "matches_reference": None if reference is None else checksum == reference,
+                   "held_out_voices": HELD_OUT_VOICES, "splits": {}}
         for name, split in splits.items():
             lines = []
             for r in split:
@@ -234,10 +334,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo/corpus")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train", type=int, default=4000)
-    ap.add_argument("--dev", type=int, default=64)
-    ap.add_argument("--test", type=int, default=160, help="unseen word combinations, training voices")
-    ap.add_argument("--test-voices", type=int, default=96,
+    ap.add_argument("--train", type=int, default=DEFAULT_SIZES["train"])
+    ap.add_argument("--dev", type=int, default=DEFAULT_SIZES["dev"])
+    ap.add_argument("--test", type=int, default=DEFAULT_SIZES["test"], help="unseen word combinations, training voices")
+    ap.add_argument("--test-voices", type=int, default=DEFAULT_SIZES["test_voices"],
                     help="unseen word combinations, the held-out voices (one per gender)")
     ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     ap.add_argument("--vocab-size", type=int, default=400)
@@ -248,7 +348,12 @@ def main(argv=None) -> int:
     for name, s in summary["splits"].items():
         print(f"{name:5s}: {s['utterances']:4d} utterances, {s['minutes']:5.1f} min, tasks {s['tasks']}, "
               f"gender {s['gender']}, age {s['age']}")
-    print(f"corpus written to {args.out} in {time.time() - t0:.1f} s")
+    print(f"corpus written to {args.out} in {time.time() - t0:.1f} s ({summary['espeak_ng']}; "
+          f"checksum {summary['pcm_sha256'][:16]})")
+    if summary["matches_reference"] is False:
+        print(f"warning: this corpus's speech differs from the reference corpus of seed {args.seed} "
+              f"({CHECKSUM_FILE.name}: made with {json.loads(CHECKSUM_FILE.read_text())['espeak_ng']}); the demo's "
+              "figures may differ from the documented ones", file=sys.stderr)
     return 0
 
 

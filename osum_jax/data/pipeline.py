@@ -134,6 +134,9 @@ class SampleProcessor:
                                  cfg.spec_aug_max_f)
             if cfg.spec_sub:
                 feats = spec_sub(feats, rng, cfg.spec_sub_num_t_sub, cfg.spec_sub_max_t)
+        if self.train and cfg.feature_noise > 0:
+            noise = np.random.default_rng([cfg.seed, epoch, record, 2]).standard_normal(feats.shape)
+            feats = (feats + cfg.feature_noise * noise).astype(feats.dtype)
         return {"index": int(g), "record": record, "epoch": epoch, "key": str(rec["key"]), "task": task,
                 "feats": feats, "prompt": np.asarray(prompt, np.int32), "target": np.asarray(target, np.int32),
                 "seconds": n_orig / sr}
