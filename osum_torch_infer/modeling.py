@@ -31,10 +31,11 @@ from . import contract
 from .attention import ATTN_IMPLEMENTATION  # registers SDPA with NaN-safe masks (see attention.py)
 from .audio import Adapter, AudioTower, WhisperEncoder, padding_mask
 from .configuration_osum import OSUMConfig
-from .decoding import fast_greedy_unsupported, greedy_decode, hf_compiles_decode
+from .decoding import (check_loop_guard, fast_greedy_unsupported, greedy_decode, hf_compiles_decode,
+                       loop_stopping_criteria, trim_loop)
 from .devices import apply_npu_fusions, resolve_dtype, select_device
 from .loading import cast_parameters, check_tensors, load_audio_tensors, merge_adapter
-from .package import AdapterConfig, EncoderConfig, PackageConfig, PackageError  # noqa: F401
+from .package import AdapterConfig, EncoderConfig, PackageConfig, PackageError, read_prompts  # noqa: F401
 
 log = logging.getLogger("osum_torch_infer")
 AUDIO_PREFIXES = ("encoder.", "adapter.", "speech_embed.")  # the audio tower's tensors (+ the speech markers)
@@ -164,22 +165,13 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
                                  conversion_errors={}, skipped_pp_keys=set())
 
     def _load_text_side(self, root: Path) -> None:
-        import yaml
         from transformers import PreTrainedTokenizerFast
 
         tok_file = root / "tokenizer.json"
         if not tok_file.is_file():
             raise PackageError(f"{root}: tokenizer.json is missing")
         self.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_file))
-        pfile = root / self.config.prompts_file
-        try:
-            prompts = yaml.safe_load(pfile.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise PackageError(f"cannot read the prompt file {pfile}: {e}") from None
-        if not isinstance(prompts, dict):
-            raise PackageError(f"{pfile}: expected a mapping {{task: [prompts]}}")
-        self.prompts = {contract.normalize_task(k): ([v] if isinstance(v, str) else list(v))
-                        for k, v in prompts.items()}
+        self.prompts = read_prompts(root, self.config.prompts_file)
         gfile = root / "generation_config.json"
         if gfile.is_file():
             try:
@@ -305,14 +297,20 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
 
     @torch.inference_mode()
     def generate(self, feats, feats_lengths, prompts: Sequence[Sequence[int]], decoding: str = "greedy",
-                 generation_config=None, *, engine: str = "auto", **overrides) -> list[list[int]]:
+                 generation_config=None, *, engine: str = "auto", loop_repeats: int = 0, loop_max_ngram: int = 8,
+                 **overrides) -> list[list[int]]:
         """Batched generation; returns each row's new tokens up to (excluding) the end-of-text id.
 
         ``engine``: ``auto`` (default) decodes plain greedy configurations with :func:`~osum_torch_infer.decoding.greedy_decode` (a lean loop
         over ``Qwen2ForCausalLM``'s model and a transformers KV cache: the same tokens as ``transformers``'
         ``generate``, less per-token overhead) and everything else (beam search, sampling, repetition penalty,
         ...) with ``transformers``' ``generate``; ``hf`` always uses ``generate``; ``fast`` requires the lean loop
-        (``ValueError`` if the configuration needs ``generate``)."""
+        (``ValueError`` if the configuration needs ``generate``).
+
+        Loop guard: with ``loop_repeats`` K >= 2, a row whose new tokens end in one n-gram (``n <= loop_max_ngram``)
+        repeated K times in a row stops there, in either engine and in beam search (a beam that loops is finished),
+        and keeps one copy of that n-gram; other rows go on. ``no_repeat_ngram_size`` (a GenerationConfig field,
+        transformers' ``generate``) forbids any repeated n-gram instead."""
         if generation_config is not None:
             gc = copy.deepcopy(generation_config)
             gc.update(**{k: v for k, v in overrides.items() if v is not None})  # overrides apply here too
@@ -325,16 +323,20 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
             why = hf_compiles_decode(gc, self.device)
         if engine == "fast" and why:
             raise ValueError(f"engine='fast' supports plain greedy decoding only: {why}")
+        check_loop_guard(loop_repeats, loop_max_ngram)
+        guard = (int(loop_repeats), int(loop_max_ngram)) if loop_repeats else None
         x, mask = self.build_prefix(feats, feats_lengths, prompts)
         if why:
-            out = super().generate(inputs_embeds=x, attention_mask=mask, generation_config=gc)
+            extra = {"stopping_criteria": loop_stopping_criteria(*guard)} if guard else {}
+            out = super().generate(inputs_embeds=x, attention_mask=mask, generation_config=gc, **extra)
         else:
-            out = greedy_decode(self.llm, x, mask, gc)
+            out = greedy_decode(self.llm, x, mask, gc, loop_guard=guard)
         ends = gc.eos_token_id if gc.eos_token_id is not None else self.eos_token_id
         ends = {ends} if isinstance(ends, int) else set(ends)
         result = []
         for row in out.tolist():  # up to (excluding) the first end id of the configuration
-            result.append(next((row[:i] for i, t in enumerate(row) if t in ends), row))
+            row = next((row[:i] for i, t in enumerate(row) if t in ends), row)
+            result.append(trim_loop(row, *guard) if guard else row)
         return result
 
     # -- text side ----------------------------------------------------------------------------------------------

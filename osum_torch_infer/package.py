@@ -145,3 +145,19 @@ class PackageConfig:
 KNOWN_KEYS = {f for f in PackageConfig.__dataclass_fields__} | {
     "format", "format_version", "model_type", "architectures", "dtype", "transformers_version"}
 
+
+
+def read_prompts(root: str | Path, prompts_file: str = "prompts.yaml") -> dict[str, list[str]]:
+    """A package's prompt book: ``{normalised task: [prompts]}`` (:class:`PackageError` naming the file)."""
+    import yaml
+
+    from .contract import normalize_task
+
+    pfile = Path(root) / prompts_file
+    try:
+        prompts = yaml.safe_load(pfile.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise PackageError(f"cannot read the prompt file {pfile}: {e}") from None
+    if not isinstance(prompts, dict):
+        raise PackageError(f"{pfile}: expected a mapping {{task: [prompts]}}")
+    return {normalize_task(k): ([v] if isinstance(v, str) else list(v)) for k, v in prompts.items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +10,12 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .bulk import record_line
 from .contract import AUDIO_SUFFIXES
 from .files import LineError, atomic_file, json_object_line
 from .features import (AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, split_windows,
                        wav_truncation)
 from .parsing import join_windows, normalize_task
-
-_ONE_LINE = re.compile(r"[\t\r\n\v\f\x1c-\x1e\x85\u2028\u2029]")
-
 
 @dataclass
 class Item:
@@ -231,13 +228,18 @@ def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: floa
     return units
 
 
-def check_run_args(model, items: Sequence[Item], max_seconds: float, *, strict: bool = True) -> None:
-    """``ValueError`` (before any audio is read) for a window the encoder cannot take; keys used twice (results
-    are matched to references by key) raise with ``strict``, else the later uses become error records."""
-    limit = model.encoder.max_frames / 100.0  # log-mel: 100 frames per second
+def check_max_seconds(max_seconds: float, max_frames: int) -> None:
+    """``ValueError`` for a window the encoder (``max_frames`` log-mel frames, 100 per second) cannot take."""
+    limit = max_frames / 100.0
     if not 0 < max_seconds <= limit:
         raise ValueError(f"max_seconds={max_seconds:g}: windows must be longer than 0 s and at most {limit:g} s "
-                         f"(the encoder takes {model.encoder.max_frames} frames)")
+                         f"(the encoder takes {max_frames} frames)")
+
+
+def mark_repeated_keys(items: Sequence[Item], *, strict: bool = True) -> None:
+    """Keys used twice (results are matched to references, and resumed runs and shards to their inputs, by key):
+    with ``strict`` a ``ValueError``; else each later use becomes an error record under a key of its own, its
+    ``file:line`` (or its path), so that every record of a run has a unique key. Idempotent."""
     seen: dict[str, str] = {}
     for it in items:
         if it.error is not None:
@@ -250,22 +252,44 @@ def check_run_args(model, items: Sequence[Item], max_seconds: float, *, strict: 
             it.error = f"{it.where}: {msg}" if it.where else msg
             continue
         seen[it.key] = it.where or str(it.wav)
+    taken = set(seen)
+    for it in items:  # error records (bad lines, repeated keys) never share a key with another record
+        if it.error is None:
+            continue
+        if it.key in taken:
+            base = it.where or it.wav or it.key
+            key, n = base, 2
+            while key in taken:
+                key, n = f"{base}#{n}", n + 1
+            it.key = key
+        taken.add(it.key)
+
+
+def check_run_args(model, items: Sequence[Item], max_seconds: float, *, strict: bool = True) -> None:
+    """``ValueError`` (before any audio is read) for a window the encoder cannot take; keys used twice (results
+    are matched to references by key) raise with ``strict``, else the later uses become error records
+    (:func:`mark_repeated_keys`)."""
+    check_max_seconds(max_seconds, model.encoder.max_frames)
+    mark_repeated_keys(items, strict=strict)
 
 
 def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | None = None, batch_size: int = 8,
         decoding: str = "greedy", max_new_tokens: int | None = None, num_beams: int | None = None,
         max_seconds: float = MAX_SECONDS, progress: bool = True, engine: str = "auto",
-        cache_implementation: str | None = None, generation: Mapping[str, Any] | None = None) -> Iterator[dict]:
-    """Yield one result per item, in input order.
+        cache_implementation: str | None = None, generation: Mapping[str, Any] | None = None,
+        loop_repeats: int = 0, loop_max_ngram: int = 8) -> Iterator[dict]:
+    """Yield one result per item, in input order, each as soon as it and every item before it are done (a caller
+    that writes them as they come loses at most the items still in flight when it is stopped).
 
     A result has ``key``, ``wav``, ``task``, ``prompt``, ``text`` (the raw output; windows joined), the parsed
     ``transcript`` and ``tags`` (+ ``timestamps`` for SRWT, ``answer`` for chat) and ``windows``; an unreadable
     file gives ``{"key", "wav", "task", "prompt", "error"}`` and the others continue. ``task`` overrides the items' own tasks.
     An item's own ``prompt`` (a list's ``prompt`` field, OSUM's ``extra.question``) is used unless ``prompt`` is
     given. ``generation``: GenerationConfig fields (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-    ``repetition_penalty``, ...) over the ``decoding`` preset.
+    ``repetition_penalty``, ``no_repeat_ngram_size``, ...) over the ``decoding`` preset.
     ``engine`` and ``cache_implementation`` (``"static"`` or the default dynamic cache) go to
-    :meth:`OSUMForConditionalGeneration.generate`.
+    :meth:`OSUMForConditionalGeneration.generate`, and so do ``loop_repeats`` / ``loop_max_ngram`` (the loop guard:
+    a window whose output ends in one n-gram repeated ``loop_repeats`` times stops there; 0: off).
     """
     check_run_args(model, items, max_seconds, strict=False)
     bar = None
@@ -278,6 +302,8 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
                  **{k: v for k, v in (generation or {}).items() if v is not None}}
     if num_beams is not None:
         overrides["num_beams"] = num_beams
+    if loop_repeats:
+        overrides.update(loop_repeats=loop_repeats, loop_max_ngram=loop_max_ngram)
     try:
         for c0 in range(0, len(items), chunk):
             part = items[c0:c0 + chunk]
@@ -298,8 +324,27 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
                     units += prepared
                     res["windows"] = len(prepared)
                 results.append(res)
+            windows: list[list[int]] = [[] for _ in results]  # each item's units
+            for k, u in enumerate(units):
+                windows[u.item].append(k)
+            pending = [len(w) for w in windows]  # windows still to decode, per item
             order = sorted(range(len(units)), key=lambda k: -units[k].feats.shape[0])
             texts: dict[int, str] = {}
+            done = 0  # results[:done] are yielded
+
+            def finished():
+                nonlocal done
+                while done < len(results) and pending[done] == 0:
+                    res = results[done]
+                    if "error" not in res:
+                        res.update(join_windows(sorted((units[k].offset, texts[k]) for k in windows[done]),
+                                                res["task"]))
+                    if bar is not None:
+                        bar.update(1)
+                    done += 1
+                    yield res
+
+            yield from finished()  # items before the first one with audio (errors) go at once
             for b0 in range(0, len(order), batch_size):
                 idx = order[b0:b0 + batch_size]
                 batch = [units[k] for k in idx]
@@ -312,15 +357,8 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
                                         engine=engine, **overrides)
                 for k, toks in zip(idx, tokens):
                     texts[k] = model.decode_text(toks)
-            per_item: dict[int, list[tuple[float, str]]] = {}
-            for k, u in enumerate(units):
-                per_item.setdefault(u.item, []).append((u.offset, texts[k]))
-            for i, res in enumerate(results):
-                if "error" not in res:
-                    res.update(join_windows(sorted(per_item[i]), res["task"]))
-                if bar is not None:
-                    bar.update(1)
-                yield res
+                    pending[units[k].item] -= 1
+                yield from finished()
     finally:
         if bar is not None:
             bar.close()
@@ -340,9 +378,8 @@ def _write_lines(results: Iterable[dict], f, fmt: str) -> tuple[int, int]:
     for r in results:
         error = "error" in r
         failed, ok = failed + error, ok + (not error)
-        if fmt == "jsonl":  # failures too, with their error
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        elif not error:
-            f.write(f"{r['key']}\t{_ONE_LINE.sub(' ', r['text'])}\n")
+        line = record_line(r, fmt)  # jsonl: failures too, with their error
+        if line is not None:
+            f.write(line.decode("utf-8"))
         f.flush()
     return ok, failed
