@@ -6,7 +6,7 @@
 
 For each seed, ``scripts/demo.py --seed S`` (its own corpus, training, export, inference and scoring, exactly as
 ``make demo`` runs them); then ``scripts/demo.py`` again on the corpus of ``--perturb-seed`` with
-``data.feature_noise=PERTURB``: Gaussian noise of that standard deviation on every training feature, a stand-in
+``data.feature_noise=PERTURB`` (right after that seed's own run): Gaussian noise of that standard deviation on every training feature, a stand-in
 for another machine's float rounding. Prints each run's figures, then min / median / max of each figure over
 the seeds, the perturbed run beside its unperturbed twin, and whether issue 32's acceptance holds: every run
 (perturbed one included) test WER <= 10 %, held-out-voices WER <= 20 %, gender and age accuracy >= 95 %, and
@@ -105,15 +105,23 @@ def main(argv=None) -> int:
     print(f"bench_demo at {commit}: seeds {seeds}" + (f", then seed {pseed} with data.feature_noise={args.perturb}"
                                                      if args.perturb else ""), flush=True)
     runs: dict[int, dict] = {}
+    perturbed = None
     for seed in seeds:
         runs[seed] = run_demo(out / f"seed{seed}", seed, args.overrides, out / f"seed{seed}.log")
         print(f"  seed {seed}: " + ", ".join(f"{n} {fmt(n, runs[seed][n])}" for n in (*FIGURES, "total_s")
                                               if n in runs[seed]), flush=True)
-    perturbed = None
-    if args.perturb:
-        perturbed = run_demo(out / f"seed{pseed}_perturbed", pseed,
-                             ["--corpus", str(out / f"seed{pseed}" / "corpus"), *args.overrides,
-                              f"data.feature_noise={args.perturb}"], out / f"seed{pseed}_perturbed.log")
+        # every finished run is kept at once, so an interrupted bench still has its figures
+        (out / "runs.jsonl").open("a", encoding="utf-8").write(json.dumps({"commit": commit, "seed": seed,
+                                                                          **runs[seed]}) + "\n")
+        if args.perturb and seed == pseed:  # its twin at once, on the same corpus
+            perturbed = run_demo(out / f"seed{pseed}_perturbed", pseed,
+                                 ["--corpus", str(out / f"seed{pseed}" / "corpus"), *args.overrides,
+                                  f"data.feature_noise={args.perturb}"], out / f"seed{pseed}_perturbed.log")
+            print(f"  seed {seed} + {args.perturb:g} feature noise: "
+                  + ", ".join(f"{n} {fmt(n, perturbed[n])}" for n in (*FIGURES, "total_s") if n in perturbed),
+                  flush=True)
+            (out / "runs.jsonl").open("a", encoding="utf-8").write(json.dumps(
+                {"commit": commit, "seed": seed, "feature_noise": args.perturb, **perturbed}) + "\n")
 
     names = [*FIGURES, "total_s"]
     sp = spread(list(runs.values()), names)
