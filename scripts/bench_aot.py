@@ -2,6 +2,11 @@
 
     python scripts/bench_aot.py                 # every row below; writes the table into docs/benchmarks.md
     python scripts/bench_aot.py --rows v5p-44 h100-8 --no-write
+    python scripts/bench_aot.py --recipe --json-dir DIR   # the recipe row: OSUM's global batch, the length mix
+
+The recipe row is ``scripts/bench_recipe.py`` (OSUM's 374,400 frames per optimizer step on v5p x 16, the
+default flags of configs/osum_full.yaml, the pipeline's own packing of a stated length mix, the mix's MFU over
+its most-used buckets beside the padding waste); ``--recipe`` runs it and prints its summary.
 
 Each row runs ``osum-train configs/osum_full.yaml --plan --target T --json`` in its own process (a full-size
 compile takes minutes and several GB), with OSUM's training set-up: bf16 compute, the frozen LLM in bf16,
@@ -325,7 +330,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--json-dir", default="", help="also keep each row's JSON report here")
     ap.add_argument("--reuse", action="store_true", help="take rows already in --json-dir instead of compiling")
+    ap.add_argument("--recipe", action="store_true",
+                    help="the recipe row instead (scripts/bench_recipe.py; needs --json-dir)")
     args = ap.parse_args(argv)
+    if args.recipe:
+        if not args.json_dir:
+            ap.error("--recipe needs --json-dir")
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import bench_recipe
+
+        return bench_recipe.main(["--json-dir", args.json_dir] + (["--reuse"] if args.reuse else []))
     rows = []
     for name in args.rows:
         saved = Path(args.json_dir) / f"{name}.json" if args.json_dir else None

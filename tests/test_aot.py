@@ -134,7 +134,9 @@ def test_targets_parse_and_refuse_bad_specs():
 
 @pytest.fixture(scope="module")
 def tiny_tpu_report(tpu_compiler):
-    cfg = load_config("configs/tiny.yaml", TINY_TPU)
+    # the tiny model's stacks are shorter than attention.SPLASH_MIN_LENGTH, where auto runs the einsum path: name
+    # the kernel, whose compiled program these tests check
+    cfg = load_config("configs/tiny.yaml", TINY_TPU + ["model.attention_impl=splash"])
     return cfg, compile_plan(cfg, "tpu:v5p:2x2x1")
 
 
@@ -172,7 +174,7 @@ def test_compiled_step_has_no_stack_copies_and_counts_its_flops(tiny_tpu_report)
 
 @pytest.mark.slow
 def test_tpu_step_runs_splash_attention_kernels_and_charges_them(tiny_tpu_report):
-    """``attention_impl=auto`` compiles the TPU splash kernel (a Mosaic custom call per attention and pass), and
+    """``attention_impl=splash`` compiles the TPU splash kernel (a Mosaic custom call per attention and pass), and
     the report counts its FLOPs, which the TPU cost model does not see."""
     cfg, r = tiny_tpu_report
     m, b = cfg.model, r["batch_shape"]

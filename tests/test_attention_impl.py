@@ -54,13 +54,14 @@ def test_fused_kernel_equals_einsum_with_holes_and_gqa(causal, kernel):
 
 def test_auto_is_einsum_on_cpu_and_dense_masks_never_go_to_splash():
     valid = jnp.ones((1, 8), bool)
-    assert resolve_impl("auto", jnp.bfloat16, 64, SequenceMask(valid)) == "xla"
-    assert resolve_impl("splash", jnp.float32, 64, jnp.ones((1, 1, 1, 8), bool)) == "xla"
-    assert resolve_impl("cudnn", jnp.bfloat16, 64, SequenceMask(valid)) == "cudnn"
-    assert resolve_impl("pallas", jnp.float32, 64, jnp.ones((1, 1, 1, 8), bool)) == "xla"
+    assert resolve_impl("auto", jnp.bfloat16, 64, SequenceMask(valid), 8) == "xla"
+    assert resolve_impl("splash", jnp.float32, 64, jnp.ones((1, 1, 1, 8), bool), 8) == "xla"
+    assert resolve_impl("cudnn", jnp.bfloat16, 64, SequenceMask(valid), 8) == "cudnn"
+    assert resolve_impl("pallas", jnp.float32, 64, jnp.ones((1, 1, 1, 8), bool), 8) == "xla"
     # the model pads its sequence once (to the kernels' 128 blocks) and projects heads-major only for splash
-    assert [sequence_multiple(i, jnp.bfloat16, 64) for i in ("auto", "xla", "splash", "pallas")] == [1, 1, 128, 128]
-    assert [heads_major(i, jnp.bfloat16, 64) for i in ("auto", "splash", "pallas")] == [False, True, False]
+    assert [sequence_multiple(i, jnp.bfloat16, 64, 600)
+            for i in ("auto", "xla", "splash", "pallas")] == [1, 1, 128, 128]
+    assert [heads_major(i, jnp.bfloat16, 64, 600) for i in ("auto", "splash", "pallas")] == [False, True, False]
     with pytest.raises(ValueError, match="splash kernel only"):
         dot_product_attention(*[jnp.ones((1, 2, 8, 4))] * 3, SequenceMask(valid), "xla", heads_major=True)
 
@@ -73,8 +74,28 @@ def test_auto_on_gpu_is_cudnn_else_pallas_for_16_bit(monkeypatch):
         assert attention.impl_for("auto", "cuda", jnp.bfloat16, 128) == want
         assert attention.impl_for("auto", "cuda", jnp.float32, 128) == "xla"
     assert attention.impl_for("auto", "tpu", jnp.float32, 64) == "splash"
+
+
+def test_auto_on_tpu_runs_splash_for_long_sequences_only():
+    """On TPU ``auto`` pads a stack to the kernel's 128-row blocks only where the sequence, so rounded, is at least
+    SPLASH_MIN_LENGTH; shorter stacks run the einsum path unpadded. The stack (which pads) and its layers (which
+    see the padded length) resolve the same way."""
+    from osum_jax.models import attention
+
+    assert attention.SPLASH_MIN_LENGTH == 512
+    assert [attention.impl_for("auto", "tpu", jnp.bfloat16, 128, n) for n in (61, 175, 384, 385, 512, 1450)] == \
+        ["xla", "xla", "xla", "splash", "splash", "splash"]
+    for n in (175, 385, 454, 628):
+        m = sequence_multiple("auto", jnp.bfloat16, 128, n, "tpu")
+        padded = -(-n // m) * m
+        assert attention.impl_for("auto", "tpu", jnp.bfloat16, 128, padded) == attention.impl_for(
+            "auto", "tpu", jnp.bfloat16, 128, n)
+        assert m == (128 if n > 384 else 1)
+    # an explicit kernel is what runs, whatever the length
+    assert attention.impl_for("splash", "tpu", jnp.bfloat16, 128, 61) == "splash"
+    assert attention.impl_for("xla", "tpu", jnp.bfloat16, 128, 4096) == "xla"
     with pytest.raises(ValueError, match="expected one of"):
-        resolve_impl("flash", jnp.float32, 64, None)
+        resolve_impl("flash", jnp.float32, 64, None, 8)
 
 
 def _batch(rng):

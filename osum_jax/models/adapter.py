@@ -81,7 +81,7 @@ class SpeechTransformer(nnx.Module):
         x = dropout(self.input_norm(self.input_proj(x)), self.cfg.dropout, k_in)
         x = x * jnp.asarray(self.xscale, self.dtype) + self.pos_table[:t].astype(self.dtype)
         x = dropout(x, self.cfg.positional_dropout, k_pos)
-        pad = -t % sequence_multiple(self.attention_impl, self.dtype, x.shape[-1] // self.cfg.num_heads)
+        pad = -t % sequence_multiple(self.attention_impl, self.dtype, x.shape[-1] // self.cfg.num_heads, t)
         if pad:  # once for all layers, as in the Whisper encoder
             x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
         mask = SequenceMask(padding_mask(lengths, t + pad), prefix=True)

@@ -15,7 +15,9 @@ Implementations (``model.attention_impl``):
 * ``"pallas"``: the Pallas (Triton) flash-attention kernel for NVIDIA GPUs
   (``jax.experimental.pallas.ops.gpu.attention``), per device like splash; grouped-query keys/values are repeated
   to the query heads; on CPU it runs in Pallas interpret mode (tests only).
-* ``"auto"`` (the default): splash on TPU; on NVIDIA GPUs with a bf16/fp16 compute dtype cuDNN when it is
+* ``"auto"`` (the default): on TPU splash for sequences of at least :data:`SPLASH_MIN_LENGTH` positions (after
+  rounding up to the kernel's 128-row blocks), the einsum path for shorter ones (a short LLM row of 175 positions
+  would run every layer at 256); on NVIDIA GPUs with a bf16/fp16 compute dtype cuDNN when it is
   loadable, else the Pallas kernel (a host that compiles for a GPU target without cuDNN, ``--plan --target
   cuda:...``); the einsum path otherwise (CPU, float32, a dense mask). The platform is the active mesh's (so
   ``osum-train --plan --target tpu:...`` on a CPU host compiles the kernel the pod will run), else JAX's
@@ -44,6 +46,12 @@ from .sharding import activation_mesh, activation_specs
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "pallas")
+
+# ``auto`` on TPU: the shortest sequence (rounded up to 128) that runs the splash kernel. Below it the einsum path
+# runs the stack unpadded. TPU cost model, v5p x 16, OSUM's recipe buckets (docs/benchmarks.md): the 487-frame
+# bucket (LLM rows of 175 positions, padded to 256 for splash) 772 ms with splash, 644 ms with einsum attention;
+# the 2900-frame bucket (encoder 1450, LLM 628) 411 ms with splash, 526 ms with einsum attention.
+SPLASH_MIN_LENGTH = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,38 +91,42 @@ def cudnn_available() -> bool:
         return False
 
 
-def resolve_impl(impl: str, dtype, head_dim: int, mask) -> str:
-    """The implementation that runs for ``impl`` on this platform (``auto`` resolved; dense masks -> ``xla``)."""
+def resolve_impl(impl: str, dtype, head_dim: int, mask, length: int) -> str:
+    """The implementation that runs for ``impl`` on this platform over ``length`` positions (``auto`` resolved;
+    dense masks -> ``xla``)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
     if not isinstance(mask, SequenceMask) and mask is not None:
         return "xla" if impl in ("auto", "splash", "pallas") else impl
-    return impl_for(impl, platform(), dtype, head_dim)
+    return impl_for(impl, platform(), dtype, head_dim, length)
 
 
-def impl_for(impl: str, plat: str, dtype, head_dim: int) -> str:
-    """What ``impl`` means for self-attention on platform ``plat`` (``"auto"`` resolved)."""
+def impl_for(impl: str, plat: str, dtype, head_dim: int, length: int | None = None) -> str:
+    """What ``impl`` means for self-attention over ``length`` positions on platform ``plat`` (``"auto"``
+    resolved; ``length=None``: a long sequence)."""
     if impl != "auto":
         return impl
     if plat == "tpu":
-        return "splash"
+        long = length is None or -(-length // _KERNEL_BLOCK) * _KERNEL_BLOCK >= SPLASH_MIN_LENGTH
+        return "splash" if long else "xla"
     if plat in ("cuda", "gpu") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
             and head_dim <= 128:
         return "cudnn" if cudnn_available() else "pallas"
     return "xla"
 
 
-def heads_major(impl: str, dtype, head_dim: int) -> bool:
-    """True when self-attention ``impl`` runs the splash kernel here, which works on heads-major ``[B, N, T, H]``:
-    the projections then emit that layout themselves (the transposes fold into their matmuls)."""
-    return impl_for(impl, platform(), dtype, head_dim) == "splash"
+def heads_major(impl: str, dtype, head_dim: int, length: int) -> bool:
+    """True when self-attention ``impl`` runs the splash kernel here over ``length`` positions; it works on
+    heads-major ``[B, N, T, H]``: the projections then emit that layout themselves (the transposes fold into their
+    matmuls)."""
+    return impl_for(impl, platform(), dtype, head_dim, length) == "splash"
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "SequenceMask | jax.Array | None",
                           impl: str = "auto", *, heads_major: bool = False) -> jax.Array:
     """Scaled dot-product attention (scale ``1/sqrt(H)``), ``[B, T, N, H]``, or ``[B, N, T, H]`` in and out with
     ``heads_major`` (splash only, see :func:`heads_major`)."""
-    impl = resolve_impl(impl, q.dtype, q.shape[-1], mask)
+    impl = resolve_impl(impl, q.dtype, q.shape[-1], mask, q.shape[2 if heads_major else 1])
     if heads_major and impl != "splash":
         raise ValueError(f"heads-major attention runs the splash kernel only, not {impl!r}")
     if impl in ("splash", "pallas"):
@@ -140,13 +152,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Seque
     return _attention(q, k, v, mask)
 
 
-def sequence_multiple(impl: str, dtype, head_dim: int, plat: str | None = None) -> int:
-    """The sequence-length multiple the self-attention ``impl`` works on (``impl`` as configured, resolved for
-    ``plat``, default the current platform): 128 for the fused kernels, which pad shorter blocks themselves, else 1.
+def sequence_multiple(impl: str, dtype, head_dim: int, length: int, plat: str | None = None) -> int:
+    """The sequence-length multiple the self-attention ``impl`` works on over ``length`` positions (``impl`` as
+    configured, resolved for ``plat``, default the current platform): 128 for the fused kernels, which pad shorter
+    blocks themselves, else 1. (``auto`` decides on ``length`` rounded up to 128, so the padded stack resolves the
+    same way.)
 
     A stack of layers pads its sequence to this multiple once, instead of every layer padding q/k/v and slicing
     the output (on the compiled v5p step those per-layer pads and slices were copies of every q/k/v/o)."""
-    resolved = impl_for(impl, plat or platform(), dtype, head_dim)
+    resolved = impl_for(impl, plat or platform(), dtype, head_dim, length)
     return _KERNEL_BLOCK if resolved in ("splash", "pallas") else 1
 
 

@@ -32,7 +32,7 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         b, t, d = x.shape
-        if heads_major(self.attention_impl, self.q_proj.dtype, d // self.num_heads):
+        if heads_major(self.attention_impl, self.q_proj.dtype, d // self.num_heads, t):
             q, k, v = (p.to_heads(x, self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
             return self.out_proj.from_heads(dot_product_attention(q, k, v, mask, self.attention_impl,
                                                                   heads_major=True))

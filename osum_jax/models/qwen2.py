@@ -56,7 +56,7 @@ class Qwen2Attention(nnx.Module):
         """
         b, s, _ = x.shape
         kq, kk, kv, ko = split_key(dropout_key, 4)
-        if isinstance(mask, SequenceMask) and heads_major(self.attention_impl, self.q_proj.dtype, self.head_dim):
+        if isinstance(mask, SequenceMask) and heads_major(self.attention_impl, self.q_proj.dtype, self.head_dim, s):
             q = apply_rope(self.q_proj.to_heads(x, self.num_heads, kq), cos, sin, heads_major=True)
             k = apply_rope(self.k_proj.to_heads(x, self.num_kv_heads, kk), cos, sin, heads_major=True)
             v = self.v_proj.to_heads(x, self.num_kv_heads, kv)
@@ -138,7 +138,7 @@ class Qwen2(nnx.Module):
                  dropout_key: jax.Array | None = None) -> jax.Array:
         """``inputs_embeds [B, S, D]``, ``valid [B, S]`` bool, ``positions [B, S]`` -> normed hidden ``[B, S, D]``."""
         s = inputs_embeds.shape[1]
-        pad = -s % sequence_multiple(self.attention_impl, self.dtype, self.cfg.resolved_head_dim)
+        pad = -s % sequence_multiple(self.attention_impl, self.dtype, self.cfg.resolved_head_dim, s)
         if pad:  # once for all layers: trailing padding is invalid, so no valid position ever attends to it
             inputs_embeds = jnp.pad(inputs_embeds, ((0, 0), (0, pad), (0, 0)))
             valid, positions = jnp.pad(valid, ((0, 0), (0, pad))), jnp.pad(positions, ((0, 0), (0, pad)))

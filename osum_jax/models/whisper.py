@@ -78,7 +78,8 @@ class WhisperEncoder(nnx.Module):
         out_lengths = whisper_output_lengths(lengths)
         x = x + self.embed_positions[:t1].astype(self.dtype)
         x = dropout(x, self.cfg.positional_dropout, k_pos)
-        pad = -t1 % sequence_multiple(self.attention_impl, self.dtype, self.cfg.d_model // self.cfg.num_heads)
+        head_dim = self.cfg.d_model // self.cfg.num_heads
+        pad = -t1 % sequence_multiple(self.attention_impl, self.dtype, head_dim, t1)
         if pad:  # once for all layers (padding frames are masked keys and never reach a valid frame)
             x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
         mask = SequenceMask(padding_mask(out_lengths, t1 + pad), prefix=True)

@@ -152,6 +152,26 @@ def _layer_counts(cfg: Config) -> set[int]:
 # -- the report ---------------------------------------------------------------------------------------------------
 
 
+
+def attention_by_stack(mc, platform: str, shape) -> str:
+    """The attention each stack runs for the batch ``shape`` (``model.attention_impl`` resolved per stack length):
+    one name when all agree, else ``"encoder=splash adapter=xla llm=xla"``."""
+    from ..models.attention import impl_for
+
+    _, t, p, l_ = shape
+    t1 = -(-t // 2)
+    t3 = t1
+    for stride in mc.adapter.conv_strides:
+        t3 = -(-t3 // stride)
+    stacks = {"encoder": (mc.encoder.d_model // mc.encoder.num_heads, t1),
+              "adapter": (mc.encoder.d_model // mc.adapter.num_heads, t3),
+              "llm": (mc.llm.resolved_head_dim, p + t3 + 2 + l_)}
+    names = {k: impl_for(mc.attention_impl, platform, mc.dtype, hd, n) for k, (hd, n) in stacks.items()}
+    if len(set(names.values())) == 1:
+        return next(iter(names.values()))
+    return " ".join(f"{k}={v}" for k, v in names.items())
+
+
 def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None,
                  bucket: tuple[int, int] | None = None) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``target_spec`` and report what the compiler says (per device), for the
@@ -253,9 +273,7 @@ def compiled_report(cfg: Config, inputs, compiled, chip: Chip | None, target: st
                 "top_kernels_by_bound": bounds["top_kernels"]}
     hbm_gb = chip.hbm_gb if chip else 0.0
     est = estimate(cfg, n, hbm_gb or 1.0, batch_shape=shape, platform=platform)
-    from ..models.attention import impl_for
-
-    attention = impl_for(cfg.model.attention_impl, platform, cfg.model.dtype, cfg.model.llm.resolved_head_dim)
+    attention = attention_by_stack(cfg.model, platform, shape)
     return {
         "target": target, "devices": n, "mesh": mesh_shape, "batch_shape": {"batch": b, "frames": t,
                                                                              "prompt": p, "target": l_},

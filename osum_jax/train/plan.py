@@ -76,8 +76,11 @@ def plan(cfg: Config, n_devices: int | None = None, device_memory_gb: float = 0.
     spec = BucketSpec.from_config(cfg.data, devices=dp, prompt_len=static_prompt_len(cfg.data))
     shapes = {(batch_shape[1], batch_shape[3]): batch_shape[0]} if batch_shape else spec.batch_sizes
     worst = 0.0
-    multiple = sequence_multiple(mc.attention_impl, as_dtype(mc.dtype), mc.llm.resolved_head_dim,
-                                 platform or jax.default_backend())  # the stacks' padding on those devices
+    plat = platform or jax.default_backend()
+
+    def multiple(length: int, head_dim: int) -> int:  # a stack's padding on those devices
+        return sequence_multiple(mc.attention_impl, as_dtype(mc.dtype), head_dim, length, plat)
+
     for (frames, tgt), b in shapes.items():
         worst = max(worst, activation_bytes(mc, math.ceil(b / dp), frames, spec.prompt_len, tgt, tp,
                                             seq_multiple=multiple, saved_masks=tc.dropout_rng != "hash"))
@@ -162,30 +165,32 @@ def format_plan(p: dict) -> str:
 
 
 def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: int = 1,
-                     seq_multiple: int = 1, saved_masks: bool = True) -> float:
+                     seq_multiple=None, saved_masks: bool = True) -> float:
     """Per-device activation memory of a train step for ``b_dev`` utterances of the bucket (frames, target).
 
     With remat, each layer saves its input, what the policy keeps (``dots_*``: every projection output) and
     its dropout masks (bytes; ``layers.remat_policy`` keeps them, except hash masks: ``saved_masks=False``); one
     layer at a time is recomputed with its full working set (projections, and float32 attention scores and
-    probabilities unless a fused kernel runs, ``seq_multiple > 1``). Without remat every layer keeps its working
+    probabilities unless a fused kernel runs: ``seq_multiple(length, head_dim) > 1``, each stack's padding, default
+    1). Without remat every layer keeps its working
     set. The float32 logits of the target block, their
     softmax and gradient come on top.
     """
     e, a, l_ = mc.encoder, mc.adapter, mc.llm
     dt = np.dtype(as_dtype(mc.dtype)).itemsize
-    up = lambda n: -(-n // seq_multiple) * seq_multiple  # noqa: E731 - each stack's padded sequence
-    t1, t3 = math.ceil(frames / 2), math.ceil(frames / 8)
-    s = up(prompt + t3 + 2 + target)
-    t1, t3 = up(t1), up(t3)
     hd, d, f = l_.resolved_head_dim, l_.hidden_size, l_.intermediate_size
+    t1, t3 = math.ceil(frames / 2), math.ceil(frames / 8)
+    s = prompt + t3 + 2 + target
+    # each stack's padded sequence; the fused attention kernels (the ones that pad to 128-row blocks) never hold
+    # [B, H, L, L] scores
+    m1, m3, ms = ((seq_multiple or (lambda n, h: 1))(n, h)
+                  for n, h in ((t1, e.d_model // e.num_heads), (t3, e.d_model // a.num_heads), (s, hd)))
+    t1, t3, s = (-(-n // m) * m for n, m in ((t1, m1), (t3, m3), (s, ms)))
     policy = mc.remat_policy
     dots = policy in ("dots_saveable", "dots_with_no_batch_dims_saveable")
 
-    # the fused attention kernels (the ones that pad to 128-row blocks) never hold [B, H, L, L] scores
-    scores = 0 if seq_multiple > 1 else 1
-
-    def layer(tokens, width, ffn, heads, proj_out, drop_masks, lora_masks=0):
+    def layer(tokens, width, ffn, heads, proj_out, drop_masks, lora_masks=0, multiple=1):
+        scores = 0 if multiple > 1 else 1
         inp = tokens * width * dt
         saved_dots = tokens * proj_out * dt / tp if dots else 0.0
         if policy == "dots_saveable":
@@ -201,11 +206,11 @@ def activation_bytes(mc, b_dev: int, frames: int, prompt: int, target: int, tp: 
         lora_in = sum(w for name, w in widths.items() if name in mc.lora.targets)
     parts = [
         (e.num_layers, *layer(t1, e.d_model, e.ffn_dim, e.num_heads, 5 * e.d_model + e.ffn_dim,
-                              (2 * e.d_model + e.ffn_dim) if e.dropout > 0 else 0)),
+                              (2 * e.d_model + e.ffn_dim) if e.dropout > 0 else 0, multiple=m1)),
         (a.num_layers, *layer(t3, e.d_model, a.ffn_dim, a.num_heads, 5 * e.d_model + a.ffn_dim,
-                              (2 * e.d_model + a.ffn_dim) if a.dropout > 0 else 0)),
+                              (2 * e.d_model + a.ffn_dim) if a.dropout > 0 else 0, multiple=m3)),
         (l_.num_layers, *layer(s, d, f, l_.num_heads, (l_.num_heads + 2 * l_.num_kv_heads) * hd + 2 * d + 2 * f,
-                               0, lora_in)),
+                               0, lora_in, multiple=ms)),
     ]
     if policy == "none":
         act = sum(n * (inp + extra + work) for n, inp, extra, work in parts)
