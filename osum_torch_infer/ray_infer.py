@@ -24,7 +24,7 @@ import numpy as np
 from .bulk import record_line
 from .pipeline import Item
 
-ROWS_PER_CALL = 4  # a map_batches call decodes batch_size x this many utterances (lengths sorted inside it)
+ROWS_PER_CALL = 4  # a map_batches call decodes up to batch_size x this many utterances (lengths sorted inside)
 
 
 def item_row(index: int, item: Item) -> dict:
@@ -112,7 +112,7 @@ def run_ray(todo: Sequence[Item], write: Callable[[bytes], None], *, model: str,
         ctx.execution_options.preserve_order = True  # the results file in input order, as a plain run writes it
         ctx.enable_progress_bars = progress
         ctx.print_on_execution_start = False
-        rows = batch_size * ROWS_PER_CALL
+        rows = max(1, min(batch_size * ROWS_PER_CALL, math.ceil(len(todo) / n)))  # every actor gets work
         ds = ray.data.from_items([item_row(i, it) for i, it in enumerate(todo)],
                                  override_num_blocks=max(1, math.ceil(len(todo) / rows)))
         ds = ds.map_batches(Decoder, batch_size=rows, batch_format="numpy",
