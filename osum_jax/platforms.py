@@ -16,7 +16,7 @@ for GPUs and TPUs on any host. On a host without that hardware, left to themselv
   and the CUDA plugin registers itself without its CUDA check (it skips it for a platform list without CUDA).
   A ``JAX_PLATFORMS`` the user set (even empty) always wins, and on a host with an accelerator nothing is
   changed: the plugins are used. Compiling for a target (``--plan --target``) needs no backend of that kind:
-  the target's compiler is started there, on request (``train/aot.py``, its start-up lines filtered too);
+  the target's compiler is started there, on request (``perf/aot.py``, its start-up lines filtered too);
 * without an NVIDIA device, the CUDA plugin's extension modules load, and the plugin registers itself (JAX
   calls its ``initialize()`` at the first backend start, which loads its library), with their known lines
   filtered out of stderr (:func:`filtered_stderr`; anything else they print still shows).

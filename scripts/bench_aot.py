@@ -100,8 +100,8 @@ def _commit() -> str:
 def reestimate(r: dict, name: str) -> dict:
     """A reused row gets today's ``--plan`` estimate (no compile: the estimate is arithmetic on shapes)."""
     from osum_jax.config import load_config
-    from osum_jax.train.aot import parse_target
-    from osum_jax.train.plan import plan
+    from osum_jax.perf.aot import parse_target
+    from osum_jax.perf.plan import plan
 
     target, _, overrides = ROWS[name]
     cfg = load_config(str(ROOT / "configs/osum_full.yaml"), COMMON + overrides)
@@ -173,7 +173,7 @@ model.encoder.num_layers=4`, v5p 2x2x4, data 4 / fsdp 4, same settings as the ro
 | **the same with the splash-attention kernel (`model.attention_impl=auto`, the default now; kernels charged at 50 % of peak)** | **29.9 ms** | **26.1 %** |
 
 The TPU cost model gives the splash kernels (Mosaic custom calls) no cycles: `--plan --target` charges them
-their FLOPs at 50 % of the chip's peak (`osum_jax/train/aot.py`, `MOSAIC_EFFICIENCY`; 2.2 TFLOP, 9.6 ms of
+their FLOPs at 50 % of the chip's peak (`osum_jax/perf/aot.py`, `MOSAIC_EFFICIENCY`; 2.2 TFLOP, 9.6 ms of
 the 165 ms v5p 4/4 step), so that part of each TPU row is an assumption, not a compiler figure. The GPU rows
 compile the Pallas (Triton) flash-attention kernel (`attention_impl=auto` on a GPU target when cuDNN cannot be
 loaded, as on this compile-only host; a GPU host with cuDNN runs cuDNN's kernels, which cannot be built here).
@@ -312,7 +312,7 @@ def write(rows: list[dict]) -> None:
                "in constraints.txt). Full OSUM (8.0 B parameters), bf16 compute, frozen LLM in bf16, remat "
                "`dots_with_no_batch_dims_saveable`, OSUM's `link_and_encoder_and_lora`. Memory, FLOPs, collectives "
                "and cycles are the target compiler's own (per device, loop trip counts included); MFU = "
-               "trainable-aware model FLOPs (`osum_jax/train/flops.py`) / step time / chip peak. TPU rows: the "
+               "trainable-aware model FLOPs (`osum_jax/models/flops.py`) / step time / chip peak. TPU rows: the "
                "step time of the TPU compiler's cost model. GPU rows (XLA:GPU has no cost model): two roofline "
                "bounds, each a lower bound on the step time and so an upper bound on MFU, not a prediction: the "
                "whole program's `max(FLOPs / peak, HBM bytes / bandwidth)`, and the per-kernel bound, each kernel's "

@@ -8,7 +8,7 @@ random weights made on the devices (``init_state``: no checkpoint needed, 7.6 B 
 feeds random features and token ids at that bucket's full lengths, and times ``--steps`` steps after
 ``--warmup``. One JSON object on stdout (``--json-out`` writes it too), in one run side by side:
 
-* ``compiler``: the report of :func:`osum_jax.train.aot.compiled_report` for this very executable (memory, HLO
+* ``compiler``: the report of :func:`osum_jax.perf.aot.compiled_report` for this very executable (memory, HLO
   FLOPs and bytes; on a GPU the two roofline bounds on the step time, whole-program and per-kernel, and the MFU
   bounds they give on the chip's datasheet peak);
 * ``measured``: median / min step seconds, LLM tokens/s per device, MFU at the measured time (trainable-aware
@@ -59,7 +59,7 @@ def measure(cfg, *, steps: int, warmup: int, hlo_out: str | None = None) -> dict
     import jax
 
     from osum_jax.models.layers import as_dtype  # noqa: F401  (models import before the program)
-    from osum_jax.train.aot import chip_of, compiled_report, llm_tokens
+    from osum_jax.perf.aot import chip_of, compiled_report, llm_tokens
     from osum_jax.train.mesh import build_mesh
     from osum_jax.train.step import TrainProgram
 

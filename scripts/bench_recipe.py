@@ -6,7 +6,7 @@
 1. ``osum-train configs/osum_full.yaml --plan --global-frames 374400`` (OSUM: 24 GPUs x accum_grad 4 x 3900
    frames) proposes the per-device budget x accumulation for the target (the fewest accumulation steps that
    leave 20 % of HBM free by the ``--plan`` estimate);
-2. the pipeline's own batcher packs the length mix (``osum_jax.train.plan.LENGTH_MIX``) with that proposal,
+2. the pipeline's own batcher packs the length mix (``osum_jax.perf.plan.LENGTH_MIX``) with that proposal,
    per device, giving each bucket's share of the batches and the padding waste;
 3. the ``--buckets`` buckets holding most of the mix's padded frames are compiled for the target with the
    default flags of ``configs/osum_full.yaml`` (``--plan --target T --bucket FxL``, one process each);
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from osum_jax.train.plan import OSUM_GLOBAL_FRAMES  # noqa: E402
+from osum_jax.perf.plan import OSUM_GLOBAL_FRAMES  # noqa: E402
 
 
 def _commit() -> str:
@@ -50,8 +50,8 @@ def main(argv=None) -> int:
 
     from osum_jax.config import load_config
     from osum_jax.data.pipeline import BucketSpec, packing_report, static_prompt_len
-    from osum_jax.train.aot import parse_target
-    from osum_jax.train.plan import LENGTH_MIX, length_mix, propose_recipe
+    from osum_jax.perf.aot import parse_target
+    from osum_jax.perf.plan import LENGTH_MIX, length_mix, propose_recipe
 
     target = parse_target(args.target)
     cfg = load_config(str(ROOT / "configs/osum_full.yaml"), args.mesh)

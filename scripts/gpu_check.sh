@@ -117,7 +117,7 @@ main() {
 
   # --- 0. packages ---------------------------------------------------------------------------------------------
   JAX_SIDE="image"
-  local site="$WORK/site" probe=(-c "import scripts.bench_gpu_step, osum_jax.train.step, osum_jax.train.aot, osum_jax.train.mesh")
+  local site="$WORK/site" probe=(-c "import scripts.bench_gpu_step, osum_jax.train.step, osum_jax.perf.aot, osum_jax.train.mesh")
   if [ "$MODE" = gpu ]; then
     local wdir="$WHEELS"
     case "$wdir" in /*) ;; *) wdir="$ROOT/$wdir" ;; esac

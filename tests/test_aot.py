@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import pytest
 
 from osum_jax.config import load_config
-from osum_jax.train.aot import compile_plan, parse_target
-from osum_jax.train.flops import train_step_flops
-from osum_jax.train.hlo import analyse_hlo
+from osum_jax.perf.aot import compile_plan, parse_target
+from osum_jax.models.flops import train_step_flops
+from osum_jax.perf.hlo import analyse_hlo
 
 pytestmark = pytest.mark.target
 
@@ -285,8 +285,8 @@ def test_triton_flash_attention_flops_are_counted(gpu_compiler):
     from jax.experimental.pallas.ops.gpu.attention import mha
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from osum_jax.train.aot import target_devices
-    from osum_jax.train.hlo import analyse_hlo
+    from osum_jax.perf.aot import target_devices
+    from osum_jax.perf.hlo import analyse_hlo
 
     devices = target_devices(parse_target("cuda:h100:8"))
     sharding = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from osum_jax.train.aot import CHIPS, chip_of
+from osum_jax.perf.aot import CHIPS, chip_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from osum_jax.models import OSUM
-from osum_jax.train.flops import forward_flops
+from osum_jax.models.flops import forward_flops
 from tests.helpers import tiny_model_config
 
 

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from osum_jax.train.aot import step_lines
-from osum_jax.train.hlo import analyse_hlo, roofline_bounds
+from osum_jax.perf.aot import step_lines
+from osum_jax.perf.hlo import analyse_hlo, roofline_bounds
 
 # A loop of 4 iterations (XLA's known_trip_count) over two fused kernels on f32[256,256] (262,144 bytes each):
 # a matmul fused with its tanh (compute-bound on the machine below) and an elementwise multiply (memory-bound);

@@ -128,41 +128,6 @@ def resolve_config(args):
     return cfg
 
 
-def _plan_recipe(cfg, args) -> int:
-    """``--plan --global-frames N``: the per-device budget x accumulation for a recipe's global batch."""
-    from .plan import format_proposal, propose_recipe
-
-    if args.target:
-        from .aot import parse_target
-
-        target = parse_target(args.target)
-        n, mem, platform = target.devices, target.chip.hbm_gb, {"tpu": "tpu", "cuda": "gpu"}[target.chip.platform]
-    else:
-        if not args.devices or not args.device_memory_gb:
-            print("osum-train: --global-frames needs --target, or --devices and --device-memory-gb",
-                  file=sys.stderr)
-            return 2
-        n, mem, platform = args.devices, args.device_memory_gb, None
-    p = propose_recipe(cfg, n, mem, args.global_frames, platform=platform)
-    base = " ".join(["osum-train", *([args.config] if args.config else []),
-                     *([f"--osum-config {args.osum_config}"] if args.osum_config else []), *args.overrides])
-    if not args.target or p["proposal"] is None:
-        print(json.dumps(p, indent=1) if args.json else format_proposal(p, base))
-        return 0 if p["proposal"] is not None else 1
-    from .aot import MissingCompiler, compile_plan, format_report
-    from .plan import recipe_config
-
-    chosen = recipe_config(cfg, p["data_parallel"], p["proposal"]["grad_accum"], args.global_frames)
-    try:
-        report = compile_plan(chosen, args.target, hlo_out=args.hlo_out or None, bucket=args.bucket_shape)
-    except MissingCompiler as e:
-        print(f"osum-train: {e}", file=sys.stderr)
-        return 2
-    report["proposal"] = p
-    print(json.dumps(report, indent=1) if args.json else format_proposal(p, base) + "\n" + format_report(report))
-    return 0
-
-
 def main(argv=None) -> int:
     apply_gpu_xla_defaults()
     ap = argparse.ArgumentParser(prog="osum-train", description=__doc__,
@@ -239,30 +204,10 @@ def main(argv=None) -> int:
     if args.global_frames < 0:
         print("osum-train: --global-frames must be positive", file=sys.stderr)
         return 2
-    if args.plan:
-        if args.target:  # compiling for a topology needs no accelerator backend on this host
-            os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        try:
-            if args.global_frames:
-                return _plan_recipe(cfg, args)
-            if args.target:
-                from .aot import MissingCompiler, compile_plan, format_report
+    if args.plan:  # what the compilers and the memory model say (osum_jax.perf); nothing is trained
+        from ..perf.cli import run_plan
 
-                try:
-                    report = compile_plan(cfg, args.target, hlo_out=args.hlo_out or None, bucket=bucket)
-                except MissingCompiler as e:
-                    print(f"osum-train: {e}", file=sys.stderr)
-                    return 2
-                print(json.dumps(report, indent=1) if args.json else format_report(report))
-            else:
-                from .plan import format_plan, plan
-
-                p = plan(cfg, args.devices or None, args.device_memory_gb)
-                print(json.dumps(p, indent=1) if args.json else format_plan(p))
-        except ConfigError as e:
-            print(f"osum-train: config error: {e}", file=sys.stderr)
-            return 2
-        return 0
+        return run_plan(cfg, args)
     from .preflight import check
 
     try:

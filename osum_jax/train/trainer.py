@@ -27,7 +27,7 @@ from ..config import Config
 from ..models import OSUM
 from .agree import AgreedBatches
 from ..checkpoint import RunCheckpointer, load_flat, read_config, read_prompts, restore_params
-from .flops import train_step_flops
+from ..models.flops import train_step_flops
 from .mesh import (align_across_processes, build_mesh, data_parallel_size, empty_batch, from_every_process,
                    global_to_host, process_flags, put_batch, put_rows)
 from .metrics import MetricsWriter, StepAccumulator, flat_scores

@@ -179,8 +179,8 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None,
     import time
 
     from ..models.layers import as_dtype  # noqa: F401  (models import before the program)
-    from .mesh import build_mesh
-    from .step import TrainProgram
+    from ..train.mesh import build_mesh
+    from ..train.step import TrainProgram
 
     target = parse_target(target_spec)
     devices = target_devices(target)
@@ -217,7 +217,7 @@ def compiled_report(cfg: Config, inputs, compiled, chip: Chip | None, target: st
     peak, so no roofline step time or MFU."""
     import jax
 
-    from .flops import train_step_flops
+    from ..models.flops import train_step_flops
     from .plan import plan as estimate
 
     shape = tuple(inputs.batch["feats"].shape[:2]) + (inputs.batch["prompt"].shape[1],

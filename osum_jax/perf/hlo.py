@@ -1,4 +1,4 @@
-"""Optimized HLO text analysis for ``osum-train --plan --target`` (:mod:`osum_jax.train.aot`).
+"""Optimized HLO text analysis for ``osum-train --plan --target`` (:mod:`osum_jax.perf.aot`).
 
 XLA's ``cost_analysis`` counts a loop body once; :func:`analyse_hlo` reads the optimized HLO module text the
 compiler returns and counts, per device and step, with loop trip counts applied:

@@ -23,8 +23,8 @@ from ..data.pipeline import BucketSpec, packing_report, static_prompt_len
 from ..models import OSUM
 from ..models.attention import sequence_multiple
 from ..models.layers import as_dtype
-from .mesh import AXES, frozen_rules_of, mesh_shape, rules_of
-from .trainable import trainable_filter
+from ..train.mesh import AXES, frozen_rules_of, mesh_shape, rules_of
+from ..train.trainable import trainable_filter
 
 GiB = 1024 ** 3
 
