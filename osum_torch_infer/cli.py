@@ -29,7 +29,7 @@ from typing import Sequence
 
 def _infer_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osum-infer", description="OSUM inference with a torch package "
-                                "(subcommands: export-onnx, calibrate-fp16)")
+                                "(subcommands: merge, export-onnx, calibrate-fp16)")
     p.add_argument("--model", required=True, help="package directory written by osum-convert export-torch")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--wav", nargs="+", help="audio files (any format libsndfile reads)")
