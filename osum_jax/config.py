@@ -1,8 +1,10 @@
 """Typed configuration: dataclasses loaded from YAML with MaxText-style ``key=value`` overrides.
 
 A config file holds only the values that differ from the dataclass defaults (the defaults are OSUM's own
-values, so ``configs/osum_full.yaml`` is short). Overrides use dotted paths::
+values, so ``configs/osum_full.yaml`` is short). Loading lives in :mod:`osum_jax.config_loading` (which imports this
+module, never the reverse). Overrides use dotted paths::
 
+    from osum_jax.config_loading import load_config
     cfg = load_config("configs/tiny.yaml", ["model.llm.num_layers=4", "model.dtype=bfloat16"])
 
 Every key is checked: an unknown key or a value of the wrong type raises ``ConfigError`` naming the key and
@@ -86,8 +88,17 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
 
     @property
+    def enabled(self) -> bool:
+        """The one definition of "this model has LoRA adapters"."""
+        return self.rank > 0
+
+    def rank_of(self, name: str) -> int:
+        """The adapter rank of projection ``name`` (0: none)."""
+        return self.rank if self.enabled and name in self.targets else 0
+
+    @property
     def scaling(self) -> float:
-        return self.alpha / self.rank if self.rank else 0.0
+        return self.alpha / self.rank if self.enabled else 0.0
 
 
 REMAT_POLICIES = (
@@ -439,6 +450,3 @@ def to_plain(obj: Any) -> Any:
         return [to_plain(v) for v in obj]
     return obj
 
-
-# the YAML / key=value loading lives in config_loading.py; these names are the config API
-from .config_loading import config_from_dict, load_config, parse_overrides  # noqa: E402,F401

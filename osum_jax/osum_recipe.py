@@ -16,7 +16,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError
+
+from .config_loading import config_from_dict
 
 
 _ANY = object()  # no required value

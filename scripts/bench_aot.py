@@ -99,7 +99,7 @@ def _commit() -> str:
 
 def reestimate(r: dict, name: str) -> dict:
     """A reused row gets today's ``--plan`` estimate (no compile: the estimate is arithmetic on shapes)."""
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
     from osum_jax.perf.aot import parse_target
     from osum_jax.perf.plan import plan
 

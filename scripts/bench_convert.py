@@ -141,7 +141,7 @@ def main() -> None:
     if args.verify_only:
         print(verify(Path(args.verify_only[0]), Path(args.verify_only[1])))
         return
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
 
     overrides = [] if args.layers is None else [f"model.encoder.num_layers={args.layers}",
                                                 f"model.llm.num_layers={args.layers}"]

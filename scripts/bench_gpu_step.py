@@ -142,7 +142,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
 
     n = len(jax.devices())
     overrides = ([] if args.no_common else list(COMMON)) + [f"train.mesh.data={n}", "train.mesh.fsdp=1"]

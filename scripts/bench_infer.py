@@ -56,7 +56,7 @@ def _tokenizer(directory: Path) -> Path:
 def build_packages(config: str, root: Path) -> tuple[Path, Path]:
     from flax import nnx
 
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
     from osum_jax.convert.torch_package import export_torch_package
     from osum_jax.models import OSUM
 

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from osum_jax.config import load_config
+from osum_jax.config_loading import load_config
 from osum_jax.models import OSUM
 
 

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="use compiled rows already in --json-dir")
     args = ap.parse_args(argv)
 
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
     from osum_jax.data.pipeline import BucketSpec, packing_report, static_prompt_len
     from osum_jax.perf.aot import parse_target
     from osum_jax.perf.plan import LENGTH_MIX, length_mix, propose_recipe

@@ -28,7 +28,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from osum_jax.config import load_config  # noqa: E402
+from osum_jax.config_loading import load_config  # noqa: E402
 from osum_jax.models import OSUM  # noqa: E402
 from osum_jax.train.trainable import trainable_filter  # noqa: E402
 from scripts.bench_model import make_batch  # noqa: E402

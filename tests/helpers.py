@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from osum_jax.config import load_config
+from osum_jax.config_loading import load_config
 
 TINY = "configs/tiny.yaml"
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from osum_jax.config import load_config
+from osum_jax.config_loading import load_config
 from osum_jax.perf.aot import compile_plan, parse_target
 from osum_jax.models.flops import train_step_flops
 from osum_jax.perf.hlo import analyse_hlo

@@ -2,7 +2,9 @@
 
 import pytest
 
-from osum_jax.config import Config, ConfigError, config_from_dict, load_config
+from osum_jax.config import Config, ConfigError
+
+from osum_jax.config_loading import config_from_dict, load_config
 
 
 def test_full_config_is_osum():

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from osum_jax import checkpoint as ck
-from osum_jax.config import load_config
+from osum_jax.config_loading import load_config
 from osum_jax.convert.average import average
 from osum_jax.convert.cli import main
 from tests.helpers import TINY

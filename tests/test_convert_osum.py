@@ -394,7 +394,7 @@ def _save_run(cfg_overrides, out, edit=None):
     """An osum-train run directory (one device) holding the trainer's model at step 3, after ``edit(model)``."""
     import jax
 
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
     from osum_jax.train.trainer import Trainer
 
     cfg = load_config(TINY, ["train.output_dir=/tmp/unused", "train.progress=false", "train.mesh.fsdp=1",

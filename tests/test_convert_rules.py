@@ -3,7 +3,7 @@
 import numpy as np
 
 from osum_jax import checkpoint as ck
-from osum_jax.config import load_config
+from osum_jax.config_loading import load_config
 from osum_jax.convert.hf import qwen2_rules, whisper_rules
 from osum_jax.convert.osum_pt import osum_table
 from osum_jax.convert.package_table import package_rules, package_stacks

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from osum_jax.config import load_config
+from osum_jax.config_loading import load_config
 from osum_jax.models import OSUM
 from osum_jax.models.axes import LOGICAL_AXES
 from osum_jax.models.layers import Buffer

@@ -3,7 +3,9 @@
 import jax
 import pytest
 
-from osum_jax.config import ConfigError, MeshConfig, load_config
+from osum_jax.config import ConfigError, MeshConfig
+
+from osum_jax.config_loading import load_config
 from osum_jax.perf.aot import compile_plan, parse_target
 from osum_jax.train.mesh import build_mesh, mesh_shape
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from osum_jax.config import ConfigError, load_config
+from osum_jax.config import ConfigError
+
+from osum_jax.config_loading import load_config
 from osum_jax.osum_recipe import config_from_recipe, read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

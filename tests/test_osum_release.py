@@ -172,7 +172,7 @@ def test_unsupported_osum_settings_are_refused(release, tmp_path):
 def test_osum_train_takes_the_stored_prompts_by_default(release, tmp_path):
     import jax
 
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
     from osum_jax.convert import commands
     from osum_jax.train.trainer import Trainer
 

@@ -145,7 +145,7 @@ def test_global_batch_proposal_reproduces_the_recipe_and_respects_memory():
     """``--plan --global-frames``: every candidate's per-device budget x devices x accumulation covers the
     recipe's frames per optimizer step (within one frame per device and step); the proposal is the fewest
     accumulation steps whose memory estimate leaves 20 % free, so less memory means more accumulation."""
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
     from osum_jax.perf.plan import propose_recipe
 
     cfg = load_config("configs/tiny.yaml", ["train.mesh.data=2", "train.mesh.fsdp=1", "data.max_prompt_tokens=16"])

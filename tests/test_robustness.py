@@ -217,7 +217,7 @@ def test_osum_train_mistakes_are_one_line_and_exit_2(corpus, tmp_path):
         "empty label": ok + ["data.strict=true"],  # the data list's line 3, refused before anything is created
     }
     # an output_dir holding a run of another model (its newest step's config item, in the one checkpoint layout)
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
 
     other = load_config(str(ROOT / "configs/tiny.yaml"), ["model.llm.num_layers=3"])
     step = tmp_path / "other_run" / "checkpoints" / "5"

@@ -95,7 +95,7 @@ def test_sigterm_saves_and_exits(speech_corpus, tmp_path):
 @pytest.mark.slow
 def test_tiny_model_learns_real_speech_and_decodes_it(speech_corpus, tmp_path):
     """Train from scratch on the espeak corpus until greedy decoding reproduces the training transcripts."""
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
     from osum_jax.train.trainer import Trainer
 
     cfg = load_config("configs/tiny.yaml", _overrides(
@@ -169,7 +169,7 @@ def test_two_processes_train_together_and_resume_exactly(speech_corpus, tmp_path
     as one process evaluating the same checkpoint over the whole dev list."""
     import jax
 
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
     from osum_jax.train.trainer import Trainer
 
     port = 20000 + os.getpid() % 20000
@@ -245,7 +245,7 @@ def test_data_running_out_still_saves_the_last_step(speech_corpus, tmp_path):
     that step, although it is not a multiple of checkpoint_every."""
     import jax
 
-    from osum_jax.config import load_config
+    from osum_jax.config_loading import load_config
     from osum_jax.train.trainer import Trainer
 
     cfg = load_config("configs/tiny.yaml", _overrides(speech_corpus, tmp_path / "ep", **{

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from osum_jax.config import load_config
+from osum_jax.config_loading import load_config
 from osum_jax.train.trainable import trainable_filter
 from osum_jax.train.trainer import Trainer
 from tests.helpers import rel_err

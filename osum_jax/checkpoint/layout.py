@@ -38,7 +38,9 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
 
-from ..config import Config, ConfigError, config_from_dict
+from ..config import Config, ConfigError
+
+from ..config_loading import config_from_dict
 from .store import LAYOUT_FORMAT, nest, open_stored_array
 from .tree import CheckpointMismatch, flat_variables, load_flat
 

@@ -85,7 +85,7 @@ def qwen2_layer_rules(cfg: LLMConfig, lora: LoRAConfig | None) -> list[Rule]:
         rows.append(Rule(f"{mod}.kernel", f"{mod}.weight", LINEAR))
         if has_bias and cfg.attention_bias:
             rows.append(Rule(f"{mod}.bias", f"{mod}.bias", IDENTITY))
-        if lora is not None and lora.rank > 0 and mod.split(".")[-1] in lora.targets:
+        if lora is not None and lora.rank_of(mod.split(".")[-1]):
             rows.append(Rule(f"{mod}.lora_a", f"{mod}.lora_A.weight", LINEAR))
             rows.append(Rule(f"{mod}.lora_b", f"{mod}.lora_B.weight", LINEAR))
     return rows

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import checkpoint as ck
-from ..config import ConfigError, load_config
+from ..config import ConfigError
+from ..config_loading import load_config
 from .osum_pt import plan_import
 from .sources import TorchPtSource, file_size
 from .stream import (

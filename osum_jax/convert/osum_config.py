@@ -17,7 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from ..config import Config, ConfigError, config_from_dict, load_config
+from ..config import Config, ConfigError
+
+from ..config_loading import config_from_dict, load_config
 from ..osum_recipe import merge
 from .sources import SourceError
 

@@ -111,7 +111,7 @@ def osum_rules(cfg: ModelConfig) -> list[Rule]:
     rows += [Rule(at + "layer_norm.scale", st + "after_norm.weight", IDENTITY),
              Rule(at + "layer_norm.bias", st + "after_norm.bias", IDENTITY)]
     top = {r.jax: r for r in QWEN2_TOP}  # embed_tokens, norm.scale, lm_head
-    block = _module_order(qwen2_layer_rules(cfg.llm, cfg.lora if cfg.lora.rank > 0 else None), _QWEN2_ORDER)
+    block = _module_order(qwen2_layer_rules(cfg.llm, cfg.lora if cfg.lora.enabled else None), _QWEN2_ORDER)
     llm = [top["embed_tokens"], *over_layers(block, "layers.", "model.layers."), top["norm.scale"]]
     if not cfg.llm.tie_word_embeddings:
         llm.append(top["lm_head"])
@@ -162,7 +162,7 @@ def peft_key(table_key: str, lora_targets: Sequence[str], style: str = "base_lay
 
 def canonical_keys(cfg: ModelConfig) -> list[str]:
     """OSUM's full key list in its state-dict order (module registration order, reference §4)."""
-    targets = cfg.lora.targets if cfg.lora.rank > 0 else ()
+    targets = cfg.lora.targets if cfg.lora.enabled else ()
     table = [peft_key(e.torch_key, targets) for e in osum_table(cfg)]
     order = ["encoder.", "ln_speech.", "speech_transformer.", LLM_PREFIX, "down_sample_2.", "speech_llama_proj.",
              "embed_tokens.", "lm_head.", "speech_token_emded.", "speaker_head."]

@@ -40,7 +40,7 @@ PEFT_PREFIX = "base_model.model."  # LoRA tensors kept apart: peft's names for t
 
 
 def package_rules(cfg: ModelConfig) -> list[Rule]:
-    """The package's table, in the package's tensor order (LoRA A/B rows included when ``cfg.lora.rank > 0``)."""
+    """The package's table, in the package's tensor order (LoRA A/B rows included when ``cfg.lora.enabled``)."""
     rows = prefixed(whisper_rules(cfg.encoder.key_bias), "encoder.", "encoder.")
     for i in range(len(cfg.adapter.conv_strides)):
         rows += [Rule(f"adapter.downsample.convs.{i}.kernel", f"adapter.convs.{i}.weight", CONV),
@@ -48,7 +48,7 @@ def package_rules(cfg: ModelConfig) -> list[Rule]:
     rows += prefixed(ADAPTER_TOP, "adapter.", "adapter.")
     rows += over_layers(whisper_layer_rules(True), "adapter.transformer.layers.", "adapter.layers.")
     rows.append(Rule("speech_embed", "speech_embed.weight", IDENTITY))
-    rows += prefixed(qwen2_rules(cfg.llm, cfg.lora if cfg.lora.rank > 0 else None), "llm.", "llm.")
+    rows += prefixed(qwen2_rules(cfg.llm, cfg.lora if cfg.lora.enabled else None), "llm.", "llm.")
     return rows
 
 

@@ -219,7 +219,7 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
     eos_id = _tokenizer_eos(tok_dir, eod_token)
     prompts_file = Path(prompts_path) if prompts_path else DEFAULT_PROMPTS
     PromptBook.load(prompts_file)  # validates the file (raises naming it)
-    if cfg.lora.rank == 0:
+    if not cfg.lora.enabled:
         merge_lora = True  # nothing to keep apart
 
     tensors = plan_package(model, cfg, merge_lora)

@@ -40,12 +40,12 @@ def forward_parts(cfg: ModelConfig, batch: int, frames: int, prompt: int, target
     hd, d = l_.resolved_head_dim, l_.hidden_size
     qkvo = d * (l_.num_heads + 2 * l_.num_kv_heads) * hd + l_.num_heads * hd * d
     lora = 0
-    if cfg.lora.rank:
+    if cfg.lora.enabled:
         dims = {"q_proj": (d, l_.num_heads * hd), "k_proj": (d, l_.num_kv_heads * hd),
                 "v_proj": (d, l_.num_kv_heads * hd), "o_proj": (l_.num_heads * hd, d),
                 "gate_proj": (d, l_.intermediate_size), "up_proj": (d, l_.intermediate_size),
                 "down_proj": (l_.intermediate_size, d)}
-        lora = sum(cfg.lora.rank * (i + o) for name, (i, o) in dims.items() if name in cfg.lora.targets)
+        lora = sum(cfg.lora.rank_of(name) * (i + o) for name, (i, o) in dims.items())
     return {
         "encoder": float(batch * enc),
         "adapter": float(batch * ad),
@@ -67,7 +67,7 @@ def train_step_flops(cfg: ModelConfig, batch: int, frames: int, prompt: int, tar
     parts = forward_parts(cfg, batch, frames, prompt, target)
     if trainable is None:
         return 3.0 * sum(parts.values())
-    lora_on = cfg.lora.rank > 0
+    lora_on = cfg.lora.enabled
     enc = trainable in ("encoder", "link_and_encoder", "link_and_encoder_and_lora", "all")
     link = trainable in ("link", "link_and_encoder", "link_and_encoder_and_lora", "all")
     base = trainable == "all" or (trainable == "llm" and not lora_on)

@@ -46,7 +46,7 @@ def plan(cfg: Config, n_devices: int | None = None, device_memory_gb: float = 0.
     n_devices = n_devices or jax.device_count()
     sizes = dict(zip(AXES, mesh_shape(tc.mesh, n_devices)))
     model = nnx.eval_shape(lambda: OSUM(mc, rngs=nnx.Rngs(0)))
-    flt = trainable_filter(tc.fire_module, mc.lora.rank > 0)
+    flt = trainable_filter(tc.fire_module, mc.lora.enabled)
     frozen_flt = nnx.All(nnx.Param, nnx.Not(flt))
     with nn.logical_axis_rules(rules_of(tc.mesh)):
         train_specs = nnx.get_partition_spec(nnx.state(model, flt))

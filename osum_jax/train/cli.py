@@ -92,7 +92,9 @@ def resolve_config(args):
     sets ``data.prompts``. Raises ``ConfigError`` (one line for the user)."""
     import yaml
 
-    from ..config import ConfigError, load_config
+    from ..config import ConfigError
+
+    from ..config_loading import load_config
 
     if args.config is not None and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None  # `--osum-config X key=value ...`
@@ -164,7 +166,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # orbax logs ~60 INFO lines per checkpoint through absl
         logging.getLogger("absl").setLevel(logging.WARNING)
-    from ..config import ConfigError, load_config
+    from ..config import ConfigError
+    from ..config_loading import load_config
 
     try:
         cfg = resolve_config(args)

@@ -47,7 +47,7 @@ class Trainer:
         self.mesh = build_mesh(tc.mesh, devices)
         self.program = TrainProgram(cfg, self.mesh)  # the step osum-train --plan --target compiles, exactly
         self.out_dir = Path(tc.output_dir)
-        self.lora_enabled = cfg.model.lora.rank > 0
+        self.lora_enabled = cfg.model.lora.enabled
         self.filter = self.program.filter
         if tc.init_from:
             trainable, frozen, buffers = self._load_initial_weights(tc.init_from)
