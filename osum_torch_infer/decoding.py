@@ -115,6 +115,7 @@ def greedy_decode(llm, x: torch.Tensor, mask: torch.Tensor, generation_config,
     del out
     pos = positions[:, -1:]
     unfinished = torch.ones(b, dtype=torch.bool, device=x.device)
+    alive = torch.zeros((), dtype=torch.long, device=x.device)  # steps after which some row was still going
     tokens = []
     # a host sync per token is free on CPU; on accelerators look at the stop condition every few tokens
     check_every = 1 if x.device.type == "cpu" else 8
@@ -128,13 +129,15 @@ def greedy_decode(llm, x: torch.Tensor, mask: torch.Tensor, generation_config,
         if loop_guard is not None:
             repeats, max_ngram = loop_guard
             unfinished &= ~looping_rows(torch.stack(tokens[-repeats * max_ngram:], dim=1), repeats, max_ngram)
+        alive += unfinished.any()
         if t == max_new - 1 or ((t + 1) % check_every == 0 and not bool(unfinished.any())):
             break
         pos = pos + 1
         hidden = llm.model(input_ids=nxt[:, None], position_ids=pos, past_key_values=cache, use_cache=True,
                            attention_mask=None if full_mask is None else full_mask[:, :s + t + 1])
         logits = llm.lm_head(hidden.last_hidden_state[:, -1]).float()
-    return torch.stack(tokens, dim=1)
+    # generate() stops at the step that ends the last row; the loop may have looked a few steps later
+    return torch.stack(tokens, dim=1)[:, :int(alive) + 1]
 
 
 # GenerationConfig fields the lean greedy loop implements (or that do not affect greedy decoding's tokens)

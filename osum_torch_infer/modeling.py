@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel, Qwen2ForCausalLM
+from transformers import (AutoConfig, AutoFeatureExtractor, AutoModel, AutoProcessor, GenerationMixin, PreTrainedModel,
+                          Qwen2ForCausalLM)
 
 from . import contract
 from .attention import ATTN_IMPLEMENTATION  # registers SDPA with NaN-safe masks (see attention.py)
@@ -36,10 +37,14 @@ from .decoding import (check_loop_guard, fast_greedy_unsupported, greedy_decode,
 from .devices import apply_npu_fusions, resolve_dtype, select_device
 from .loading import cast_parameters, check_tensors, load_audio_tensors, merge_adapter
 from .package import AdapterConfig, EncoderConfig, PackageConfig, PackageError, read_prompts  # noqa: F401
+from .processing_osum import OSUMFeatureExtractor, OSUMProcessor
 
 log = logging.getLogger("osum_torch_infer")
 AUDIO_PREFIXES = ("encoder.", "adapter.", "speech_embed.")  # the audio tower's tensors (+ the speech markers)
 _SPREAD_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map strategies
+# generate() arguments that are not GenerationConfig fields (they need transformers' generate)
+_GENERATE_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+                       "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask")
 
 
 def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -72,8 +77,7 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
         self.speech_embed = nn.Embedding(config.speech_token_num + 2, d_llm)
         self.llm = Qwen2ForCausalLM(config.text_config)
         self.eos_token_id = config.eos_token_id
-        self.tokenizer = None
-        self.prompts: dict[str, list[str]] = {}
+        self.processor = None  # an OSUMProcessor (tokenizer + prompt book), set by from_pretrained
         self.generation_defaults: dict = {}
         self.path: Path | None = None
         self.device_reason = ""
@@ -165,13 +169,7 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
                                  conversion_errors={}, skipped_pp_keys=set())
 
     def _load_text_side(self, root: Path) -> None:
-        from transformers import PreTrainedTokenizerFast
-
-        tok_file = root / "tokenizer.json"
-        if not tok_file.is_file():
-            raise PackageError(f"{root}: tokenizer.json is missing")
-        self.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tok_file))
-        self.prompts = read_prompts(root, self.config.prompts_file)
+        self.processor = OSUMProcessor.from_pretrained(root)
         gfile = root / "generation_config.json"
         if gfile.is_file():
             try:
@@ -295,11 +293,85 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
             mask[i, s - r.shape[0]:] = 1
         return x, mask
 
+    def generate(self, *args, **kwargs):
+        """transformers' signature, as Qwen2-Audio: ``generate(input_features=[B, n_mels, T],
+        feature_attention_mask=[B, T], input_ids=prompt ids [B, P] (left-padded), attention_mask=[B, P], ...)``
+        (what :class:`~osum_torch_infer.processing_osum.OSUMProcessor` returns, so
+        ``model.generate(**processor(audio, task=...))`` works) returns what transformers' ``generate`` returns
+        given ``inputs_embeds``: the new tokens ``[B, T]`` (end-of-text, then pad, after a row ends), or a
+        ``GenerateOutput`` with ``return_dict_in_generate=True``. See :meth:`generate_from_features`.
+
+        The earlier call ``generate(feats, feats_lengths, prompts, ...)`` (or ``feats=``) still returns token lists:
+        it is :meth:`generate_tokens`."""
+        if args or "feats" in kwargs:
+            return self.generate_tokens(*args, **kwargs)
+        return self.generate_from_features(**kwargs)
+
+    def _generation_config(self, decoding: str | None, generation_config, overrides: dict):
+        if generation_config is not None:
+            gc = copy.deepcopy(generation_config)
+            gc.update(**{k: v for k, v in overrides.items() if v is not None})  # overrides apply here too
+            return gc
+        return self.decoding_config(decoding or "greedy", **overrides)
+
+    def _decode_prefix(self, x: torch.Tensor, mask: torch.Tensor, gc, engine: str, guard, hf_kwargs: dict):
+        """The prefix ``x``/``mask`` decoded by the lean greedy loop or transformers' ``generate``."""
+        if engine not in ("auto", "hf", "fast"):
+            raise ValueError(f"unknown engine {engine!r}; expected auto, hf or fast")
+        why = fast_greedy_unsupported(gc) if engine != "hf" else "engine='hf'"
+        if not why and hf_kwargs:
+            why = f"generate() arguments {sorted(hf_kwargs)}"
+        if engine == "auto" and not why:
+            why = hf_compiles_decode(gc, self.device)
+        if engine == "fast" and why:
+            raise ValueError(f"engine='fast' supports plain greedy decoding only: {why}")
+        if why:
+            extra = dict(hf_kwargs)
+            if guard:
+                stops = loop_stopping_criteria(*guard)
+                if extra.get("stopping_criteria"):
+                    stops.extend(extra["stopping_criteria"])
+                extra["stopping_criteria"] = stops
+            return GenerationMixin.generate(self, inputs_embeds=x, attention_mask=mask, generation_config=gc,
+                                            **extra)
+        return greedy_decode(self.llm, x, mask, gc, loop_guard=guard)
+
     @torch.inference_mode()
-    def generate(self, feats, feats_lengths, prompts: Sequence[Sequence[int]], decoding: str = "greedy",
-                 generation_config=None, *, engine: str = "auto", loop_repeats: int = 0, loop_max_ngram: int = 8,
-                 **overrides) -> list[list[int]]:
-        """Batched generation; returns each row's new tokens up to (excluding) the end-of-text id.
+    def generate_from_features(self, input_features, feature_attention_mask=None, input_ids=None,
+                               attention_mask=None, generation_config=None, *, decoding: str | None = None,
+                               engine: str = "auto", loop_repeats: int = 0, loop_max_ngram: int = 8, **kwargs):
+        """``input_features [B, n_mels, T]`` with ``feature_attention_mask [B, T]`` (1 = real frame; all frames
+        when omitted) and the prompt ``input_ids [B, P]`` with ``attention_mask [B, P]`` (its 1s; all ids when
+        omitted; no prompt when ``input_ids`` is omitted) -> transformers' ``generate`` output (new tokens only).
+
+        ``decoding`` (``greedy``, ``beam``, ``osum``: :meth:`decoding_config`) or ``generation_config`` give the
+        settings; other keyword arguments are ``GenerationConfig`` fields or ``generate`` arguments
+        (``stopping_criteria``, ``logits_processor``, ``streamer``, ...). ``engine`` and the loop guard
+        (``loop_repeats``, ``loop_max_ngram``) as in :meth:`generate_tokens` (a stopped row is not trimmed here)."""
+        hf_kwargs = {k: kwargs.pop(k) for k in _GENERATE_ARGUMENTS if k in kwargs}
+        gc = self._generation_config(decoding, generation_config, kwargs)
+        check_loop_guard(loop_repeats, loop_max_ngram)
+        guard = (int(loop_repeats), int(loop_max_ngram)) if loop_repeats else None
+        feats = _as_tensor(input_features, self.device).transpose(1, 2)
+        b, t = feats.shape[:2]
+        lengths = (_as_tensor(feature_attention_mask, self.device, torch.long).sum(-1)
+                   if feature_attention_mask is not None else torch.full((b,), t, dtype=torch.long))
+        if input_ids is None:
+            prompts = [[] for _ in range(b)]
+        else:
+            ids = _as_tensor(input_ids, torch.device("cpu"), torch.long)
+            keep = (_as_tensor(attention_mask, torch.device("cpu"), torch.long).bool() if attention_mask is not None
+                    else torch.ones_like(ids, dtype=torch.bool))
+            prompts = [ids[i][keep[i]].tolist() for i in range(ids.shape[0])]
+        x, mask = self.build_prefix(feats, lengths, prompts)
+        return self._decode_prefix(x, mask, gc, engine, guard, hf_kwargs)
+
+    @torch.inference_mode()
+    def generate_tokens(self, feats, feats_lengths, prompts: Sequence[Sequence[int]], decoding: str = "greedy",
+                        generation_config=None, *, engine: str = "auto", loop_repeats: int = 0,
+                        loop_max_ngram: int = 8, **overrides) -> list[list[int]]:
+        """Batched generation from ``feats [B, T, n_mels]``; returns each row's new tokens up to (excluding) the
+        end-of-text id (the runtime's own callers use this; :meth:`generate` is transformers' signature).
 
         ``engine``: ``auto`` (default) decodes plain greedy configurations with :func:`~osum_torch_infer.decoding.greedy_decode` (a lean loop
         over ``Qwen2ForCausalLM``'s model and a transformers KV cache: the same tokens as ``transformers``'
@@ -311,26 +383,13 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
         repeated K times in a row stops there, in either engine and in beam search (a beam that loops is finished),
         and keeps one copy of that n-gram; other rows go on. ``no_repeat_ngram_size`` (a GenerationConfig field,
         transformers' ``generate``) forbids any repeated n-gram instead."""
-        if generation_config is not None:
-            gc = copy.deepcopy(generation_config)
-            gc.update(**{k: v for k, v in overrides.items() if v is not None})  # overrides apply here too
-        else:
-            gc = self.decoding_config(decoding, **overrides)
-        if engine not in ("auto", "hf", "fast"):
-            raise ValueError(f"unknown engine {engine!r}; expected auto, hf or fast")
-        why = fast_greedy_unsupported(gc) if engine != "hf" else "engine='hf'"
-        if engine == "auto" and not why:
-            why = hf_compiles_decode(gc, self.device)
-        if engine == "fast" and why:
-            raise ValueError(f"engine='fast' supports plain greedy decoding only: {why}")
+        gc = self._generation_config(decoding, generation_config, overrides)
         check_loop_guard(loop_repeats, loop_max_ngram)
         guard = (int(loop_repeats), int(loop_max_ngram)) if loop_repeats else None
+        if engine not in ("auto", "hf", "fast"):
+            raise ValueError(f"unknown engine {engine!r}; expected auto, hf or fast")
         x, mask = self.build_prefix(feats, feats_lengths, prompts)
-        if why:
-            extra = {"stopping_criteria": loop_stopping_criteria(*guard)} if guard else {}
-            out = super().generate(inputs_embeds=x, attention_mask=mask, generation_config=gc, **extra)
-        else:
-            out = greedy_decode(self.llm, x, mask, gc, loop_guard=guard)
+        out = self._decode_prefix(x, mask, gc, engine, guard, {})
         ends = gc.eos_token_id if gc.eos_token_id is not None else self.eos_token_id
         ends = {ends} if isinstance(ends, int) else set(ends)
         result = []
@@ -339,7 +398,15 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
             result.append(trim_loop(row, *guard) if guard else row)
         return result
 
-    # -- text side ----------------------------------------------------------------------------------------------
+    # -- text side: the processor's (kept here for the runtime's callers) ---------------------------------------
+
+    @property
+    def tokenizer(self):
+        return None if self.processor is None else self.processor.tokenizer
+
+    @property
+    def prompts(self) -> dict[str, list[str]]:
+        return {} if self.processor is None else self.processor.prompts
 
     def prompt_for(self, task: str) -> str:
         """The first prompt of ``task`` in the package's prompt file (``<no_prompt>`` = empty)."""
@@ -376,3 +443,5 @@ def check_batch(batch: Mapping[str, Any], model: OSUMForConditionalGeneration) -
 
 AutoConfig.register(OSUMConfig.model_type, OSUMConfig, exist_ok=True)
 AutoModel.register(OSUMConfig, OSUMForConditionalGeneration, exist_ok=True)
+AutoFeatureExtractor.register(OSUMConfig, OSUMFeatureExtractor, exist_ok=True)
+AutoProcessor.register(OSUMConfig, OSUMProcessor, exist_ok=True)
