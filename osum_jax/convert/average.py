@@ -27,7 +27,7 @@ import numpy as np
 from .. import checkpoint as ck
 from ..checkpoint.tree import CheckpointMismatch
 from ..config import RUNTIME_MODEL_KEYS, Config
-from .export_osum import osum_export_source
+from .osum_layout import osum_export_source
 from .stream import BLOCK_BYTES, Progress, write_checkpoint_atomic
 
 

@@ -8,7 +8,6 @@ import os
 import struct
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -16,9 +15,8 @@ import numpy as np
 
 from .. import checkpoint as ck
 from ..checkpoint.tree import CheckpointMismatch
-from ..config import Config
 from . import stream
-from .import_hf import canonical_layout, fresh_extras
+from .osum_layout import osum_export_source  # also this module's public name (average, tests)
 from .osum_pt import export_sources
 from .rules import Entry
 from .sources import np_dtype, row_blocks, torch_dtype
@@ -102,52 +100,6 @@ def _set_crcs(path: Path, crcs: Mapping[int, int]) -> None:
             f.write(new)
     if todo:
         raise ck.CheckpointError(f"{path}: no zip record at payload offset(s) {sorted(todo)[:5]}")
-
-
-@dataclass
-class OsumExportSource:
-    """What export-osum reads: the weights (``item`` of ``root``/``step``), their config, and the OSUM key layout
-    (key order, dtypes, roles) with the extras (``ln_speech``/``speaker_head``) it came with."""
-
-    root: Path
-    step: int
-    item: str  # the weights item (``params``; ``model`` in runs of the earlier layout)
-    cfg: Config
-    layout: dict
-    extras: dict[str, np.ndarray]
-    layout_origin: str  # where the layout came from, for messages
-
-
-def osum_export_source(ckpt: str | Path, step: int | None = None,
-                       layout_from: str | Path | None = None) -> OsumExportSource:
-    """Resolve what :func:`export_osum` exports.
-
-    * a converter checkpoint (import-osum / import-hf): its ``params`` and its own ``osum_layout``/``extras``;
-    * an osum-train run directory: its ``model`` item at ``step`` (newest by default) and the layout/extras of
-      the converter checkpoint it started from (``train.init_from``, followed through runs started from runs);
-      a run trained from scratch gets OSUM's canonical key order (as import-hf writes it) with each tensor in
-      its stored dtype and freshly initialised ``ln_speech``/``speaker_head`` (unused by OSUM's forward pass).
-
-    ``layout_from`` names the converter checkpoint whose layout/extras to use instead (e.g. when the run's
-    ``init_from`` moved)."""
-    root, s = ck.resolve(ckpt, step)
-    cfg, item = ck.read_config(root, s), ck.weights_item(root, s)
-    if layout_from is not None:
-        lroot, ls = ck.resolve(layout_from)
-        found: tuple[Path, dict] | None = (lroot, ck.read_layout(lroot, ls))
-    elif not ck.is_run_step(root, s):
-        found = (root, ck.read_layout(root, s))
-    else:
-        found = ck.find_layout(root, s)
-    if found is not None:
-        lroot, layout = found
-        return OsumExportSource(root, s, item, cfg, layout, ck.restore_extras(lroot, layout["step"]),
-                                f"{lroot}/{layout['step']}/osum_layout")
-    meta = ck.leaf_metadata(root, s, item)
-    extras = fresh_extras(cfg, 0)
-    keys = canonical_layout(cfg, {p: m.dtype for p, m in meta.items()}, extras)
-    return OsumExportSource(root, s, item, cfg, {"keys": keys, "source": {"kind": "canonical"}}, extras,
-                            "OSUM's canonical key order (the run has no train.init_from with an osum_layout)")
 
 
 def export_osum(ckpt: str | Path, *, out: str | Path, step: int | None = None, force: bool = False,

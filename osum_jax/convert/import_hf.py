@@ -15,15 +15,9 @@ from .. import checkpoint as ck
 from ..checkpoint.tree import CheckpointMismatch, flat_variables
 from ..config import Config
 from .hf import match_qwen2, match_whisper
-from .osum_pt import (
-    ALIASES,
-    canonical_keys,
-    extra_shapes,
-    normalize_osum_key,
-    osum_table,
-)
+from .osum_layout import canonical_layout, fresh_extras
 from .rules import shape_problems
-from .sources import SafetensorsSource, SourceError, dtype_name, np_dtype
+from .sources import SafetensorsSource, SourceError, np_dtype
 from .stream import (
     Progress,
     array_leaf,
@@ -101,17 +95,6 @@ def _fresh_parts(cfg: Config, shapes: Mapping[str, tuple[int, ...]], seed: int) 
     return out
 
 
-def fresh_extras(cfg: Config, seed: int) -> dict[str, np.ndarray]:
-    """OSUM's unused ``ln_speech`` (LayerNorm init) and ``speaker_head`` (torch Linear init), float32."""
-    shapes = extra_shapes(cfg.model)
-    rng = np.random.default_rng(seed + 2)
-    bound = 1.0 / math.sqrt(cfg.model.llm.hidden_size)
-    return {"ln_speech.weight": np.ones(shapes["ln_speech.weight"], np.float32),
-            "ln_speech.bias": np.zeros(shapes["ln_speech.bias"], np.float32),
-            "speaker_head.weight": rng.uniform(-bound, bound, shapes["speaker_head.weight"]).astype(np.float32),
-            "speaker_head.bias": rng.uniform(-bound, bound, shapes["speaker_head.bias"]).astype(np.float32)}
-
-
 def import_hf(whisper: str | Path, qwen2: str | Path, config: str | Path | None = None,
               overrides: Sequence[str] = (), *, out: str | Path, force: bool = False, seed: int = 0,
               progress: bool = True, osum_config: str | Path | None = None,
@@ -174,22 +157,3 @@ def import_hf(whisper: str | Path, qwen2: str | Path, config: str | Path | None 
     finally:
         bar.close()
     return {"tensors": n_tensors, "bytes": total}
-
-
-def canonical_layout(cfg: Config, leaf_dtypes: Mapping[str, np.dtype], extras: Mapping[str, np.ndarray]) -> list:
-    by_key = {e.torch_key: e for e in osum_table(cfg.model)}
-    shapes = ck.model_shapes(cfg)
-    out = []
-    for key in canonical_keys(cfg.model):
-        if key in ALIASES:
-            e = by_key[normalize_osum_key(ALIASES[key])]
-            out.append({"key": key, "dtype": dtype_name(leaf_dtypes[e.jax_path]), "role": "alias",
-                        "of": ALIASES[key], "shape": list(e.external_shape(shapes[e.jax_path]))})
-        elif key in extras:
-            out.append({"key": key, "dtype": dtype_name(extras[key].dtype), "role": "extra",
-                        "shape": list(extras[key].shape)})
-        else:
-            e = by_key[normalize_osum_key(key)]
-            out.append({"key": key, "dtype": dtype_name(leaf_dtypes[e.jax_path]), "role": "param",
-                        "shape": list(e.external_shape(shapes[e.jax_path]))})
-    return out
