@@ -5,10 +5,11 @@
 * Qwen2 (``Qwen2ForCausalLM``), optionally wrapped by peft (``base_model.model.`` prefix, ``base_layer``,
   ``lora_A.default`` / ``lora_B.default``) or saved with the plain pre-0.7 peft names.
 
-Torch linear weights are ``[out, in]`` and become ``[in, out]`` kernels; torch Conv1d weights ``[out, in, k]``
-become ``[k, in, out]``; per-layer tensors are stacked on the leading ``layers`` axis of the scanned modules
-(:mod:`.rules`). :func:`match_whisper` / :func:`match_qwen2` pair a checkpoint's keys with the table;
-:func:`whisper_encoder_from_hf` / :func:`qwen2_from_hf` apply that match to an in-memory state dict.
+The tables are :data:`WHISPER` and :data:`QWEN2`, literal rows (:mod:`.rules`): torch linear weights ``[out, in]``
+become ``[in, out]`` kernels, torch Conv1d weights ``[out, in, k]`` become ``[k, in, out]``, per-layer tensors are
+stacked on the leading ``layers`` axis of the scanned modules. :func:`match_whisper` / :func:`match_qwen2` pair
+a checkpoint's keys with a table; :func:`whisper_encoder_from_hf` / :func:`qwen2_from_hf` apply that match to an
+in-memory state dict.
 """
 
 from __future__ import annotations
@@ -21,80 +22,78 @@ import numpy as np
 
 from ..checkpoint.tree import CheckpointMismatch
 from ..config import LLMConfig, LoRAConfig
-from .rules import CONV, IDENTITY, LINEAR, Entry, Rule, assemble, expand, group, over_layers
+from .rules import CONV, IDENTITY, LINEAR, Entry, Rule, assemble, encoder_flags, expand, group, llm_flags, select
 
-# rows of a bare WhisperEncoder outside its layers: (JAX path in WhisperEncoder, HF key, transform)
-WHISPER_TOP = [
-    Rule("conv1.kernel", "conv1.weight", CONV),
-    Rule("conv1.bias", "conv1.bias", IDENTITY),
-    Rule("conv2.kernel", "conv2.weight", CONV),
-    Rule("conv2.bias", "conv2.bias", IDENTITY),
-    Rule("embed_positions", "embed_positions.weight", IDENTITY),
-    Rule("layer_norm.scale", "layer_norm.weight", IDENTITY),
-    Rule("layer_norm.bias", "layer_norm.bias", IDENTITY),
+# HF ``WhisperEncoder``: (JAX path in ``WhisperEncoder``, HF key, transform[, when]); layer rows are ``layers.{i}``
+WHISPER = [
+    Rule("conv1.kernel",                      "conv1.weight",                           CONV),
+    Rule("conv1.bias",                        "conv1.bias",                             IDENTITY),
+    Rule("conv2.kernel",                      "conv2.weight",                           CONV),
+    Rule("conv2.bias",                        "conv2.bias",                             IDENTITY),
+    Rule("embed_positions",                   "embed_positions.weight",                 IDENTITY),
+    Rule("layer_norm.scale",                  "layer_norm.weight",                      IDENTITY),
+    Rule("layer_norm.bias",                   "layer_norm.bias",                        IDENTITY),
+    Rule("layers.self_attn_layer_norm.scale", "layers.{i}.self_attn_layer_norm.weight", IDENTITY),
+    Rule("layers.self_attn_layer_norm.bias",  "layers.{i}.self_attn_layer_norm.bias",   IDENTITY),
+    Rule("layers.self_attn.q_proj.kernel",    "layers.{i}.self_attn.q_proj.weight",     LINEAR),
+    Rule("layers.self_attn.q_proj.bias",      "layers.{i}.self_attn.q_proj.bias",       IDENTITY),
+    Rule("layers.self_attn.k_proj.kernel",    "layers.{i}.self_attn.k_proj.weight",     LINEAR),
+    Rule("layers.self_attn.v_proj.kernel",    "layers.{i}.self_attn.v_proj.weight",     LINEAR),
+    Rule("layers.self_attn.v_proj.bias",      "layers.{i}.self_attn.v_proj.bias",       IDENTITY),
+    Rule("layers.self_attn.out_proj.kernel",  "layers.{i}.self_attn.out_proj.weight",   LINEAR),
+    Rule("layers.self_attn.out_proj.bias",    "layers.{i}.self_attn.out_proj.bias",     IDENTITY),
+    Rule("layers.final_layer_norm.scale",     "layers.{i}.final_layer_norm.weight",     IDENTITY),
+    Rule("layers.final_layer_norm.bias",      "layers.{i}.final_layer_norm.bias",       IDENTITY),
+    Rule("layers.fc1.kernel",                 "layers.{i}.fc1.weight",                  LINEAR),
+    Rule("layers.fc1.bias",                   "layers.{i}.fc1.bias",                    IDENTITY),
+    Rule("layers.fc2.kernel",                 "layers.{i}.fc2.weight",                  LINEAR),
+    Rule("layers.fc2.bias",                   "layers.{i}.fc2.bias",                    IDENTITY),
+    Rule("layers.self_attn.k_proj.bias",      "layers.{i}.self_attn.k_proj.bias",       IDENTITY, "key_bias"),
 ]
-# rows inside one encoder layer (module-relative)
-WHISPER_LAYER = [
-    Rule("self_attn_layer_norm.scale", "self_attn_layer_norm.weight", IDENTITY),
-    Rule("self_attn_layer_norm.bias", "self_attn_layer_norm.bias", IDENTITY),
-    Rule("self_attn.q_proj.kernel", "self_attn.q_proj.weight", LINEAR),
-    Rule("self_attn.q_proj.bias", "self_attn.q_proj.bias", IDENTITY),
-    Rule("self_attn.k_proj.kernel", "self_attn.k_proj.weight", LINEAR),
-    Rule("self_attn.v_proj.kernel", "self_attn.v_proj.weight", LINEAR),
-    Rule("self_attn.v_proj.bias", "self_attn.v_proj.bias", IDENTITY),
-    Rule("self_attn.out_proj.kernel", "self_attn.out_proj.weight", LINEAR),
-    Rule("self_attn.out_proj.bias", "self_attn.out_proj.bias", IDENTITY),
-    Rule("final_layer_norm.scale", "final_layer_norm.weight", IDENTITY),
-    Rule("final_layer_norm.bias", "final_layer_norm.bias", IDENTITY),
-    Rule("fc1.kernel", "fc1.weight", LINEAR),
-    Rule("fc1.bias", "fc1.bias", IDENTITY),
-    Rule("fc2.kernel", "fc2.weight", LINEAR),
-    Rule("fc2.bias", "fc2.bias", IDENTITY),
+
+# HF ``Qwen2ForCausalLM`` (plain HF names, peft's reduced by :func:`normalize_peft_key`): (JAX path in ``Qwen2``,
+# HF key, transform[, when])
+QWEN2 = [
+    Rule("embed_tokens",                          "model.embed_tokens.weight",                        IDENTITY),
+    Rule("norm.scale",                            "model.norm.weight",                                IDENTITY),
+    Rule("lm_head",                               "lm_head.weight",                                   LINEAR, "untied"),
+    Rule("layers.input_layernorm.scale",          "model.layers.{i}.input_layernorm.weight",          IDENTITY),
+    Rule("layers.post_attention_layernorm.scale", "model.layers.{i}.post_attention_layernorm.weight", IDENTITY),
+    Rule("layers.self_attn.q_proj.kernel",        "model.layers.{i}.self_attn.q_proj.weight",         LINEAR),
+    Rule("layers.self_attn.q_proj.bias",          "model.layers.{i}.self_attn.q_proj.bias",           IDENTITY, "attention_bias"),
+    Rule("layers.self_attn.q_proj.lora_a",        "model.layers.{i}.self_attn.q_proj.lora_A.weight",  LINEAR, "lora:q_proj"),
+    Rule("layers.self_attn.q_proj.lora_b",        "model.layers.{i}.self_attn.q_proj.lora_B.weight",  LINEAR, "lora:q_proj"),
+    Rule("layers.self_attn.k_proj.kernel",        "model.layers.{i}.self_attn.k_proj.weight",         LINEAR),
+    Rule("layers.self_attn.k_proj.bias",          "model.layers.{i}.self_attn.k_proj.bias",           IDENTITY, "attention_bias"),
+    Rule("layers.self_attn.k_proj.lora_a",        "model.layers.{i}.self_attn.k_proj.lora_A.weight",  LINEAR, "lora:k_proj"),
+    Rule("layers.self_attn.k_proj.lora_b",        "model.layers.{i}.self_attn.k_proj.lora_B.weight",  LINEAR, "lora:k_proj"),
+    Rule("layers.self_attn.v_proj.kernel",        "model.layers.{i}.self_attn.v_proj.weight",         LINEAR),
+    Rule("layers.self_attn.v_proj.bias",          "model.layers.{i}.self_attn.v_proj.bias",           IDENTITY, "attention_bias"),
+    Rule("layers.self_attn.v_proj.lora_a",        "model.layers.{i}.self_attn.v_proj.lora_A.weight",  LINEAR, "lora:v_proj"),
+    Rule("layers.self_attn.v_proj.lora_b",        "model.layers.{i}.self_attn.v_proj.lora_B.weight",  LINEAR, "lora:v_proj"),
+    Rule("layers.self_attn.o_proj.kernel",        "model.layers.{i}.self_attn.o_proj.weight",         LINEAR),
+    Rule("layers.self_attn.o_proj.lora_a",        "model.layers.{i}.self_attn.o_proj.lora_A.weight",  LINEAR, "lora:o_proj"),
+    Rule("layers.self_attn.o_proj.lora_b",        "model.layers.{i}.self_attn.o_proj.lora_B.weight",  LINEAR, "lora:o_proj"),
+    Rule("layers.mlp.gate_proj.kernel",           "model.layers.{i}.mlp.gate_proj.weight",            LINEAR),
+    Rule("layers.mlp.gate_proj.lora_a",           "model.layers.{i}.mlp.gate_proj.lora_A.weight",     LINEAR, "lora:gate_proj"),
+    Rule("layers.mlp.gate_proj.lora_b",           "model.layers.{i}.mlp.gate_proj.lora_B.weight",     LINEAR, "lora:gate_proj"),
+    Rule("layers.mlp.up_proj.kernel",             "model.layers.{i}.mlp.up_proj.weight",              LINEAR),
+    Rule("layers.mlp.up_proj.lora_a",             "model.layers.{i}.mlp.up_proj.lora_A.weight",       LINEAR, "lora:up_proj"),
+    Rule("layers.mlp.up_proj.lora_b",             "model.layers.{i}.mlp.up_proj.lora_B.weight",       LINEAR, "lora:up_proj"),
+    Rule("layers.mlp.down_proj.kernel",           "model.layers.{i}.mlp.down_proj.weight",            LINEAR),
+    Rule("layers.mlp.down_proj.lora_a",           "model.layers.{i}.mlp.down_proj.lora_A.weight",     LINEAR, "lora:down_proj"),
+    Rule("layers.mlp.down_proj.lora_b",           "model.layers.{i}.mlp.down_proj.lora_B.weight",     LINEAR, "lora:down_proj"),
 ]
-K_BIAS = Rule("self_attn.k_proj.bias", "self_attn.k_proj.bias", IDENTITY)  # only blocks with key_bias
-
-
-def whisper_layer_rules(key_bias: bool) -> list[Rule]:
-    """The rows of one encoder block (Whisper's own blocks have no key bias; the adapter's have one)."""
-    return WHISPER_LAYER + ([K_BIAS] if key_bias else [])
 
 
 def whisper_rules(key_bias: bool = False) -> list[Rule]:
-    """The HF ``WhisperEncoder`` table (JAX paths relative to ``WhisperEncoder``)."""
-    return WHISPER_TOP + over_layers(whisper_layer_rules(key_bias), "layers.", "layers.")
-
-
-QWEN2_TOP = [
-    Rule("embed_tokens", "model.embed_tokens.weight", IDENTITY),
-    Rule("norm.scale", "model.norm.weight", IDENTITY),
-    Rule("lm_head", "lm_head.weight", LINEAR),
-]
-QWEN2_PROJ = {  # module path -> has bias
-    "self_attn.q_proj": True, "self_attn.k_proj": True, "self_attn.v_proj": True, "self_attn.o_proj": False,
-    "mlp.gate_proj": False, "mlp.up_proj": False, "mlp.down_proj": False,
-}
-
-
-def qwen2_layer_rules(cfg: LLMConfig, lora: LoRAConfig | None) -> list[Rule]:
-    """The rows of one decoder layer (module-relative; LoRA A/B for ``lora``'s targets)."""
-    rows = [
-        Rule("input_layernorm.scale", "input_layernorm.weight", IDENTITY),
-        Rule("post_attention_layernorm.scale", "post_attention_layernorm.weight", IDENTITY),
-    ]
-    for mod, has_bias in QWEN2_PROJ.items():
-        rows.append(Rule(f"{mod}.kernel", f"{mod}.weight", LINEAR))
-        if has_bias and cfg.attention_bias:
-            rows.append(Rule(f"{mod}.bias", f"{mod}.bias", IDENTITY))
-        if lora is not None and lora.rank_of(mod.split(".")[-1]):
-            rows.append(Rule(f"{mod}.lora_a", f"{mod}.lora_A.weight", LINEAR))
-            rows.append(Rule(f"{mod}.lora_b", f"{mod}.lora_B.weight", LINEAR))
-    return rows
+    """The HF ``WhisperEncoder`` rows (:data:`WHISPER`) of an encoder with or without a key bias."""
+    return select(WHISPER, encoder_flags(key_bias), table="HF Whisper")
 
 
 def qwen2_rules(cfg: LLMConfig, lora: LoRAConfig | None) -> list[Rule]:
-    """The HF ``Qwen2ForCausalLM`` table (plain HF names; JAX paths relative to ``Qwen2``)."""
-    top = [r for r in QWEN2_TOP if not (cfg.tie_word_embeddings and r.jax == "lm_head")]
-    return top + over_layers(qwen2_layer_rules(cfg, lora), "layers.", "model.layers.")
+    """The HF ``Qwen2ForCausalLM`` rows (:data:`QWEN2`) of ``cfg`` (LoRA A/B for ``lora``'s targets)."""
+    return select(QWEN2, llm_flags(cfg, lora), table="HF Qwen2")
 
 
 _PEFT_ADAPTER = re.compile(r"\.(lora_[AB])\.[^.]+\.weight$")

@@ -1,31 +1,10 @@
 """Rule table between the official OSUM flat state dict (``infer.pt``) and the JAX ``OSUM`` model.
 
 OSUM's keys (reference §1.1, §2, §4) use wenet names for the Whisper encoder and the adapter and peft names
-for the LLM. :func:`osum_rules` is the table (:class:`~osum_jax.convert.rules.Rule` rows, the encoder and adapter
-blocks being the HF Whisper block rows of :mod:`.hf` under wenet names, the LLM the HF Qwen2 rows);
-:func:`osum_table` expands it to one :class:`~osum_jax.convert.rules.Entry` per torch key:
-
-======================================================  ==============================================  =========
-OSUM key                                                JAX variable                                    transform
-======================================================  ==============================================  =========
-encoder.embed.conv.{0,2}.weight / bias                  encoder.conv{1,2}.kernel / bias                 conv / id
-encoder.embed.pos_enc.pe  [1, 1500, D]                  encoder.embed_positions  [1500, D]  (Buffer)    pe
-encoder.encoders.N.self_attn.linear_{q,k,v,out}.*       encoder.layers.self_attn.{q,k,v,out}_proj.*[N]  linear
-encoder.encoders.N.feed_forward.w_{1,2}.*               encoder.layers.fc{1,2}.*[N]                     linear
-encoder.encoders.N.norm{1,2}.*                          encoder.layers.{self_attn,final}_layer_norm.*   id
-encoder.after_norm.*                                    encoder.layer_norm.*                            id
-down_sample_2.conv.{1,4,7}.*                            adapter.downsample.convs.{0,1,2}.*              conv / id
-speech_transformer.embed.out.0.* (Linear)               adapter.transformer.input_proj.*                linear
-speech_transformer.embed.out.1.* (LayerNorm)            adapter.transformer.input_norm.*                id
-speech_transformer.embed.pos_enc.pe  [1, 5000, D]       adapter.transformer.pos_table  (Buffer)         pe
-speech_transformer.encoders.N.* / after_norm.*          adapter.transformer.layers.*[N] / layer_norm.*  as encoder
-speech_llama_proj.*                                     adapter.proj.*                                  linear
-speech_token_emded.weight                               speech_embed                                    id
-llama_model.base_model.model.<HF Qwen2 key>             llm.* (hf.py Qwen2 table; peft names)           as hf.py
-======================================================  ==============================================  =========
-
-Transforms (:mod:`.rules`): ``linear`` torch ``[out, in]`` <-> ``[in, out]``; ``conv`` ``[out, in, k]`` <->
-``[k, in, out]``; ``pe`` drops/adds the leading batch axis of the stored sinusoid tables; ``id`` copies. All are
+for the LLM. :data:`OSUM` is the table, one literal :class:`~osum_jax.convert.rules.Rule` row per tensor in
+OSUM's state-dict order (the LLM's keys in their plain HF form under ``llama_model.``; :func:`peft_key` and
+:func:`normalize_osum_key` convert to and from OSUM's peft names). :func:`osum_table` selects the rows of a config
+and expands them to one :class:`~osum_jax.convert.rules.Entry` per torch key. The transforms (:mod:`.rules`) are
 exact (a transpose or reshape), so values are bit-identical both ways.
 
 Keys that have no place in the model (reference §4):
@@ -47,8 +26,8 @@ from typing import Mapping, Sequence
 
 from ..checkpoint.tree import CheckpointMismatch
 from ..config import ModelConfig
-from .hf import QWEN2_TOP, normalize_peft_key, qwen2_layer_rules, whisper_layer_rules
-from .rules import CONV, IDENTITY, LINEAR, PE, Entry, Rule, expand, group, over_layers, prefixed
+from .hf import normalize_peft_key
+from .rules import CONV, IDENTITY, LINEAR, PE, Entry, Rule, expand, group, model_flags, model_stacks, select
 
 LLM_PREFIX = "llama_model.base_model.model."
 IGNORED = (r"ln_speech\..*", r"speaker_head\..*")  # kept as extras, not model variables
@@ -60,81 +39,103 @@ ALIASES = {  # alias key -> the key it duplicates
 
 # -- the table --------------------------------------------------------------------------------------------------
 
-WENET_LAYER = {  # HF Whisper layer name (hf.WHISPER_LAYER) -> wenet name
-    "self_attn_layer_norm": "norm1", "final_layer_norm": "norm2", "fc1": "feed_forward.w_1",
-    "fc2": "feed_forward.w_2", "self_attn.q_proj": "self_attn.linear_q", "self_attn.k_proj": "self_attn.linear_k",
-    "self_attn.v_proj": "self_attn.linear_v", "self_attn.out_proj": "self_attn.linear_out",
-}
-_WENET_ORDER = ("self_attn.linear_q", "self_attn.linear_k", "self_attn.linear_v", "self_attn.linear_out",
-                "feed_forward.w_1", "feed_forward.w_2", "norm1", "norm2")
-_QWEN2_ORDER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
-_LEAF_ORDER = ("weight", "bias", "lora_A", "lora_B")
-
-
-def _module_order(rows: list[Rule], modules: Sequence[str]) -> list[Rule]:
-    """Rows sorted as torch registers them (module order, then weight, bias, lora_A, lora_B)."""
-    def rank(row: Rule):
-        mod = next(i for i, m in enumerate(modules) if row.external.startswith(m + "."))
-        leaf = next(i for i, x in enumerate(_LEAF_ORDER) if row.external[len(modules[mod]) + 1:].startswith(x))
-        return mod, leaf
-    return sorted(rows, key=rank)
-
-
-def wenet_layer_rules(key_bias: bool) -> list[Rule]:
-    """The rows of one wenet encoder block: the HF Whisper block rows renamed (:data:`WENET_LAYER`)."""
-    rows = []
-    for jax_name, hf_name, tr in whisper_layer_rules(key_bias):
-        module = jax_name.rsplit(".", 1)[0]
-        rows.append(Rule(jax_name, f"{WENET_LAYER[module]}.{hf_name.rsplit('.', 1)[1]}", tr))
-    return _module_order(rows, _WENET_ORDER)
+# (JAX path in ``OSUM``, OSUM key, transform[, when]), in OSUM's state-dict order; ``{i}``: a layer of a stack
+OSUM = [
+    Rule("encoder.conv1.kernel",                                  "encoder.embed.conv.0.weight",                                  CONV),
+    Rule("encoder.conv1.bias",                                    "encoder.embed.conv.0.bias",                                    IDENTITY),
+    Rule("encoder.conv2.kernel",                                  "encoder.embed.conv.2.weight",                                  CONV),
+    Rule("encoder.conv2.bias",                                    "encoder.embed.conv.2.bias",                                    IDENTITY),
+    Rule("encoder.embed_positions",                               "encoder.embed.pos_enc.pe",                                     PE),
+    Rule("encoder.layers.self_attn.q_proj.kernel",                "encoder.encoders.{i}.self_attn.linear_q.weight",               LINEAR),
+    Rule("encoder.layers.self_attn.q_proj.bias",                  "encoder.encoders.{i}.self_attn.linear_q.bias",                 IDENTITY),
+    Rule("encoder.layers.self_attn.k_proj.kernel",                "encoder.encoders.{i}.self_attn.linear_k.weight",               LINEAR),
+    Rule("encoder.layers.self_attn.k_proj.bias",                  "encoder.encoders.{i}.self_attn.linear_k.bias",                 IDENTITY, "key_bias"),
+    Rule("encoder.layers.self_attn.v_proj.kernel",                "encoder.encoders.{i}.self_attn.linear_v.weight",               LINEAR),
+    Rule("encoder.layers.self_attn.v_proj.bias",                  "encoder.encoders.{i}.self_attn.linear_v.bias",                 IDENTITY),
+    Rule("encoder.layers.self_attn.out_proj.kernel",              "encoder.encoders.{i}.self_attn.linear_out.weight",             LINEAR),
+    Rule("encoder.layers.self_attn.out_proj.bias",                "encoder.encoders.{i}.self_attn.linear_out.bias",               IDENTITY),
+    Rule("encoder.layers.fc1.kernel",                             "encoder.encoders.{i}.feed_forward.w_1.weight",                 LINEAR),
+    Rule("encoder.layers.fc1.bias",                               "encoder.encoders.{i}.feed_forward.w_1.bias",                   IDENTITY),
+    Rule("encoder.layers.fc2.kernel",                             "encoder.encoders.{i}.feed_forward.w_2.weight",                 LINEAR),
+    Rule("encoder.layers.fc2.bias",                               "encoder.encoders.{i}.feed_forward.w_2.bias",                   IDENTITY),
+    Rule("encoder.layers.self_attn_layer_norm.scale",             "encoder.encoders.{i}.norm1.weight",                            IDENTITY),
+    Rule("encoder.layers.self_attn_layer_norm.bias",              "encoder.encoders.{i}.norm1.bias",                              IDENTITY),
+    Rule("encoder.layers.final_layer_norm.scale",                 "encoder.encoders.{i}.norm2.weight",                            IDENTITY),
+    Rule("encoder.layers.final_layer_norm.bias",                  "encoder.encoders.{i}.norm2.bias",                              IDENTITY),
+    Rule("encoder.layer_norm.scale",                              "encoder.after_norm.weight",                                    IDENTITY),
+    Rule("encoder.layer_norm.bias",                               "encoder.after_norm.bias",                                      IDENTITY),
+    Rule("adapter.transformer.input_proj.kernel",                 "speech_transformer.embed.out.0.weight",                        LINEAR),
+    Rule("adapter.transformer.input_proj.bias",                   "speech_transformer.embed.out.0.bias",                          IDENTITY),
+    Rule("adapter.transformer.input_norm.scale",                  "speech_transformer.embed.out.1.weight",                        IDENTITY),
+    Rule("adapter.transformer.input_norm.bias",                   "speech_transformer.embed.out.1.bias",                          IDENTITY),
+    Rule("adapter.transformer.pos_table",                         "speech_transformer.embed.pos_enc.pe",                          PE),
+    Rule("adapter.transformer.layers.self_attn.q_proj.kernel",    "speech_transformer.encoders.{i}.self_attn.linear_q.weight",    LINEAR),
+    Rule("adapter.transformer.layers.self_attn.q_proj.bias",      "speech_transformer.encoders.{i}.self_attn.linear_q.bias",      IDENTITY),
+    Rule("adapter.transformer.layers.self_attn.k_proj.kernel",    "speech_transformer.encoders.{i}.self_attn.linear_k.weight",    LINEAR),
+    Rule("adapter.transformer.layers.self_attn.k_proj.bias",      "speech_transformer.encoders.{i}.self_attn.linear_k.bias",      IDENTITY),
+    Rule("adapter.transformer.layers.self_attn.v_proj.kernel",    "speech_transformer.encoders.{i}.self_attn.linear_v.weight",    LINEAR),
+    Rule("adapter.transformer.layers.self_attn.v_proj.bias",      "speech_transformer.encoders.{i}.self_attn.linear_v.bias",      IDENTITY),
+    Rule("adapter.transformer.layers.self_attn.out_proj.kernel",  "speech_transformer.encoders.{i}.self_attn.linear_out.weight",  LINEAR),
+    Rule("adapter.transformer.layers.self_attn.out_proj.bias",    "speech_transformer.encoders.{i}.self_attn.linear_out.bias",    IDENTITY),
+    Rule("adapter.transformer.layers.fc1.kernel",                 "speech_transformer.encoders.{i}.feed_forward.w_1.weight",      LINEAR),
+    Rule("adapter.transformer.layers.fc1.bias",                   "speech_transformer.encoders.{i}.feed_forward.w_1.bias",        IDENTITY),
+    Rule("adapter.transformer.layers.fc2.kernel",                 "speech_transformer.encoders.{i}.feed_forward.w_2.weight",      LINEAR),
+    Rule("adapter.transformer.layers.fc2.bias",                   "speech_transformer.encoders.{i}.feed_forward.w_2.bias",        IDENTITY),
+    Rule("adapter.transformer.layers.self_attn_layer_norm.scale", "speech_transformer.encoders.{i}.norm1.weight",                 IDENTITY),
+    Rule("adapter.transformer.layers.self_attn_layer_norm.bias",  "speech_transformer.encoders.{i}.norm1.bias",                   IDENTITY),
+    Rule("adapter.transformer.layers.final_layer_norm.scale",     "speech_transformer.encoders.{i}.norm2.weight",                 IDENTITY),
+    Rule("adapter.transformer.layers.final_layer_norm.bias",      "speech_transformer.encoders.{i}.norm2.bias",                   IDENTITY),
+    Rule("adapter.transformer.layer_norm.scale",                  "speech_transformer.after_norm.weight",                         IDENTITY),
+    Rule("adapter.transformer.layer_norm.bias",                   "speech_transformer.after_norm.bias",                           IDENTITY),
+    Rule("llm.embed_tokens",                                      "llama_model.model.embed_tokens.weight",                        IDENTITY),
+    Rule("llm.layers.self_attn.q_proj.kernel",                    "llama_model.model.layers.{i}.self_attn.q_proj.weight",         LINEAR),
+    Rule("llm.layers.self_attn.q_proj.bias",                      "llama_model.model.layers.{i}.self_attn.q_proj.bias",           IDENTITY, "attention_bias"),
+    Rule("llm.layers.self_attn.q_proj.lora_a",                    "llama_model.model.layers.{i}.self_attn.q_proj.lora_A.weight",  LINEAR, "lora:q_proj"),
+    Rule("llm.layers.self_attn.q_proj.lora_b",                    "llama_model.model.layers.{i}.self_attn.q_proj.lora_B.weight",  LINEAR, "lora:q_proj"),
+    Rule("llm.layers.self_attn.k_proj.kernel",                    "llama_model.model.layers.{i}.self_attn.k_proj.weight",         LINEAR),
+    Rule("llm.layers.self_attn.k_proj.bias",                      "llama_model.model.layers.{i}.self_attn.k_proj.bias",           IDENTITY, "attention_bias"),
+    Rule("llm.layers.self_attn.k_proj.lora_a",                    "llama_model.model.layers.{i}.self_attn.k_proj.lora_A.weight",  LINEAR, "lora:k_proj"),
+    Rule("llm.layers.self_attn.k_proj.lora_b",                    "llama_model.model.layers.{i}.self_attn.k_proj.lora_B.weight",  LINEAR, "lora:k_proj"),
+    Rule("llm.layers.self_attn.v_proj.kernel",                    "llama_model.model.layers.{i}.self_attn.v_proj.weight",         LINEAR),
+    Rule("llm.layers.self_attn.v_proj.bias",                      "llama_model.model.layers.{i}.self_attn.v_proj.bias",           IDENTITY, "attention_bias"),
+    Rule("llm.layers.self_attn.v_proj.lora_a",                    "llama_model.model.layers.{i}.self_attn.v_proj.lora_A.weight",  LINEAR, "lora:v_proj"),
+    Rule("llm.layers.self_attn.v_proj.lora_b",                    "llama_model.model.layers.{i}.self_attn.v_proj.lora_B.weight",  LINEAR, "lora:v_proj"),
+    Rule("llm.layers.self_attn.o_proj.kernel",                    "llama_model.model.layers.{i}.self_attn.o_proj.weight",         LINEAR),
+    Rule("llm.layers.self_attn.o_proj.lora_a",                    "llama_model.model.layers.{i}.self_attn.o_proj.lora_A.weight",  LINEAR, "lora:o_proj"),
+    Rule("llm.layers.self_attn.o_proj.lora_b",                    "llama_model.model.layers.{i}.self_attn.o_proj.lora_B.weight",  LINEAR, "lora:o_proj"),
+    Rule("llm.layers.mlp.gate_proj.kernel",                       "llama_model.model.layers.{i}.mlp.gate_proj.weight",            LINEAR),
+    Rule("llm.layers.mlp.gate_proj.lora_a",                       "llama_model.model.layers.{i}.mlp.gate_proj.lora_A.weight",     LINEAR, "lora:gate_proj"),
+    Rule("llm.layers.mlp.gate_proj.lora_b",                       "llama_model.model.layers.{i}.mlp.gate_proj.lora_B.weight",     LINEAR, "lora:gate_proj"),
+    Rule("llm.layers.mlp.up_proj.kernel",                         "llama_model.model.layers.{i}.mlp.up_proj.weight",              LINEAR),
+    Rule("llm.layers.mlp.up_proj.lora_a",                         "llama_model.model.layers.{i}.mlp.up_proj.lora_A.weight",       LINEAR, "lora:up_proj"),
+    Rule("llm.layers.mlp.up_proj.lora_b",                         "llama_model.model.layers.{i}.mlp.up_proj.lora_B.weight",       LINEAR, "lora:up_proj"),
+    Rule("llm.layers.mlp.down_proj.kernel",                       "llama_model.model.layers.{i}.mlp.down_proj.weight",            LINEAR),
+    Rule("llm.layers.mlp.down_proj.lora_a",                       "llama_model.model.layers.{i}.mlp.down_proj.lora_A.weight",     LINEAR, "lora:down_proj"),
+    Rule("llm.layers.mlp.down_proj.lora_b",                       "llama_model.model.layers.{i}.mlp.down_proj.lora_B.weight",     LINEAR, "lora:down_proj"),
+    Rule("llm.layers.input_layernorm.scale",                      "llama_model.model.layers.{i}.input_layernorm.weight",          IDENTITY),
+    Rule("llm.layers.post_attention_layernorm.scale",             "llama_model.model.layers.{i}.post_attention_layernorm.weight", IDENTITY),
+    Rule("llm.norm.scale",                                        "llama_model.model.norm.weight",                                IDENTITY),
+    Rule("llm.lm_head",                                           "llama_model.lm_head.weight",                                   LINEAR, "untied"),
+    Rule("adapter.downsample.convs.0.kernel",                     "down_sample_2.conv.1.weight",                                  CONV, "conv0"),
+    Rule("adapter.downsample.convs.0.bias",                       "down_sample_2.conv.1.bias",                                    IDENTITY, "conv0"),
+    Rule("adapter.downsample.convs.1.kernel",                     "down_sample_2.conv.4.weight",                                  CONV, "conv1"),
+    Rule("adapter.downsample.convs.1.bias",                       "down_sample_2.conv.4.bias",                                    IDENTITY, "conv1"),
+    Rule("adapter.downsample.convs.2.kernel",                     "down_sample_2.conv.7.weight",                                  CONV, "conv2"),
+    Rule("adapter.downsample.convs.2.bias",                       "down_sample_2.conv.7.bias",                                    IDENTITY, "conv2"),
+    Rule("adapter.proj.kernel",                                   "speech_llama_proj.weight",                                     LINEAR),
+    Rule("adapter.proj.bias",                                     "speech_llama_proj.bias",                                       IDENTITY),
+    Rule("speech_embed",                                          "speech_token_emded.weight",                                    IDENTITY),
+]
 
 
 def osum_rules(cfg: ModelConfig) -> list[Rule]:
-    """OSUM's table, in OSUM's state-dict order (JAX paths in ``OSUM``; LLM keys with plain HF names)."""
-    enc, ad = cfg.encoder, cfg.adapter
-    rows = [Rule("encoder.conv1.kernel", "encoder.embed.conv.0.weight", CONV),
-            Rule("encoder.conv1.bias", "encoder.embed.conv.0.bias", IDENTITY),
-            Rule("encoder.conv2.kernel", "encoder.embed.conv.2.weight", CONV),
-            Rule("encoder.conv2.bias", "encoder.embed.conv.2.bias", IDENTITY),
-            Rule("encoder.embed_positions", "encoder.embed.pos_enc.pe", PE)]
-    rows += over_layers(wenet_layer_rules(enc.key_bias), "encoder.layers.", "encoder.encoders.")
-    rows += [Rule("encoder.layer_norm.scale", "encoder.after_norm.weight", IDENTITY),
-             Rule("encoder.layer_norm.bias", "encoder.after_norm.bias", IDENTITY)]
-    st, at = "speech_transformer.", "adapter.transformer."
-    rows += [Rule(at + "input_proj.kernel", st + "embed.out.0.weight", LINEAR),
-             Rule(at + "input_proj.bias", st + "embed.out.0.bias", IDENTITY),
-             Rule(at + "input_norm.scale", st + "embed.out.1.weight", IDENTITY),
-             Rule(at + "input_norm.bias", st + "embed.out.1.bias", IDENTITY),
-             Rule(at + "pos_table", st + "embed.pos_enc.pe", PE)]
-    rows += over_layers(wenet_layer_rules(True), at + "layers.", st + "encoders.")
-    rows += [Rule(at + "layer_norm.scale", st + "after_norm.weight", IDENTITY),
-             Rule(at + "layer_norm.bias", st + "after_norm.bias", IDENTITY)]
-    top = {r.jax: r for r in QWEN2_TOP}  # embed_tokens, norm.scale, lm_head
-    block = _module_order(qwen2_layer_rules(cfg.llm, cfg.lora if cfg.lora.enabled else None), _QWEN2_ORDER)
-    llm = [top["embed_tokens"], *over_layers(block, "layers.", "model.layers."), top["norm.scale"]]
-    if not cfg.llm.tie_word_embeddings:
-        llm.append(top["lm_head"])
-    rows += prefixed(llm, "llm.", "llama_model.")
-    # down_sample_2 = Sequential[pad, conv, GELU] x 3: the convs are children 1, 4, 7
-    for i in range(len(ad.conv_strides)):
-        rows += [Rule(f"adapter.downsample.convs.{i}.kernel", f"down_sample_2.conv.{3 * i + 1}.weight", CONV),
-                 Rule(f"adapter.downsample.convs.{i}.bias", f"down_sample_2.conv.{3 * i + 1}.bias", IDENTITY)]
-    rows += [Rule("adapter.proj.kernel", "speech_llama_proj.weight", LINEAR),
-             Rule("adapter.proj.bias", "speech_llama_proj.bias", IDENTITY),
-             Rule("speech_embed", "speech_token_emded.weight", IDENTITY)]
-    return rows
-
-
-def osum_stacks(cfg: ModelConfig) -> dict[str, int]:
-    """The scanned stacks of ``OSUM(cfg)``: JAX path prefix -> number of layers."""
-    return {"encoder.layers.": cfg.encoder.num_layers, "adapter.transformer.layers.": cfg.adapter.num_layers,
-            "llm.layers.": cfg.llm.num_layers}
+    """The rows of :data:`OSUM` that ``OSUM(cfg)`` has, in OSUM's state-dict order."""
+    return select(OSUM, model_flags(cfg), table="OSUM")
 
 
 def osum_table(cfg: ModelConfig) -> list[Entry]:
     """Every model variable of ``OSUM(cfg)`` with its OSUM key(s), in OSUM's state-dict order."""
-    return expand(osum_rules(cfg), osum_stacks(cfg))
+    return expand(osum_rules(cfg), model_stacks(cfg))
 
 
 def normalize_osum_key(key: str) -> str:

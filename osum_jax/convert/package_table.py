@@ -1,10 +1,9 @@
 """The torch package's rule table (``docs/package-format.md``) and the tensor plan that export-torch writes.
 
-Tensor names are torch names: the Whisper encoder under ``encoder.`` (Hugging Face ``WhisperEncoder`` names,
-:func:`osum_jax.convert.hf.whisper_rules`), the adapter under ``adapter.``, ``speech_embed.weight`` and the LLM
-under ``llm.`` (Hugging Face ``Qwen2ForCausalLM`` names, :func:`osum_jax.convert.hf.qwen2_rules`). Shapes come
-from ``transform.external_shape`` and values from ``transform.inverse``; merging LoRA into the base kernels is the
-one hook outside the table.
+The table is :data:`PACKAGE`, one literal row per tensor: the Whisper encoder under ``encoder.`` (Hugging Face
+``WhisperEncoder`` names), the adapter under ``adapter.``, ``speech_embed.weight`` and the LLM under ``llm.``
+(Hugging Face ``Qwen2ForCausalLM`` names). Shapes come from ``transform.external_shape`` and values from
+``transform.inverse``; merging LoRA into the base kernels is the one hook outside the table.
 """
 
 from __future__ import annotations
@@ -16,45 +15,110 @@ import numpy as np
 
 from ..checkpoint import flat_variables
 from ..config import ModelConfig
-from .hf import qwen2_rules, whisper_layer_rules, whisper_rules
-from .rules import CONV, IDENTITY, LINEAR, Entry, Rule, expand, over_layers, prefixed
+from .rules import CONV, IDENTITY, LINEAR, Entry, Rule, expand, model_flags, model_stacks, select
 
 
 class PackageError(ValueError):
     """The package cannot be written (existing output, bad tokenizer, fp16 overflow...); the message says why."""
 
 
-# Our torch names for the adapter, relative to "adapter." (JAX path relative to model.adapter, torch key)
-ADAPTER_TOP = [
-    Rule("transformer.input_proj.kernel", "input_proj.weight", LINEAR),
-    Rule("transformer.input_proj.bias", "input_proj.bias", IDENTITY),
-    Rule("transformer.input_norm.scale", "input_norm.weight", IDENTITY),
-    Rule("transformer.input_norm.bias", "input_norm.bias", IDENTITY),
-    Rule("transformer.pos_table", "embed_positions.weight", IDENTITY),
-    Rule("transformer.layer_norm.scale", "layer_norm.weight", IDENTITY),
-    Rule("transformer.layer_norm.bias", "layer_norm.bias", IDENTITY),
-    Rule("proj.kernel", "proj.weight", LINEAR),
-    Rule("proj.bias", "proj.bias", IDENTITY),
+# (JAX path in ``OSUM``, package tensor name, transform[, when]), in the package's tensor order; ``{i}``: a layer
+# of a stack. LoRA A/B rows go to the adapter file under peft's names (:data:`PEFT_PREFIX`) or are merged.
+PACKAGE = [
+    Rule("encoder.conv1.kernel",                                  "encoder.conv1.weight",                                 CONV),
+    Rule("encoder.conv1.bias",                                    "encoder.conv1.bias",                                   IDENTITY),
+    Rule("encoder.conv2.kernel",                                  "encoder.conv2.weight",                                 CONV),
+    Rule("encoder.conv2.bias",                                    "encoder.conv2.bias",                                   IDENTITY),
+    Rule("encoder.embed_positions",                               "encoder.embed_positions.weight",                       IDENTITY),
+    Rule("encoder.layer_norm.scale",                              "encoder.layer_norm.weight",                            IDENTITY),
+    Rule("encoder.layer_norm.bias",                               "encoder.layer_norm.bias",                              IDENTITY),
+    Rule("encoder.layers.self_attn_layer_norm.scale",             "encoder.layers.{i}.self_attn_layer_norm.weight",       IDENTITY),
+    Rule("encoder.layers.self_attn_layer_norm.bias",              "encoder.layers.{i}.self_attn_layer_norm.bias",         IDENTITY),
+    Rule("encoder.layers.self_attn.q_proj.kernel",                "encoder.layers.{i}.self_attn.q_proj.weight",           LINEAR),
+    Rule("encoder.layers.self_attn.q_proj.bias",                  "encoder.layers.{i}.self_attn.q_proj.bias",             IDENTITY),
+    Rule("encoder.layers.self_attn.k_proj.kernel",                "encoder.layers.{i}.self_attn.k_proj.weight",           LINEAR),
+    Rule("encoder.layers.self_attn.v_proj.kernel",                "encoder.layers.{i}.self_attn.v_proj.weight",           LINEAR),
+    Rule("encoder.layers.self_attn.v_proj.bias",                  "encoder.layers.{i}.self_attn.v_proj.bias",             IDENTITY),
+    Rule("encoder.layers.self_attn.out_proj.kernel",              "encoder.layers.{i}.self_attn.out_proj.weight",         LINEAR),
+    Rule("encoder.layers.self_attn.out_proj.bias",                "encoder.layers.{i}.self_attn.out_proj.bias",           IDENTITY),
+    Rule("encoder.layers.final_layer_norm.scale",                 "encoder.layers.{i}.final_layer_norm.weight",           IDENTITY),
+    Rule("encoder.layers.final_layer_norm.bias",                  "encoder.layers.{i}.final_layer_norm.bias",             IDENTITY),
+    Rule("encoder.layers.fc1.kernel",                             "encoder.layers.{i}.fc1.weight",                        LINEAR),
+    Rule("encoder.layers.fc1.bias",                               "encoder.layers.{i}.fc1.bias",                          IDENTITY),
+    Rule("encoder.layers.fc2.kernel",                             "encoder.layers.{i}.fc2.weight",                        LINEAR),
+    Rule("encoder.layers.fc2.bias",                               "encoder.layers.{i}.fc2.bias",                          IDENTITY),
+    Rule("encoder.layers.self_attn.k_proj.bias",                  "encoder.layers.{i}.self_attn.k_proj.bias",             IDENTITY, "key_bias"),
+    Rule("adapter.downsample.convs.0.kernel",                     "adapter.convs.0.weight",                               CONV, "conv0"),
+    Rule("adapter.downsample.convs.0.bias",                       "adapter.convs.0.bias",                                 IDENTITY, "conv0"),
+    Rule("adapter.downsample.convs.1.kernel",                     "adapter.convs.1.weight",                               CONV, "conv1"),
+    Rule("adapter.downsample.convs.1.bias",                       "adapter.convs.1.bias",                                 IDENTITY, "conv1"),
+    Rule("adapter.downsample.convs.2.kernel",                     "adapter.convs.2.weight",                               CONV, "conv2"),
+    Rule("adapter.downsample.convs.2.bias",                       "adapter.convs.2.bias",                                 IDENTITY, "conv2"),
+    Rule("adapter.transformer.input_proj.kernel",                 "adapter.input_proj.weight",                            LINEAR),
+    Rule("adapter.transformer.input_proj.bias",                   "adapter.input_proj.bias",                              IDENTITY),
+    Rule("adapter.transformer.input_norm.scale",                  "adapter.input_norm.weight",                            IDENTITY),
+    Rule("adapter.transformer.input_norm.bias",                   "adapter.input_norm.bias",                              IDENTITY),
+    Rule("adapter.transformer.pos_table",                         "adapter.embed_positions.weight",                       IDENTITY),
+    Rule("adapter.transformer.layer_norm.scale",                  "adapter.layer_norm.weight",                            IDENTITY),
+    Rule("adapter.transformer.layer_norm.bias",                   "adapter.layer_norm.bias",                              IDENTITY),
+    Rule("adapter.proj.kernel",                                   "adapter.proj.weight",                                  LINEAR),
+    Rule("adapter.proj.bias",                                     "adapter.proj.bias",                                    IDENTITY),
+    Rule("adapter.transformer.layers.self_attn_layer_norm.scale", "adapter.layers.{i}.self_attn_layer_norm.weight",       IDENTITY),
+    Rule("adapter.transformer.layers.self_attn_layer_norm.bias",  "adapter.layers.{i}.self_attn_layer_norm.bias",         IDENTITY),
+    Rule("adapter.transformer.layers.self_attn.q_proj.kernel",    "adapter.layers.{i}.self_attn.q_proj.weight",           LINEAR),
+    Rule("adapter.transformer.layers.self_attn.q_proj.bias",      "adapter.layers.{i}.self_attn.q_proj.bias",             IDENTITY),
+    Rule("adapter.transformer.layers.self_attn.k_proj.kernel",    "adapter.layers.{i}.self_attn.k_proj.weight",           LINEAR),
+    Rule("adapter.transformer.layers.self_attn.v_proj.kernel",    "adapter.layers.{i}.self_attn.v_proj.weight",           LINEAR),
+    Rule("adapter.transformer.layers.self_attn.v_proj.bias",      "adapter.layers.{i}.self_attn.v_proj.bias",             IDENTITY),
+    Rule("adapter.transformer.layers.self_attn.out_proj.kernel",  "adapter.layers.{i}.self_attn.out_proj.weight",         LINEAR),
+    Rule("adapter.transformer.layers.self_attn.out_proj.bias",    "adapter.layers.{i}.self_attn.out_proj.bias",           IDENTITY),
+    Rule("adapter.transformer.layers.final_layer_norm.scale",     "adapter.layers.{i}.final_layer_norm.weight",           IDENTITY),
+    Rule("adapter.transformer.layers.final_layer_norm.bias",      "adapter.layers.{i}.final_layer_norm.bias",             IDENTITY),
+    Rule("adapter.transformer.layers.fc1.kernel",                 "adapter.layers.{i}.fc1.weight",                        LINEAR),
+    Rule("adapter.transformer.layers.fc1.bias",                   "adapter.layers.{i}.fc1.bias",                          IDENTITY),
+    Rule("adapter.transformer.layers.fc2.kernel",                 "adapter.layers.{i}.fc2.weight",                        LINEAR),
+    Rule("adapter.transformer.layers.fc2.bias",                   "adapter.layers.{i}.fc2.bias",                          IDENTITY),
+    Rule("adapter.transformer.layers.self_attn.k_proj.bias",      "adapter.layers.{i}.self_attn.k_proj.bias",             IDENTITY),
+    Rule("speech_embed",                                          "speech_embed.weight",                                  IDENTITY),
+    Rule("llm.embed_tokens",                                      "llm.model.embed_tokens.weight",                        IDENTITY),
+    Rule("llm.norm.scale",                                        "llm.model.norm.weight",                                IDENTITY),
+    Rule("llm.lm_head",                                           "llm.lm_head.weight",                                   LINEAR, "untied"),
+    Rule("llm.layers.input_layernorm.scale",                      "llm.model.layers.{i}.input_layernorm.weight",          IDENTITY),
+    Rule("llm.layers.post_attention_layernorm.scale",             "llm.model.layers.{i}.post_attention_layernorm.weight", IDENTITY),
+    Rule("llm.layers.self_attn.q_proj.kernel",                    "llm.model.layers.{i}.self_attn.q_proj.weight",         LINEAR),
+    Rule("llm.layers.self_attn.q_proj.bias",                      "llm.model.layers.{i}.self_attn.q_proj.bias",           IDENTITY, "attention_bias"),
+    Rule("llm.layers.self_attn.q_proj.lora_a",                    "llm.model.layers.{i}.self_attn.q_proj.lora_A.weight",  LINEAR, "lora:q_proj"),
+    Rule("llm.layers.self_attn.q_proj.lora_b",                    "llm.model.layers.{i}.self_attn.q_proj.lora_B.weight",  LINEAR, "lora:q_proj"),
+    Rule("llm.layers.self_attn.k_proj.kernel",                    "llm.model.layers.{i}.self_attn.k_proj.weight",         LINEAR),
+    Rule("llm.layers.self_attn.k_proj.bias",                      "llm.model.layers.{i}.self_attn.k_proj.bias",           IDENTITY, "attention_bias"),
+    Rule("llm.layers.self_attn.k_proj.lora_a",                    "llm.model.layers.{i}.self_attn.k_proj.lora_A.weight",  LINEAR, "lora:k_proj"),
+    Rule("llm.layers.self_attn.k_proj.lora_b",                    "llm.model.layers.{i}.self_attn.k_proj.lora_B.weight",  LINEAR, "lora:k_proj"),
+    Rule("llm.layers.self_attn.v_proj.kernel",                    "llm.model.layers.{i}.self_attn.v_proj.weight",         LINEAR),
+    Rule("llm.layers.self_attn.v_proj.bias",                      "llm.model.layers.{i}.self_attn.v_proj.bias",           IDENTITY, "attention_bias"),
+    Rule("llm.layers.self_attn.v_proj.lora_a",                    "llm.model.layers.{i}.self_attn.v_proj.lora_A.weight",  LINEAR, "lora:v_proj"),
+    Rule("llm.layers.self_attn.v_proj.lora_b",                    "llm.model.layers.{i}.self_attn.v_proj.lora_B.weight",  LINEAR, "lora:v_proj"),
+    Rule("llm.layers.self_attn.o_proj.kernel",                    "llm.model.layers.{i}.self_attn.o_proj.weight",         LINEAR),
+    Rule("llm.layers.self_attn.o_proj.lora_a",                    "llm.model.layers.{i}.self_attn.o_proj.lora_A.weight",  LINEAR, "lora:o_proj"),
+    Rule("llm.layers.self_attn.o_proj.lora_b",                    "llm.model.layers.{i}.self_attn.o_proj.lora_B.weight",  LINEAR, "lora:o_proj"),
+    Rule("llm.layers.mlp.gate_proj.kernel",                       "llm.model.layers.{i}.mlp.gate_proj.weight",            LINEAR),
+    Rule("llm.layers.mlp.gate_proj.lora_a",                       "llm.model.layers.{i}.mlp.gate_proj.lora_A.weight",     LINEAR, "lora:gate_proj"),
+    Rule("llm.layers.mlp.gate_proj.lora_b",                       "llm.model.layers.{i}.mlp.gate_proj.lora_B.weight",     LINEAR, "lora:gate_proj"),
+    Rule("llm.layers.mlp.up_proj.kernel",                         "llm.model.layers.{i}.mlp.up_proj.weight",              LINEAR),
+    Rule("llm.layers.mlp.up_proj.lora_a",                         "llm.model.layers.{i}.mlp.up_proj.lora_A.weight",       LINEAR, "lora:up_proj"),
+    Rule("llm.layers.mlp.up_proj.lora_b",                         "llm.model.layers.{i}.mlp.up_proj.lora_B.weight",       LINEAR, "lora:up_proj"),
+    Rule("llm.layers.mlp.down_proj.kernel",                       "llm.model.layers.{i}.mlp.down_proj.weight",            LINEAR),
+    Rule("llm.layers.mlp.down_proj.lora_a",                       "llm.model.layers.{i}.mlp.down_proj.lora_A.weight",     LINEAR, "lora:down_proj"),
+    Rule("llm.layers.mlp.down_proj.lora_b",                       "llm.model.layers.{i}.mlp.down_proj.lora_B.weight",     LINEAR, "lora:down_proj"),
 ]
 PEFT_PREFIX = "base_model.model."  # LoRA tensors kept apart: peft's names for the Qwen2 model, adapter name dropped
 
 
 def package_rules(cfg: ModelConfig) -> list[Rule]:
-    """The package's table, in the package's tensor order (LoRA A/B rows included when ``cfg.lora.enabled``)."""
-    rows = prefixed(whisper_rules(cfg.encoder.key_bias), "encoder.", "encoder.")
-    for i in range(len(cfg.adapter.conv_strides)):
-        rows += [Rule(f"adapter.downsample.convs.{i}.kernel", f"adapter.convs.{i}.weight", CONV),
-                 Rule(f"adapter.downsample.convs.{i}.bias", f"adapter.convs.{i}.bias", IDENTITY)]
-    rows += prefixed(ADAPTER_TOP, "adapter.", "adapter.")
-    rows += over_layers(whisper_layer_rules(True), "adapter.transformer.layers.", "adapter.layers.")
-    rows.append(Rule("speech_embed", "speech_embed.weight", IDENTITY))
-    rows += prefixed(qwen2_rules(cfg.llm, cfg.lora if cfg.lora.enabled else None), "llm.", "llm.")
-    return rows
+    """The rows of :data:`PACKAGE` that ``OSUM(cfg)`` has, in the package's tensor order."""
+    return select(PACKAGE, model_flags(cfg), table="torch package")
 
 
-def package_stacks(cfg: ModelConfig) -> dict[str, int]:
-    return {"encoder.layers.": cfg.encoder.num_layers, "adapter.transformer.layers.": cfg.adapter.num_layers,
-            "llm.layers.": cfg.llm.num_layers}
+package_stacks = model_stacks  # the scanned stacks (one definition, in .rules)
 
 
 @dataclass

@@ -1,11 +1,14 @@
-"""The vocabulary of the converter's rule tables: transforms, rows and their expansion over layers.
+"""The vocabulary of the converter's rule tables: transforms, rows, the config flags that select optional rows,
+and the expansion of rows over layers.
 
-Every external format (Hugging Face Whisper/Qwen2 in :mod:`.hf`, OSUM's ``.pt`` in :mod:`.osum_pt`, the torch
-package in :mod:`.package_table`) is one table of :class:`Rule` rows ``(JAX path, external key pattern,
-transform)``. A row whose key pattern holds ``{i}`` is a stacked (scanned) variable: :func:`expand` turns it into
-one :class:`Entry` per layer. Imports apply ``transform.forward`` to the external tensor; exports apply
-``transform.inverse`` to the JAX value and know the external shape beforehand from ``transform.external_shape``.
-Every transform is a transpose or a reshape, so both directions are exact (bit-identical).
+Every external format is one literal table of :class:`Rule` rows ``(JAX path, external key pattern, transform,
+when)``, written out once in its own module: ``hf.WHISPER`` and ``hf.QWEN2`` (Hugging Face), ``osum_pt.OSUM``
+(OSUM's ``.pt``), ``package_table.PACKAGE`` (the torch package). A row with ``when`` set exists only for configs
+that have that flag (:func:`model_flags`: ``key_bias``, ``attention_bias``, ``untied``, ``lora:<module>``,
+``conv<N>``); :func:`select` keeps the rows of one config. A row whose key pattern holds ``{i}`` is a stacked
+(scanned) variable: :func:`expand` turns it into one :class:`Entry` per layer. Imports apply
+``transform.forward`` to the external tensor; exports apply ``transform.inverse`` to the JAX value and know the
+external shape beforehand from ``transform.external_shape``. Every transform is a transpose or a reshape, so both directions are exact (bit-identical).
 """
 
 from __future__ import annotations
@@ -50,26 +53,69 @@ TRANSFORMS = (IDENTITY, LINEAR, CONV, PE)
 
 
 class Rule(NamedTuple):
-    """One row of a table: a JAX variable path, its external key (``{i}`` = layer index of a stacked variable)
-    and the transform between the layouts."""
+    """One row of a table: a JAX variable path, its external key (``{i}`` = layer index of a stacked variable),
+    the transform between the layouts, and the config flag the row depends on (``""``: every config)."""
 
     jax: str
     external: str
     transform: Transform
+    when: str = ""
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.external
 
 
-def over_layers(rows: Sequence[Rule], jax_prefix: str, external_prefix: str) -> list[Rule]:
-    """Rows inside one block (``("fc1.kernel", "fc1.weight", LINEAR)``) -> stacked rows of a scanned stack
-    (``(jax_prefix + "fc1.kernel", external_prefix + "{i}.fc1.weight", LINEAR)``)."""
-    return [Rule(jax_prefix + j, external_prefix + "{i}." + e, t) for j, e, t in rows]
-
-
 def prefixed(rows: Sequence[Rule], jax_prefix: str, external_prefix: str) -> list[Rule]:
-    return [Rule(jax_prefix + j, external_prefix + e, t) for j, e, t in rows]
+    """The rows with both sides prefixed (a table applied to a submodule, e.g. ``llm.`` of ``OSUM``)."""
+    return [r._replace(jax=jax_prefix + r.jax, external=external_prefix + r.external) for r in rows]
+
+
+# -- which rows a config has ----------------------------------------------------------------------------------
+
+MAX_CONVS = 3  # the adapter convs the OSUM and package tables declare (OSUM's down_sample_2 has three)
+
+
+def encoder_flags(key_bias: bool) -> set[str]:
+    """Flags of an encoder block: ``key_bias`` (Whisper's own blocks have no key bias)."""
+    return {"key_bias"} if key_bias else set()
+
+
+def llm_flags(llm, lora=None) -> set[str]:
+    """Flags of the Qwen2 LLM (``LLMConfig``, ``LoRAConfig`` or ``None``): ``attention_bias``, ``untied``
+    (an ``lm_head`` of its own) and ``lora:<module>`` for each module with LoRA."""
+    flags = set()
+    if llm.attention_bias:
+        flags.add("attention_bias")
+    if not llm.tie_word_embeddings:
+        flags.add("untied")
+    if lora is not None:
+        modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        flags |= {f"lora:{m}" for m in modules if lora.rank_of(m)}
+    return flags
+
+
+def model_flags(cfg) -> set[str]:
+    """Flags of the whole ``OSUM(cfg)`` (``ModelConfig``): the encoder's, the LLM's, ``conv<N>`` per adapter conv."""
+    return (encoder_flags(cfg.encoder.key_bias) | llm_flags(cfg.llm, cfg.lora)
+            | {f"conv{n}" for n in range(len(cfg.adapter.conv_strides))})
+
+
+def select(rows: Sequence[Rule], flags: set[str], *, table: str) -> list[Rule]:
+    """The rows of ``table`` that exist for a config with ``flags``, in table order. Raises when the config
+    needs an adapter conv the table does not declare."""
+    convs = {f for f in flags if f.startswith("conv")}
+    lacking = sorted(convs - {r.when for r in rows})
+    if lacking:
+        raise CheckpointMismatch(f"the {table} table declares {MAX_CONVS} adapter convs; the config has "
+                                 f"{len(convs)} (model.adapter.conv_strides)")
+    return [r for r in rows if not r.when or r.when in flags]
+
+
+def model_stacks(cfg) -> dict[str, int]:
+    """The scanned stacks of ``OSUM(cfg)`` (``ModelConfig``): JAX path prefix -> number of layers."""
+    return {"encoder.layers.": cfg.encoder.num_layers, "adapter.transformer.layers.": cfg.adapter.num_layers,
+            "llm.layers.": cfg.llm.num_layers}
 
 
 @dataclasses.dataclass(frozen=True)
