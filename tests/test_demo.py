@@ -143,6 +143,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "mesh data 1 x fsdp 2 x tensor 1" in report and "gender accuracy" in report
     assert "held-out voices" in report and "never occurs in training" not in report  # the claims as they hold
     assert "word combinations" in report and "chance (random words of the right length) 95 %" in report
+    assert "corpus speech: eSpeak NG" in report  # which espeak-ng, the PCM checksum (no reference at 300 utterances)
+    assert "## this run against the documented spread" in report
     summary = json.loads((out / "summary.json").read_text())
     assert {k for k in summary if k.startswith("test")} == {
         "test: unseen word combinations, training voices", "test-voices: unseen word combinations, held-out voices"}
