@@ -3,8 +3,8 @@
 Importing the package is cheap: torch and transformers are imported only when a model class is used, and
 :mod:`osum_torch_infer.scoring` / :mod:`osum_torch_infer.parsing` need neither (the JAX trainer shares them)::
 
-    from osum_torch_infer import OSUMForConditionalGeneration
-    model = OSUMForConditionalGeneration.from_pretrained("PKG", device="auto", dtype="auto")
+    from osum_torch_infer import load_model
+    model = load_model("PKG", device="auto", dtype="auto")  # the runtime's device/dtype policy (loading.py)
 
 or through transformers' auto classes (registered, never ``trust_remote_code``)::
 
@@ -24,12 +24,13 @@ import importlib
 import importlib.abc
 import sys
 
-__all__ = ["OSUMForConditionalGeneration", "OSUMProcessor", "PackageError", "export_onnx", "load_audio", "log_mel_spectrogram"]
+__all__ = ["OSUMForConditionalGeneration", "OSUMProcessor", "PackageError", "load_model", "export_onnx", "load_audio", "log_mel_spectrogram"]
 
 _LAZY = {
     "OSUMForConditionalGeneration": "modeling",
     "PackageError": "modeling",
     "OSUMProcessor": "processing_osum",
+    "load_model": "loading",
     "export_onnx": "onnx_export",
     "load_audio": "features",
     "log_mel_spectrogram": "features",

@@ -156,13 +156,14 @@ def main_calibrate(argv: Sequence[str]) -> int:
     p.add_argument("--limit", type=int, default=0, help="use the first N utterances only (default: all)")
     p.add_argument("--out", help=f"report path (default: PKG/{REPORT}, where loading in fp16 looks for it)")
     args = p.parse_args(list(argv))
-    from .modeling import OSUMForConditionalGeneration, PackageError
+    from .loading import load_model
+    from .modeling import PackageError
     from .pipeline import read_list
 
     try:
         items = read_list(args.data)
         items = [it for it in items if it.error is None][: args.limit or None]
-        model = OSUMForConditionalGeneration.from_pretrained(args.model, device="cpu", dtype=args.dtype)
+        model = load_model(args.model, device="cpu", dtype=args.dtype)
         report = calibrate(model, items, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         path = write_report(report, args.model, args.out)
     except (PackageError, ValueError, RuntimeError, OSError) as e:

@@ -126,12 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _export(args) -> int:
-    from .modeling import OSUMForConditionalGeneration, PackageError
+    from .loading import load_model
+    from .modeling import PackageError
     from .onnx_export import export_onnx
 
     try:
         # only the audio tower's tensors are read (~0.3 B parameters in fp32, not the 8 B model)
-        model = OSUMForConditionalGeneration.from_pretrained(args.model, device="cpu", dtype="fp32", parts="audio")
+        model = load_model(args.model, device="cpu", dtype="fp32", parts="audio")
         info = export_onnx(model, args.out, trace_frames=args.trace_frames, check_frames=args.check_frames,
                            opset=args.opset, ir_version=args.ir_version)
     except (PackageError, RuntimeError, ValueError) as e:
@@ -280,11 +281,10 @@ def _checked_model(args, items):
                     raise ValueError(f"task {t!r} is not in the package's prompt file ({pkg.prompts_file}); known "
                                      f"tasks: {sorted(prompts)}; or pass a prompt text")
         return None
-    from .modeling import OSUMForConditionalGeneration
+    from .loading import load_model
     from .pipeline import check_run_args
 
-    model = OSUMForConditionalGeneration.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                                         npu_fusions=not args.no_npu_fusions)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, npu_fusions=not args.no_npu_fusions)
     print(f"osum-infer: {model.device}, {str(model.dtype).replace('torch.', '')} ({model.device_reason})",
           file=sys.stderr)
     if args.prompt is None and (args.task or args.strict):

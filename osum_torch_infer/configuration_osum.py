@@ -8,32 +8,60 @@ As Qwen2-Audio's config: the audio side (``encoder``, ``adapter``: Whisper-mediu
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import dataclasses
 from typing import Any
 
 from transformers import PreTrainedConfig, Qwen2Config
-from transformers.configuration_utils import SubConfigSpec
 
 from .package import MODEL_TYPE, AdapterConfig, EncoderConfig, PackageConfig, PackageError
 
 
+def _config_class(name: str, schema, model_type: str) -> type[PreTrainedConfig]:
+    """A ``PreTrainedConfig`` whose fields (names, types, defaults) are those of the package schema's dataclass
+    ``schema``: the fields are declared once, in :mod:`osum_torch_infer.package` (torch- and transformers-free,
+    which the JAX side reads); lists read from JSON become tuples again."""
+    fields = dataclasses.fields(schema)
+
+    def __post_init__(self, **kwargs):
+        for f in fields:
+            if isinstance(getattr(self, f.name), list):
+                setattr(self, f.name, tuple(getattr(self, f.name)))
+        PreTrainedConfig.__post_init__(self, **kwargs)
+
+    def to_schema(self):
+        """The package schema's dataclass (what ``config.json`` stores)."""
+        return schema(**{f.name: getattr(self, f.name) for f in fields})
+
+    namespace = {"__module__": __name__, "__qualname__": name, "model_type": model_type,
+                 "__doc__": f"{schema.__doc__}\n\nA ``PreTrainedConfig`` with the fields of "
+                            f":class:`osum_torch_infer.package.{schema.__name__}`.",
+                 "__annotations__": {f.name: f.type for f in fields}, "__post_init__": __post_init__,
+                 "to_schema": to_schema, **{f.name: f.default for f in fields}}
+    return type(name, (PreTrainedConfig,), namespace)
+
+
+OSUMEncoderConfig = _config_class("OSUMEncoderConfig", EncoderConfig, "osum_encoder")
+OSUMAdapterConfig = _config_class("OSUMAdapterConfig", AdapterConfig, "osum_adapter")
+_SUB_SCHEMAS = {"encoder": EncoderConfig, "adapter": AdapterConfig}
+# the top-level keys OSUMConfig keeps as they are (PackageConfig's other fields: the sub-configs and the dtype)
+_PLAIN_FIELDS = tuple(f.name for f in dataclasses.fields(PackageConfig)
+                      if f.name not in ("encoder", "adapter", "text_config", "torch_dtype"))
+
+
 class OSUMConfig(PreTrainedConfig):
-    """``encoder`` / ``adapter``: :class:`EncoderConfig` / :class:`AdapterConfig` (dicts accepted);
-    ``text_config``: a ``Qwen2Config`` (or its dict; ``llm=`` is accepted as an alias)."""
+    """``encoder`` / ``adapter``: :class:`OSUMEncoderConfig` / :class:`OSUMAdapterConfig` (dicts, or the package
+    schema's dataclasses, accepted); ``text_config``: a ``Qwen2Config`` (or its dict; ``llm=`` is accepted as an
+    alias). The other fields and their defaults are :class:`~osum_torch_infer.package.PackageConfig`'s."""
 
     model_type = MODEL_TYPE
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=Qwen2Config)}
+    # built in __post_init__ (as Qwen2AudioConfig does), which transformers 5.17 and 5.23 both run
+    sub_configs = {"text_config": Qwen2Config, "encoder": OSUMEncoderConfig, "adapter": OSUMAdapterConfig}
 
-    encoder: Any = None
-    adapter: Any = None
+    encoder: dict | PreTrainedConfig | None = None
+    adapter: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    speech_token_num: int = 4097
-    eos_token_id: int = 151643
-    lora: dict | None = None
-    prompts_file: str = "prompts.yaml"
-    eod_token: str = "<|endoftext|>"
-    audio: dict | None = None
-    metadata: dict | None = None
+    __annotations__.update({f.name: Any for f in dataclasses.fields(PackageConfig) if f.name in _PLAIN_FIELDS})
+    locals().update({f.name: None for f in dataclasses.fields(PackageConfig) if f.name in _PLAIN_FIELDS})
 
     def __post_init__(self, **kwargs):
         if "llm" in kwargs and self.text_config is None:
@@ -43,9 +71,18 @@ class OSUMConfig(PreTrainedConfig):
         if isinstance(self.text_config, dict):
             self.text_config = {k: v for k, v in self.text_config.items()
                                 if k not in ("architectures", "model_type", "torch_dtype", "dtype")}
-        self.encoder = _dataclass(EncoderConfig, self.encoder, "encoder")
-        self.adapter = _dataclass(AdapterConfig, self.adapter, "adapter")
-        self.lora, self.audio, self.metadata = dict(self.lora or {}), dict(self.audio or {}), dict(self.metadata or {})
+        for name, schema in _SUB_SCHEMAS.items():
+            setattr(self, name, _sub_dict(schema, getattr(self, name), name))
+        for name, cls in self.sub_configs.items():
+            value = getattr(self, name)
+            if not isinstance(value, PreTrainedConfig):
+                setattr(self, name, cls(**(value or {})))
+        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                    for f in dataclasses.fields(PackageConfig) if f.name in _PLAIN_FIELDS}
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            value = default if value is None else value
+            setattr(self, name, dict(value) if isinstance(default, dict) else value)
         super().__post_init__(**kwargs)
 
     # -- the package schema ---------------------------------------------------------------------------------
@@ -53,9 +90,7 @@ class OSUMConfig(PreTrainedConfig):
     @classmethod
     def from_package(cls, pkg: PackageConfig) -> "OSUMConfig":
         return cls(encoder=pkg.encoder, adapter=pkg.adapter, text_config=dict(pkg.text_config),
-                   speech_token_num=pkg.speech_token_num, eos_token_id=pkg.eos_token_id, torch_dtype=pkg.torch_dtype,
-                   lora=pkg.lora, prompts_file=pkg.prompts_file, eod_token=pkg.eod_token, audio=pkg.audio,
-                   metadata=pkg.metadata)
+                   torch_dtype=pkg.torch_dtype, **{k: getattr(pkg, k) for k in _PLAIN_FIELDS})
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
@@ -66,10 +101,8 @@ class OSUMConfig(PreTrainedConfig):
     def to_package(self) -> PackageConfig:
         text = {k: v for k, v in self.text_config.to_dict().items()
                 if not k.startswith("_") and k not in ("transformers_version", "id2label", "label2id")}
-        return PackageConfig(encoder=self.encoder, adapter=self.adapter, text_config=text,
-                             speech_token_num=int(self.speech_token_num), eos_token_id=int(self.eos_token_id),
-                             torch_dtype=self.torch_dtype, lora=dict(self.lora), prompts_file=self.prompts_file,
-                             eod_token=self.eod_token, audio=dict(self.audio), metadata=dict(self.metadata))
+        return PackageConfig(encoder=self.encoder.to_schema(), adapter=self.adapter.to_schema(), text_config=text,
+                             torch_dtype=self.torch_dtype, **{k: getattr(self, k) for k in _PLAIN_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
         out = self.to_package().to_dict()
@@ -88,17 +121,17 @@ class OSUMConfig(PreTrainedConfig):
         return str(self.dtype or "bfloat16").replace("torch.", "")
 
 
-def _dataclass(dc, value, name: str):
-    if value is None:
-        return dc()
-    if isinstance(value, dc):
+def _sub_dict(schema, value, name: str):
+    """A sub-config as the dict its ``PreTrainedConfig`` is built from (a config object is kept): the package
+    schema's fields only (osum_jax's subclasses add training-only fields), unknown keys of a dict refused."""
+    if value is None or isinstance(value, PreTrainedConfig):
         return value
+    names = {f.name for f in dataclasses.fields(schema)}
     if isinstance(value, dict):
-        bad = sorted(set(value) - set(dc.__dataclass_fields__))
+        bad = sorted(set(value) - names - {"model_type", "transformers_version"})
         if bad:
             raise PackageError(f"config: unknown key(s) {bad} in {name!r}")
-        return dc(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()})
-    if hasattr(value, "__dataclass_fields__"):  # e.g. osum_jax's EncoderConfig (adds training-only fields)
-        fields = set(dc.__dataclass_fields__)
-        return dc(**{k: v for k, v in asdict(value).items() if k in fields})
+        return {k: v for k, v in value.items() if k in names}
+    if dataclasses.is_dataclass(value):  # the schema's dataclass, or osum_jax's subclass of it
+        return {k: v for k, v in dataclasses.asdict(value).items() if k in names}
     raise PackageError(f"config: {name!r} must be a mapping, got {type(value).__name__}")

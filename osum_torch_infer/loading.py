@@ -142,3 +142,75 @@ def load_audio_tensors(model: torch.nn.Module, root: Path, prefixes: tuple[str, 
                 if key.startswith(prefixes):
                     state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)
+
+
+# -- the runtime's loading policy: device, dtype, NPU fusions, float16 calibration ---------------------------------
+
+AUDIO_PREFIXES = ("encoder.", "adapter.", "speech_embed.")  # the audio tower's tensors (+ the speech markers)
+_SPREAD_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map strategies
+POLICY_DTYPES = ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16")  # load_model's names (and "auto")
+
+
+def load_model(path: str | Path, *model_args, device: str | torch.device = "auto",
+               dtype: str | torch.dtype | None = "auto", npu_fusions: bool = True, parts: str = "all",
+               model_class=None, **kwargs):
+    """Load a package the way the runtime's commands do (``osum-infer``, ``osum-serve``, the Ray actors).
+
+    ``device``: ``auto`` (cuda, then npu, then cpu; the choice and its reason are logged and kept as
+    ``model.device_reason``), ``cuda[:N]``, ``npu[:N]``, ``cpu``; ``device_map=`` (transformers') is passed through
+    instead when given. ``dtype``: ``auto`` (float32 on CPU, the package dtype on accelerators, float16 where bf16
+    is missing), ``fp32``, ``fp16``, ``bf16``. On an NPU the LLM's fused kernels are switched on
+    (``npu_fusions``). A float16 model without a passing ``calibrate-fp16`` report beside the package is warned
+    about. ``parts="audio"`` reads only the audio tower's tensors (encoder, adapter): the LLM stays on the meta
+    device and is unusable (what ONNX export of the tower needs, ~0.3 B instead of 8 B parameters).
+
+    The model itself is loaded by ``OSUMForConditionalGeneration.load_package`` (transformers'
+    ``from_pretrained`` with the package checks)."""
+    import logging
+
+    from .devices import apply_npu_fusions, resolve_dtype, select_device
+    from .package import PackageConfig
+
+    if model_class is None:
+        from .modeling import OSUMForConditionalGeneration as model_class
+    log = logging.getLogger("osum_torch_infer")
+    if parts not in ("all", "audio"):
+        raise ValueError(f"parts={parts!r}: expected 'all' or 'audio'")
+    root = Path(path)
+    if not root.is_dir():
+        raise PackageError(f"{root} is not a package directory")
+    pkg = PackageConfig.from_json(root / "config.json")
+    device_map = kwargs.pop("device_map", None)
+    if isinstance(device_map, (str, torch.device)) and str(device_map) not in _SPREAD_MAPS:
+        dev, why = torch.device(device_map), "device_map"
+    else:  # ours, or transformers spreading the model ("auto", a dict, ...) over the devices we pick
+        dev, why = select_device(device)
+        why = why if device_map is None else f"{why}; device_map={device_map!r}"
+    dt = resolve_dtype(dtype, dev, pkg.torch_dtype)
+    log.info("osum_torch_infer: %s on %s, %s (%s; dtype %s)", root, dev, str(dt).replace("torch.", ""), why,
+             dtype if dtype not in (None, "auto") else f"auto: package {pkg.torch_dtype}")
+    if parts == "audio":
+        from .configuration_osum import OSUMConfig
+
+        with torch.device("meta"):
+            model = model_class(OSUMConfig.from_package(pkg))
+        load_audio_tensors(model, root, AUDIO_PREFIXES, dev, dt)
+        model.eval().requires_grad_(False)
+        model.path = root
+        model._load_text_side(root)
+    else:
+        model = model_class.load_package(root, *model_args, dtype=dt, device_map=device_map or dev, **kwargs)
+        if dev.type == "npu" and npu_fusions:
+            apply_npu_fusions(model.llm)
+    model.device_reason = why
+    warning = (pkg.metadata.get("prompts") or {}).get("warning")
+    if warning:
+        log.warning("osum_torch_infer: %s: %s", root, warning)
+    if dt == torch.float16:
+        from .calibrate import REPORT, passing_report
+
+        if not passing_report(root):
+            log.warning("osum_torch_infer: %s runs in float16 without a passing %s next to it: Qwen2 activations and "
+                        "attention scores can exceed 65504 (the 310P saturates silently); run "
+                        "`osum-infer calibrate-fp16 --model %s --data LIST` on CPU first", root, REPORT, root)
+    return model

@@ -2,11 +2,16 @@
 (:mod:`osum_torch_infer.audio`) beside ``transformers.Qwen2ForCausalLM``.
 
 ``OSUMForConditionalGeneration`` is a ``PreTrainedModel`` + ``GenerationMixin`` with :class:`OSUMConfig`
-(``model_type`` ``"osum"``); importing this module registers both with ``AutoConfig`` / ``AutoModel``, so a package
-loads with ``AutoModel.from_pretrained(PKG)`` too (never ``trust_remote_code``). Loading is transformers'
-``from_pretrained`` (shard index, meta-device build, dtype, device map); this class adds the checks that name the
-package's files, the peft adapter merge, the float16 range check and the device/dtype choice of
-:mod:`osum_torch_infer.devices`.
+(``model_type`` ``"osum"``); importing this module registers both with ``AutoConfig`` / ``AutoModel``, and
+:class:`~osum_torch_infer.processing_osum.OSUMProcessor` with ``AutoProcessor``, so a package loads with
+``AutoModel.from_pretrained(PKG)`` too (never ``trust_remote_code``). Loading is transformers' ``from_pretrained``
+(shard index, meta-device build, dtype, device map); this class adds the checks that name the package's files, the
+peft adapter merge and the float16 range check. The device/dtype choice, NPU fusions and the float16 calibration
+warning are the runtime's policy: :func:`osum_torch_infer.loading.load_model`.
+
+``generate`` has transformers' signature (``input_features``, ``feature_attention_mask``, ``input_ids``,
+``attention_mask``: what the processor returns); :meth:`OSUMForConditionalGeneration.generate_tokens` is the
+runtime's token-list call.
 
 ``model(batch)`` follows the shared batch contract (``feats``, ``feats_lengths``, ``prompt`` (pad -1),
 ``prompt_lengths``, ``target`` (pad -100), ``target_lengths``) and returns ``loss``, ``logits [B, L, V]`` and
@@ -34,14 +39,11 @@ from .audio import Adapter, AudioTower, WhisperEncoder, padding_mask
 from .configuration_osum import OSUMConfig
 from .decoding import (check_loop_guard, fast_greedy_unsupported, greedy_decode, hf_compiles_decode,
                        loop_stopping_criteria, trim_loop)
-from .devices import apply_npu_fusions, resolve_dtype, select_device
-from .loading import cast_parameters, check_tensors, load_audio_tensors, merge_adapter
+from .loading import AUDIO_PREFIXES, cast_parameters, check_tensors, merge_adapter  # noqa: F401
 from .package import AdapterConfig, EncoderConfig, PackageConfig, PackageError, read_prompts  # noqa: F401
 from .processing_osum import OSUMFeatureExtractor, OSUMProcessor
 
 log = logging.getLogger("osum_torch_infer")
-AUDIO_PREFIXES = ("encoder.", "adapter.", "speech_embed.")  # the audio tower's tensors (+ the speech markers)
-_SPREAD_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' device_map strategies
 # generate() arguments that are not GenerationConfig fields (they need transformers' generate)
 _GENERATE_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                        "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask")
@@ -92,70 +94,59 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
     # -- loading ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args, device: str | torch.device =
-                        "auto", dtype: str | torch.dtype | None = "auto", npu_fusions: bool = True,
-                        parts: str = "all", **kwargs) -> "OSUMForConditionalGeneration":
-        """Load a package written by ``osum-convert export-torch`` (``AutoModel.from_pretrained`` ends here too).
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args,
+                        **kwargs) -> "OSUMForConditionalGeneration":
+        """Load a package written by ``osum-convert export-torch`` as transformers loads a model
+        (``AutoModel.from_pretrained`` ends here too): ``dtype`` (``"auto"`` or absent: the stored dtype; a
+        ``torch.dtype``), ``device_map`` (absent: CPU) and transformers' other arguments, plus the checks that name
+        the package's files, the peft adapter merge (``--no-merge-lora`` packages) and the processor (tokenizer +
+        prompt book). No device choice, dtype policy or float16 calibration check here: those are
+        :func:`osum_torch_infer.loading.load_model`'s.
 
-        ``device``: ``auto`` (cuda, then npu, then cpu; the choice and its reason are logged), ``cuda[:N]``,
-        ``npu[:N]``, ``cpu``; ``device_map=`` (transformers') is passed through instead when given. ``dtype``:
-        ``auto`` (float32 on CPU, the package dtype on accelerators), ``fp32``, ``fp16``, ``bf16``. A package
-        exported with ``--no-merge-lora`` has its peft adapter merged into the weights at load time (float32).
-        ``parts="audio"`` reads only the audio tower's tensors (encoder, adapter): the LLM stays on the meta device
-        and is unusable (what ONNX export of the tower needs, at ~0.3 B instead of 8 B parameters).
-        """
-        if parts not in ("all", "audio"):
-            raise ValueError(f"parts={parts!r}: expected 'all' or 'audio'")
-        root = Path(pretrained_model_name_or_path)
+        Called with the runtime's policy arguments (``device=``, ``parts=``, ``npu_fusions=``, or a dtype alias
+        such as ``"fp32"``), this is :func:`~osum_torch_infer.loading.load_model` (the earlier signature)."""
+        from .loading import POLICY_DTYPES, load_model
+
+        dtype = kwargs.get("dtype")
+        if any(k in kwargs for k in ("device", "parts", "npu_fusions")) or (isinstance(dtype, str)
+                                                                         and dtype in POLICY_DTYPES):
+            return load_model(pretrained_model_name_or_path, *model_args, model_class=cls, **kwargs)
+        return cls.load_package(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def load_package(cls, root: str | Path, *model_args, dtype: str | torch.dtype | None = "auto",
+                     device_map=None, **kwargs) -> "OSUMForConditionalGeneration":
+        """transformers' ``from_pretrained`` on a package directory, with its checks: the tensor names and shapes
+        against the model's (every difference named), the peft adapter merge, ``dtype`` (``None``/``"auto"``:
+        the stored one) cast one tensor at a time with the float16 range check, and the processor."""
+        root = Path(root)
         if not root.is_dir():
             raise PackageError(f"{root} is not a package directory")
         pkg = PackageConfig.from_json(root / "config.json")
         kwargs.pop("config", None)  # AutoModel passes the config it read; the package schema reads it here
-        device_map = kwargs.pop("device_map", None)
-        if isinstance(device_map, (str, torch.device)) and str(device_map) not in _SPREAD_MAPS:
-            dev, why = torch.device(device_map), "device_map"
-        else:  # ours, or transformers spreading the model ("auto", a dict, ...) over the devices we pick
-            dev, why = select_device(device)
-            why = why if device_map is None else f"{why}; device_map={device_map!r}"
-        dt = resolve_dtype(dtype, dev, pkg.torch_dtype)
-        log.info("osum_torch_infer: %s on %s, %s (%s; dtype %s)", root, dev, str(dt).replace("torch.", ""), why,
-                 dtype if dtype not in (None, "auto") else f"auto: package {pkg.torch_dtype}")
+        kwargs.pop("torch_dtype", None)
         config = OSUMConfig.from_package(pkg)
-        stored = resolve_dtype(pkg.torch_dtype, dev, pkg.torch_dtype)
+        stored = _stored_dtype(pkg.torch_dtype)
+        dt = stored if dtype in (None, "auto") else dtype
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"dtype={dtype!r}: expected 'auto' or a torch.dtype (or use osum_torch_infer.loading."
+                             f"load_model for fp32/fp16/bf16)")
+        if not pkg.lora.get("merged", True) and not (root / "adapter_config.json").is_file():
+            raise PackageError(f"{root}/config.json says lora.merged=false but adapter_config.json is missing")
+        tied = bool(config.text_config.tie_word_embeddings)
         with torch.device("meta"):
             skeleton = cls(config)
-        if parts == "audio":
-            load_audio_tensors(skeleton, root, AUDIO_PREFIXES, dev, dt)
-            model = skeleton
-        else:
-            if not pkg.lora.get("merged", True) and not (root / "adapter_config.json").is_file():
-                raise PackageError(f"{root}/config.json says lora.merged=false but adapter_config.json is missing")
-            tied = bool(config.text_config.tie_word_embeddings)
-            check_tensors(root, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()
-                                 if not (tied and k == "llm.lm_head.weight")})
-            del skeleton
-            # read at the stored dtype (the adapter merge and the float16 check need the stored values), then cast
-            model, info = super().from_pretrained(
-                root, *model_args, config=config, dtype=stored, device_map=device_map or dev,
-                attn_implementation=ATTN_IMPLEMENTATION, output_loading_info=True, ignore_mismatched_sizes=True,
-                **kwargs)
-            _check_loading_info(root, info, tied=tied)
-            cast_parameters(model, dt, root)
+        check_tensors(root, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()
+                             if not (tied and k == "llm.lm_head.weight")})
+        del skeleton
+        # read at the stored dtype (the adapter merge and the float16 check need the stored values), then cast
+        model, info = super().from_pretrained(
+            root, *model_args, config=config, dtype=stored, device_map=device_map or "cpu",
+            attn_implementation=ATTN_IMPLEMENTATION, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        _check_loading_info(root, info, tied=tied)
+        cast_parameters(model, dt, root)
         model.eval().requires_grad_(False)
-        if dev.type == "npu" and npu_fusions and parts == "all":
-            apply_npu_fusions(model.llm)
         model.path = root
-        model.device_reason = why
-        warning = (pkg.metadata.get("prompts") or {}).get("warning")
-        if warning:
-            log.warning("osum_torch_infer: %s: %s", root, warning)
-        if dt == torch.float16:
-            from .calibrate import REPORT, passing_report
-
-            if not passing_report(root):
-                log.warning("osum_torch_infer: %s runs in float16 without a passing %s next to it: Qwen2 "
-                            "activations and attention scores can exceed 65504 (the 310P saturates silently); run "
-                            "`osum-infer calibrate-fp16 --model %s --data LIST` on CPU first", root, REPORT, root)
         model._load_text_side(root)
         return model
 
@@ -422,6 +413,13 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
 
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _stored_dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(dt, torch.dtype):
+        raise PackageError(f"config.json: torch_dtype {name!r} is not a torch dtype")
+    return dt
 
 
 def _check_loading_info(root: Path, info: Mapping[str, Any], *, tied: bool) -> None:

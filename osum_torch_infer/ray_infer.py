@@ -47,14 +47,13 @@ class Decoder:
 
     def __init__(self, model: str, device: str, dtype: str, npu_fusions: bool, fmt: str, seed: int | None,
                  options: dict):
-        from .modeling import OSUMForConditionalGeneration
+        from .loading import load_model
 
         if seed is not None:
             import torch
 
             torch.manual_seed(seed)
-        self.model = OSUMForConditionalGeneration.from_pretrained(model, device=device, dtype=dtype,
-                                                                 npu_fusions=npu_fusions)
+        self.model = load_model(model, device=device, dtype=dtype, npu_fusions=npu_fusions)
         self.fmt, self.options = fmt, options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

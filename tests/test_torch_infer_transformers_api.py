@@ -130,3 +130,26 @@ def test_processor_then_generate_equals_the_runtime(speech_corpus, package, tmp_
         processor(waves[0], task="<NO_SUCH_TASK>")
     one = processor(waves[0], prompt="")  # an explicit (empty) prompt instead of a task
     assert one["input_ids"].shape == (1, 0)
+
+
+def test_policy_lives_in_load_model_not_in_the_model_class(package):  # noqa: F811
+    """``from_pretrained`` is transformers' (stored dtype, CPU, a torch dtype or "auto"); ``load_model`` holds the
+    runtime's device/dtype choice; the earlier ``from_pretrained(device=, dtype="fp32")`` call reaches it."""
+    from osum_torch_infer import OSUMForConditionalGeneration, load_model
+    from osum_torch_infer.loading import AUDIO_PREFIXES
+
+    plain = OSUMForConditionalGeneration.from_pretrained(package)
+    assert plain.dtype == torch.float32 and plain.device.type == "cpu" and plain.device_reason == ""
+    half = OSUMForConditionalGeneration.from_pretrained(package, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="torch.dtype"):
+        OSUMForConditionalGeneration.load_package(package, dtype="fp16")
+    ours = load_model(package, device="cpu", dtype="bf16")
+    assert ours.dtype == torch.bfloat16 and ours.device_reason and ours.processor is not None
+    legacy = OSUMForConditionalGeneration.from_pretrained(package, device="cpu", dtype="fp32")
+    assert legacy.device_reason == load_model(package, device="cpu").device_reason
+    for a, b in zip(plain.state_dict().items(), legacy.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+    audio = load_model(package, device="cpu", parts="audio")
+    assert all(v.device.type == "meta" for k, v in audio.state_dict().items() if not k.startswith(AUDIO_PREFIXES))
+    assert all(v.device.type == "cpu" for k, v in audio.state_dict().items() if k.startswith(AUDIO_PREFIXES))

@@ -152,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"osum-serve: error: {problem}", file=sys.stderr)
         return 2
-    from ..modeling import OSUMForConditionalGeneration, PackageError
+    from ..loading import load_model
+    from ..modeling import PackageError
     from .app import Limits, create_app
     from .guard import normalize_origin
 
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     try:
-        model = OSUMForConditionalGeneration.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
     except (PackageError, RuntimeError, ValueError) as e:
         print(f"osum-serve: error: {e}", file=sys.stderr)
         return 2

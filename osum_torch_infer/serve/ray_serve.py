@@ -34,9 +34,9 @@ def application(package: str | os.PathLike, *, replicas: int = 2, cpus_per_repli
     @serve.ingress()
     class OSUMReplica:
         def __init__(self, package: str, device: str, dtype: str, app_kwargs: dict[str, Any]):
-            from ..modeling import OSUMForConditionalGeneration
+            from ..loading import load_model
 
-            self.model = OSUMForConditionalGeneration.from_pretrained(package, device=device, dtype=dtype)
+            self.model = load_model(package, device=device, dtype=dtype)
             self.app_kwargs = app_kwargs
 
         def __serve_build_asgi_app__(self):
