@@ -124,10 +124,11 @@ class ModelConfig:
     # "auto": splash kernel on TPU, cuDNN flash attention on NVIDIA (bf16/fp16), einsum elsewhere; or one of
     # "xla" (einsum, any backend), "cudnn", "splash" (models/attention.py)
     attention_impl: str = "auto"
-    # hand-written VJPs of GELU/SiLU/LoRA/attention (models/kernels.py): "auto" = where they measured faster
-    # (CPU, TPU), plain autodiff on GPU; "always"; "never"
+    # hand-written forms (models/ops.py: VJPs of GELU/SiLU/LoRA/attention, erf GELU, the heads-major bias gradient
+    # and rotate_half as matmuls): "auto" = where they measured faster (CPU, TPU), plain autodiff on GPU; "always";
+    # "never"
     custom_vjp: str = "auto"
-    # optimization barriers on matmul inputs and output cotangents (models/kernels.py): "auto" = TPU, where the
+    # optimization barriers on matmul inputs and output cotangents (models/ops.py): "auto" = TPU, where the
     # compiler's cost model measured them faster; "always"; "never"
     matmul_barrier: str = "auto"
 

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from osum_jax.models import OSUM
+from osum_jax.models import OSUM, Ops
 from osum_jax.models.attention import (SequenceMask, dot_product_attention, heads_major, resolve_impl,
                                        sequence_multiple)
-from osum_jax.models.sharding import activation_rules
 from osum_jax.train.mesh import build_mesh
 from osum_jax.config import MeshConfig, DEFAULT_ACTIVATION_RULES
 from tests.helpers import assert_same_loss_and_grads, tiny_model_config
@@ -38,9 +37,9 @@ def test_fused_kernel_equals_einsum_with_holes_and_gqa(causal, kernel):
     w = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32) * valid[..., None, None]
 
     def loss(impl):
-        return lambda q, kk, v: (dot_product_attention(q, kk, v, mask, impl) * w).sum()
+        return lambda q, kk, v: (dot_product_attention(q, kk, v, mask, Ops(attention_impl=impl)) * w).sum()
 
-    out = {impl: dot_product_attention(q, kk, v, mask, impl) for impl in ("xla", kernel)}
+    out = {impl: dot_product_attention(q, kk, v, mask, Ops(attention_impl=impl)) for impl in ("xla", kernel)}
     sel = valid[..., None, None]
     np.testing.assert_allclose(np.where(sel, out[kernel], 0), np.where(sel, out["xla"], 0), atol=2e-5, rtol=1e-4)
     grads = {impl: jax.grad(loss(impl), argnums=(0, 1, 2))(q, kk, v) for impl in ("xla", kernel)}
@@ -48,7 +47,8 @@ def test_fused_kernel_equals_einsum_with_holes_and_gqa(causal, kernel):
         assert np.abs(np.asarray(a) - np.asarray(r)).max() <= 1e-4 * np.abs(np.asarray(r)).max()
     if kernel == "splash":  # the heads-major entry ([B, N, T, H] in and out) the projections feed on TPU
         swap = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
-        hm = swap(dot_product_attention(swap(q), swap(kk), swap(v), mask, "splash", heads_major=True))
+        hm = swap(dot_product_attention(swap(q), swap(kk), swap(v), mask, Ops(attention_impl="splash"),
+                                        heads_major=True))
         np.testing.assert_allclose(np.where(sel, hm, 0), np.where(sel, out["xla"], 0), atol=2e-5, rtol=1e-4)
 
 
@@ -63,7 +63,8 @@ def test_auto_is_einsum_on_cpu_and_dense_masks_never_go_to_splash():
             for i in ("auto", "xla", "splash", "pallas")] == [1, 1, 128, 128]
     assert [heads_major(i, jnp.bfloat16, 64, 600) for i in ("auto", "splash", "pallas")] == [False, True, False]
     with pytest.raises(ValueError, match="splash kernel only"):
-        dot_product_attention(*[jnp.ones((1, 2, 8, 4))] * 3, SequenceMask(valid), "xla", heads_major=True)
+        dot_product_attention(*[jnp.ones((1, 2, 8, 4))] * 3, SequenceMask(valid), Ops(attention_impl="xla"),
+                              heads_major=True)
 
 
 def test_auto_on_gpu_is_cudnn_else_pallas_for_16_bit(monkeypatch):
@@ -113,12 +114,12 @@ def test_osum_loss_and_gradients_with_splash_on_a_mesh_equal_einsum():
     results = {}
     for impl in ("xla", "splash"):
         cfg = tiny_model_config(**{"llm.vocab_size": 256, "attention_impl": impl})
-        graphdef, params, rest = nnx.split(OSUM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
         mesh = build_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+        ops = Ops.from_config(cfg, mesh=mesh, activation_rules=DEFAULT_ACTIVATION_RULES)
+        graphdef, params, rest = nnx.split(OSUM(cfg, rngs=nnx.Rngs(0), ops=ops), nnx.Param, ...)
 
-        def loss(p):
-            with activation_rules(mesh, DEFAULT_ACTIVATION_RULES):
-                return nnx.merge(graphdef, p, rest)(batch)["loss"]
+        def loss(p, graphdef=graphdef, rest=rest):
+            return nnx.merge(graphdef, p, rest)(batch)["loss"]
 
         with jax.set_mesh(mesh):
             results[impl] = jax.jit(jax.value_and_grad(loss))(params)

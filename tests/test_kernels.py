@@ -1,13 +1,18 @@
-"""Hand-written VJPs (models/kernels.py) and plain autodiff give the same loss and gradients."""
+"""The backend choices of models/ops.py: hand-written VJPs and forms and plain autodiff give the same loss and
+gradients, barriers change no value, hash dropout masks have the statistics dropout needs; and the model reads
+them from its constructor (``Ops``), never from ambient state."""
+
+import dataclasses
+import pathlib
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from osum_jax.models import OSUM
-from osum_jax.models.kernels import custom_vjps, resolve
-from tests.helpers import assert_same_loss_and_grads, tiny_model_config
+from osum_jax.models import OSUM, Ops
+from osum_jax.models.ops import resolve_custom_vjp
+from tests.helpers import assert_same_loss_and_grads, replace, tiny_model_config
 
 
 def _batch(rng, b=3, t=96, p=5, l_=7):
@@ -20,25 +25,49 @@ def _batch(rng, b=3, t=96, p=5, l_=7):
 
 @pytest.mark.slow
 def test_custom_vjps_equal_autodiff():
+    """The whole model built with the hand-written forms (``Ops(custom_vjp=True)``: VJPs, erf GELU) and with plain
+    autodiff of the references (``False``, the GPU path): same loss and gradients; only the first traces custom
+    VJPs."""
     cfg = tiny_model_config(**{"llm.vocab_size": 256})
-    model = OSUM(cfg, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _, params, rest = nnx.split(OSUM(cfg, rngs=nnx.Rngs(0), ops=Ops(custom_vjp=True)), nnx.Param, ...)
     batch = _batch(np.random.default_rng(0))
     key = jax.random.key(3)  # dropout on: the LoRA and FFN paths see their dropout masks too
 
-    def loss(p):
-        return nnx.merge(graphdef, p, rest)(batch, key)["loss"]
-
     results = []
     for on in (True, False):
-        with custom_vjps(on):
-            results.append(jax.jit(jax.value_and_grad(loss))(params))
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: OSUM(cfg, rngs=nnx.Rngs(0), ops=Ops(custom_vjp=on))))
+
+        def loss(p, graphdef=graphdef):
+            return nnx.merge(graphdef, p, rest)(batch, key)["loss"]
+
+        f = jax.value_and_grad(loss)
+        assert ("custom_vjp_call" in str(jax.make_jaxpr(f)(params))) == on
+        results.append(jax.jit(f)(params))
     assert_same_loss_and_grads(results[0], results[1], loss_rtol=1e-6, grad_rel=1e-5)
 
 
 def test_auto_selects_custom_vjps_on_cpu_only():
-    assert resolve("auto", "cpu") and resolve("auto", "tpu") and not resolve("auto", "gpu")
-    assert resolve("always", "tpu") and not resolve("never", "cpu")
+    assert resolve_custom_vjp("auto", "cpu") and resolve_custom_vjp("auto", "tpu") \
+        and not resolve_custom_vjp("auto", "gpu")
+    assert resolve_custom_vjp("always", "tpu") and not resolve_custom_vjp("never", "cpu")
+    # Ops() takes the platform's auto choices (this host: CPU); a config's settings are resolved the same way
+    assert Ops().platform == "cpu" and Ops().custom_vjp and not Ops().matmul_barrier
+    assert (Ops(platform="tpu").custom_vjp, Ops(platform="tpu").matmul_barrier) == (True, True)
+    assert (Ops(platform="gpu").custom_vjp, Ops(platform="gpu").matmul_barrier) == (False, False)
+    cfg = tiny_model_config()
+    assert not Ops.from_config(replace(cfg, custom_vjp="never")).custom_vjp
+    assert Ops.from_config(replace(cfg, matmul_barrier="always")).matmul_barrier
+    assert Ops.from_config(cfg, dropout_rng="hash").hash_masks and not Ops.from_config(cfg).hash_masks
+    assert Ops.from_config(replace(cfg, attention_impl="xla")).attention_impl == "xla"
+    assert hash(Ops()) == hash(Ops(platform="cpu")) and Ops() == Ops(platform="cpu")  # a static graph value
+
+
+def test_models_read_no_ambient_state():
+    """Backend choices reach the model as constructor arguments: no ContextVar anywhere in osum_jax/models."""
+    models = pathlib.Path(__file__).resolve().parents[1] / "osum_jax" / "models"
+    offenders = [p.name for p in sorted(models.glob("*.py")) if "contextvars" in p.read_text()
+                 or "ContextVar" in p.read_text()]
+    assert not offenders, offenders
 
 
 def test_matmul_barriers_change_no_values():
@@ -48,33 +77,34 @@ def test_matmul_barriers_change_no_values():
     from osum_jax.models.qwen2 import Qwen2
 
     cfg = tiny_model_config()
-    llm = Qwen2(cfg.llm, cfg.lora, rngs=nnx.Rngs(0))
-    graphdef, lora, rest = nnx.split(llm, nnx.LoRAParam, ...)
-    lora = jax.tree.map(lambda p: p + 0.05, lora)  # B = 0 at init: make the adapters contribute
     rng = np.random.default_rng(0)
     b, s = 2, 9
     x = rng.standard_normal((b, s, cfg.llm.hidden_size)).astype(np.float32)
     valid = np.arange(s)[None] < np.array([[9], [6]])
     pos = np.broadcast_to(np.arange(s), (b, s))
 
-    def loss(p, x):
-        h = nnx.merge(graphdef, p, rest)(x, valid, pos, jax.random.key(1))
-        return (h * np.linspace(-1, 1, h.shape[-1])).sum()
+    def make(ops):
+        llm = Qwen2(cfg.llm, cfg.lora, ops=ops, rngs=nnx.Rngs(0))
+        graphdef, lora, rest = nnx.split(llm, nnx.LoRAParam, ...)
+        lora = jax.tree.map(lambda p: p + 0.05, lora)  # B = 0 at init: make the adapters contribute
 
-    _assert_barriers_change_no_values(loss, lora, x)
+        def loss(p, x):
+            h = nnx.merge(graphdef, p, rest)(x, valid, pos, jax.random.key(1))
+            return (h * np.linspace(-1, 1, h.shape[-1])).sum()
+        return loss, lora
+
+    _assert_barriers_change_no_values(make, x)
 
 
-def _assert_barriers_change_no_values(loss, params, x):
-    """``loss(params, x)`` and its gradients are the same with and without matmul barriers (hand-written VJPs,
-    as on TPU), and the traced program has barriers only when asked."""
-    from osum_jax.models.kernels import matmul_barriers
-
+def _assert_barriers_change_no_values(make, x):
+    """``loss(params, x)`` of ``make(ops) -> (loss, params)`` and its gradients are the same with and without
+    matmul barriers (hand-written VJPs, as on TPU), and the traced program has barriers only when asked."""
     results = []
     for on in (True, False):
-        with custom_vjps(True), matmul_barriers(on):
-            f = jax.value_and_grad(loss, argnums=(0, 1))
-            assert ("optimization_barrier" in str(jax.make_jaxpr(f)(params, x))) == on
-            results.append(jax.jit(f)(params, x))
+        loss, params = make(Ops(custom_vjp=True, matmul_barrier=on))
+        f = jax.value_and_grad(loss, argnums=(0, 1))
+        assert ("optimization_barrier" in str(jax.make_jaxpr(f)(params, x))) == on
+        results.append(jax.jit(f)(params, x))
     (l1, (g1, dx1)), (l0, (g0, dx0)) = results
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
@@ -83,7 +113,7 @@ def _assert_barriers_change_no_values(loss, params, x):
 
 
 def test_auto_puts_matmul_barriers_on_tpu_only():
-    from osum_jax.models.kernels import resolve_barrier
+    from osum_jax.models.ops import resolve_barrier
 
     assert resolve_barrier("auto", "tpu") and not resolve_barrier("auto", "cpu") and not resolve_barrier("auto", "gpu")
     assert resolve_barrier("always", "cpu") and not resolve_barrier("never", "tpu")
@@ -93,7 +123,8 @@ def test_auto_puts_matmul_barriers_on_tpu_only():
 def test_heads_major_projections_equal_token_major():
     """The projections the splash path uses (``to_heads`` / ``from_heads``: einsums emitting or reading
     ``[B, N, T, H]``) give the token-major projection's values and gradients, with the hand-written einsum VJP
-    and with plain autodiff (and, with dropout, the two VJPs agree with each other)."""
+    and with plain autodiff (and, with dropout, the two VJPs agree with each other); so do the heads-major bias
+    add (its gradient a matmul with ones, or autodiff) and RoPE's rotation (a permutation matmul, or slices)."""
     from osum_jax.models.layers import Linear
     from osum_jax.models.lora import LoRALinear
     from osum_jax.models.positions import apply_rope
@@ -103,11 +134,16 @@ def test_heads_major_projections_equal_token_major():
     x = jax.numpy.asarray(rng.standard_normal((b, t, d)), np.float32)
     heads = jax.numpy.asarray(rng.standard_normal((b, n, t, h)), np.float32)
     kw = dict(rank=4, alpha=8, lora_dropout=0.1, init_std=0.1, dtype=np.float32, param_dtype=np.float32)
-    up = LoRALinear(d, n * h, axes=("embed", "heads"), use_bias=True, rngs=nnx.Rngs(1), **kw)
-    down = LoRALinear(n * h, d, axes=("heads", "embed"), use_bias=False, rngs=nnx.Rngs(2), **kw)
-    up.bias[...] = up.bias[...] + 0.2
-    for m in (up, down):
-        m.lora_b[...] = m.lora_b[...] + 0.3  # B = 0 at init: make the adapters contribute
+
+    def projections(on):
+        ops = Ops(custom_vjp=on)
+        up = LoRALinear(d, n * h, axes=("embed", "heads"), use_bias=True, ops=ops, rngs=nnx.Rngs(1), **kw)
+        down = LoRALinear(n * h, d, axes=("heads", "embed"), use_bias=False, ops=ops, rngs=nnx.Rngs(2), **kw)
+        up.bias[...] = up.bias[...] + 0.2
+        for m in (up, down):
+            m.lora_b[...] = m.lora_b[...] + 0.3  # B = 0 at init: make the adapters contribute
+        return up, down
+
     to_tokens = lambda y: y.transpose(0, 2, 1, 3)  # noqa: E731 - [B, N, T, H] <-> [B, T, N, H]
 
     def grads(module, fn, inp, key=None):
@@ -117,44 +153,48 @@ def test_heads_major_projections_equal_token_major():
             return jax.numpy.sum(jax.numpy.sin(fn(nnx.merge(graphdef, params), inp, key)))
         return jax.value_and_grad(loss, argnums=(0, 1))(params, inp)
 
-    cases = [  # (module, heads-major call, the token-major call it must equal, input)
-        (up, lambda m, x, k: m.to_heads(x, n, k), lambda m, x, k: to_tokens(m(x, k).reshape(b, t, n, h)), x),
-        (down, lambda m, o, k: m.from_heads(o, k), lambda m, o, k: m(to_tokens(o).reshape(b, t, n * h), k), heads),
-    ]
+    def cases(on):  # (module, heads-major call, the token-major call it must equal, input)
+        up, down = projections(on)
+        return [
+            (up, lambda m, x, k: m.to_heads(x, n, k), lambda m, x, k: to_tokens(m(x, k).reshape(b, t, n, h)), x),
+            (down, lambda m, o, k: m.from_heads(o, k), lambda m, o, k: m(to_tokens(o).reshape(b, t, n * h), k),
+             heads),
+        ]
     for on in (True, False):
-        with custom_vjps(on):
-            for module, f_heads, f_tokens, inp in cases:
-                (lh, gh), (lt, gt) = grads(module, f_heads, inp), grads(module, f_tokens, inp)
-                np.testing.assert_allclose(lh, lt, rtol=1e-5)
-                for u, v in zip(jax.tree.leaves(gh), jax.tree.leaves(gt), strict=True):
-                    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+        for module, f_heads, f_tokens, inp in cases(on):
+            (lh, gh), (lt, gt) = grads(module, f_heads, inp), grads(module, f_tokens, inp)
+            np.testing.assert_allclose(lh, lt, rtol=1e-5)
+            for u, v in zip(jax.tree.leaves(gh), jax.tree.leaves(gt), strict=True):
+                np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
     key = jax.random.key(7)  # with dropout: the hand-written einsum VJP equals autodiff of the same forward
-    for module, f_heads, _, inp in cases:
-        runs = []
-        for on in (True, False):
-            with custom_vjps(on):
-                runs.append(grads(module, f_heads, inp, key))
+    for (module_on, f_heads, _, inp), (module_off, *_) in zip(cases(True), cases(False), strict=True):
+        runs = [grads(module_on, f_heads, inp, key), grads(module_off, f_heads, inp, key)]
         np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6)
         for u, v in zip(jax.tree.leaves(runs[0][1]), jax.tree.leaves(runs[1][1]), strict=True):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
-    lin = Linear(d, n * h, axes=("embed", "heads"), rngs=nnx.Rngs(3))
-    lin_out = Linear(n * h, d, axes=("heads", "embed"), rngs=nnx.Rngs(4))
-    np.testing.assert_allclose(lin.to_heads(x, n), to_tokens(lin(x).reshape(b, t, n, h)), rtol=1e-5, atol=1e-6)
-    lin.bias[...] = lin.bias[...] + 0.1
-    lin_def, lin_params = nnx.split(lin)
-
-    def lin_grads(fn):
-        return jax.grad(lambda p: jax.numpy.sum(jax.numpy.sin(fn(nnx.merge(lin_def, p)))))(lin_params)
-
-    with custom_vjps(True):  # to_heads's bias gradient (a matmul with ones) equals the token-major autodiff one
-        gh, gt = lin_grads(lambda m: m.to_heads(x, n)), lin_grads(lambda m: to_tokens(m(x).reshape(b, t, n, h)))
-    for u, v in zip(jax.tree.leaves(gh), jax.tree.leaves(gt), strict=True):
-        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(lin_out.from_heads(heads), lin_out(to_tokens(heads).reshape(b, t, n * h)),
-                               rtol=1e-5, atol=1e-6)
     cos, sin = (jax.numpy.asarray(f(rng.standard_normal((b, t, h))), np.float32) for f in (np.cos, np.sin))
-    np.testing.assert_allclose(apply_rope(heads, cos, sin, heads_major=True),
-                               to_tokens(apply_rope(to_tokens(heads), cos, sin)), rtol=1e-6)
+    for on in (True, False):
+        ops = Ops(custom_vjp=on)
+        lin = Linear(d, n * h, axes=("embed", "heads"), ops=ops, rngs=nnx.Rngs(3))
+        lin_out = Linear(n * h, d, axes=("heads", "embed"), ops=ops, rngs=nnx.Rngs(4))
+        np.testing.assert_allclose(lin.to_heads(x, n), to_tokens(lin(x).reshape(b, t, n, h)), rtol=1e-5, atol=1e-6)
+        lin.bias[...] = lin.bias[...] + 0.1
+        lin_def, lin_params = nnx.split(lin)
+
+        def lin_grads(fn, lin_def=lin_def, lin_params=lin_params):
+            return jax.grad(lambda p: jax.numpy.sum(jax.numpy.sin(fn(nnx.merge(lin_def, p)))))(lin_params)
+
+        # to_heads's bias gradient (a matmul with ones, or autodiff) equals the token-major autodiff one
+        gh, gt = lin_grads(lambda m: m.to_heads(x, n)), lin_grads(lambda m: to_tokens(m(x).reshape(b, t, n, h)))
+        for u, v in zip(jax.tree.leaves(gh), jax.tree.leaves(gt), strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lin_out.from_heads(heads), lin_out(to_tokens(heads).reshape(b, t, n * h)),
+                                   rtol=1e-5, atol=1e-6)
+        # RoPE on the heads-major layout (rotate_half as a permutation matmul, or slices) == the token-major one
+        rope_heads = apply_rope(heads, cos, sin, heads_major=True, ops=ops)
+        assert ("dot_general" in str(jax.make_jaxpr(
+            lambda y: apply_rope(y, cos, sin, heads_major=True, ops=ops))(heads))) == on
+        np.testing.assert_allclose(rope_heads, to_tokens(apply_rope(to_tokens(heads), cos, sin)), rtol=1e-6)
 
 
 def test_hash_dropout_masks_have_the_right_statistics_and_shard_like_the_data():
@@ -164,18 +204,15 @@ def test_hash_dropout_masks_have_the_right_statistics_and_shard_like_the_data():
     from jax.sharding import NamedSharding, PartitionSpec
 
     from osum_jax.config import MeshConfig
-    from osum_jax.models.kernels import hash_masks
-    from osum_jax.models.layers import keep_mask
+    from osum_jax.models.ops import keep_mask
     from osum_jax.train.mesh import build_mesh
 
     shape = (8, 256, 1024)
     key = jax.random.key(11)
-    with hash_masks(True):
-        m, p = keep_mask(key, 0.1, shape)
-        m2, _ = keep_mask(jax.random.fold_in(key, 1), 0.1, shape)
-        small, _ = keep_mask(key, 0.1, (4, 6))
-    with hash_masks(False):
-        threefry, _ = keep_mask(key, 0.1, shape)
+    m, p = keep_mask(key, 0.1, shape, hash_masks=True)
+    m2, _ = keep_mask(jax.random.fold_in(key, 1), 0.1, shape, hash_masks=True)
+    small, _ = keep_mask(key, 0.1, (4, 6), hash_masks=True)
+    threefry, _ = keep_mask(key, 0.1, shape, hash_masks=False)
     m, m2 = np.asarray(m, np.float64), np.asarray(m2, np.float64)
     n = m.size
     se = np.sqrt(p * (1 - p) / n)
@@ -191,8 +228,7 @@ def test_hash_dropout_masks_have_the_right_statistics_and_shard_like_the_data():
 
     @jax.jit
     def draw(key):
-        with hash_masks(True):
-            mask, _ = keep_mask(key, 0.1, shape)
+        mask, _ = keep_mask(key, 0.1, shape, hash_masks=True)
         return jax.lax.with_sharding_constraint(mask, sharding)
 
     sharded = draw(key)
@@ -209,13 +245,12 @@ def _saved_residuals(remat: str, hash_: bool) -> str:
     import io
 
     from osum_jax.models.attention import SequenceMask
-    from osum_jax.models.kernels import hash_masks
-    from osum_jax.models.layers import remat_policy
     from osum_jax.models.positions import rope_cos_sin
     from osum_jax.models.qwen2 import Qwen2DecoderLayer
 
     cfg = tiny_model_config()
-    layer = Qwen2DecoderLayer(cfg.llm, cfg.lora, dtype=np.float32, param_dtype=np.float32, attention_impl="xla",
+    ops = Ops(custom_vjp=True, hash_masks=hash_, attention_impl="xla")
+    layer = Qwen2DecoderLayer(cfg.llm, cfg.lora, dtype=np.float32, param_dtype=np.float32, ops=ops,
                               rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(layer)
     b, s = 2, 8
@@ -223,14 +258,13 @@ def _saved_residuals(remat: str, hash_: bool) -> str:
     cos, sin = rope_cos_sin(np.broadcast_to(np.arange(s), (b, s)), cfg.llm.resolved_head_dim, cfg.llm.rope_theta)
     mask = SequenceMask(np.ones((b, s), bool), causal=True)
     out = io.StringIO()
-    with custom_vjps(True), hash_masks(hash_):
-        policy = remat_policy(remat)
+    policy = ops.remat_policy(remat)
 
-        def f(state, x):
-            return nnx.merge(graphdef, state)(x, cos, sin, mask, jax.random.key(3)).sum()
+    def f(state, x):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask, jax.random.key(3)).sum()
 
-        with contextlib.redirect_stdout(out):
-            jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(f, policy=policy), state, x)
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(f, policy=policy), state, x)
     return out.getvalue()
 
 
@@ -253,17 +287,21 @@ def test_encoder_barriers_change_no_values():
     included, and is in the traced program only when asked."""
     from osum_jax.models.encoder_block import EncoderBlock
 
-    block = EncoderBlock(32, 4, 64, act="gelu", key_bias=False, eps=1e-5, dropout_rate=0.1, dtype=np.float32,
-                         param_dtype=np.float32, attention_impl="xla", rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(block, nnx.Param)
     x = np.random.default_rng(1).standard_normal((2, 8, 32)).astype(np.float32)
     mask = np.ones((2, 1, 8, 8), bool)
 
-    def loss(p, x):
-        h = nnx.merge(graphdef, p)(x, mask, jax.random.key(2))
-        return (h * np.linspace(-1, 1, 32)).sum()
+    def make(ops):
+        block = EncoderBlock(32, 4, 64, act="gelu", key_bias=False, eps=1e-5, dropout_rate=0.1, dtype=np.float32,
+                             param_dtype=np.float32, ops=dataclasses.replace(ops, attention_impl="xla"),
+                             rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(block, nnx.Param)
 
-    _assert_barriers_change_no_values(loss, params, x)
+        def loss(p, x):
+            h = nnx.merge(graphdef, p)(x, mask, jax.random.key(2))
+            return (h * np.linspace(-1, 1, 32)).sum()
+        return loss, params
+
+    _assert_barriers_change_no_values(make, x)
 
 
 def test_hash_dropout_masks_pass_wider_statistical_tests():
@@ -271,15 +309,13 @@ def test_hash_dropout_masks_pass_wider_statistical_tests():
     no correlation at power-of-two strides along any axis (a counter hash's usual weakness), per-row keep counts
     distributed as Binomial(n, p) (chi-square over 1024 rows), and masks of the 28 layers' keys (fold_in, as the
     stacks derive them) pairwise uncorrelated. Every estimate is held to 4 standard errors."""
-    from osum_jax.models.kernels import hash_masks
-    from osum_jax.models.layers import keep_mask
+    from osum_jax.models.ops import keep_mask
 
     shape = (4, 1024, 1024)
     key = jax.random.key(3)
-    with hash_masks(True):
-        m, p = keep_mask(key, 0.1, shape)
-        layers = [np.asarray(keep_mask(jax.random.fold_in(key, i), 0.1, (64, 1024))[0], np.float64)
-                  for i in range(28)]
+    m, p = keep_mask(key, 0.1, shape, hash_masks=True)
+    layers = [np.asarray(keep_mask(jax.random.fold_in(key, i), 0.1, (64, 1024), hash_masks=True)[0], np.float64)
+              for i in range(28)]
     m = np.asarray(m, np.float64)
     x = (m - p) / np.sqrt(p * (1 - p))
     for lag in (2, 4, 8, 16, 32, 64, 128, 256, 512):

@@ -187,7 +187,7 @@ def test_dropout_masks_are_iid_bernoulli_at_the_configured_rate():
     """Dropout masks come from 16-bit fields, two per 32-bit threefry word (the two halves of the last axis):
     the drop rate is rate rounded to 2^-16, both halves and every position drop independently, and the kept
     values are scaled so that the expectation is unchanged."""
-    from osum_jax.models.layers import dropout, keep_mask
+    from osum_jax.models.ops import dropout, keep_mask
 
     n = 512
     keep, keep_p = keep_mask(jax.random.key(3), 0.1, (256, n))

@@ -1,4 +1,4 @@
-"""Attention kernels and masks.
+"""Attention: masks, the choice of kernel, the fused kernels, and the two layouts they are fed in.
 
 Shapes: queries ``[B, T, N, H]``, keys/values ``[B, S, K, H]`` with ``N % K == 0`` (grouped-query attention).
 A mask is either a boolean array broadcastable to ``[B, N, T, S]`` (True = "may attend"; decoding with a KV
@@ -8,10 +8,11 @@ whatever the input dtype.
 
 Implementations (``model.attention_impl``):
 
-* ``"xla"``: this module's einsum attention with a hand-written backward pass (below); any backend.
+* ``"xla"``: the einsum attention of ``ops.py`` (hand-written backward pass with ``Ops.custom_vjp``, else
+  autodiff); any backend; the reference the fused kernels are tested against.
 * ``"cudnn"``: cuDNN's fused flash attention through :func:`jax.nn.dot_product_attention` (NVIDIA, bf16/fp16).
 * ``"splash"``: the TPU splash-attention Pallas kernel (``jax.experimental.pallas.ops.tpu``), run per device
-  under ``shard_map`` when a mesh is active; on CPU it runs in Pallas interpret mode (tests only: slow).
+  under ``shard_map`` when the model's ``Ops`` has a mesh; on CPU it runs in Pallas interpret mode (tests only: slow).
 * ``"pallas"``: the Pallas (Triton) flash-attention kernel for NVIDIA GPUs
   (``jax.experimental.pallas.ops.gpu.attention``), per device like splash; grouped-query keys/values are repeated
   to the query heads; on CPU it runs in Pallas interpret mode (tests only).
@@ -19,14 +20,26 @@ Implementations (``model.attention_impl``):
   rounding up to the kernel's 128-row blocks), the einsum path for shorter ones (a short LLM row of 175 positions
   would run every layer at 256); on NVIDIA GPUs with a bf16/fp16 compute dtype cuDNN when it is
   loadable, else the Pallas kernel (a host that compiles for a GPU target without cuDNN, ``--plan --target
-  cuda:...``); the einsum path otherwise (CPU, float32, a dense mask). The platform is the active mesh's (so
-  ``osum-train --plan --target tpu:...`` on a CPU host compiles the kernel the pod will run), else JAX's
-  default backend.
+  cuda:...``); the einsum path otherwise (CPU, float32, a dense mask). The platform is ``Ops.platform``: the
+  mesh's (so ``osum-train --plan --target tpu:...`` on a CPU host compiles the kernel the pod will run), else
+  JAX's default backend.
 
 The fused kernels never materialise the ``[B, N, T, S]`` scores. Rows of padding (queries at invalid
 positions) are computed differently by each implementation (the einsum path lets them attend to every valid
 key, splash to the other padding positions, cuDNN zeroes them); they are never read by a valid position, so
 outputs at valid positions, the loss and every gradient agree.
+
+Two layouts, for splash. Every implementation takes token-major ``[B, T, N, H]`` (what ``x @ W`` reshaped
+gives). The splash kernel works on heads-major ``[B, N, T, H]``; fed token-major it transposes q, k, v and the
+output around every call. So where a stack runs splash (:func:`heads_major`), its projections emit and read
+the heads-major layout themselves (``Linear.to_heads/from_heads``, ``LoRALinear.to_heads/from_heads``: einsums
+whose transposes fold into the matmuls; RoPE rotates that layout) and :func:`dot_product_attention` is called
+with ``heads_major=True``. Every other implementation, and decoding with a KV cache, stays token-major. A stack
+that runs a fused kernel also pads its sequence once to the kernels' 128-row blocks (:func:`sequence_multiple`)
+instead of every layer padding q/k/v. Measured on the 4-layer v5p proxy (TPU cost model, 4 x 29 s utterances per
+chip): padding once per stack 96.4 -> 92.3 ms, then heads-major projections 92.3 -> 89.2 ms (-3.4 %; encoder
+-> 91.1, Qwen2 -> 89.2); the encoder's q/k/v token-major again measured worse later (75.0 -> 76.3 ms). Same
+values and gradients as the token-major path (``tests/test_kernels.py``, ``tests/test_attention_impl.py``).
 """
 
 from __future__ import annotations
@@ -39,11 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kernels
-from .sharding import activation_mesh, activation_specs
-
-# what jax.nn.dot_product_attention puts at masked scores: finite, so a fully masked row is uniform, not NaN
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
+from .ops import Ops
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "pallas")
 
@@ -71,14 +80,6 @@ class SequenceMask:
         return causal_padding_mask(self.valid) if self.causal else key_padding_mask(self.valid)
 
 
-def platform() -> str:
-    """The platform attention is compiled for: the active mesh's devices, else JAX's default backend."""
-    mesh = activation_mesh()
-    if mesh is not None:
-        return mesh.devices.flat[0].platform
-    return jax.default_backend()
-
-
 @functools.cache
 def cudnn_available() -> bool:
     """True when jax can load cuDNN (a CUDA host with the cuDNN wheels); the fused kernel needs it to compile."""
@@ -91,14 +92,14 @@ def cudnn_available() -> bool:
         return False
 
 
-def resolve_impl(impl: str, dtype, head_dim: int, mask, length: int) -> str:
-    """The implementation that runs for ``impl`` on this platform over ``length`` positions (``auto`` resolved;
-    dense masks -> ``xla``)."""
+def resolve_impl(impl: str, dtype, head_dim: int, mask, length: int, plat: str | None = None) -> str:
+    """The implementation that runs for ``impl`` on platform ``plat`` (default: JAX's default backend) over
+    ``length`` positions (``auto`` resolved; dense masks -> ``xla``)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
     if not isinstance(mask, SequenceMask) and mask is not None:
         return "xla" if impl in ("auto", "splash", "pallas") else impl
-    return impl_for(impl, platform(), dtype, head_dim, length)
+    return impl_for(impl, plat or jax.default_backend(), dtype, head_dim, length)
 
 
 def impl_for(impl: str, plat: str, dtype, head_dim: int, length: int | None = None) -> str:
@@ -115,25 +116,27 @@ def impl_for(impl: str, plat: str, dtype, head_dim: int, length: int | None = No
     return "xla"
 
 
-def heads_major(impl: str, dtype, head_dim: int, length: int) -> bool:
-    """True when self-attention ``impl`` runs the splash kernel here over ``length`` positions; it works on
-    heads-major ``[B, N, T, H]``: the projections then emit that layout themselves (the transposes fold into their
-    matmuls)."""
-    return impl_for(impl, platform(), dtype, head_dim, length) == "splash"
+def heads_major(impl: str, dtype, head_dim: int, length: int, plat: str | None = None) -> bool:
+    """True when self-attention ``impl`` runs the splash kernel on ``plat`` (default: JAX's default backend) over
+    ``length`` positions: the projections then use the heads-major layout (module docstring)."""
+    return impl_for(impl, plat or jax.default_backend(), dtype, head_dim, length) == "splash"
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "SequenceMask | jax.Array | None",
-                          impl: str = "auto", *, heads_major: bool = False) -> jax.Array:
+                          ops: Ops | None = None, *, heads_major: bool = False) -> jax.Array:
     """Scaled dot-product attention (scale ``1/sqrt(H)``), ``[B, T, N, H]``, or ``[B, N, T, H]`` in and out with
-    ``heads_major`` (splash only, see :func:`heads_major`)."""
-    impl = resolve_impl(impl, q.dtype, q.shape[-1], mask, q.shape[2 if heads_major else 1])
+    ``heads_major`` (splash only, see :func:`heads_major`), with ``ops.attention_impl`` on ``ops.platform``
+    (default ``Ops()``: ``auto`` on JAX's default backend, no mesh)."""
+    ops = ops if ops is not None else Ops()
+    impl = resolve_impl(ops.attention_impl, q.dtype, q.shape[-1], mask, q.shape[2 if heads_major else 1],
+                        ops.platform)
     if heads_major and impl != "splash":
         raise ValueError(f"heads-major attention runs the splash kernel only, not {impl!r}")
     if impl in ("splash", "pallas"):
         if not isinstance(mask, SequenceMask):
             raise ValueError(f"attention_impl={impl!r} needs a SequenceMask (self-attention), not a dense mask")
         local = functools.partial(_splash_local, heads_major=heads_major) if impl == "splash" else _pallas_gpu_local
-        return _per_device_kernel(q, k, v, mask, local, heads_major=heads_major)
+        return _per_device_kernel(q, k, v, mask, local, ops, heads_major=heads_major)
     if impl == "cudnn":
         if isinstance(mask, SequenceMask):
             if mask.prefix and not mask.causal:
@@ -147,20 +150,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Seque
         mask = mask.dense()
     if mask is None:
         mask = jnp.ones((1, 1, 1, k.shape[1]), bool)
-    if not kernels.enabled():  # plain autodiff of the same forward (models/kernels.py)
-        return _attention_fwd_core(q, k, v, mask)[0]
-    return _attention(q, k, v, mask)
+    return ops.attention(q, k, v, mask)
 
 
 def sequence_multiple(impl: str, dtype, head_dim: int, length: int, plat: str | None = None) -> int:
     """The sequence-length multiple the self-attention ``impl`` works on over ``length`` positions (``impl`` as
-    configured, resolved for ``plat``, default the current platform): 128 for the fused kernels, which pad shorter
+    configured, resolved for ``plat``, default JAX's default backend): 128 for the fused kernels, which pad shorter
     blocks themselves, else 1. (``auto`` decides on ``length`` rounded up to 128, so the padded stack resolves the
     same way.)
 
     A stack of layers pads its sequence to this multiple once, instead of every layer padding q/k/v and slicing
     the output (on the compiled v5p step those per-layer pads and slices were copies of every q/k/v/o)."""
-    resolved = impl_for(impl, plat or platform(), dtype, head_dim, length)
+    resolved = impl_for(impl, plat or jax.default_backend(), dtype, head_dim, length)
     return _KERNEL_BLOCK if resolved in ("splash", "pallas") else 1
 
 
@@ -254,11 +255,11 @@ def _pallas_gpu_local(q, k, v, valid, *, causal: bool, interpret: bool):
     return run(q, k, v, seg)
 
 
-def _per_device_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceMask, local_fn, *,
+def _per_device_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceMask, local_fn, ops: Ops, *,
                        heads_major: bool = False) -> jax.Array:
     """Run a per-device fused kernel (``local_fn(q, k, v, valid, causal=, interpret=)``) on ``[B, T, N, H]``
-    (``[B, N, T, H]`` if ``heads_major``), the sequence padded to a multiple of 128, under ``shard_map`` when a
-    mesh is active."""
+    (``[B, N, T, H]`` if ``heads_major``), the sequence padded to a multiple of 128, under ``shard_map`` when
+    ``ops`` has a mesh."""
     t_axis, n_axis = (2, 1) if heads_major else (1, 2)
     b, t = q.shape[0], q.shape[t_axis]
     pad = -t % _KERNEL_BLOCK
@@ -267,14 +268,13 @@ def _per_device_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceM
         def widen(x, axis):
             return jnp.pad(x, [(0, pad) if i == axis else (0, 0) for i in range(x.ndim)])
         q, k, v, valid = widen(q, t_axis), widen(k, t_axis), widen(v, t_axis), widen(valid, 1)
-    interpret = platform() == "cpu"
+    interpret = ops.platform == "cpu"
     local = functools.partial(local_fn, causal=mask.causal, interpret=interpret)
-    mesh = activation_mesh()
+    mesh = ops.mesh
     if mesh is not None:
         # a Pallas kernel is per device: run it under shard_map, batch split like the activations, heads split
         # over the mesh axes of act_heads when they divide both query and key/value heads
-        batch_axes, head_axes = activation_specs(("act_batch", "act_heads"),
-                                                 (b, (q.shape[n_axis], k.shape[n_axis])))
+        batch_axes, head_axes = ops.specs(("act_batch", "act_heads"), (b, (q.shape[n_axis], k.shape[n_axis])))
         dims = (batch_axes, head_axes, None, None) if heads_major else (batch_axes, None, head_axes, None)
         spec = jax.sharding.PartitionSpec(*dims)
         local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch_axes)),
@@ -283,66 +283,6 @@ def _per_device_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: SequenceM
     if not pad:
         return out
     return out[:, :, :t] if heads_major else out[:, :t]
-
-
-# The einsum attention, same numerics as jax.nn.dot_product_attention(implementation="xla") up to float32
-# rounding, with a hand-written VJP. Autodiff of the softmax makes XLA:CPU keep two [B, N, T, S] tensors per
-# layer and run a [B, N, T, S] reduction plus broadcasts/selects in the backward pass; here the only residual of
-# that size is the probabilities, the row term of the softmax backward is ``sum_h dO * O`` (a [B, N, T, H]
-# reduction, the FlashAttention identity), and the mask enters as an additive bias of shape [B, 1, 1|T, S]
-# (masked scores become the same -0.7 * f32max as jax's ``where``; their gradient is p * (...) = 0).
-# Grouped-query heads are handled by a [K, G] head split instead of repeating keys/values.
-
-
-def _mask_bias(mask: jax.Array, kv: int, groups: int) -> jax.Array:
-    """Boolean mask broadcastable to ``[B, N, T, S]`` -> float32 bias broadcastable to ``[B, K, G, T, S]``."""
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    mb, mn, mt, ms = mask.shape
-    mask = mask[:, :, None] if mn == 1 else mask.reshape(mb, kv, groups, mt, ms)
-    return jnp.where(mask, jnp.float32(0.0), jnp.float32(_MASKED))
-
-
-def _split_heads(x: jax.Array, kv: int) -> jax.Array:
-    b, t, n, h = x.shape
-    return x.reshape(b, t, kv, n // kv, h)
-
-
-def _attention_fwd_core(q, k, v, mask):
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    qg = _split_heads(q, kv)
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    s = s * jnp.float32(1.0 / math.sqrt(h)) + _mask_bias(mask, kv, n // kv)
-    p = jax.nn.softmax(s, axis=-1).astype(k.dtype)
-    o = jnp.einsum("bkgts,bskh->btkgh", p, v)
-    return o.reshape(b, t, n, h), p
-
-
-@jax.custom_vjp
-def _attention(q, k, v, mask):
-    return _attention_fwd_core(q, k, v, mask)[0]
-
-
-def _attention_fwd(q, k, v, mask):
-    o, p = _attention_fwd_core(q, k, v, mask)
-    return o, (q, k, v, mask, p, o)
-
-
-def _attention_bwd(res, do):
-    q, k, v, mask, p, o = res
-    h = q.shape[-1]
-    kv = k.shape[2]
-    dog, og, qg = _split_heads(do, kv), _split_heads(o, kv), _split_heads(q, kv)
-    dv = jnp.einsum("bkgts,btkgh->bskh", p, dog)
-    dp = jnp.einsum("btkgh,bskh->bkgts", dog, v, preferred_element_type=jnp.float32)
-    row = jnp.einsum("btkgh,btkgh->bkgt", dog, og, preferred_element_type=jnp.float32)  # == sum_s p * dp
-    ds = (p.astype(jnp.float32) * (dp - row[..., None]) * jnp.float32(1.0 / math.sqrt(h))).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bskh->btkgh", ds, k).reshape(q.shape)
-    dk = jnp.einsum("bkgts,btkgh->bskh", ds, qg)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), np.zeros(mask.shape, jax.dtypes.float0)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def padding_mask(lengths: jax.Array, max_len: int) -> jax.Array:

@@ -38,15 +38,18 @@ from ..config import ModelConfig
 from .adapter import Adapter
 from .attention import padding_mask
 from .layers import as_dtype, param, split_key
+from .ops import Ops
 from .qwen2 import Qwen2
-from .sharding import constrain
 from .whisper import WhisperEncoder
 
 
 class OSUM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat_policy,
-                      attention_impl=cfg.attention_impl)
+    """``ops``: the backend choices (``ops.Ops``), default ``Ops.from_config(cfg)`` (``cfg``'s settings for JAX's
+    default backend, no mesh); the trainer passes the ones of its mesh (``TrainProgram``)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, ops: Ops | None = None):
+        ops = ops if ops is not None else Ops.from_config(cfg)
+        common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat_policy, ops=ops)
         self.encoder = WhisperEncoder(cfg.encoder, rngs=rngs, **common)
         self.adapter = Adapter(cfg.encoder.d_model, cfg.llm.hidden_size, cfg.adapter, rngs=rngs, **common)
         pdt = as_dtype(cfg.param_dtype)
@@ -58,6 +61,7 @@ class OSUM(nnx.Module):
         self.llm = Qwen2(cfg.llm, cfg.lora, rngs=rngs, **common)
         self.cfg = cfg
         self.dtype = as_dtype(cfg.dtype)
+        self.ops = ops
 
     # -- speech -------------------------------------------------------------------------------------------------
 
@@ -126,7 +130,8 @@ class OSUM(nnx.Module):
         target = jnp.asarray(batch["target"])
         length = target.shape[1]
         start = seq["target_start"]
-        logits = constrain(self.llm.logits(hidden[:, start:start + length]), ("act_batch", "act_length", "act_vocab"))
+        logits = self.ops.constrain(self.llm.logits(hidden[:, start:start + length]),
+                                    ("act_batch", "act_length", "act_vocab"))
         loss_mask = padding_mask(jnp.asarray(batch["target_lengths"]), length) & (target >= 0)
         loss, n = masked_cross_entropy(logits, target, loss_mask)
         return {"loss": loss, "logits": logits, "num_tokens": n}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .ops import Ops, rotate_half
 
 
 def whisper_sinusoids(length: int, channels: int) -> np.ndarray:
@@ -45,28 +46,11 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax
     return jnp.cos(emb), jnp.sin(emb)
 
 
-@functools.lru_cache(maxsize=None)
-def _rotate_half_matrix(h: int) -> np.ndarray:
-    """``R [H, H]`` with ``x @ R == concatenate([-x[..., H/2:], x[..., :H/2]])``."""
-    half = h // 2
-    r = np.zeros((h, h), np.float32)
-    r[np.arange(half) + half, np.arange(half)] = -1.0
-    r[np.arange(half), np.arange(half) + half] = 1.0
-    return r
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, heads_major: bool = False) -> jax.Array:
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, heads_major: bool = False,
+               ops: Ops | None = None) -> jax.Array:
     """Rotate ``x [B, S, N, H]`` (``[B, N, S, H]`` if ``heads_major``) by ``cos/sin [B, S, H]`` (``rotate_half``
-    convention of HF Qwen2/LLaMA)."""
-    if heads_major:
-        # the splash path (TPU): rotate_half as a matmul with its signed permutation matrix, on the MXU and fused
-        # with the rest of the rotation; the slices and concatenation of [..., 64]-wide halves cost XLA:TPU
-        # separate passes over half-empty vector lanes (docs/benchmarks.md). Exact: one +-1 term per output.
-        rotated = jnp.einsum("...h,hg->...g", x, jnp.asarray(_rotate_half_matrix(x.shape[-1]), x.dtype),
-                             precision=jax.lax.Precision.HIGHEST)
-    else:
-        half = x.shape[-1] // 2
-        rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    convention of HF Qwen2/LLaMA; ``ops.rotate_half``, the plain form without ``ops``)."""
+    rotated = rotate_half(x) if ops is None else ops.rotate_half(x, heads_major=heads_major)
     at = 1 if heads_major else 2
     cos = jnp.expand_dims(cos, at).astype(x.dtype)
     sin = jnp.expand_dims(sin, at).astype(x.dtype)

@@ -3,11 +3,11 @@
 Parameters carry logical axis names (``axes.py``) that the trainer maps to mesh axes; activations get the same
 treatment here. The model pins the tensors that cross block boundaries to logical names::
 
-    constrain(x, ("act_batch", "act_length", "act_embed"))        # [B, T, D] between layers
+    self.ops.constrain(x, ("act_batch", "act_length", "act_embed"))        # [B, T, D] between layers
 
-and the trainer maps the names to mesh axes with ``train.mesh.activation_rules`` while it traces the step
-(:func:`activation_rules`). Without such a context (tests, inference, the converter) ``constrain`` is the
-identity, so the model never depends on a mesh.
+and the :class:`~osum_jax.models.ops.Ops` the model was built with maps the names to mesh axes with
+``train.mesh.activation_rules`` on its mesh (:func:`constrain`). Built without a mesh (tests, inference, the
+converter) ``constrain`` is the identity, so the model never depends on one.
 
 Why: with parameters sharded over ``fsdp`` on their ``embed`` dimension and nothing said about activations,
 XLA's sharding propagation may choose to follow the weights (activations split on ``embed``, the batch
@@ -20,16 +20,12 @@ than 1 and not already used by an earlier dimension (``act_batch -> data, fsdp``
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
-
-_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("osum_activation_rules", default=None)
 
 
 def logical_spec(names: Sequence[str | None], rules, mesh_shape: dict[str, int]) -> PartitionSpec:
@@ -43,28 +39,24 @@ def logical_spec(names: Sequence[str | None], rules, mesh_shape: dict[str, int])
     return PartitionSpec(*out)
 
 
-@contextlib.contextmanager
-def activation_rules(mesh: jax.sharding.Mesh, rules) -> Iterator[None]:
-    """While tracing inside this context, :func:`constrain` pins activations on ``mesh`` by ``rules``."""
-    token = _CONTEXT.set((mesh, tuple(tuple(r) for r in rules)))
-    try:
-        yield
-    finally:
-        _CONTEXT.reset(token)
-
-
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """``with_sharding_constraint(x, spec of names)`` inside :func:`activation_rules`, else ``x``."""
-    ctx = _CONTEXT.get()
-    if ctx is None:
-        return x
-    mesh, rules = ctx
+def constrain(x: jax.Array, names: Sequence[str | None], mesh: jax.sharding.Mesh, rules) -> jax.Array:
+    """``with_sharding_constraint(x, spec of names)`` on ``mesh`` under ``rules``."""
     if len(names) != x.ndim:
         raise ValueError(f"{len(names)} logical names {tuple(names)} for a {x.ndim}-d activation {x.shape}")
     # a dimension that its mesh axes do not divide is left to XLA (e.g. a batch of 1 row on a 4-way mesh)
     fixed = [PartitionSpec.UNCONSTRAINED if axes is _NOT_DIVISIBLE else axes
              for axes in _divisible_axes(names, x.shape, mesh, rules)]
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fixed)))
+
+
+def activation_specs(names: Sequence[str], sizes: Sequence[int | tuple[int, ...]], mesh: jax.sharding.Mesh,
+                     rules) -> tuple:
+    """Mesh axes for each logical name on ``mesh`` under ``rules``, for dimensions of ``sizes``.
+
+    A name whose mesh axes do not divide its size (or every size of a tuple) gets ``None`` (not split), the
+    rule :func:`constrain` applies; used to write ``shard_map`` specs for per-device kernels.
+    """
+    return tuple(None if axes is _NOT_DIVISIBLE else axes for axes in _divisible_axes(names, sizes, mesh, rules))
 
 
 _NOT_DIVISIBLE = object()
@@ -81,22 +73,3 @@ def _divisible_axes(names, sizes, mesh, rules) -> list:
         ok = all(s % n == 0 for s in (size if isinstance(size, tuple) else (size,)))
         out.append(axes if ok else _NOT_DIVISIBLE)
     return out
-
-
-def activation_mesh() -> jax.sharding.Mesh | None:
-    """The mesh of the active :func:`activation_rules` context (``None`` outside one)."""
-    ctx = _CONTEXT.get()
-    return None if ctx is None else ctx[0]
-
-
-def activation_specs(names: Sequence[str], sizes: Sequence[int | tuple[int, ...]]) -> tuple:
-    """Mesh axes for each logical name in the active context, for dimensions of ``sizes`` (``None`` outside one).
-
-    A name whose mesh axes do not divide its size (or every size of a tuple) gets ``None`` (not split), the
-    rule :func:`constrain` applies; used to write ``shard_map`` specs for per-device kernels.
-    """
-    ctx = _CONTEXT.get()
-    if ctx is None:
-        return (None,) * len(names)
-    mesh, rules = ctx
-    return tuple(None if axes is _NOT_DIVISIBLE else axes for axes in _divisible_axes(names, sizes, mesh, rules))

@@ -9,7 +9,7 @@ The scan is ``jax.lax.scan`` over the layers' split state with ``jax.checkpoint`
 scan saves the stacked layer weights as residuals, and XLA:TPU then copies whole layer stacks in every
 iteration (measured on the compiled v5p program: 79 % of the step's estimated cycles). Here the weights are
 scan inputs, never residuals, and each layer's input is the only thing saved between the two passes (plus
-what the remat policy keeps). Layer inputs and outputs are pinned to the batch sharding (``sharding.py``).
+what the remat policy keeps). Layer inputs and outputs are pinned to the batch sharding (``Ops.constrain``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from .layers import remat_policy
-from .sharding import constrain
+from .ops import Ops
 
 HIDDEN = ("act_batch", "act_length", "act_embed")
 
@@ -46,21 +45,24 @@ def run_stacked(
     *,
     dropout_key: jax.Array | None = None,
     remat: str = "none",
+    ops: Ops | None = None,
 ) -> jax.Array:
     """``x = step(layer_i, x, key_i)`` for each stacked layer ``[B, T, D] -> [B, T, D]``, as one scan.
 
     ``step`` may close over per-call arrays (masks, positions): they are broadcast to every layer. The layers
-    must not change their own state (they are pure functions of their weights here).
+    must not change their own state (they are pure functions of their weights here). ``ops`` pins the carry
+    between layers to the batch sharding and names the remat policy's saved residuals.
     """
+    ops = ops if ops is not None else Ops()
     graphdef, state = nnx.split(layers)
     keys = None if dropout_key is None else jax.random.split(dropout_key, num_layers)
 
     def body(carry, xs):
         layer_state, key = xs
         out = step(nnx.merge(graphdef, layer_state), carry, key)
-        return constrain(out, HIDDEN), None
+        return ops.constrain(out, HIDDEN), None
 
     if remat != "none":
-        body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-    out, _ = jax.lax.scan(body, constrain(x, HIDDEN), (state, keys), length=num_layers)
+        body = jax.checkpoint(body, policy=ops.remat_policy(remat), prevent_cse=False)
+    out, _ = jax.lax.scan(body, ops.constrain(x, HIDDEN), (state, keys), length=num_layers)
     return out

@@ -27,7 +27,8 @@ from flax import nnx
 from ..config import EncoderConfig
 from .attention import SequenceMask, padding_mask, sequence_multiple
 from .encoder_block import EncoderBlock
-from .layers import Buffer, Conv1d, LayerNorm, as_dtype, dropout, gelu, param, split_key
+from .layers import Buffer, Conv1d, LayerNorm, as_dtype, param, split_key
+from .ops import Ops
 from .positions import whisper_sinusoids
 from .stack import create_stacked, run_stacked
 
@@ -39,7 +40,8 @@ def whisper_output_lengths(lengths: jax.Array) -> jax.Array:
 
 class WhisperEncoder(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, dtype="float32", param_dtype="float32", remat: str = "none",
-                 attention_impl: str = "auto", rngs: nnx.Rngs):
+                 ops: Ops | None = None, rngs: nnx.Rngs):
+        ops = ops if ops is not None else Ops()
         dt, pdt = as_dtype(dtype), as_dtype(param_dtype)
         d = cfg.d_model
         kw = dict(dtype=dt, param_dtype=pdt)
@@ -51,14 +53,13 @@ class WhisperEncoder(nnx.Module):
             jnp.asarray(whisper_sinusoids(cfg.max_source_positions, d), pdt), ("positions", "embed"), Buffer)
         self.layers = create_stacked(
             lambda r: EncoderBlock(d, cfg.num_heads, cfg.ffn_dim, act="gelu", key_bias=cfg.key_bias,
-                                   eps=cfg.layer_norm_eps, dropout_rate=cfg.dropout, attention_impl=attention_impl,
-                                   rngs=r, **kw),
+                                   eps=cfg.layer_norm_eps, dropout_rate=cfg.dropout, ops=ops, rngs=r, **kw),
             cfg.num_layers, rngs)
         self.layer_norm = LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
         self.cfg = cfg
         self.dtype = dt
         self.remat = remat
-        self.attention_impl = attention_impl
+        self.ops = ops
 
     def __call__(self, feats: jax.Array, lengths: jax.Array,
                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -71,18 +72,18 @@ class WhisperEncoder(nnx.Module):
         k_pos, k_layers = split_key(dropout_key, 2)
         valid = padding_mask(lengths, t)[..., None]
         x = jnp.where(valid, feats, 0).astype(self.dtype)
-        x = gelu(self.conv1(x))
+        x = self.ops.gelu(self.conv1(x))
         x = jnp.where(valid, x, 0)  # the stride-2 conv must not see activations of padding frames
-        x = gelu(self.conv2(x))
+        x = self.ops.gelu(self.conv2(x))
         t1 = x.shape[1]
         out_lengths = whisper_output_lengths(lengths)
         x = x + self.embed_positions[:t1].astype(self.dtype)
-        x = dropout(x, self.cfg.positional_dropout, k_pos)
+        x = self.ops.dropout(x, self.cfg.positional_dropout, k_pos)
         head_dim = self.cfg.d_model // self.cfg.num_heads
-        pad = -t1 % sequence_multiple(self.attention_impl, self.dtype, head_dim, t1)
+        pad = -t1 % sequence_multiple(self.ops.attention_impl, self.dtype, head_dim, t1, self.ops.platform)
         if pad:  # once for all layers (padding frames are masked keys and never reach a valid frame)
             x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
         mask = SequenceMask(padding_mask(out_lengths, t1 + pad), prefix=True)
         x = run_stacked(self.layers, x, lambda layer, h, k: layer(h, mask, k), self.cfg.num_layers,
-                        dropout_key=k_layers, remat=self.remat)
+                        dropout_key=k_layers, remat=self.remat, ops=self.ops)
         return self.layer_norm(x[:, :t1]), out_lengths

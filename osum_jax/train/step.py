@@ -33,11 +33,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import Config, ConfigError
 from ..data.pipeline import BucketSpec, static_prompt_len
-from ..models import OSUM
+from ..models import OSUM, Ops
 from ..models.generate import greedy_decode
 from ..models.layers import as_dtype
-from ..models.kernels import custom_vjps, hash_masks, matmul_barriers, resolve, resolve_barrier
-from ..models.sharding import activation_rules
 from .mesh import BATCH_KEYS, batch_sharding, data_parallel_size, frozen_rules_of, state_shardings
 from .optim import make_optimizer
 from .trainable import trainable_filter
@@ -95,10 +93,12 @@ class TrainProgram:
         tc, mc = cfg.train, cfg.model
         self.rules = tuple(tuple(r) for r in tc.mesh.rules)
         self.frozen_rules = frozen_rules_of(tc.mesh)
-        self.activation_rules = tuple(tuple(r) for r in tc.mesh.activation_rules)
-        self.filter = trainable_filter(tc.fire_module, mc.lora.rank > 0)
+        self.filter = trainable_filter(tc.fire_module, mc.lora.enabled)
         self.frozen_dtype = as_dtype(tc.frozen_param_dtype)
-        abstract = nnx.eval_shape(lambda: OSUM(mc, rngs=nnx.Rngs(tc.seed)))
+        # the backend choices of this mesh (models/ops.py): kernels, barriers, dropout masks, activation sharding
+        self.ops = Ops.from_config(mc, mesh=mesh, activation_rules=tc.mesh.activation_rules,
+                                   dropout_rng=tc.dropout_rng)
+        abstract = nnx.eval_shape(lambda: OSUM(mc, ops=self.ops, rngs=nnx.Rngs(tc.seed)))
         self.graphdef, t_abs, f_abs, b_abs = nnx.split(abstract, self.filter, nnx.Param, ...)
         f_abs = cast_params(f_abs, self.frozen_dtype)
         self.trainable_shardings = state_shardings(t_abs, mesh, self.rules)
@@ -122,12 +122,9 @@ class TrainProgram:
             out_shardings=(self.trainable_shardings, self.opt_shardings, self.replicated),
             donate_argnums=(0, 1))
         self.eval_step = jax.jit(self._eval_step, out_shardings=self.replicated)
-        self.platform = mesh.devices.flat[0].platform
-        self.custom_vjp = resolve(mc.custom_vjp, self.platform)
-        self.matmul_barrier = resolve_barrier(mc.matmul_barrier, self.platform)
-        # "hash": threefry keys, masks from a counter hash of them (models/layers.py)
+        self.platform = self.ops.platform
+        # "hash": threefry keys, masks from a counter hash of them (models/ops.py)
         self.rng_impl = "threefry2x32" if tc.dropout_rng == "hash" else tc.dropout_rng
-        self.hash_masks = tc.dropout_rng == "hash"
         self.decode = jax.jit(self._decode, static_argnames=("max_new_tokens", "eos_id"))
 
     # -- the programs ---------------------------------------------------------------------------------------------
@@ -137,9 +134,7 @@ class TrainProgram:
 
     def _train_step(self, trainable, opt_state, frozen, buffers, batch, key):
         def loss_fn(t):
-            with activation_rules(self.mesh, self.activation_rules), custom_vjps(self.custom_vjp), \
-                    matmul_barriers(self.matmul_barrier), hash_masks(self.hash_masks):
-                out = self.merge(t, frozen, buffers)(batch, key)
+            out = self.merge(t, frozen, buffers)(batch, key)
             return out["loss"], out["num_tokens"]
 
         (loss, ntok), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -151,8 +146,7 @@ class TrainProgram:
         return trainable, opt_state, metrics
 
     def _eval_step(self, trainable, frozen, buffers, batch):
-        with activation_rules(self.mesh, self.activation_rules), matmul_barriers(self.matmul_barrier):
-            out = self.merge(trainable, frozen, buffers)(batch)
+        out = self.merge(trainable, frozen, buffers)(batch)
         return {"loss": out["loss"], "num_tokens": out["num_tokens"]}
 
     def _decode(self, trainable, frozen, buffers, batch, *, max_new_tokens: int, eos_id: int):
@@ -173,7 +167,8 @@ class TrainProgram:
         cfg = self.cfg
 
         def init():
-            _, t, f, b = nnx.split(OSUM(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), self.filter, nnx.Param, ...)
+            _, t, f, b = nnx.split(OSUM(cfg.model, ops=self.ops, rngs=nnx.Rngs(cfg.train.seed)), self.filter,
+                                   nnx.Param, ...)
             return t, cast_params(f, self.frozen_dtype), b
 
         with jax.set_mesh(self.mesh):
