@@ -153,3 +153,21 @@ def test_policy_lives_in_load_model_not_in_the_model_class(package):  # noqa: F8
     audio = load_model(package, device="cpu", parts="audio")
     assert all(v.device.type == "meta" for k, v in audio.state_dict().items() if not k.startswith(AUDIO_PREFIXES))
     assert all(v.device.type == "cpu" for k, v in audio.state_dict().items() if k.startswith(AUDIO_PREFIXES))
+
+
+@pytest.mark.parametrize("order", ["osum_torch_infer first, AutoProcessor alone", "transformers first"])
+def test_registration_in_either_import_order(order):
+    first, second = ("import osum_torch_infer", "from transformers import AutoProcessor")
+    if order == "transformers first":
+        first, second = "from transformers import AutoModel, AutoProcessor", "import osum_torch_infer"
+    code = (f"{first}\n{second}\n"
+            "from transformers.models.auto.processing_auto import PROCESSOR_MAPPING\n"
+            "from transformers.models.auto.modeling_auto import MODEL_MAPPING\n"
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+            "from osum_torch_infer.configuration_osum import OSUMConfig\n"
+            "print(PROCESSOR_MAPPING[OSUMConfig].__name__, MODEL_MAPPING[OSUMConfig].__name__,\n"
+            "      CONFIG_MAPPING['osum'].__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": ".", "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["OSUMProcessor", "OSUMForConditionalGeneration", "OSUMConfig"]
