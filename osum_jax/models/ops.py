@@ -40,11 +40,14 @@ rounding) and gradients (tested: ``tests/test_kernels.py`` runs the model and ea
 Matmul barriers (``matmul_barrier``): XLA:TPU fuses the elementwise work that produces a matmul's input (RMSNorm,
 ``silu(gate) * up``, the dropout select) into the matmul and recomputes it for every output tile (42-69 % of the
 MXU's rate for the LLM projections instead of 85-92 %, v5p cost model). A barrier makes XLA write that input
-once; in the backward pass the same holds for the output cotangent a transposed matmul reads (for the MLP:
-``dh * silu(gate)``, ``dh * up * silu'(gate)``, 61-70 % of the MXU's rate when fused), so every LLM
-projection's output cotangent is written once too, and the encoder's fc2 reads its input (GELU, dropout) from
-memory. Proxy 101.2 -> 96.4 ms for the input barriers alone; XLA:GPU's library GEMMs do not fuse their operands
-and on CPU barriers only add copies, hence TPU only. Values are unchanged.
+once; in the backward pass the same holds for the output cotangent a transposed matmul reads (for the MLP's
+``up_proj``: ``dh * silu(gate)``, 61 % of the MXU's rate when fused), so the output cotangent of each projection
+without an adapter (OSUM: ``up_proj``) and of each encoder LayerNorm is written once too (:meth:`Ops.output_barrier`),
+and the encoder's fc2 reads its input (GELU, dropout) from memory. Proxy 101.2 -> 96.4 ms for the input barriers
+alone; XLA:GPU's library GEMMs do not fuse their operands and on CPU barriers only add copies, hence TPU only.
+Values are unchanged. The LoRA VJPs write no barrier on their cotangent: one was there, read from the old
+ContextVar in the backward pass, which the trainer had already left, so it never reached a compiled step; made
+explicit it measured worse (full step, v5p x 16, 2900 x 200 bucket, 24 per chip: 412.4 -> 424.8 ms) and went.
 """
 
 from __future__ import annotations
@@ -177,13 +180,13 @@ class Ops:
     def lora_matmul(self, x, xd, w, a, b, scaling) -> jax.Array:
         """``x W + scaling (xd A) B`` over ``[..., in]``."""
         if self.custom_vjp:
-            return _lora_matmul(self.matmul_barrier, x, xd, w, a, b, scaling)
+            return _lora_matmul(x, xd, w, a, b, scaling)
         return lora_matmul(x, xd, w, a, b, scaling)
 
     def lora_einsum(self, subs: tuple[str, ...], x, xd, w, a, b, scaling) -> jax.Array:
         """``x W + scaling (xd A) B`` for einsum subscripts ``subs = (x, W, A, low, B, y)``."""
         if self.custom_vjp:
-            return _lora_einsum(subs, self.matmul_barrier, x, xd, w, a, b, scaling)
+            return _lora_einsum(subs, x, xd, w, a, b, scaling)
         return _lora_einsum_fwd(subs, x, xd, w, a, b, scaling)[0]
 
     def add_heads_bias(self, y: jax.Array, b: jax.Array) -> jax.Array:
@@ -216,11 +219,6 @@ def _cotangent_barrier_bwd(_, dy):
 
 
 _cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
-
-
-def _cotangent(dy: jax.Array, barrier: bool) -> jax.Array:
-    """An output cotangent as a hand-written VJP's matmuls read it: written once with matmul barriers."""
-    return jax.lax.optimization_barrier(dy) if barrier else dy
 
 
 # -- GELU and SiLU -------------------------------------------------------------------------------------------------
@@ -388,19 +386,18 @@ def lora_matmul(x, xd, w, a, b, scaling):
     return jnp.dot(x, w) + jnp.dot(jnp.dot(xd, a), b) * scaling
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lora_matmul(barrier, x, xd, w, a, b, scaling):
+@jax.custom_vjp
+def _lora_matmul(x, xd, w, a, b, scaling):
     return lora_matmul(x, xd, w, a, b, scaling)
 
 
-def _lora_matmul_fwd(barrier, x, xd, w, a, b, scaling):
+def _lora_matmul_fwd(x, xd, w, a, b, scaling):
     low = jnp.dot(xd, a)
     return jnp.dot(x, w) + jnp.dot(low, b) * scaling, (x, xd, w, a, b, scaling, low)
 
 
-def _lora_matmul_bwd(barrier, res, dy):
+def _lora_matmul_bwd(res, dy):
     x, xd, w, a, b, scaling, low = res
-    dy = _cotangent(dy, barrier)
     n_in, n_out = w.shape
     dy2 = dy.reshape(-1, n_out)
     x2, xd2, low2 = x.reshape(-1, n_in), xd.reshape(-1, n_in), low.reshape(-1, low.shape[-1])
@@ -423,8 +420,8 @@ _lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 # autodiff of ``_lora_einsum_fwd``'s output.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _lora_einsum(subs, barrier, x, xd, w, a, b, scaling):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lora_einsum(subs, x, xd, w, a, b, scaling):
     return _lora_einsum_fwd(subs, x, xd, w, a, b, scaling)[0]
 
 
@@ -435,14 +432,9 @@ def _lora_einsum_fwd(subs, x, xd, w, a, b, scaling):
     return y, (x, xd, w, a, b, scaling, low)
 
 
-def _lora_einsum_vjp_fwd(subs, barrier, x, xd, w, a, b, scaling):
-    return _lora_einsum_fwd(subs, x, xd, w, a, b, scaling)
-
-
-def _lora_einsum_bwd(subs, barrier, res, dy):
+def _lora_einsum_bwd(subs, res, dy):
     xs, ws, as_, lows, bs, ys = subs
     x, xd, w, a, b, scaling, low = res
-    dy = _cotangent(dy, barrier)
     dys = dy * scaling
     dlow = jnp.einsum(f"{ys},{bs}->{lows}", dys, b)
     dx = jnp.einsum(f"{ys},{ws}->{xs}", dy, w)
@@ -454,7 +446,7 @@ def _lora_einsum_bwd(subs, barrier, res, dy):
     return dx, dxd, dw, da, db, dscale
 
 
-_lora_einsum.defvjp(_lora_einsum_vjp_fwd, _lora_einsum_bwd)
+_lora_einsum.defvjp(_lora_einsum_fwd, _lora_einsum_bwd)
 
 
 # -- heads-major bias and RoPE rotation (the splash layout, attention.py) -----------------------------------------
