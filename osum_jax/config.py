@@ -124,8 +124,8 @@ class ModelConfig:
     # "auto": splash kernel on TPU, cuDNN flash attention on NVIDIA (bf16/fp16), einsum elsewhere; or one of
     # "xla" (einsum, any backend), "cudnn", "splash" (models/attention.py)
     attention_impl: str = "auto"
-    # hand-written forms (models/ops.py: VJPs of GELU/SiLU/LoRA/attention, erf GELU, the heads-major bias gradient
-    # and rotate_half as matmuls): "auto" = where they measured faster (CPU, TPU), plain autodiff on GPU; "always";
+    # hand-written forms (models/ops.py: VJPs of GELU/SiLU/LoRA/attention, the heads-major bias gradient and
+    # rotate_half as matmuls): "auto" = where they measured faster (CPU, TPU), plain autodiff on GPU; "always";
     # "never"
     custom_vjp: str = "auto"
     # optimization barriers on matmul inputs and output cotangents (models/ops.py): "auto" = TPU, where the

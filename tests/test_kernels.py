@@ -26,7 +26,7 @@ def _batch(rng, b=3, t=96, p=5, l_=7):
 
 @pytest.mark.slow
 def test_custom_vjps_equal_autodiff():
-    """The whole model built with the hand-written forms (``Ops(custom_vjp=True)``: VJPs, erf GELU) and with plain
+    """The whole model built with the hand-written forms (``Ops(custom_vjp=True)``: VJPs) and with plain
     autodiff of the references (``False``, the GPU path): same loss and gradients; only the first traces custom
     VJPs."""
     cfg = tiny_model_config(**{"llm.vocab_size": 256})

@@ -31,11 +31,12 @@ rounding) and gradients (tested: ``tests/test_kernels.py`` runs the model and ea
 * VJPs that keep fewer or smaller residuals, tuned on XLA:CPU (wall clock) and preferred by the v5p cost model
   (4-layer proxy of the full step, 32.0 ms against 33.5 ms for autodiff): GELU, SiLU, the LoRA matmul (2-D over
   tokens) and einsum (heads-major), the einsum attention.
-* Three rewrites the TPU cost model alone chose, each under 2 % of the proxy step and never confirmed on
-  hardware, kept behind this switch (so GPUs run the plain forms): GELU in torch's ``erf`` form instead of
-  jax.nn's ``erfc`` (78.6 -> 77.7 ms), the heads-major bias gradient as a matmul with ones (74.7 -> 74.5 ms),
-  RoPE's ``rotate_half`` as a signed-permutation matmul on the heads-major layout (74.5 -> 73.6 ms).
-  docs/training.md ("Backend choices") records each decision.
+* Two rewrites the TPU cost model alone chose, each under 2 % of the proxy step and never confirmed on
+  hardware, kept behind this switch (so GPUs run the plain forms): the heads-major bias gradient as a matmul
+  with ones (74.7 -> 74.5 ms), RoPE's ``rotate_half`` as a signed-permutation matmul on the heads-major layout
+  (74.5 -> 73.6 ms). GELU is torch's ``erf`` formula on every path (the plain form, and the parity reference):
+  jax.nn's ``erfc`` form measured worse on TPU (77.7 -> 78.6 ms) and on the 8 x H100 roofline bounds (223.8 ->
+  227.6 ms). docs/training.md ("Backend choices") records each decision.
 
 Matmul barriers (``matmul_barrier``): XLA:TPU fuses the elementwise work that produces a matmul's input (RMSNorm,
 ``silu(gate) * up``, the dropout select) into the matmul and recomputes it for every output tile (42-69 % of the
@@ -222,27 +223,23 @@ _cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
 
 
 # -- GELU and SiLU -------------------------------------------------------------------------------------------------
-# The hand-written VJPs keep only the input as residual. Autodiff of jax.nn.gelu / jax.nn.silu keeps several
-# intermediates (erfc, products, sigmoid) per activation, which XLA:CPU writes to and reads back from memory in
+# The hand-written VJPs keep only the input as residual. Autodiff of GELU / jax.nn.silu keeps several
+# intermediates (erf, products, sigmoid) per activation, which XLA:CPU writes to and reads back from memory in
 # the backward pass; recomputing the derivative from x is cheaper.
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Reference: ``jax.nn.gelu(approximate=False)`` (its ``erfc`` form) in float32."""
-    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
-
-
-def gelu_erf(x: jax.Array) -> jax.Array:
-    """GELU as torch writes it, ``x * 0.5 * (1 + erf(x / sqrt(2)))``, in float32: ``erf`` is one rational
-    approximation per element, where XLA evaluates jax.nn's ``erfc`` as two and an exponential (for |x| below and
-    above 1, then a select); on TPU the encoder's GELU is bound by the vector unit (docs/benchmarks.md)."""
+    """Reference: exact GELU as torch writes it, ``x * 0.5 * (1 + erf(x / sqrt(2)))``, in float32. ``erf`` is one
+    rational approximation per element, where XLA evaluates jax.nn's ``erfc`` form as two and an exponential (for
+    |x| below and above 1, then a select); on TPU the encoder's GELU is bound by the vector unit
+    (docs/benchmarks.md)."""
     x32 = x.astype(jnp.float32)
     return (x32 * (0.5 + 0.5 * jax.lax.erf(x32 * np.float32(math.sqrt(0.5))))).astype(x.dtype)
 
 
 @jax.custom_vjp
 def _gelu(x: jax.Array) -> jax.Array:
-    return gelu_erf(x)
+    return gelu(x)
 
 
 def _gelu_fwd(x):
