@@ -399,20 +399,21 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
     def prompts(self) -> dict[str, list[str]]:
         return {} if self.processor is None else self.processor.prompts
 
+    def _text_processor(self):
+        if self.processor is None:
+            raise ValueError("this model has no processor (tokenizer + prompt book): load the package with "
+                             "from_pretrained / load_model")
+        return self.processor
+
     def prompt_for(self, task: str) -> str:
-        """The first prompt of ``task`` in the package's prompt file (``<no_prompt>`` = empty)."""
-        key = contract.normalize_task(task)
-        if key not in self.prompts:
-            raise ValueError(f"task {key!r} is not in the package's prompt file ({self.config.prompts_file}); "
-                             f"known tasks: {sorted(self.prompts)}; or pass a prompt text")
-        p = self.prompts[key][0]
-        return "" if p == "<no_prompt>" else p
+        """The first prompt of ``task`` in the package's prompt file (``<no_prompt>`` = empty): the processor's."""
+        return self._text_processor().prompt_for(task)
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        return self._text_processor().encode_text(text)
 
     def decode_text(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self._text_processor().decode_text(ids)
 
 
 def _stored_dtype(name: str) -> torch.dtype:
