@@ -18,7 +18,7 @@ def test_infer_out_refuses_an_existing_file_without_overwrite(tmp_path, capsys):
     args = ["--model", str(tmp_path / "no-package"), "--wav", "x.wav", "--out", str(out), "--no-progress"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"osum-infer: error: --out {out} exists; pass --overwrite to replace it"
+    assert err == f"osum-infer: error: --out {out} exists; pass --resume to finish it or --overwrite to replace it"
     assert out.read_text() == "yesterday's results\n"
     # with --overwrite the file is no obstacle: the run goes on to load the (missing) package and stops there
     assert cli.main(args + ["--overwrite"]) == 2
