@@ -33,6 +33,7 @@ from .audio import TooLong, WorkerPool, decode_bounded, max_windows, windows_of
 from .batcher import Batcher, QueueFull
 from .guard import Guard, Policy, one_line
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .streaming import DEADLINE_KEY, Progress, Stream, events
 
 log = logging.getLogger("osum.serve")
 DECODINGS = ("greedy", "beam", "osum")
@@ -194,8 +195,9 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
             raise UserError(400, str(e), reason="bad_audio") from None
         return {"prompt": prompt, "ids": ids, "windows": windows, "seconds": len(wave) / 16000.0}
 
-    async def understand(file: UploadFile, task: str | None, prompt: str | None, decoding: str,
-                         max_new_tokens: int | None, context: str | None = None):
+    async def admit(file: UploadFile, task: str | None, prompt: str | None, decoding: str,
+                    max_new_tokens: int | None, context: str | None = None) -> tuple[str, dict, dict]:
+        """Checks, then the audio and prompt prepared: ``(task, prep, settings)``."""
         name = _name(file.filename)
         if decoding not in DECODINGS:
             raise UserError(400, f"decoding {decoding[:40]!r}: expected one of {list(DECODINGS)}")
@@ -220,16 +222,44 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
         settings: dict[str, Any] = {"decoding": decoding}
         if max_new_tokens is not None:
             settings["max_new_tokens"] = int(max_new_tokens)
-        windows = prep["windows"]
+        return task, prep, settings
+
+    def enqueue(prep: dict, settings: dict, on_update=None):
         try:
-            texts = await batcher.submit([(f, prep["ids"]) for _, f in windows], settings, rows_per_window[decoding])
+            return batcher.enqueue([(f, prep["ids"]) for _, f in prep["windows"]], settings,
+                                   rows_per_window[settings["decoding"]], on_update=on_update)
         except QueueFull as e:
             raise UserError(503, f"server busy: {e}", headers={"Retry-After": "1"}, reason="queue_full") from None
         except ValueError as e:
             raise UserError(400, str(e)) from None
+
+    def finish(task: str, prep: dict, texts: list[str]) -> dict:
+        windows = prep["windows"]
         result = join_windows([(off, t) for (off, _), t in zip(windows, texts)], task)
         return {**result, "task": task, "prompt": prep["prompt"], "windows": len(windows),
                 "window_offsets": [off for off, _ in windows], "window_texts": texts, "seconds": prep["seconds"]}
+
+    async def understand(file: UploadFile, task: str | None, prompt: str | None, decoding: str,
+                         max_new_tokens: int | None, context: str | None = None):
+        task, prep, settings = await admit(file, task, prompt, decoding, max_new_tokens, context)
+        texts = await batcher.result(enqueue(prep, settings))
+        return finish(task, prep, texts)
+
+    async def stream(request: Request, kind: str, file: UploadFile, task: str | None, prompt: str | None,
+                     decoding: str, max_new_tokens: int | None, context: str | None = None) -> Stream:
+        """``stream=true``: checked and queued like any request (errors are still one JSON line with a 4xx or
+        503), then answered as server-sent events (:mod:`.streaming`)."""
+        task, prep, settings = await admit(file, task, prompt, decoding, max_new_tokens, context)
+        progress = Progress(len(prep["windows"]), [off for off, _ in prep["windows"]], task, model.decode_text)
+        job = enqueue(prep, settings, on_update=progress.update)
+
+        def close():
+            if not job.future.done():
+                batcher.cancel(job)
+
+        return Stream(events(job, batcher, progress, lambda texts: finish(task, prep, texts), kind, request.scope.get(DEADLINE_KEY)),
+                      on_close=close, on_slow=lambda: metrics.cancelled.labels("slow_reader").inc(),
+                      ping=15, send_timeout=limits.read_timeout, headers={"Cache-Control": "no-store"})
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -302,18 +332,28 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
             "max_seconds": limits.max_seconds, "max_bytes": limits.max_bytes}]}
 
     @app.post("/v1/understand")
-    async def v1_understand(file: UploadFile = File(...), task: str | None = Form(None),
+    async def v1_understand(request: Request, file: UploadFile = File(...), task: str | None = Form(None),
                             prompt: str | None = Form(None), decoding: str = Form("greedy"),
-                            max_new_tokens: int | None = Form(None)):
+                            max_new_tokens: int | None = Form(None), stream_: bool = Form(False, alias="stream")):
+        if stream_:
+            return await stream(request, "understand", file, task, prompt, decoding, max_new_tokens)
         return await understand(file, task, prompt, decoding, max_new_tokens)
 
     @app.post("/v1/audio/transcriptions")
-    async def v1_transcriptions(file: UploadFile = File(...), model_name: str | None = Form(None, alias="model"),
+    async def v1_transcriptions(request: Request, file: UploadFile = File(...),
+                                model_name: str | None = Form(None, alias="model"),
                                 response_format: str = Form("json"), prompt: str | None = Form(None),
-                                language: str | None = Form(None), temperature: float | None = Form(None)):
+                                language: str | None = Form(None), temperature: float | None = Form(None),
+                                stream_: bool = Form(False, alias="stream")):
         if response_format not in ("json", "text", "srt", "vtt", "verbose_json"):
             raise UserError(400, f"response_format {response_format[:40]!r}: expected json, text, srt, vtt or "
                                  f"verbose_json")
+        if stream_:
+            if response_format not in ("json", "text"):
+                raise UserError(400, f"stream=true answers transcript.text events: response_format must be json "
+                                     f"or text, not {response_format}")
+            return await stream(request, "transcription", file, "<TRANSCRIBE>", None, "greedy", None,
+                                context=prompt or None)
         # OpenAI's prompt is context for the transcription: it goes before the task's instruction, never instead
         r = await understand(file, "<TRANSCRIBE>", None, "greedy", None, context=prompt or None)
         text = r.get("transcript", r.get("text", ""))

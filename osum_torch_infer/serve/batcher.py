@@ -17,6 +17,15 @@ arrives while a long request's call runs waits for that call only (``max_frames`
 A request that is cancelled (its client went away, or its deadline passed) loses its queued windows at once.
 A ``generate`` call that fails (e.g. CUDA out of memory) is retried as two halves, down to single windows,
 before any caller sees the error; only the request owning a window that fails alone gets it.
+
+**Streaming.** A request submitted with ``on_update`` (``stream=true`` on the API) hears of its windows' tokens as
+the call generates them: a call holding such a window decodes through transformers' ``generate`` with a
+:class:`RowStreamer`, which hands each step's new token of every streaming row to that row's request (on the
+event loop, ``on_update(window, new_tokens, None)``; ``on_update(window, None, None)`` when a call (re)starts the
+window, as a retried call does); every window's final text follows as ``on_update(window, [], text)``. The other rows of the call are decoded exactly as without streaming (the same
+greedy tokens as the lean loop; a beam-search call streams nothing and each window's text comes when it ends). In
+such a call a row whose request is gone (disconnect, deadline) stops at the next token (a stopping criterion), and
+the call ends as soon as no row is left.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ class _Job:
     texts: list = field(default_factory=list)
     next: int = 0  # first window not yet taken
     left: int = 0  # windows not yet answered
+    on_update: Callable[[int, list, str | None], None] | None = None  # streaming: (window, new tokens, final text)
+    cancelled: bool = False  # read by the generate thread's stopping criterion
 
     def __post_init__(self):
         self.texts = [None] * len(self.units)
@@ -88,6 +99,12 @@ class Batcher:
 
     async def submit(self, units: list, settings: dict[str, Any], rows: int = 1) -> list[str]:
         """Texts of ``units``, in order, once all their windows have been decoded."""
+        return await self.result(self.enqueue(units, settings, rows))
+
+    def enqueue(self, units: list, settings: dict[str, Any], rows: int = 1,
+                on_update: Callable[[int, list, str | None], None] | None = None) -> _Job:
+        """Queue a request's windows now (:class:`QueueFull`, ``ValueError`` at once); await :meth:`result`
+        for their texts, or :meth:`cancel` it. ``on_update``: see the module's *Streaming*."""
         if rows > self.max_batch:
             raise ValueError(f"this decoding needs {rows} rows per window > the server's --max-batch "
                              f"{self.max_batch}")
@@ -95,19 +112,30 @@ class Batcher:
             self.stats["rejected"] += 1
             raise QueueFull(f"{self.queued_windows} windows are waiting; {len(units)} more would pass "
                             f"--max-queue {self.max_queue}")
-        job = _Job(units, tuple(sorted(settings.items())), rows, asyncio.get_running_loop().create_future())
+        job = _Job(units, tuple(sorted(settings.items())), rows, asyncio.get_running_loop().create_future(),
+                   on_update=on_update)
         self.jobs.append(job)
         self.queued_windows += len(units)
         self.stats["requests"] += 1
         self.wakeup.set()
+        return job
+
+    async def result(self, job: _Job) -> list[str]:
+        """The texts of an enqueued request; cancelling the caller drops its windows."""
         try:
             return await job.future
         except asyncio.CancelledError:
             self._drop(job)
             raise
 
+    def cancel(self, job: _Job) -> None:
+        """Give a request up: its queued windows are dropped, its rows in a streaming call stop."""
+        self._drop(job)
+
     def _drop(self, job: _Job) -> None:
-        """Forget a request's queued windows (its windows already in a running call finish unanswered)."""
+        """Forget a request's queued windows (its windows already in a running call finish unanswered, or, in a
+        streaming call, stop at their next token)."""
+        job.cancelled = True
         if job in self.jobs:
             self.jobs.remove(job)
             self.queued_windows -= job.queued
@@ -183,8 +211,11 @@ class Batcher:
         rows = sum(j.rows for j, _ in live)
         t0 = time.perf_counter()
         self.generating = len(live)
+        streaming = any(j.on_update is not None for j, _ in live)
         try:
-            texts, tokens = await asyncio.to_thread(self._generate, [j.units[i] for j, i in live], dict(settings))
+            texts, tokens = await asyncio.to_thread(
+                self._generate, [j.units[i] for j, i in live], dict(settings),
+                RowStreamer(asyncio.get_running_loop(), live) if streaming else None)
         except Exception as e:  # noqa: BLE001 - retried smaller; a single window's failure goes to its request
             if len(live) > 1:
                 self.stats["retried_batches"] += 1
@@ -213,12 +244,15 @@ class Batcher:
         for (job, i), text in zip(live, texts):
             if job.future.done():
                 continue
+            if job.on_update is not None:
+                job.on_update(i, [], text)
             job.texts[i] = text
             job.left -= 1
             if not job.left:
                 job.future.set_result(list(job.texts))
 
-    def _generate(self, units: list, settings: dict[str, Any]) -> tuple[list[str], int]:
+    def _generate(self, units: list, settings: dict[str, Any],
+                  streamer: "RowStreamer | None" = None) -> tuple[list[str], int]:
         order = sorted(range(len(units)), key=lambda k: -units[k][0].shape[0])
         t_max = units[order[0]][0].shape[0]
         feats = np.zeros((len(units), t_max, units[0][0].shape[1]), np.float32)
@@ -226,11 +260,100 @@ class Batcher:
             feats[j, :units[k][0].shape[0]] = units[k][0]
         lengths = np.array([units[k][0].shape[0] for k in order], np.int64)
         decoding = settings.pop("decoding", "greedy")
-        tokens = self.model.generate(feats, lengths, [units[k][1] for k in order], decoding=decoding, **settings)
+        prompts = [units[k][1] for k in order]
+        if streamer is None:
+            tokens = self.model.generate(feats, lengths, prompts, decoding=decoding, **settings)
+        else:
+            tokens = self._generate_streaming(feats, lengths, prompts, decoding, settings, streamer, order)
         texts = [""] * len(units)
         for j, k in enumerate(order):
             texts[k] = self.model.decode_text(tokens[j])
         return texts, sum(len(t) for t in tokens)
+
+    def _generate_streaming(self, feats: np.ndarray, lengths: np.ndarray, prompts: list, decoding: str,
+                            settings: dict[str, Any], streamer: "RowStreamer", order: list[int]) -> list[list[int]]:
+        """The same call through transformers' ``generate`` (``model.generate(input_features=...)``) with
+        ``streamer`` (greedy) and a stopping criterion for rows whose request is gone; the new tokens of each row up
+        to (excluding) the end of text, as ``generate_tokens`` returns them."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        gc = self.model.decoding_config(decoding, **settings)
+        ends = gc.eos_token_id if gc.eos_token_id is not None else self.model.eos_token_id
+        ends = {ends} if isinstance(ends, int) else set(ends)
+        streamer.arrange(order, ends)
+        mask = np.arange(feats.shape[1])[None, :] < lengths[:, None]
+        width = max(1, max(len(p) for p in prompts))
+        ids = np.zeros((len(prompts), width), np.int64)
+        keep = np.zeros((len(prompts), width), np.int64)
+        for j, p in enumerate(prompts):
+            if p:
+                ids[j, width - len(p):] = p
+                keep[j, width - len(p):] = 1
+        rows = streamer.rows
+
+        class GoneRows(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                import torch
+
+                return torch.tensor([r[0].cancelled for r in rows], dtype=torch.bool, device=input_ids.device)
+
+        # generate streams no beam search (nor stops single beams): those windows' texts come when the call ends
+        extra = ({"streamer": streamer, "stopping_criteria": StoppingCriteriaList([GoneRows()])}
+                 if int(gc.num_beams or 1) == 1 else {})
+        out = self.model.generate(input_features=feats.transpose(0, 2, 1), feature_attention_mask=mask.astype(np.int64),
+                                  input_ids=ids, attention_mask=keep, decoding=decoding, **extra, **settings)
+        result = []
+        for row in out.tolist():
+            result.append(next((row[:i] for i, t in enumerate(row) if t in ends), row))
+        return result
+
+
+class RowStreamer:
+    """A transformers streamer (``put`` / ``end``, the ``BaseStreamer`` interface) for one batched call: each
+    step's new token of row ``j`` goes to that row's request on the event loop (its ``on_update``), up to the end
+    of text; rows of requests that are not streaming, or are gone, are skipped. ``put`` runs in the generate
+    thread: only ``loop.call_soon_threadsafe`` crosses over."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, live: list):
+        self.loop, self.live = loop, live
+        self.rows: list = list(live)
+        self.ended: list[bool] = [False] * len(live)
+        self.ends: set = set()
+
+    def arrange(self, order: list[int], ends: set) -> None:
+        """Row ``j`` of the call is ``live[order[j]]`` (the batcher sorts windows by length)."""
+        self.rows = [self.live[k] for k in order]
+        self.ended = [False] * len(order)
+        self.ends = ends
+        # a window starts over (a retried call, after a failed one, streams it again from its first token)
+        self.loop.call_soon_threadsafe(_deliver, [(job, i, None) for job, i in self.rows if job.on_update])
+
+    def put(self, value) -> None:
+        if value.dim() != 1:  # the prompt (empty: generate is given embeddings)
+            return
+        new = []
+        for j, t in enumerate(value.tolist()):
+            if self.ended[j]:
+                continue
+            if t in self.ends:
+                self.ended[j] = True
+                continue
+            job, i = self.rows[j]
+            if job.on_update is not None and not job.cancelled:
+                new.append((job, i, t))
+        if new:
+            self.loop.call_soon_threadsafe(_deliver, new)
+
+    def end(self) -> None:
+        pass
+
+
+def _deliver(new: list) -> None:
+    """On the event loop: ``on_update(window, [token], None)``; ``token`` None: ``on_update(window, None, None)``,
+    the window starts over."""
+    for job, i, t in new:
+        if not job.cancelled and not job.future.done():
+            job.on_update(i, None if t is None else [t], None)
 
 
 def _free_accelerator_memory() -> None:

@@ -102,6 +102,7 @@ def _is_ip(name: str) -> bool:
 
 
 MAX_HEADER_BYTES = 16 << 10
+DEADLINE_KEY = "osum.deadline"  # the request's deadline (time.perf_counter seconds), set in the ASGI scope
 OPEN = frozenset({("GET", "/health"), ("HEAD", "/health"), ("GET", "/"), ("HEAD", "/")})
 ENDPOINTS = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/understand", "/v1/audio/transcriptions",
                        "/v1/feedback", "/openapi.json"})
@@ -239,6 +240,7 @@ class Guard:
     async def _run(self, scope, receive, send, limit: int, t0: float, status: list, has_body: bool) -> None:
         p = self.policy
         deadline = t0 + p.request_timeout
+        scope[DEADLINE_KEY] = deadline  # a streamed answer ends itself, with an error event, just before it
         complete, gone = asyncio.Event(), asyncio.Event()
         state: dict[str, Any] = {"bytes": 0, "error": None, "started": False, "finished": False}
 
