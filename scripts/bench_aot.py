@@ -3,6 +3,7 @@
     python scripts/bench_aot.py                 # every row below; writes the table into docs/benchmarks.md
     python scripts/bench_aot.py --rows v5p-44 h100-8 --no-write
     python scripts/bench_aot.py --recipe --json-dir DIR   # the recipe row: OSUM's global batch, the length mix
+    python scripts/bench_aot.py --decode                  # the osum-decode rows (decoding a test set on a pod)
 
 The recipe row is ``scripts/bench_recipe.py`` (OSUM's 374,400 frames per optimizer step on v5p x 16, the
 default flags of configs/osum_full.yaml, the pipeline's own packing of a stated length mix, the mix's MFU over
@@ -71,6 +72,62 @@ ROWS = {
     "h100-8-b8": ("cuda:h100:8", "data 1 / fsdp 8, 8 x 29 s utterances per GPU",
                   ["train.mesh.data=1", "train.mesh.fsdp=8"] + PER_CHIP(8, chips=8)),
 }
+
+
+# osum-decode --plan: (target, description, decode flags, config overrides). The loop runs every one of the
+# max_new_tokens steps (a real run stops when all rows have ended), so tokens/s counts every row's every step.
+DECODE_ROWS = {
+    "decode-v5p-16-greedy": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, greedy, 32 x 30 s windows per chip, 128 new tokens",
+                             ["--decoding", "greedy", "--batch-size", "32", "--max-new-tokens", "128"],
+                             ["train.mesh.data=16", "train.mesh.fsdp=1"]),
+    "decode-v5p-16-beam4": ("tpu:v5p:2x2x4", "data 16 / fsdp 1, 4 beams, 8 x 30 s windows per chip, 128 new tokens",
+                            ["--decoding", "beam", "--num-beams", "4", "--batch-size", "8", "--max-new-tokens", "128"],
+                            ["train.mesh.data=16", "train.mesh.fsdp=1"]),
+}
+DECODE_COMMON = ["model.dtype=bfloat16", "train.frozen_param_dtype=bfloat16"]
+
+
+def run_decode_row(name: str) -> dict:
+    target, desc, flags, overrides = DECODE_ROWS[name]
+    args = ["configs/osum_full.yaml", "--plan", "--target", target, "--plan-frames", "3000", "--plan-prompt", "64",
+            *flags, *DECODE_COMMON, *overrides]
+    out = subprocess.run([sys.executable, "-m", "osum_jax.decode.cli", *args, "--json"], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{name}: osum-decode {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout)
+    r.update(row=name, description=desc, commit=_commit(), command="osum-decode " + " ".join(args))
+    return r
+
+
+def decode_table(rows: list[dict]) -> str:
+    g = 1e9
+    lines = ["| target | mesh / batch | compiler memory / chip (args, temp) | headroom | one batch (TPU cost model) | "
+             "output tokens/s (pod) | utterances/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["memory_bytes"]
+        lines.append(f"| {r['target']} | {r['description']} | {m['total'] / g:.1f} GB ({m['arguments'] / g:.1f}, "
+                     f"{m['temporaries'] / g:.1f}) | {r['headroom']:.0%} | {r['batch_seconds'] * 1e3:.0f} ms | "
+                     f"{r['tokens_per_second']:,.0f} | {r['utterances_per_second']:.0f} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(
+        f"- `{r['row']}`: source {r['commit']}, compile {r['compile_seconds']:.0f} s\n  `{r['command']}`" for r in rows)
+
+
+def write_decode(rows: list[dict]) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text(encoding="utf-8")
+    section = ("## Decoding compiled for pods (`osum-decode --plan`, TPU cost model, no accelerator)\n\n"
+               f"`python scripts/bench_aot.py --decode` ({time.strftime('%Y-%m-%d')}). Full OSUM, bf16 compute and "
+               "weights, the decode program of `osum-decode` (prefill of the 30 s windows and their 64-token "
+               "prompts into a KV cache, then the token loop) compiled for the target with the loop's trip count "
+               "fixed at the new-token budget: the time is the TPU compiler's cost model for one batch in which "
+               "every row decodes every step (a real run stops when all rows have ended, so real outputs of fewer "
+               "tokens take less), tokens/s = rows x new tokens / that time, for the whole pod.\n\n"
+               + decode_table(rows) + "\n")
+    pattern = re.compile(r"## Decoding compiled for pods.*?(?=\n## |\Z)", re.S)
+    text = pattern.sub(lambda _: section.rstrip("\n"), text) if pattern.search(text) else \
+        text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text, encoding="utf-8")
 
 
 def run_row(name: str) -> dict:
@@ -332,7 +389,27 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="take rows already in --json-dir instead of compiling")
     ap.add_argument("--recipe", action="store_true",
                     help="the recipe row instead (scripts/bench_recipe.py; needs --json-dir)")
+    ap.add_argument("--decode", nargs="*", choices=list(DECODE_ROWS),
+                    help="the osum-decode rows instead (all, or those named)")
     args = ap.parse_args(argv)
+    if args.decode is not None:
+        rows = []
+        for name in args.decode or list(DECODE_ROWS):
+            saved = Path(args.json_dir) / f"{name}.json" if args.json_dir else None
+            if args.reuse and saved and saved.is_file():
+                rows.append(json.loads(saved.read_text(encoding="utf-8")))
+                continue
+            r = run_decode_row(name)
+            rows.append(r)
+            print(f"{name}: {r['memory_bytes']['total'] / 1e9:.1f} GB, {r['batch_seconds'] * 1e3:.0f} ms, "
+                  f"{r['tokens_per_second']:,.0f} tokens/s", flush=True)
+            if saved:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(r, indent=1), encoding="utf-8")
+        print(decode_table(rows))
+        if not args.no_write:
+            write_decode(rows)
+        return 0
     if args.recipe:
         if not args.json_dir:
             ap.error("--recipe needs --json-dir")
