@@ -9,7 +9,8 @@ calibration attention function, then the normal SDPA runs). The verdict per laye
 range, ``marginal`` below the range, ``overflow`` beyond it; the report says what to do.
 
 The report is written next to the package (``fp16_calibration.json``); loading the package in float16 warns
-unless such a report says ``safe``.
+unless such a report says ``safe``, or the layers it advises keeping in float32 are kept so
+(``load_model(..., keep_fp32="auto")``, ``--keep-fp32 auto``: :func:`osum_torch_infer.loading.keep_fp32_modules`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .files import atomic_file
 
 FP16_MAX = 65504.0
 REPORT = "fp16_calibration.json"
+VERDICTS = ("safe", "marginal", "overflow")
 _CALIB = "osum_calib_sdpa"
 
 
@@ -106,7 +108,7 @@ def calibrate(model, items, *, max_new_tokens: int = 32, batch_size: int = 4, ta
         for h in hooks:
             h.remove()
     rows, worst = [], "safe"
-    order = {"safe": 0, "marginal": 1, "overflow": 2}
+    order = {v: i for i, v in enumerate(VERDICTS)}
     for i in range(len(layers)):
         peak = max(rec.act[i], rec.mlp[i], rec.score[i])
         verdict = "overflow" if peak >= FP16_MAX else "marginal" if peak >= FP16_MAX / 2 else "safe"
@@ -119,7 +121,8 @@ def calibrate(model, items, *, max_new_tokens: int = 32, batch_size: int = 4, ta
     else:
         peak = max(max(r["residual_max"], r["mlp_down_input_max"], r["attention_score_max"]) for r in rows)
         advice = (f"float16 is not safe: layers {bad} reach {peak:.4g} (fp16 max {FP16_MAX:g}); keep those layers "
-                  f"in float32, or run on bf16 hardware (Ascend 910B, NVIDIA Ampere or newer)")
+                  f"in float32 (load with --keep-fp32 auto, which reads this report), or run on bf16 hardware "
+                  f"(Ascend 910B, NVIDIA Ampere or newer)")
     return {"format": "osum-fp16-calibration/1", "verdict": worst, "advice": advice, "utterances": used,
             "windows": len(units), "failed": failed, "max_new_tokens": max_new_tokens,
             "calibration_dtype": str(model.dtype).replace("torch.", ""), "fp16_max": FP16_MAX, "layers": rows}
@@ -131,6 +134,38 @@ def write_report(report: dict, package: str | Path, out: str | Path | None = Non
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def read_report(path: str | Path, n_layers: int | None = None) -> dict:
+    """A calibration report, checked: its format, and one row per LLM layer (``n_layers`` when given) with a
+    verdict. ``ValueError`` naming the file and the key on anything else."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"cannot read the calibration report {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(report, dict) or report.get("format") != "osum-fp16-calibration/1":
+        got = report.get("format") if isinstance(report, dict) else type(report).__name__
+        raise ValueError(f"{path}: 'format' is {got!r}, expected 'osum-fp16-calibration/1' (a report written by "
+                         f"osum-infer calibrate-fp16)")
+    rows = report.get("layers")
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path}: 'layers' must be a non-empty list")
+    for j, row in enumerate(rows):
+        if not (isinstance(row, dict) and row.get("layer") == j and row.get("verdict") in VERDICTS):
+            raise ValueError(f"{path}: layers[{j}] must be {{'layer': {j}, 'verdict': one of {list(VERDICTS)}, ...}}, "
+                             f"got {str(row)[:120]}")
+    if n_layers is not None and len(rows) != n_layers:
+        raise ValueError(f"{path}: the report has {len(rows)} layers but the model has {n_layers}: it was "
+                         f"measured on another package")
+    return report
+
+
+def advised_fp32_layers(report: dict) -> list[int]:
+    """The layers a report advises keeping in float32: every one not ``safe`` (``marginal`` or ``overflow``)."""
+    return [r["layer"] for r in report["layers"] if r["verdict"] != "safe"]
 
 
 def passing_report(package: str | Path) -> bool:

@@ -4,7 +4,8 @@
 ::
 
     osum-infer --model PKG --task "<TRANSCRIBE><GENDER>" (--wav FILE... | --data LIST) [--batch-size N]
-               [--device auto|cuda|npu|cpu] [--dtype auto|fp32|fp16|bf16] [--decoding greedy|beam|osum]
+               [--device auto|cuda|npu|cpu] [--dtype auto|fp32|fp16|bf16] [--keep-fp32 auto|REPORT|NAMES]
+               [--decoding greedy|beam|osum]
                [--num-beams N] [--max-new-tokens N] [--do-sample] [--temperature T] [--top-k K] [--top-p P]
                [--repetition-penalty R] [--no-repeat-ngram-size N] [--loop-repeats K] [--loop-max-ngram N]
                [--seed N] [--prompt TEXT] [--format jsonl|text] [--strict]
@@ -27,6 +28,11 @@ from pathlib import Path
 from typing import Sequence
 
 
+KEEP_FP32_HELP = ("LLM layers run in float32 when --dtype is fp16/bf16: 'auto' (those the package's "
+                  "fp16_calibration.json does not call safe), a report's path (REPORT.json), or layer numbers / "
+                  "module names, comma-separated (e.g. 1,2 or llm.model.layers.1.mlp)")
+
+
 def _infer_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osum-infer", description="OSUM inference with a torch package "
                                 "(subcommands: merge, export-onnx, calibrate-fp16)")
@@ -42,6 +48,7 @@ def _infer_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="utterances (windows) decoded together (default 8)")
     p.add_argument("--device", default="auto", help="auto | cuda[:N] | npu[:N] | cpu")
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32 (bfloat16 | float16 | float32 too)")
+    p.add_argument("--keep-fp32", metavar="auto|REPORT.json|NAMES", help=KEEP_FP32_HELP)
     p.add_argument("--decoding", default="greedy", choices=("greedy", "beam", "osum"),
                    help="greedy (deterministic, default), beam (beam search) or osum (OSUM's beam-sampling preset)")
     p.add_argument("--num-beams", type=int, help="beams for beam/osum decoding (default: the preset's)")
@@ -238,7 +245,8 @@ def _infer(args) -> int:
                 ok, failed = run_ray(todo, journal.write, model=args.model, device=args.device, dtype=args.dtype,
                                      npu_fusions=not args.no_npu_fusions, fmt=args.format, seed=args.seed,
                                      options=options, batch_size=args.batch_size, actors=args.ray_actors,
-                                     address=args.ray_address, progress=not args.no_progress)
+                                     address=args.ray_address, progress=not args.no_progress,
+                                     keep_fp32=args.keep_fp32)
             except ValueError as e:
                 print(f"osum-infer: error: {e}", file=sys.stderr)
                 return 2
@@ -274,6 +282,12 @@ def _checked_model(args, items):
             raise ValueError(f"{root} is not a package directory")
         pkg = PackageConfig.from_json(root / "config.json")
         check_max_seconds(args.max_seconds, 2 * pkg.encoder.max_source_positions)
+        if args.keep_fp32:  # the names / the report checked here, not in every actor (this imports torch)
+            from .loading import keep_fp32_modules
+
+            keep_fp32_modules(args.keep_fp32, root, int(pkg.text_config.get("num_hidden_layers", 0)))
+            if args.keep_fp32.strip().endswith(".json"):
+                args.keep_fp32 = str(Path(args.keep_fp32.strip()).resolve())
         if args.prompt is None and (args.task or args.strict):
             prompts = read_prompts(root, pkg.prompts_file)
             for t in tasks:
@@ -284,7 +298,8 @@ def _checked_model(args, items):
     from .loading import load_model
     from .pipeline import check_run_args
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype, npu_fusions=not args.no_npu_fusions)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, npu_fusions=not args.no_npu_fusions,
+                       keep_fp32=args.keep_fp32)
     print(f"osum-infer: {model.device}, {str(model.dtype).replace('torch.', '')} ({model.device_reason})",
           file=sys.stderr)
     if args.prompt is None and (args.task or args.strict):

@@ -157,3 +157,70 @@ def apply_npu_fusions(llm: torch.nn.Module) -> int:
             module.forward = forward
             n += 1
     return n
+
+
+# -- one device per Ray worker (osum-serve --replicas, Ray actors) ---------------------------------------------------
+
+RAY_RESOURCE = {"cuda": "GPU", "npu": "NPU"}  # Ray's accelerator resources (it sets the variables below for them)
+VISIBLE_DEVICES_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
+
+
+def ray_device_options(device: str, cluster: dict | None, *, workers: int,
+                       per_worker: float | None = None) -> tuple[str, dict]:
+    """``(the device type each Ray worker loads on, its resource options)`` for ``workers`` workers on ``device``.
+
+    A worker on ``cuda`` asks Ray for ``per_worker`` GPUs (default 1), on ``npu`` for ``per_worker`` of the
+    ``NPU`` resource (Ray's name for Ascend NPUs): Ray then sets the worker's ``CUDA_VISIBLE_DEVICES`` /
+    ``ASCEND_RT_VISIBLE_DEVICES`` to the device(s) it holds, so its ``cuda:0`` / ``npu:0`` is its own (a fraction
+    such as 0.5 puts two workers on one device, on purpose). Without it every worker sees every device and takes
+    device 0. ``auto`` picks cuda when ``cluster`` (``ray.cluster_resources()``) has GPUs, else npu when it has
+    NPUs, else cpu; without a cluster it stays ``auto`` with no accelerator asked for. ``ValueError`` naming the
+    problem: an index (``npu:1``: Ray assigns the devices), no or too few devices for the workers."""
+    name = str(device).strip().lower()
+    if ":" in name and name.split(":")[0] in RAY_RESOURCE:
+        raise ValueError(f"--device {device!r}: with several replicas Ray gives each its own device; pass "
+                         f"{name.split(':')[0]!r} without an index")
+    if name not in ("auto", "cpu", *RAY_RESOURCE):
+        raise ValueError(f"unknown device {device!r}; expected auto, cuda, npu or cpu")
+    if per_worker is not None and per_worker < 0:
+        raise ValueError(f"devices per replica must be >= 0, got {per_worker:g}")
+    if name == "auto":
+        if cluster is None:
+            return "auto", {}
+        name = "cuda" if cluster.get("GPU") else "npu" if cluster.get("NPU") else "cpu"
+    if name == "cpu":
+        return "cpu", {}
+    res = RAY_RESOURCE[name]
+    per = 1.0 if per_worker is None else float(per_worker)
+    if per == 0:
+        raise ValueError(f"--device {name} with 0 {res}s per replica: every replica would take {name}:0; give each "
+                         f"one (the default) or a fraction to share a device")
+    if cluster is not None:
+        have = float(cluster.get(res, 0))
+        if have <= 0:
+            raise ValueError(f"--device {name}: the Ray cluster has no {res} resource (start Ray on hosts whose "
+                             f"{name} devices it detects, or declare them: ray start --resources='{{\"{res}\": N}}')")
+        if per * workers > have + 1e-9:
+            raise ValueError(f"{workers} replica(s) x {per:g} {res} need {per * workers:g}, but the Ray cluster has "
+                             f"{have:g}")
+    return name, ({"num_gpus": per} if res == "GPU" else {"resources": {res: per}})
+
+
+def worker_device(device: str, accelerator_ids: dict, environ: dict) -> tuple[str, str]:
+    """Inside a Ray worker started with :func:`ray_device_options`: ``(the torch device to load on, why)``, from
+    Ray's ``get_runtime_context().get_accelerator_ids()`` and the worker's environment. ``cuda`` / ``npu`` become
+    index 0 of the devices Ray made visible (the worker's own); where Ray was told not to set the variable
+    (``RAY_EXPERIMENTAL_NOSET_*``), the index Ray assigned. ``RuntimeError`` when the worker holds no such device
+    (it would silently share device 0)."""
+    name = str(device).strip().lower()
+    if name not in RAY_RESOURCE:
+        return name, ""
+    res, env = RAY_RESOURCE[name], VISIBLE_DEVICES_ENV[name]
+    ids = [str(i) for i in accelerator_ids.get(res) or []]
+    if not ids:
+        raise RuntimeError(f"this Ray worker holds no {res} (start it with ray_device_options' resources): on "
+                           f"{name} it would share {name}:0 with every other worker")
+    visible = environ.get(env)
+    if visible is None or not visible.strip():
+        return f"{name}:{ids[0]}", f"Ray {res} {','.join(ids)} ({env} not set)"
+    return f"{name}:0", f"Ray {res} {','.join(ids)} ({env}={visible})"

@@ -108,12 +108,17 @@ def merge_adapter(llm: torch.nn.Module, root: Path) -> int:
 
 
 @torch.no_grad()
-def cast_parameters(model: torch.nn.Module, dtype: torch.dtype, where: Path) -> None:
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype, where: Path, keep_fp32: tuple[str, ...] = ()) -> None:
     """Cast every floating parameter to ``dtype`` one tensor at a time; a cast to float16 that would turn finite
-    values into inf is refused, naming the tensors (the Ascend 310P path has no bf16)."""
+    values into inf is refused, naming the tensors (the Ascend 310P path has no bf16). Parameters of the modules
+    named in ``keep_fp32`` (and below them) become float32 instead, from the stored values."""
     overflow = []
     for name, p in model.named_parameters():
-        if not p.is_floating_point() or p.dtype == dtype:
+        target = torch.float32 if any(name.startswith(k + ".") for k in keep_fp32) else dtype
+        if not p.is_floating_point() or p.dtype == target:
+            continue
+        if target != dtype:
+            p.data = p.data.to(target)
             continue
         if dtype == torch.float16 and bool(torch.isfinite(p).all()):
             peak = float(p.abs().max())
@@ -125,6 +130,99 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype, where: Path) -> 
         raise PackageError(f"{where}: values beyond the float16 range (65504) in {len(overflow)} tensor(s): "
                            f"{overflow[:10]}; load in bf16/fp32, or export with --dtype fp16 to see the check "
                            f"at export time")
+
+
+# -- mixed precision: some LLM layers in float32 (what a calibrate-fp16 report advises) ----------------------------
+
+LAYERS = "llm.model.layers"
+FINAL_NORM = "llm.model.norm"
+
+
+def keep_fp32_modules(spec, root: str | Path, n_layers: int) -> tuple[tuple[str, ...], str]:
+    """``(module names, where they came from)`` for ``keep_fp32=``: ``None``/``""``/``"none"``: nothing;
+    ``"auto"``: the layers the package's calibration report (``PKG/fp16_calibration.json``) does not call safe;
+    a path ending in ``.json``: those of that report; else layer numbers and LLM module names, comma-separated
+    (or a list). A layer is ``llm.model.layers.N``; when the last one is kept, the final norm
+    (``llm.model.norm``) is too, as its input is that layer's float32 output. ``PackageError`` naming the report
+    or the name on a problem; sub-module names are checked against the model by :func:`apply_keep_fp32`."""
+    from .calibrate import REPORT, advised_fp32_layers, read_report
+
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+        return (), "none"
+    if isinstance(spec, str) and (spec.strip() == "auto" or spec.strip().endswith(".json")):
+        report_path = Path(root) / REPORT if spec.strip() == "auto" else Path(spec.strip())
+        if spec.strip() == "auto" and not report_path.is_file():
+            raise PackageError(f"keep_fp32='auto': no calibration report {report_path}; run `osum-infer "
+                               f"calibrate-fp16 --model {root} --data LIST` first, or give the report's path")
+        try:
+            layers = advised_fp32_layers(read_report(report_path, n_layers))
+        except ValueError as e:
+            raise PackageError(str(e)) from None
+        names, source = [f"{LAYERS}.{i}" for i in layers], f"the advice of {report_path}"
+    else:
+        parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else [str(x) for x in spec])]
+        names, source = [], "given"
+        for part in parts:
+            if part.isdigit():
+                part = f"{LAYERS}.{part}"
+            head = part[len(LAYERS) + 1:].split(".")[0] if part.startswith(LAYERS + ".") else ""
+            if part != FINAL_NORM and not head.isdigit():
+                raise PackageError(f"keep_fp32: {part!r} is not an LLM layer number, {LAYERS}.N[.module] or "
+                                   f"{FINAL_NORM}")
+            if part != FINAL_NORM and not int(head) < n_layers:
+                raise PackageError(f"keep_fp32: {part!r}: the LLM has layers 0..{n_layers - 1}")
+            names.append(part)
+    if f"{LAYERS}.{n_layers - 1}" in names and FINAL_NORM not in names:
+        names.append(FINAL_NORM)
+    # a module under another kept one is kept already
+    names = sorted({n for n in names if not any(n.startswith(o + ".") for o in names)})
+    return tuple(names), source
+
+
+def _cast_floats(x, dtype: torch.dtype):
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast_floats(v, dtype) for v in x)
+    return x
+
+
+def _module_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def apply_keep_fp32(model: torch.nn.Module, names: tuple[str, ...], dtype: torch.dtype) -> list:
+    """Run the modules ``names`` of a model cast to ``dtype`` in float32 (their parameters are made float32;
+    :func:`cast_parameters` with ``keep_fp32`` does it from the stored values): each kept module's floating
+    inputs are cast to float32. The residual stream stays float32 from a kept layer to the next one: every LLM
+    layer casts its input to its own dtype, so a run of kept layers never passes through ``dtype``, and the final
+    norm and LM head do the same. A kept module inside a layer (``...layers.1.mlp``) casts its output back to
+    ``dtype``. Returns the hook handles."""
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise PackageError(f"keep_fp32: no module {unknown[0]!r} in this model (e.g. {LAYERS}.0, "
+                           f"{LAYERS}.0.mlp, {LAYERS}.0.self_attn, {FINAL_NORM})")
+    stream = {n for n in modules if n == FINAL_NORM or (n.startswith(LAYERS + ".") and n[len(LAYERS) + 1:].isdigit())}
+    handles = []
+
+    def cast_inputs(module, args, kwargs):
+        dt = _module_dtype(module)
+        return (_cast_floats(args, dt), _cast_floats(kwargs, dt)) if dt is not None else None
+
+    for name in names:
+        with torch.no_grad():
+            for p in modules[name].parameters():
+                if p.is_floating_point():
+                    p.data = p.data.float()
+        if name not in stream:
+            handles.append(modules[name].register_forward_hook(lambda m, a, out: _cast_floats(out, dtype)))
+    # every layer (kept or not), the kept norm and the LM head take their input in their own dtype
+    heads = [n for n in modules if n in stream and (n != FINAL_NORM or n in names)] + ["llm.lm_head"]
+    for name in {*names, *heads}:
+        if name in modules:
+            handles.append(modules[name].register_forward_pre_hook(cast_inputs, with_kwargs=True))
+    return handles
 
 
 def load_audio_tensors(model: torch.nn.Module, root: Path, prefixes: tuple[str, ...], device: torch.device,
@@ -153,7 +251,7 @@ POLICY_DTYPES = ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16")  # lo
 
 def load_model(path: str | Path, *model_args, device: str | torch.device = "auto",
                dtype: str | torch.dtype | None = "auto", npu_fusions: bool = True, parts: str = "all",
-               model_class=None, **kwargs):
+               model_class=None, keep_fp32=None, **kwargs):
     """Load a package the way the runtime's commands do (``osum-infer``, ``osum-serve``, the Ray actors).
 
     ``device``: ``auto`` (cuda, then npu, then cpu; the choice and its reason are logged and kept as
@@ -161,8 +259,11 @@ def load_model(path: str | Path, *model_args, device: str | torch.device = "auto
     instead when given. ``dtype``: ``auto`` (float32 on CPU, the package dtype on accelerators, float16 where bf16
     is missing), ``fp32``, ``fp16``, ``bf16``. On an NPU the LLM's fused kernels are switched on
     (``npu_fusions``). A float16 model without a passing ``calibrate-fp16`` report beside the package is warned
-    about. ``parts="audio"`` reads only the audio tower's tensors (encoder, adapter): the LLM stays on the meta
-    device and is unusable (what ONNX export of the tower needs, ~0.3 B instead of 8 B parameters).
+    about, unless ``keep_fp32`` keeps every layer that report does not call safe. ``keep_fp32``: LLM modules
+    run in float32 when ``dtype`` is float16/bf16 (``"auto"``: as the package's calibration report advises; a
+    report's path; layer numbers or module names; :func:`keep_fp32_modules`). ``parts="audio"`` reads only
+    the audio tower's tensors (encoder, adapter): the LLM stays on the meta device and is unusable (what ONNX
+    export of the tower needs, ~0.3 B instead of 8 B parameters).
 
     The model itself is loaded by ``OSUMForConditionalGeneration.load_package`` (transformers'
     ``from_pretrained`` with the package checks)."""
@@ -187,6 +288,13 @@ def load_model(path: str | Path, *model_args, device: str | torch.device = "auto
         dev, why = select_device(device)
         why = why if device_map is None else f"{why}; device_map={device_map!r}"
     dt = resolve_dtype(dtype, dev, pkg.torch_dtype)
+    n_layers = int(pkg.text_config.get("num_hidden_layers", 0))
+    keep, keep_source = keep_fp32_modules(keep_fp32, root, n_layers)
+    if keep and dt == torch.float32:
+        log.info("osum_torch_infer: keep_fp32 %s: the model is float32 already", list(keep))
+        keep = ()
+    if keep and parts == "audio":
+        raise ValueError("keep_fp32 applies to the LLM, which parts='audio' does not load")
     log.info("osum_torch_infer: %s on %s, %s (%s; dtype %s)", root, dev, str(dt).replace("torch.", ""), why,
              dtype if dtype not in (None, "auto") else f"auto: package {pkg.torch_dtype}")
     if parts == "audio":
@@ -199,18 +307,33 @@ def load_model(path: str | Path, *model_args, device: str | torch.device = "auto
         model.path = root
         model._load_text_side(root)
     else:
-        model = model_class.load_package(root, *model_args, dtype=dt, device_map=device_map or dev, **kwargs)
+        # with layers kept in float32: read at the stored dtype, then cast all but those (from the stored values)
+        model = model_class.load_package(root, *model_args, dtype=None if keep else dt,
+                                         device_map=device_map or dev, **kwargs)
+        if keep:
+            cast_parameters(model, dt, root, keep_fp32=keep)
+            apply_keep_fp32(model, keep, dt)
+            log.info("osum_torch_infer: %s in float32 (%s), the rest %s", list(keep), keep_source,
+                     str(dt).replace("torch.", ""))
         if dev.type == "npu" and npu_fusions:
             apply_npu_fusions(model.llm)
     model.device_reason = why
+    model.keep_fp32 = keep
     warning = (pkg.metadata.get("prompts") or {}).get("warning")
     if warning:
         log.warning("osum_torch_infer: %s: %s", root, warning)
     if dt == torch.float16:
-        from .calibrate import REPORT, passing_report
+        from .calibrate import REPORT, advised_fp32_layers, passing_report, read_report
 
-        if not passing_report(root):
+        covered = keep_source != "given" and keep_source != "none"  # a report's advice is what is kept
+        if keep and not covered and (root / REPORT).is_file():
+            try:  # names given: quiet when they include what the package's report advises
+                covered = {f"{LAYERS}.{i}" for i in advised_fp32_layers(read_report(root / REPORT))} <= set(keep)
+            except ValueError:
+                pass
+        if not covered and not passing_report(root):
             log.warning("osum_torch_infer: %s runs in float16 without a passing %s next to it: Qwen2 activations and "
                         "attention scores can exceed 65504 (the 310P saturates silently); run "
-                        "`osum-infer calibrate-fp16 --model %s --data LIST` on CPU first", root, REPORT, root)
+                        "`osum-infer calibrate-fp16 --model %s --data LIST` on CPU first (then load with --keep-fp32 "
+                        "auto to keep the layers it names in float32)", root, REPORT, root)
     return model

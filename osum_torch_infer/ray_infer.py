@@ -46,14 +46,14 @@ class Decoder:
     row's results line (``record_line``; empty for a failed file in the text format) and whether it failed."""
 
     def __init__(self, model: str, device: str, dtype: str, npu_fusions: bool, fmt: str, seed: int | None,
-                 options: dict):
+                 options: dict, keep_fp32: str | None = None):
         from .loading import load_model
 
         if seed is not None:
             import torch
 
             torch.manual_seed(seed)
-        self.model = load_model(model, device=device, dtype=dtype, npu_fusions=npu_fusions)
+        self.model = load_model(model, device=device, dtype=dtype, npu_fusions=npu_fusions, keep_fp32=keep_fp32)
         self.fmt, self.options = fmt, options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -92,7 +92,7 @@ def actor_resources(device: str, cluster: dict[str, float]) -> tuple[str, dict[s
 
 def run_ray(todo: Sequence[Item], write: Callable[[bytes], None], *, model: str, device: str, dtype: str,
             npu_fusions: bool, fmt: str, seed: int | None, options: dict, batch_size: int, actors: int | None,
-            address: str | None, progress: bool) -> tuple[int, int]:
+            address: str | None, progress: bool, keep_fp32: str | None = None) -> tuple[int, int]:
     """Decode ``todo`` on Ray (``address``: a running cluster; ``None``: ``RAY_ADDRESS`` or a local one, shut down
     at the end) and ``write`` each result's line in input order as it comes back. Returns ``(ok, failed)``."""
     try:
@@ -117,7 +117,8 @@ def run_ray(todo: Sequence[Item], write: Callable[[bytes], None], *, model: str,
         ds = ds.map_batches(Decoder, batch_size=rows, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=n),
                             fn_constructor_kwargs=dict(model=model, device=dev, dtype=dtype, npu_fusions=npu_fusions,
-                                                       fmt=fmt, seed=seed, options=options), **remote)
+                                                       fmt=fmt, seed=seed, options=options, keep_fp32=keep_fp32),
+                            **remote)
         ok = failed = 0
         expect = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -76,6 +76,18 @@ def check_serve_args(args) -> str:
         if os.path.isdir(log) or (os.path.exists(log) and not os.access(log, os.W_OK)) or \
                 not os.access(folder, os.W_OK | os.X_OK):
             return f"--feedback-log {args.feedback_log}: cannot append to it"
+    if args.replicas:
+        from ..devices import ray_device_options
+
+        for flag, value in (("--gpus-per-replica", args.gpus_per_replica),
+                            ("--npus-per-replica", args.npus_per_replica)):
+            if value is not None and value < 0:
+                return f"{flag} {value:g} is out of range"
+        per = args.gpus_per_replica if str(args.device).startswith("cuda") else args.npus_per_replica
+        try:  # the cluster's resources are checked once Ray runs
+            ray_device_options(args.device, None, workers=args.replicas, per_worker=per)
+        except ValueError as e:
+            return str(e)
     if not args.replicas:
         import socket
 
@@ -93,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="package directory written by osum-convert export-torch")
     p.add_argument("--device", default="auto", help="auto | cuda[:N] | npu[:N] | cpu")
     p.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32")
+    from ..cli import KEEP_FP32_HELP
+
+    p.add_argument("--keep-fp32", metavar="auto|REPORT.json|NAMES", help=KEEP_FP32_HELP)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: localhost only; any other needs --api-key or --insecure)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -141,7 +156,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--replicas", type=int, default=0,
                    help="run N replicas behind Ray Serve (needs the .[ray] extra; default: one process, no Ray)")
     r.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs per replica (default 1)")
-    r.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray GPUs per replica (default 0)")
+    r.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="Ray GPUs per replica with --device cuda (default 1: each replica its own GPU; a fraction "
+                        "shares one)")
+    r.add_argument("--npus-per-replica", type=float, default=None,
+                   help="Ray NPU resources per replica with --device npu (default 1: each replica its own NPU, "
+                        "through ASCEND_RT_VISIBLE_DEVICES; a fraction shares one)")
     return p
 
 
@@ -179,13 +199,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             print(f"osum-serve: error: {args.model}: not a package directory (no config.json)", file=sys.stderr)
             return 2
-        run(args.model, host=args.host, port=args.port, replicas=args.replicas,
-            cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica, device=args.device,
-            dtype=args.dtype, app_kwargs=app_kwargs)
+        if args.keep_fp32:  # checked here (names, the report) rather than in every replica
+            from pathlib import Path
+
+            from ..loading import keep_fp32_modules
+            from ..package import PackageConfig
+
+            try:
+                pkg = PackageConfig.from_json(Path(args.model) / "config.json")
+                keep_fp32_modules(args.keep_fp32, args.model, int(pkg.text_config.get("num_hidden_layers", 0)))
+            except ValueError as e:
+                print(f"osum-serve: error: {e}", file=sys.stderr)
+                return 2
+        try:
+            run(args.model, host=args.host, port=args.port, replicas=args.replicas,
+                cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                npus_per_replica=args.npus_per_replica, device=args.device, dtype=args.dtype, app_kwargs=app_kwargs,
+                keep_fp32=args.keep_fp32)
+        except ValueError as e:  # the replicas' devices against the cluster (PackageError is a ValueError)
+            print(f"osum-serve: error: {e}", file=sys.stderr)
+            return 2
         return 0
 
     try:
-        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        model = load_model(args.model, device=args.device, dtype=args.dtype, keep_fp32=args.keep_fp32)
     except (PackageError, RuntimeError, ValueError) as e:
         print(f"osum-serve: error: {e}", file=sys.stderr)
         return 2
