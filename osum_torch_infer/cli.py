@@ -9,8 +9,10 @@
                [--num-beams N] [--max-new-tokens N] [--do-sample] [--temperature T] [--top-k K] [--top-p P]
                [--repetition-penalty R] [--no-repeat-ngram-size N] [--loop-repeats K] [--loop-max-ngram N]
                [--seed N] [--prompt TEXT] [--format jsonl|text] [--strict]
+               [--max-seconds S] [--segment vad|fixed] [--overlap-seconds S] [--subtitles srt|vtt [--subtitles-dir D]]
                --out results.jsonl [--overwrite | --resume] [--shard I/N] [--ray [--ray-address A] [--ray-actors N]]
     osum-infer merge OUT SHARD... (--data LIST | --wav FILE...) [--format jsonl|text] [--overwrite]
+    osum-infer subtitles RESULTS.jsonl --out-dir DIR [--format srt|vtt] [--overwrite]
     osum-infer export-onnx --model PKG --out DIR [--trace-frames N] [--check-frames N ...] [--opset N]
                            [--ir-version N]
     osum-infer calibrate-fp16 --model PKG --data LIST [--max-new-tokens N] [--limit N] [--out REPORT]
@@ -35,7 +37,7 @@ KEEP_FP32_HELP = ("LLM layers run in float32 when --dtype is fp16/bf16: 'auto' (
 
 def _infer_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osum-infer", description="OSUM inference with a torch package "
-                                "(subcommands: merge, export-onnx, calibrate-fp16)")
+                                "(subcommands: merge, subtitles, export-onnx, calibrate-fp16)")
     p.add_argument("--model", required=True, help="package directory written by osum-convert export-torch")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--wav", nargs="+", help="audio files (any format libsndfile reads)")
@@ -67,7 +69,18 @@ def _infer_parser() -> argparse.ArgumentParser:
                    help="longest n-gram (tokens) the loop guard looks for (default 8)")
     p.add_argument("--seed", type=int, help="seed torch's generator first (reproducible sampling on one device)")
     p.add_argument("--max-new-tokens", type=int, help="longest output per window (default: the package's)")
-    p.add_argument("--max-seconds", type=float, default=30.0, help="longer audio is split into windows")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="longer audio is split into segments of at "
+                                                                     "most this long (default 30)")
+    p.add_argument("--segment", default="vad", choices=("vad", "fixed"),
+                   help="how audio over --max-seconds is split: vad (default: cut at pauses found by Silero VAD, "
+                        "with --overlap-seconds where it must cut mid-speech, words de-duplicated when joined) or "
+                        "fixed (equal windows, no overlap)")
+    p.add_argument("--overlap-seconds", type=float, default=1.0,
+                   help="audio kept in both segments where --segment vad cuts mid-speech (default 1.0)")
+    p.add_argument("--subtitles", choices=("srt", "vtt"),
+                   help="also write one subtitle file per utterance (a cue per segment) from the results, when the "
+                        "run ends (jsonl only)")
+    p.add_argument("--subtitles-dir", help="folder for --subtitles (default: OUT's name without suffix + _srt / _vtt)")
     p.add_argument("--format", default="jsonl", choices=("jsonl", "text"), help="text = OSUM's key<TAB>text")
     p.add_argument("--out", required=True, help="results file, one line appended per finished utterance; an "
                                                  "existing file is refused unless --overwrite or --resume")
@@ -105,6 +118,73 @@ def _export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _subtitles_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osum-infer subtitles",
+                                description="one SRT or WebVTT file per utterance (a cue per segment) from an "
+                                            "osum-infer jsonl results file")
+    p.add_argument("results", help="osum-infer results (jsonl)")
+    p.add_argument("--out-dir", required=True, help="folder to write KEY.srt / KEY.vtt into (replaced as a whole)")
+    p.add_argument("--format", default="srt", choices=("srt", "vtt"), help="srt (default) or vtt")
+    p.add_argument("--overwrite", action="store_true", help="replace --out-dir if it exists")
+    return p
+
+
+def write_subtitles(results: str | Path, out_dir: str | Path, fmt: str = "srt") -> tuple[int, int]:
+    """Write ``out_dir/KEY.<fmt>`` (the key percent-encoded into a file name) for every result of a jsonl results
+    file with ``segments``; returns ``(written, skipped)`` (error records, results without segments). The folder
+    is filled under a temporary name and renamed into place. ``ValueError`` naming ``file:line`` for a line that is
+    not a JSON object."""
+    from urllib.parse import quote
+
+    from .files import atomic_file, json_object_line, LineError
+    from .segment import to_srt, to_vtt
+
+    results = Path(results)
+    try:
+        raw = results.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the results file {results}: {e}") from None
+    files, skipped = {}, 0
+    for n, line in enumerate(raw, 1):  # all checked before anything is written
+        if not line.strip():
+            continue
+        try:
+            r = json_object_line(line)
+        except LineError as e:
+            raise ValueError(f"{results}:{n}: {e.detail} (subtitles are made from jsonl results)") from None
+        if "error" in r or not isinstance(r.get("segments"), list) or "key" not in r:
+            skipped += 1
+            continue
+        files[f"{quote(str(r['key']), safe='')}.{fmt}"] = to_srt(r["segments"]) if fmt == "srt" \
+            else to_vtt(r["segments"])
+    with atomic_file(out_dir) as tmp:
+        tmp.mkdir()
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    written = len(files)
+    return written, skipped
+
+
+def _subtitles(args) -> int:
+    try:
+        out = Path(args.out_dir)
+        if out.exists() and not args.overwrite:
+            raise ValueError(f"--out-dir {out} exists; pass --overwrite to replace it")
+        written, skipped = write_subtitles(args.results, out, args.format)
+    except (ValueError, OSError) as e:
+        print(f"osum-infer subtitles: error: {e}", file=sys.stderr)
+        return 2
+    print(f"osum-infer subtitles: {written} file(s) written to {out}"
+          + (f"; {skipped} result(s) without segments (errors) skipped" if skipped else ""), file=sys.stderr)
+    return 0
+
+
+def subtitles_dir(args) -> Path:
+    """``--subtitles-dir``, else OUT's name without its suffix + ``_srt`` / ``_vtt`` beside it."""
+    out = Path(args.out)
+    return Path(args.subtitles_dir) if args.subtitles_dir else out.with_name(f"{out.stem}_{args.subtitles}")
+
+
 def _merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osum-infer merge",
                                 description="join the jsonl results of the shards of one list in the list's order, "
@@ -123,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "merge":
         return _merge(_merge_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "subtitles":
+        return _subtitles(_subtitles_parser().parse_args(argv[1:]))
     if argv and argv[0] == "export-onnx":
         return _export(_export_parser().parse_args(argv[1:]))
     if argv and argv[0] == "calibrate-fp16":
@@ -167,6 +249,20 @@ def check_generation_flags(args) -> None:
             raise ValueError(f"{flag} must be {what}, got {value:g}")
 
 
+def check_segment_flags(args) -> None:
+    """``ValueError`` naming the flag for segmenting settings that cannot work, and ``RuntimeError`` when
+    ``--segment vad`` cannot load its VAD; both before any model or audio is loaded."""
+    if args.max_seconds > 0 and not 0 <= args.overlap_seconds < args.max_seconds / 2:  # <= 0: refused below
+        raise ValueError(f"--overlap-seconds must be >= 0 and below half of --max-seconds ({args.max_seconds:g}), "
+                         f"got {args.overlap_seconds:g}")
+    if args.subtitles and args.format != "jsonl":
+        raise ValueError("--subtitles needs --format jsonl (the subtitles are made from its segments)")
+    if args.segment == "vad":
+        from .segment import check_vad
+
+        check_vad()
+
+
 def _check_out(out: Path, *, overwrite: bool, resume: bool = False) -> None:
     """Refuse an ``--out`` that cannot be (or must not be) written, before any audio is read: results are never
     computed and then lost."""
@@ -203,6 +299,7 @@ def _infer(args) -> int:
         if args.ray_actors is not None and args.ray_actors < 1:
             raise ValueError("--ray-actors must be >= 1")
         check_generation_flags(args)  # before the model loads: a typo never costs a 7 B load
+        check_segment_flags(args)
         items = take_shard(_read_items(args, args.strict), *shard)
         source = (args.data or "the --wav files") + (f", shard {args.shard}" if args.shard else "")
         todo, prior = items, None
@@ -228,6 +325,7 @@ def _infer(args) -> int:
         torch.manual_seed(args.seed)
     options = dict(task=args.task, prompt=args.prompt, batch_size=args.batch_size, decoding=args.decoding,
                    max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, max_seconds=args.max_seconds,
+                   segment=args.segment, overlap_seconds=args.overlap_seconds,
                    loop_repeats=args.loop_repeats, loop_max_ngram=args.loop_max_ngram,
                    generation={"do_sample": args.do_sample, "temperature": args.temperature, "top_k": args.top_k,
                                "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
@@ -264,6 +362,14 @@ def _infer(args) -> int:
     failed_all = failed + done_failed
     print(f"osum-infer: {ok} result(s) written to {args.out}" + (f" ({done} already there)" if done else "")
           + (f"; {failed_all} file(s) failed" if failed_all else ""), file=sys.stderr)
+    if args.subtitles:
+        try:
+            folder = subtitles_dir(args)
+            n, _ = write_subtitles(args.out, folder, args.subtitles)
+        except (ValueError, OSError) as e:
+            print(f"osum-infer: error: subtitles: {e}", file=sys.stderr)
+            return 2
+        print(f"osum-infer: {n} subtitle file(s) written to {folder}", file=sys.stderr)
     return 1 if failed_all else 0
 
 

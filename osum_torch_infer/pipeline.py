@@ -16,6 +16,7 @@ from .files import LineError, atomic_file, json_object_line
 from .features import (AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, split_windows,
                        wav_truncation)
 from .parsing import join_windows, normalize_task
+from .segment import OVERLAP_SECONDS, join_segments, segment_audio
 
 @dataclass
 class Item:
@@ -170,6 +171,8 @@ class _Unit:
     offset: float
     feats: np.ndarray
     prompt_ids: list[int]
+    end: float = 0.0  # the segment's end (seconds)
+    cut_in_speech: bool = False  # the segment ends mid-speech: the next one overlaps it
 
 
 def _located(item: Item, message: str) -> str:
@@ -182,7 +185,8 @@ def _located(item: Item, message: str) -> str:
     return message if item.wav and item.wav in message else f"{item.wav}: {message}"
 
 
-def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: float) -> list[_Unit] | str:
+def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: float, segment: str = "fixed",
+             overlap_seconds: float = OVERLAP_SECONDS) -> list[_Unit] | str:
     if item.error is not None:
         return item.error
     if item.member is not None:
@@ -219,12 +223,13 @@ def _prepare(model, item: Item, task: str, prompt: str | None, max_seconds: floa
     text = prompt if prompt is not None else model.prompt_for(task)
     ids = model.encode_text(text)
     units = []
-    for offset, w in split_windows(wave, max_seconds, SAMPLE_RATE):
+    for seg in segment_audio(wave, SAMPLE_RATE, mode=segment, max_seconds=max_seconds,
+                             overlap_seconds=overlap_seconds):
         try:
-            feats = log_mel_spectrogram(w, model.config.encoder.num_mel_bins)
+            feats = log_mel_spectrogram(seg.samples, model.config.encoder.num_mel_bins)
         except AudioError as e:
             return str(e)
-        units.append(_Unit(-1, offset, feats, ids))
+        units.append(_Unit(-1, seg.start, feats, ids, seg.end, seg.cut_in_speech))
     return units
 
 
@@ -277,9 +282,15 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
         decoding: str = "greedy", max_new_tokens: int | None = None, num_beams: int | None = None,
         max_seconds: float = MAX_SECONDS, progress: bool = True, engine: str = "auto",
         cache_implementation: str | None = None, generation: Mapping[str, Any] | None = None,
-        loop_repeats: int = 0, loop_max_ngram: int = 8) -> Iterator[dict]:
+        loop_repeats: int = 0, loop_max_ngram: int = 8, segment: str = "vad",
+        overlap_seconds: float = OVERLAP_SECONDS) -> Iterator[dict]:
     """Yield one result per item, in input order, each as soon as it and every item before it are done (a caller
     that writes them as they come loses at most the items still in flight when it is stopped).
+
+    Audio over ``max_seconds`` is split by :func:`segment.segment_audio` (``segment``: ``"vad"``, cut at pauses,
+    with ``overlap_seconds`` where a cut falls mid-speech; ``"fixed"``: equal windows) and the segments' outputs
+    joined by :func:`segment.join_segments`: offsets in every field, de-duplicated overlaps, ``segments``
+    (start, end, text, tags per segment) and, for ``<ALIGN>``, ``words`` (word, start, end).
 
     A result has ``key``, ``wav``, ``task``, ``prompt``, ``text`` (the raw output; windows joined), the parsed
     ``transcript`` and ``tags`` (+ ``timestamps`` for SRWT, ``answer`` for chat) and ``windows``; an unreadable
@@ -311,7 +322,7 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
             units: list[_Unit] = []
             for i, item in enumerate(part):
                 t = normalize_task(task or item.task)
-                prepared = _prepare(model, item, t, prompt, max_seconds)
+                prepared = _prepare(model, item, t, prompt, max_seconds, segment, overlap_seconds)
                 p = prompt if prompt is not None else item.prompt
                 p = p if p is not None or isinstance(prepared, str) else model.prompt_for(t)
                 res = {"key": item.key, "wav": item.wav, "task": t, "prompt": p}
@@ -337,8 +348,10 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
                 while done < len(results) and pending[done] == 0:
                     res = results[done]
                     if "error" not in res:
-                        res.update(join_windows(sorted((units[k].offset, texts[k]) for k in windows[done]),
-                                                res["task"]))
+                        mine = sorted(windows[done], key=lambda k: units[k].offset)
+                        res.update(join_segments([{"start": units[k].offset, "end": units[k].end,
+                                                   "cut_in_speech": units[k].cut_in_speech} for k in mine],
+                                                 [texts[k] for k in mine], res["task"]))
                     if bar is not None:
                         bar.update(1)
                     done += 1

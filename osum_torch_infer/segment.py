@@ -34,6 +34,7 @@ import difflib
 import math
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -130,6 +131,30 @@ _VAD_LOCK = threading.Lock()  # the VAD model keeps state between calls: one cal
 _VAD_MODEL = None
 
 
+def _silero():
+    """The ``silero_vad`` module (``RuntimeError`` naming the install when it or torch is missing)."""
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("segmenting with the VAD needs torch and silero-vad: pip install 'osum-jax[torch]'") \
+            from None
+    threads = torch.get_num_threads()
+    try:
+        import silero_vad  # its import sets torch's thread count to 1 for the whole process: restored below
+    except ImportError:
+        raise RuntimeError("segmenting with the VAD needs silero-vad: pip install 'osum-jax[torch]' "
+                           "(or pip install silero-vad); or use the fixed windows (--segment fixed)") from None
+    finally:
+        torch.set_num_threads(threads)
+    return silero_vad
+
+
+def check_vad() -> None:
+    """``RuntimeError`` (naming what to install) unless the VAD can run: call before work that will need it."""
+    with _VAD_LOCK:
+        _silero()
+
+
 def speech_regions(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, *, min_silence_ms: int = MIN_SILENCE_MS,
                    threshold: float = 0.5) -> list[tuple[int, int]]:
     """Speech in ``wave`` as ``[(start_sample, end_sample), ...]`` by Silero VAD (its packaged model, on the CPU;
@@ -137,24 +162,17 @@ def speech_regions(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, *, min_sile
     global _VAD_MODEL
     if sample_rate not in (8000, 16000):
         raise ValueError(f"the VAD takes 8000 or 16000 Hz audio, got {sample_rate}")
-    try:
-        import torch
-    except ImportError:
-        raise RuntimeError("segmenting with the VAD needs torch and silero-vad: pip install 'osum-jax[torch]'") \
-            from None
     with _VAD_LOCK:
-        threads = torch.get_num_threads()
-        try:
-            import silero_vad  # its import sets torch's thread count to 1 for the whole process: restored below
-        except ImportError:
-            raise RuntimeError("segmenting with the VAD needs silero-vad: pip install 'osum-jax[torch]' "
-                               "(or pip install silero-vad)") from None
-        finally:
-            torch.set_num_threads(threads)
+        silero_vad = _silero()
+        import torch
+
         if _VAD_MODEL is None:
-            _VAD_MODEL = silero_vad.load_silero_vad()  # the model file shipped inside the silero-vad package
+            with warnings.catch_warnings():  # its loader's own deprecation notices (importlib, torch.jit.load)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _VAD_MODEL = silero_vad.load_silero_vad()  # the model file shipped inside the silero-vad package
         # one thread: the VAD runs its small model on 32 ms chunks one after another, where more threads only
         # add synchronisation (measured here: 20 s of audio in 0.55 s on 1 thread, 3.0 s on 2)
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             with torch.inference_mode():
