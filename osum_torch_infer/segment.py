@@ -15,8 +15,10 @@ Numpy and the standard library only at import; the VAD (``silero-vad``, which sh
     open("out.srt", "w").write(to_srt(result["segments"]))
 
 Segmentation (``mode="vad"``): audio of at most ``max_seconds`` is one segment. Longer audio is cut at pauses
-the VAD finds (the middle of a silence between two speech regions), each segment at most ``max_seconds`` long:
-of the pauses in a segment's second half the longest is taken, else the latest pause. A stretch of speech with no
+the VAD finds, each segment at most ``max_seconds`` long and holding its speech with 0.2 s of silence either
+side (longer silences between segments, and before the first speech and after the last, are in no segment, so
+segments need not meet). A segment ends at the longest pause past its first quarter (the later one of equal
+pauses), else at the latest pause that fits. A stretch of speech with no
 pause within ``max_seconds`` is cut there, mid-speech (``cut_in_speech=True``), and the next segment starts
 ``overlap_seconds`` earlier, so that a word cut in two at the first segment's end is whole in the second.
 ``mode="fixed"`` is the old behaviour: equal windows of at most ``max_seconds``, no overlap, no VAD.
@@ -45,6 +47,7 @@ from .parsing import expected_tags, format_output, is_align, is_chat, join_windo
 SAMPLE_RATE = 16000
 MAX_SECONDS = 30.0
 OVERLAP_SECONDS = 1.0  # kept twice where a segment must be cut mid-speech (a word or two at speaking rate)
+SPEECH_PAD_SECONDS = 0.2  # silence kept before and after the speech of a segment
 MIN_SILENCE_MS = 100  # shortest pause the VAD reports as one (a pause between words of careful speech)
 MODES = ("vad", "fixed")
 
@@ -89,7 +92,8 @@ def segment_audio(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, *, mode: str
     speech = speech_regions(wave, sample_rate, min_silence_ms=min_silence_ms, threshold=threshold)
     if not speech:
         return _fixed(wave, sample_rate, limit)
-    return _cut_at_pauses(wave, sample_rate, speech, limit, int(round(overlap_seconds * sample_rate)))
+    return _cut_at_pauses(wave, sample_rate, speech, limit, int(round(overlap_seconds * sample_rate)),
+                          int(round(SPEECH_PAD_SECONDS * sample_rate)))
 
 
 def _fixed(wave: np.ndarray, sample_rate: int, limit: int) -> list[Segment]:
@@ -101,29 +105,33 @@ def _fixed(wave: np.ndarray, sample_rate: int, limit: int) -> list[Segment]:
 
 
 def _cut_at_pauses(wave: np.ndarray, sample_rate: int, speech: list[tuple[int, int]], limit: int,
-                   overlap: int) -> list[Segment]:
+                   overlap: int, pad: int) -> list[Segment]:
     n = wave.shape[0]
-    # candidate cut points: the middle of every pause between two speech regions, weighted by the pause's length
-    pauses = [((a_end + b_start) // 2, b_start - a_end)
-              for (_, a_end), (b_start, _) in zip(speech, speech[1:]) if b_start > a_end]
-    segments, cur = [], 0
-    while n - cur > limit:
-        inside = [(p, gap) for p, gap in pauses if cur < p <= cur + limit]
-        late = [(p, gap) for p, gap in inside if p >= cur + limit // 2]
+    # the pauses between speech regions: (where the speech before ends, where the next starts)
+    pauses = [(a_end, b_start) for (_, a_end), (b_start, _) in zip(speech, speech[1:]) if b_start > a_end]
+    last = min(n, speech[-1][1] + pad)
+    segments, cur = [], max(0, speech[0][0] - pad)
+    while last - cur > limit:
+        # a pause whose speech before it ends (with its pad) inside the segment can end it; the segment ends
+        # ``pad`` after that speech (or in the pause's middle, if it is shorter) and the next starts ``pad`` before
+        # the speech after it: the silence between them is in no segment
+        inside = [(min(a + pad, (a + b) // 2), max(b - pad, (a + b) // 2), b - a)
+                  for a, b in pauses if cur < a and min(a + pad, (a + b) // 2) <= cur + limit]
+        late = [c for c in inside if c[0] >= cur + limit // 4]
         if late:
-            cut = max(late, key=lambda pg: (pg[1], pg[0]))[0]
+            stop, nxt, _ = max(late, key=lambda c: (c[2], c[0]))
         elif inside:
-            cut = inside[-1][0]
+            stop, nxt, _ = inside[-1]
         else:
-            cut = None
-        if cut is not None:
-            segments.append(Segment(cur / sample_rate, cut / sample_rate, wave[cur:cut], False))
-            cur = cut
+            stop = None
+        if stop is not None:
+            segments.append(Segment(cur / sample_rate, stop / sample_rate, wave[cur:stop], False))
+            cur = nxt
         else:
-            end = cur + limit
-            segments.append(Segment(cur / sample_rate, end / sample_rate, wave[cur:end], True))
-            cur = end - overlap
-    segments.append(Segment(cur / sample_rate, n / sample_rate, wave[cur:], False))
+            stop = cur + limit
+            segments.append(Segment(cur / sample_rate, stop / sample_rate, wave[cur:stop], True))
+            cur = stop - overlap
+    segments.append(Segment(cur / sample_rate, last / sample_rate, wave[cur:last], False))
     return segments
 
 

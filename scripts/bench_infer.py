@@ -19,6 +19,15 @@ per-token decode step of each path.
 
     python scripts/bench_infer.py [--config configs/small.yaml] [--new-tokens 32] [--repeats 5] [--device cpu]
                                   [--engine auto|hf] [--cache dynamic|static] [--threads N] [--compile-probe]
+
+**Long audio, VAD vs fixed windows** (``--long-audio PKG --corpus DIR``): one recording of at least ``--minutes``
+made from the corpus's test utterances (``test.list``; the spoken text is each entry's ``extra.text``, else its
+``txt``) in a random order with pauses of 0.3 .. 1.0 s between them, decoded whole by ``osum-infer`` (greedy) with
+``--segment vad`` and with ``--segment fixed`` at each ``--max-seconds``; the WER of each transcript against the
+utterances' texts in order, and how many of the fixed windows' cuts fall inside an utterance's speech (a word cut
+in two)::
+
+    python scripts/bench_infer.py --long-audio PKG --corpus CORPUS [--minutes 5] [--max-seconds 30 2.56] [--seed 0]
 """
 
 from __future__ import annotations
@@ -127,8 +136,88 @@ def compile_probe(model, feats, lengths, prompt, n: int, repeats: int = 5) -> di
             "compile_pass_s": compile_s, "same_tokens": toks_c == toks_e}
 
 
+def long_recording(corpus: Path, minutes: float, seed: int):
+    """``(wave, texts, speech)``: the corpus's test utterances (``test.list``) in a random order, 0.3 .. 1.0 s of
+    silence between them, repeated until the recording is at least ``minutes`` long; ``speech`` holds each
+    utterance's first and last audible sample (|x| > 1e-3)."""
+    from osum_torch_infer.features import load_audio
+
+    entries = [json.loads(line) for line in (corpus / "test.list").read_text().splitlines() if line.strip()]
+    rng = np.random.default_rng(seed)
+    parts, texts, speech, pos = [], [], [], 0
+    while pos < minutes * 60 * 16000:
+        for i in rng.permutation(len(entries)):
+            e = entries[i]
+            x = load_audio(str(corpus / e["wav"]))
+            loud = np.flatnonzero(np.abs(x) > 1e-3)
+            speech.append((pos + int(loud[0]), pos + int(loud[-1])))
+            texts.append((e.get("extra") or {}).get("text") or e["txt"])
+            parts.append(x)
+            pos += len(x)
+            gap = np.zeros(int(rng.uniform(0.3, 1.0) * 16000), np.float32)
+            parts.append(gap)
+            pos += len(gap)
+            if pos >= minutes * 60 * 16000:
+                break
+    return np.concatenate(parts), texts, speech
+
+
+def long_audio(args) -> int:
+    """VAD vs fixed windows on one long recording (see the module docstring)."""
+    import soundfile as sf
+
+    from osum_torch_infer import cli
+    from osum_torch_infer.scoring import wer
+    from osum_torch_infer.segment import segment_audio
+
+    wave, texts, speech = long_recording(Path(args.corpus), args.minutes, args.seed)
+    ref = " ".join(texts)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "long.wav"
+        sf.write(wav, wave, 16000, subtype="PCM_16")
+        for max_s in args.max_seconds:
+            cuts = [int(round(s.end * 16000)) for s in segment_audio(wave, 16000, mode="fixed", max_seconds=max_s)]
+            in_speech = sum(any(a < c < b for a, b in speech) for c in cuts[:-1])
+            for mode in ("vad", "fixed"):
+                out = Path(tmp) / f"{mode}_{max_s:g}.jsonl"
+                t0 = time.perf_counter()
+                rc = cli.main(["--model", args.long_audio, "--wav", str(wav), "--out", str(out), "--task",
+                               "<TRANSCRIBE>", "--device", args.device, "--dtype", "fp32", "--segment", mode,
+                               "--max-seconds", f"{max_s:g}", "--batch-size", "16", "--no-progress",
+                               "--overwrite"])
+                seconds = time.perf_counter() - t0
+                if rc != 0:
+                    raise SystemExit(f"osum-infer failed ({rc}) for --segment {mode} --max-seconds {max_s:g}")
+                r = json.loads(out.read_text())
+                w = wer([ref], [r["transcript"]])
+                rows.append({"max_seconds": max_s, "segment": mode, "segments": len(r["segments"]),
+                             "cuts_inside_utterances": in_speech if mode == "fixed" else None,
+                             "wer": w["rate"], "errors": w["errors"], "ref_words": w["ref_tokens"],
+                             **{k: w[k] for k in ("substitutions", "deletions", "insertions")},
+                             "seconds": round(seconds, 1)})
+                print(f"--max-seconds {max_s:g} --segment {mode}: WER {100 * w['rate']:.1f} % ({w['errors']} / "
+                      f"{w['ref_tokens']}), {len(r['segments'])} segments"
+                      + (f", {in_speech} of {len(cuts) - 1} cuts inside an utterance" if mode == "fixed" else "")
+                      + f", {seconds:.0f} s", flush=True)
+    info = {"package": args.long_audio, "corpus": args.corpus, "seed": args.seed,
+            "audio_seconds": round(len(wave) / 16000, 1), "utterances": len(texts), "rows": rows}
+    print(json.dumps(info, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--long-audio", metavar="PKG",
+                    help="instead of the speed comparison: WER of VAD vs fixed segmentation on one long recording "
+                         "made from --corpus, decoded by this (trained) package")
+    ap.add_argument("--corpus", help="--long-audio: a demo corpus folder (test.list, wav/)")
+    ap.add_argument("--minutes", type=float, default=5.0, help="--long-audio: shortest recording (default 5)")
+    ap.add_argument("--max-seconds", type=float, nargs="+", default=[30.0],
+                    help="--long-audio: the segment lengths to compare at (default 30)")
+    ap.add_argument("--seed", type=int, default=0, help="--long-audio: order of the utterances and pauses")
     ap.add_argument("--config", default="configs/small.yaml")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
@@ -140,6 +229,10 @@ def main(argv=None) -> int:
                     help="also time torch.compile (inductor) of the static-cache decode step vs eager, batch 1")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
+    if args.long_audio:
+        if not args.corpus:
+            ap.error("--long-audio needs --corpus")
+        return long_audio(args)
 
     import torch
     from peft import PeftModel

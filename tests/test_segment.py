@@ -52,14 +52,20 @@ def test_vad_cuts_long_speech_at_the_known_pauses(recording):
     assert len(wave) / SR > 70
     segs = segment_audio(wave, SR, mode="vad", max_seconds=30.0)
     assert len(segs) >= 3
-    assert segs[0].start == 0.0 and segs[-1].end == pytest.approx(len(wave) / SR)
     for a, b in zip(segs, segs[1:]):
-        assert a.end == b.start and not a.cut_in_speech  # contiguous, no overlap: every cut is at a pause
-        cut = int(round(a.end * SR))
-        assert any(p0 <= cut <= p1 for p0, p1 in pauses), f"cut at {a.end:.2f} s is not in a pause"
+        # no overlap: one segment ends and the next starts in the same pause (the silence between is left out)
+        assert not a.cut_in_speech and a.end <= b.start
+        end, start = int(round(a.end * SR)), int(round(b.start * SR))
+        assert any(p0 <= end <= start <= p1 for p0, p1 in pauses), f"cut at {a.end:.2f} s is not in a pause"
+    covered = np.zeros(len(wave), bool)
     for s in segs:
         assert 0 < s.end - s.start <= 30.0
         np.testing.assert_array_equal(s.samples, wave[int(round(s.start * SR)):int(round(s.end * SR))])
+        covered[int(round(s.start * SR)):int(round(s.end * SR))] = True
+    speech = np.ones(len(wave), bool)
+    for p0, p1 in pauses:
+        speech[p0:p1] = False
+    assert covered[speech].all()  # all the speech is in some segment
     # the VAD's speech regions leave every inserted pause (nearly) silent: none spans one whole
     regions = speech_regions(wave, SR)
     for p0, p1 in pauses[:-1]:
@@ -75,7 +81,7 @@ def test_vad_cuts_mid_speech_with_an_overlap_when_no_pause_fits(recording):
     for a, b in zip(segs, segs[1:]):
         assert a.cut_in_speech and a.end - a.start == pytest.approx(4.0)
         assert b.start == pytest.approx(a.end - 1.0)
-    assert not segs[-1].cut_in_speech and segs[-1].end == pytest.approx(len(x) / SR)
+    assert not segs[-1].cut_in_speech and segs[-1].end <= len(x) / SR
 
 
 def test_fixed_mode_and_short_audio_are_the_old_windows(recording):
@@ -192,13 +198,14 @@ def test_osum_infer_segment_fields_and_subtitles(speech_corpus, package, recordi
         rows[mode] = {r["key"]: r for r in map(json.loads, out.read_text().splitlines())}
         long = rows[mode]["long/a"]
         assert long["windows"] == len(long["segments"]) >= 3
-        assert long["segments"][0]["start"] == 0.0 and long["segments"][-1]["end"] == pytest.approx(len(wave) / SR)
+        assert 0.0 <= long["segments"][0]["start"] < 0.5 and long["segments"][-1]["end"] <= len(wave) / SR
         short = rows[mode]["utt1"]
         assert len(short["segments"]) == 1 and set(short["segments"][0]["tags"]) <= {"gender"}
         vtt = (tmp_path / f"{mode}_vtt" / "long%2Fa.vtt").read_text()
         assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> ")
-    vad_cuts = [s["end"] for s in rows["vad"]["long/a"]["segments"][:-1]]
-    assert all(any(p0 <= round(c * SR) <= p1 for p0, p1 in pauses) for c in vad_cuts)
+    vad = rows["vad"]["long/a"]["segments"]
+    assert all(any(p0 <= round(a["end"] * SR) <= round(b["start"] * SR) <= p1 for p0, p1 in pauses)
+               for a, b in zip(vad, vad[1:]))
     fixed = [s["start"] for s in rows["fixed"]["long/a"]["segments"]]
     assert fixed == [round(off, 3) for off, _ in split_windows(wave, 30.0, SR)]
     # the subtitles subcommand makes the same files from a results file; user mistakes are one line, exit 2
