@@ -34,12 +34,15 @@ gives). The splash kernel works on heads-major ``[B, N, T, H]``; fed token-major
 output around every call. So where a stack runs splash (:func:`heads_major`), its projections emit and read
 the heads-major layout themselves (``Linear.to_heads/from_heads``, ``LoRALinear.to_heads/from_heads``: einsums
 whose transposes fold into the matmuls; RoPE rotates that layout) and :func:`dot_product_attention` is called
-with ``heads_major=True``. Every other implementation, and decoding with a KV cache, stays token-major. A stack
-that runs a fused kernel also pads its sequence once to the kernels' 128-row blocks (:func:`sequence_multiple`)
-instead of every layer padding q/k/v. Measured on the 4-layer v5p proxy (TPU cost model, 4 x 29 s utterances per
-chip): padding once per stack 96.4 -> 92.3 ms, then heads-major projections 92.3 -> 89.2 ms (-3.4 %; encoder
--> 91.1, Qwen2 -> 89.2); the encoder's q/k/v token-major again measured worse later (75.0 -> 76.3 ms). Same
-values and gradients as the token-major path (``tests/test_kernels.py``, ``tests/test_attention_impl.py``).
+with ``heads_major=True``. Every other implementation, and decoding with a KV cache, stays token-major.
+
+Padding to the kernels' 128-row blocks (:func:`sequence_multiple`). A stack that runs a fused kernel pads its
+sequence once, before its first layer, when that costs at most :data:`STACK_PAD_MAX` of its length; otherwise every
+matmul of every layer would pay for the padding, and each attention call pads its own q/k/v and slices its output
+instead. Measured on the 4-layer v5p proxy (TPU cost model, 4 x 29 s utterances per chip): padding once per stack
+(encoder 1450 -> 1536 positions, LLM 628 -> 640) 96.4 -> 92.3 ms, then heads-major projections 92.3 -> 89.2 ms
+(-3.4 %; encoder -> 91.1, Qwen2 -> 89.2); the encoder's q/k/v token-major again measured worse later (75.0 -> 76.3
+ms). Same values and gradients as the token-major path (``tests/test_kernels.py``, ``tests/test_attention_impl.py``).
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "pallas")
 # bucket (LLM rows of 175 positions, padded to 256 for splash) 772 ms with splash, 644 ms with einsum attention;
 # the 2900-frame bucket (encoder 1450, LLM 628) 411 ms with splash, 526 ms with einsum attention.
 SPLASH_MIN_LENGTH = 512
+
+# The most padding (a fraction of the stack's length) a fused-kernel stack takes on once for all its layers; above
+# it each attention call pads q/k/v itself. Full step, TPU cost model, v5p x 16, the recipe's 2340x96 bucket
+# (encoder 1170 -> 1280 positions, 9.4 %; LLM rows 454 -> 512, 12.8 %): both stacks padded once 411.7 ms, both
+# per call 398.2 ms, the encoder once and the LLM per call 392.9 ms (MFU 39.8 -> 41.7 %). Padded once measured better
+# at 5.9 % (encoder, 1450 -> 1536) and 1.9 % (LLM, 628 -> 640) on the 4-layer proxy.
+STACK_PAD_MAX = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,15 +164,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: "Seque
 
 
 def sequence_multiple(impl: str, dtype, head_dim: int, length: int, plat: str | None = None) -> int:
-    """The sequence-length multiple the self-attention ``impl`` works on over ``length`` positions (``impl`` as
-    configured, resolved for ``plat``, default JAX's default backend): 128 for the fused kernels, which pad shorter
-    blocks themselves, else 1. (``auto`` decides on ``length`` rounded up to 128, so the padded stack resolves the
-    same way.)
+    """The multiple a stack of ``length`` positions pads its sequence to, once for all its layers, for the
+    self-attention ``impl`` (as configured, resolved for ``plat``, default JAX's default backend): 128 where a fused
+    kernel runs and that padding is at most :data:`STACK_PAD_MAX` of ``length``, else 1 (the einsum path needs none;
+    a fused kernel then pads each call's q/k/v itself). ``auto`` decides on ``length`` rounded up to 128, so the
+    padded stack resolves the same way.
 
-    A stack of layers pads its sequence to this multiple once, instead of every layer padding q/k/v and slicing
-    the output (on the compiled v5p step those per-layer pads and slices were copies of every q/k/v/o)."""
+    Padding once saves every layer's copies of q/k/v/o into and out of the padded blocks (on the compiled v5p step
+    those were real copies); padding per call saves every matmul of every layer from running on the padding."""
     resolved = impl_for(impl, plat or jax.default_backend(), dtype, head_dim, length)
-    return _KERNEL_BLOCK if resolved in ("splash", "pallas") else 1
+    if resolved not in ("splash", "pallas"):
+        return 1
+    return _KERNEL_BLOCK if -length % _KERNEL_BLOCK <= STACK_PAD_MAX * length else 1
 
 
 # -- splash attention (TPU Pallas kernel) -------------------------------------------------------------------------
