@@ -25,9 +25,10 @@ made from the corpus's test utterances (``test.list``; the spoken text is each e
 ``txt``) in a random order with pauses of 0.3 .. 1.0 s between them, decoded whole by ``osum-infer`` (greedy) with
 ``--segment vad`` and with ``--segment fixed`` at each ``--max-seconds``; the WER of each transcript against the
 utterances' texts in order, and how many of the fixed windows' cuts fall inside an utterance's speech (a word cut
-in two)::
+in two). Pauses are shortened where needed so that a word crosses every ``--marks`` seconds (default 30)::
 
-    python scripts/bench_infer.py --long-audio PKG --corpus CORPUS [--minutes 5] [--max-seconds 30 2.56] [--seed 0]
+    python scripts/bench_infer.py --long-audio PKG --corpus CORPUS [--minutes 5] [--max-seconds 30 2.56]
+                                  [--marks 30] [--seed 0]
 """
 
 from __future__ import annotations
@@ -136,29 +137,49 @@ def compile_probe(model, feats, lengths, prompt, n: int, repeats: int = 5) -> di
             "compile_pass_s": compile_s, "same_tokens": toks_c == toks_e}
 
 
-def long_recording(corpus: Path, minutes: float, seed: int):
+def long_recording(corpus: Path, minutes: float, seed: int, marks: float = 30.0):
     """``(wave, texts, speech)``: the corpus's test utterances (``test.list``) in a random order, 0.3 .. 1.0 s of
-    silence between them, repeated until the recording is at least ``minutes`` long; ``speech`` holds each
-    utterance's first and last audible sample (|x| > 1e-3)."""
+    silence between them, until the recording is at least ``minutes`` long; ``speech`` holds each utterance's first
+    and last audible sample (|x| > 1e-3). Every multiple of ``marks`` seconds falls 0.25 s into an utterance's
+    speech (a pause before it shortened, or one before the utterance before it lengthened), and the recording's
+    length is a multiple of ``marks``, so that windows of ``marks`` seconds cut words there."""
     from osum_torch_infer.features import load_audio
 
     entries = [json.loads(line) for line in (corpus / "test.list").read_text().splitlines() if line.strip()]
     rng = np.random.default_rng(seed)
+    order = [int(i) for _ in range(int(minutes * 60 / 2) // len(entries) + 2) for i in rng.permutation(len(entries))]
+    clips = {}
+    sr, step = 16000, int(marks * 16000)
     parts, texts, speech, pos = [], [], [], 0
-    while pos < minutes * 60 * 16000:
-        for i in rng.permutation(len(entries)):
-            e = entries[i]
+    for n, i in enumerate(order):
+        e = entries[i]
+        if i not in clips:
             x = load_audio(str(corpus / e["wav"]))
             loud = np.flatnonzero(np.abs(x) > 1e-3)
-            speech.append((pos + int(loud[0]), pos + int(loud[-1])))
-            texts.append((e.get("extra") or {}).get("text") or e["txt"])
-            parts.append(x)
-            pos += len(x)
-            gap = np.zeros(int(rng.uniform(0.3, 1.0) * 16000), np.float32)
-            parts.append(gap)
-            pos += len(gap)
-            if pos >= minutes * 60 * 16000:
-                break
+            clips[i] = (x, int(loud[0]), int(loud[-1]))
+        x, first, last = clips[i]
+        mark = (pos // step + 1) * step
+        if n and pos + last <= mark < pos + len(x) + int(0.45 * sr):  # after this speech, too close for the gap
+            delta = mark - (pos + last) + int(0.25 * sr)  # to fix: a longer pause before it moves it past the mark
+            parts.append(np.zeros(delta, np.float32))
+            pos += delta
+        speech.append((pos + first, pos + last))
+        texts.append((e.get("extra") or {}).get("text") or e["txt"])
+        parts.append(x)
+        pos += len(x)
+        if pos >= minutes * 60 * sr:
+            break
+        gap = int(rng.uniform(0.3, 1.0) * sr)
+        nxt = clips[order[n + 1]][1] if order[n + 1] in clips else 0
+        mark = (pos // step + 1) * step  # the next multiple of ``marks``
+        if speech[-1][1] < mark <= pos + gap + nxt:  # the mark would fall in this pause: move it into the speech
+            want = mark - pos - nxt - int(0.25 * sr)
+            if want >= int(0.1 * sr):
+                gap = want
+        parts.append(np.zeros(gap, np.float32))
+        pos += gap
+    end = -(-pos // step) * step
+    parts.append(np.zeros(end - pos, np.float32))
     return np.concatenate(parts), texts, speech
 
 
@@ -170,7 +191,7 @@ def long_audio(args) -> int:
     from osum_torch_infer.scoring import wer
     from osum_torch_infer.segment import segment_audio
 
-    wave, texts, speech = long_recording(Path(args.corpus), args.minutes, args.seed)
+    wave, texts, speech = long_recording(Path(args.corpus), args.minutes, args.seed, args.marks)
     ref = " ".join(texts)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +221,7 @@ def long_audio(args) -> int:
                       f"{w['ref_tokens']}), {len(r['segments'])} segments"
                       + (f", {in_speech} of {len(cuts) - 1} cuts inside an utterance" if mode == "fixed" else "")
                       + f", {seconds:.0f} s", flush=True)
-    info = {"package": args.long_audio, "corpus": args.corpus, "seed": args.seed,
+    info = {"package": args.long_audio, "corpus": args.corpus, "seed": args.seed, "marks": args.marks,
             "audio_seconds": round(len(wave) / 16000, 1), "utterances": len(texts), "rows": rows}
     print(json.dumps(info, indent=2))
     if args.json:
@@ -218,6 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seconds", type=float, nargs="+", default=[30.0],
                     help="--long-audio: the segment lengths to compare at (default 30)")
     ap.add_argument("--seed", type=int, default=0, help="--long-audio: order of the utterances and pauses")
+    ap.add_argument("--marks", type=float, default=30.0,
+                    help="--long-audio: put a word on every multiple of this many seconds (default 30)")
     ap.add_argument("--config", default="configs/small.yaml")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
