@@ -45,6 +45,9 @@ def setup(tmp_path_factory):
     params = {k: np.asarray(v.get_value()) for k, v in flat_variables(model).items()}
     ckpt = root / "ckpt"
     ck.write_checkpoint(ckpt, {k: ck.StreamedArray.of(a) for k, a in params.items()}, cfg, {}, {})
+    run = root / "run"  # an osum-train output directory's layout: RUN/checkpoints/STEP
+    ck.write_checkpoint(run / "checkpoints", {k: ck.StreamedArray.of(a) for k, a in params.items()}, cfg, {}, {},
+                        step=3)
     pkg = root / "pkg"
     export_torch_package(model, cfg.model, pkg, tokenizer_dir=tok, dtype="fp32", progress=False)
     # audio of different lengths (noise and tones: a random model writes garbage either way)
@@ -58,7 +61,7 @@ def setup(tmp_path_factory):
     data = root / "data.list"
     data.write_text("".join(json.dumps(e) + "\n" for e in entries))
     tm = OSUMForConditionalGeneration.from_pretrained(pkg, device="cpu", dtype="fp32")
-    return dict(root=root, cfg=cfg, model=model, ckpt=ckpt, pkg=pkg, data=data, tm=tm, eos=tm.eos_token_id)
+    return dict(root=root, cfg=cfg, model=model, ckpt=ckpt, run=run, pkg=pkg, data=data, tm=tm, eos=tm.eos_token_id)
 
 
 def _inputs(seed=0, lengths=(173, 100, 41, 260, 77)):
@@ -149,10 +152,10 @@ def test_resume_and_shards(setup, tmp_path, capsys):
     assert "torn last line" in err and "2 of 6 utterance(s) done, 4 to go" in err
     assert part.read_bytes() == full.read_bytes()
     assert cli.main(args + ["--out", str(part), "--resume"]) == 0  # nothing left to do
-    # two shards hold every line once, each shard's lines in list order
+    # two shards hold every line once, each shard's lines in list order; the second from the run directory
     shards = [tmp_path / f"s{i}.jsonl" for i in range(2)]
-    for i, s in enumerate(shards):
-        assert cli.main(args + ["--out", str(s), "--shard", f"{i}/2"]) == 0
+    assert cli.main(args + ["--out", str(shards[0]), "--shard", "0/2"]) == 0
+    assert cli.main([str(setup["run"])] + args[1:] + ["--out", str(shards[1]), "--shard", "1/2"]) == 0
     assert shards[0].read_bytes() == b"".join(lines[0::2]) and shards[1].read_bytes() == b"".join(lines[1::2])
 
 

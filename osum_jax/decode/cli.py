@@ -207,11 +207,6 @@ def _decode(args, buckets) -> int:
             failed = prior.errors if prior is not None else 0
             print(f"{PROG}: nothing to do: all {len(items)} result(s) are in {out}", file=sys.stderr)
             return 1 if failed else 0
-        import jax
-
-        if jax.process_count() > 1:
-            raise ValueError("multi-host decoding is not supported yet: run one osum-decode per host with "
-                             "--shard I/N on that host's devices and join the files with osum-infer merge")
         model, cfg = load_model(args.checkpoint, args.step, args.overrides)
         check_max_seconds(args.max_seconds, 2 * cfg.model.encoder.max_source_positions)
         tok = _tokenizer(cfg)
