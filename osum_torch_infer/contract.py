@@ -19,30 +19,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+# the dtype table lives with the package's other small tables (osum_torch_infer.formats.preset); re-exported here
+from .formats.preset import DTYPE_ALIASES, SHORT_DTYPE, dtype_long, dtype_short  # noqa: F401
+
 BATCH_KEYS = ("feats", "feats_lengths", "prompt", "prompt_lengths", "target", "target_lengths")
 PAD_PROMPT = -1  # prompt padding (never looked up: positions past prompt_lengths are masked)
 IGNORE_ID = -100  # target padding, ignored by the loss (torch's CrossEntropyLoss convention)
 DEFAULT_TASK = "<TRANSCRIBE>"
 AUDIO_SUFFIXES = ("wav", "flac", "mp3", "ogg", "opus", "m4a", "wma")  # audio members of a tar shard, in preference
-
-
-# floating dtypes by either spelling; every command accepts both (``bf16`` = ``bfloat16``, ...)
-DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-                 "bf16": "bfloat16", "bfloat16": "bfloat16"}
-SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
-def dtype_long(name: str) -> str:
-    """``bf16``/``bfloat16`` -> ``bfloat16`` (also fp16/fp32); ``ValueError`` listing both spellings."""
-    try:
-        return DTYPE_ALIASES[str(name).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected bf16|fp16|fp32 (or bfloat16|float16|float32)") from None
-
-
-def dtype_short(name: str) -> str:
-    """``bfloat16``/``bf16`` -> ``bf16`` (also fp16/fp32)."""
-    return SHORT_DTYPE[dtype_long(name)]
 
 
 def normalize_task(task: str | None) -> str:

@@ -22,36 +22,33 @@ from typing import Sequence
 
 from .parsing import TAG_TASKS, expected_tags, is_align, is_transcribe
 from .scoring import WerOptions, format_report, plot_confusion, read_text_file, score
-from .files import LineError, json_object_line
+from .files import LineError
+from .formats.lists import lines, sniff
 
 
 def read_any(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     """``{key: text}`` and ``{key: task}`` from a text or jsonl file; errors name the file and line."""
     path = Path(path)
-    try:
-        first = next((ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), "")
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
-    if not first.lstrip().startswith("{"):
+    if sniff(path) != "jsonl":  # ValueError naming the file when it cannot be read
         return read_text_file(path), {}
     texts, tasks = {}, {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json_object_line(line)
-                key = str(d["key"])
-            except (LineError, KeyError) as e:
-                raise ValueError(f"{path}:{n}: bad line ({type(e).__name__}: {e})") from None
-            if "error" in d:
-                continue  # an unreadable file in osum-infer results: it counts as missing
-            text = d.get("text", d.get("txt"))
-            if text is None:
-                raise ValueError(f"{path}:{n}: no 'text' or 'txt' field")
-            texts[key] = str(text)
-            if d.get("task"):
-                tasks[key] = str(d["task"])
+    for line in lines(path):  # the one data-list reader (osum_torch_infer.formats.lists)
+        if line.blank:
+            continue
+        n = line.number
+        try:
+            d = line.json()
+            key = str(d["key"])
+        except (LineError, KeyError) as e:
+            raise ValueError(f"{path}:{n}: bad line ({type(e).__name__}: {e})") from None
+        if "error" in d:
+            continue  # an unreadable file in osum-infer results: it counts as missing
+        text = d.get("text", d.get("txt"))
+        if text is None:
+            raise ValueError(f"{path}:{n}: no 'text' or 'txt' field")
+        texts[key] = str(text)
+        if d.get("task"):
+            tasks[key] = str(d["task"])
     return texts, tasks
 
 

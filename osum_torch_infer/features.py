@@ -15,10 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-SAMPLE_RATE = 16000
-HOP = 160
-N_FFT = 400
-MAX_SECONDS = 30.0
+from .formats.preset import HOP, MAX_SECONDS, N_FFT, SAMPLE_RATE  # noqa: F401 (the mel settings, written once)
 
 
 class AudioError(ValueError):

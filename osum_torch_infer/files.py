@@ -1,7 +1,7 @@
 """Files, written and read the same way everywhere (torch- and JAX-free; ``osum_jax`` uses it too).
 
-* :func:`atomic_file`: a file appears complete or not at all (write a temporary sibling, fsync, rename, fsync the
-  folder).
+* :func:`atomic_file`: a file (or a directory) appears complete or not at all (write a temporary sibling, fsync,
+  rename, fsync the folder). The one atomic write: ``osum_jax``'s checkpoints and packages use it too.
 * :func:`json_object_line`: one line of a JSONL file -> ``dict``, or :class:`LineError` with the reason a data
   list counts it under (``non-utf8 text``, ``bad json line``).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -38,21 +39,56 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(path: str | Path) -> None:
+    """:func:`fsync_path` a file, or every file and folder under a directory (then the directory itself)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        fsync_path(path)
+        return
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            p = Path(root) / name
+            if not p.is_symlink():
+                fsync_path(p)
+        for name in dirs:
+            fsync_dir(Path(root) / name)
+    fsync_dir(path)
+
+
+def remove_path(path: str | Path) -> None:
+    """Remove a file, link or directory tree if it is there."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write (and close); on success its data is fsynced, it replaces
-    ``path`` (parents created) and the rename is fsynced, so after a crash ``path`` holds the old file or the
-    whole new one; on any error it is removed and ``path`` is untouched."""
+    """Yield a temporary sibling of ``path`` to write (and close) as a file or fill as a directory; on success its
+    data is fsynced (every file of a directory), it replaces ``path`` (parents created; an existing directory is
+    swapped out and removed) and the rename is fsynced, so after a crash ``path`` holds the old content or the
+    whole new one; on any error the temporary is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_path(tmp)
     try:
         yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, path)
+        fsync_tree(tmp)
+        if tmp.is_dir() and path.is_dir() and not path.is_symlink():  # os.replace cannot replace a non-empty one
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            remove_path(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            remove_path(old)
+        else:
+            os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        remove_path(tmp)
 
 
 class LineError(ValueError):

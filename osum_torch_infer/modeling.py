@@ -39,6 +39,7 @@ from .audio import Adapter, AudioTower, WhisperEncoder, padding_mask
 from .configuration_osum import OSUMConfig
 from .decoding import (check_loop_guard, fast_greedy_unsupported, greedy_decode, hf_compiles_decode,
                        loop_stopping_criteria, trim_loop)
+from .formats.preset import decoding_preset
 from .loading import AUDIO_PREFIXES, cast_parameters, check_tensors, merge_adapter  # noqa: F401
 from .package import AdapterConfig, EncoderConfig, PackageConfig, PackageError, read_prompts  # noqa: F401
 from .processing_osum import OSUMFeatureExtractor, OSUMProcessor
@@ -248,19 +249,7 @@ class OSUMForConditionalGeneration(OSUMPreTrainedModel, GenerationMixin):
         sampling, top-k 5, top-p 0.9, repetition penalty 1.05). ``overrides`` are GenerationConfig fields."""
         from transformers import GenerationConfig
 
-        osum = self.generation_defaults
-        common = dict(eos_token_id=self.eos_token_id, pad_token_id=self.eos_token_id, bos_token_id=self.eos_token_id,
-                      max_new_tokens=int(osum.get("max_new_tokens", 400)))
-        if decoding == "greedy":
-            kw = dict(common, do_sample=False, num_beams=1)
-        elif decoding == "beam":
-            kw = dict(common, do_sample=False, num_beams=4, length_penalty=1.0)
-        elif decoding == "osum":
-            kw = dict(common, min_length=1, num_beams=4, do_sample=True, top_k=5, top_p=0.9, temperature=1.0,
-                      repetition_penalty=1.05, length_penalty=1.0)
-            kw.update({k: v for k, v in osum.items() if k not in ("eos_token_id", "pad_token_id", "bos_token_id")})
-        else:
-            raise ValueError(f"unknown decoding {decoding!r}; expected greedy, beam or osum")
+        kw = decoding_preset(decoding, self.eos_token_id, self.generation_defaults)
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return GenerationConfig(**kw)
 

@@ -20,7 +20,9 @@ ARCHITECTURE = "OSUMForConditionalGeneration"
 
 
 class PackageError(ValueError):
-    """A package directory is incomplete or inconsistent (the message names the file and key)."""
+    """A package cannot be written or read: an existing output, a bad tokenizer, float16 overflow, an incomplete or
+    inconsistent directory (the message names the file and key). The one class: the exporter
+    (``osum_jax.convert``) and the runtime raise it."""
 
 
 @dataclass(frozen=True)
@@ -148,16 +150,11 @@ KNOWN_KEYS = {f for f in PackageConfig.__dataclass_fields__} | {
 
 
 def read_prompts(root: str | Path, prompts_file: str = "prompts.yaml") -> dict[str, list[str]]:
-    """A package's prompt book: ``{normalised task: [prompts]}`` (:class:`PackageError` naming the file)."""
-    import yaml
+    """A package's prompt book: ``{normalised task: [prompts]}`` (:mod:`osum_torch_infer.formats.prompts`;
+    :class:`PackageError` naming the file)."""
+    from .formats.prompts import load_book
 
-    from .contract import normalize_task
-
-    pfile = Path(root) / prompts_file
     try:
-        prompts = yaml.safe_load(pfile.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise PackageError(f"cannot read the prompt file {pfile}: {e}") from None
-    if not isinstance(prompts, dict):
-        raise PackageError(f"{pfile}: expected a mapping {{task: [prompts]}}")
-    return {normalize_task(k): ([v] if isinstance(v, str) else list(v)) for k, v in prompts.items()}
+        return load_book(Path(root) / prompts_file)
+    except ValueError as e:
+        raise PackageError(str(e)) from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +10,13 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .bulk import record_line
-from .contract import AUDIO_SUFFIXES
-from .files import LineError, atomic_file, json_object_line
+from .files import LineError, atomic_file
+from .formats.lists import lines, parse_extra, sniff
+from .formats.shards import UNREADABLE, audio_suffix, read_shard_list, scan_tar
 from .features import (AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, split_windows,
                        wav_truncation)
 from .parsing import join_windows, normalize_task
+from .progress import progress_bar
 from .segment import OVERLAP_SECONDS, join_segments, segment_audio
 
 @dataclass
@@ -35,11 +36,7 @@ class Item:
 def utterance_prompt(prompt: Any, extra: Any) -> str | None:
     """An utterance's own prompt: its ``prompt`` field, else OSUM's ``extra["question"]`` (as OSUM's recognizer
     uses it), else None (the task's prompt from the package)."""
-    if isinstance(extra, str):
-        try:
-            extra = json.loads(extra)
-        except json.JSONDecodeError:
-            extra = None
+    extra = parse_extra(extra)
     for p in (prompt, extra.get("question") if isinstance(extra, dict) else None):
         if isinstance(p, str) and p.strip():
             return p
@@ -47,116 +44,75 @@ def utterance_prompt(prompt: Any, extra: Any) -> str | None:
 
 
 def read_shards(path: str | Path, *, strict: bool = False) -> list[Item]:
-    """OSUM's ``shard_full_data`` tars: a ``shards_list.txt`` (one tar path per line, relative to the list) or one
-    ``.tar``. Members ``KEY.wav`` (or another audio suffix), ``KEY.txt``, ``KEY.task``, ``KEY.extra`` (JSON; its
-    ``question`` is the prompt of chat utterances), ``KEY.prompt``. Only the small text members are read here; an
-utterance's audio is read from its tar when it is decoded (``Item.member``: tar, offset, size). A tar
-    that cannot be read, or a key without audio, becomes an error item (``strict``: ``ValueError``)."""
-    import tarfile
-
+    """OSUM's ``shard_full_data`` tars (:mod:`osum_torch_infer.formats.shards`): a ``shards_list.txt`` (one tar path
+    per line, relative to the list) or one ``.tar``. Members ``KEY.wav`` (or another audio suffix), ``KEY.task``,
+    ``KEY.extra`` (JSON; its ``question`` is the prompt of chat utterances), ``KEY.prompt``. Only the small text
+    members are read here; an utterance's audio is read from its tar when it is decoded (``Item.member``: tar,
+    offset, size). A tar that cannot be read, a damaged part of one, or a key without audio becomes an error item
+    (``strict``: ``ValueError``); the complete utterances before damage are kept."""
     path = Path(path)
-    if path.suffix == ".tar":
-        tars = [path]
-    else:
-        try:
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read the shards list {path}: {e}") from None
-        tars = [Path(t) if Path(t).is_absolute() else path.parent / t for t in lines]
+    tars = [str(path)] if path.suffix == ".tar" else read_shard_list(path)
     items: list[Item] = []
     for tar in tars:
-        groups: dict[str, dict[str, Any]] = {}
-        try:
-            with tarfile.open(tar) as tf:
-                for m in tf:
-                    if not m.isfile() or "." not in m.name:
-                        continue
-                    key, suffix = m.name.rsplit(".", 1)
-                    groups.setdefault(key, {})[suffix] = (
-                        (str(tar), m.offset_data, m.size) if suffix in AUDIO_SUFFIXES else tf.extractfile(m).read())
-        except (OSError, tarfile.TarError) as e:
+        records, bad = scan_tar(tar, text=("task", "prompt", "extra"))
+        for rec in records:
+            off, size = rec["members"][audio_suffix(rec["members"])]
+            where = f"{tar}:{rec['key']}"
+            items.append(Item(rec["key"], where, rec.get("task"), where=where, member=(str(tar), off, size),
+                              prompt=utterance_prompt(rec.get("prompt"), rec.get("extra"))))
+        for where, reason, detail in bad:
+            error = f"{where}: {reason} ({detail})" if reason == UNREADABLE else f"{where}: {detail}"
             if strict:
-                raise ValueError(f"{tar}: unreadable tar ({e})") from None
-            items.append(Item(str(tar), str(tar), where=str(tar), error=f"{tar}: unreadable tar ({e})"))
-            continue
-        for key, members in groups.items():
-            where = f"{tar}:{key}"
-
-            def text(suffix):
-                raw = members.get(suffix)
-                return raw.decode("utf-8", errors="replace").strip() if raw is not None else None
-
-            member = next((members[a] for a in AUDIO_SUFFIXES if a in members), None)
-            if member is None:
-                if strict:
-                    raise ValueError(f"{where}: no audio member")
-                items.append(Item(key, where, where=where, error=f"{where}: no audio member"))
-                continue
-            items.append(Item(key, where, text("task"), where=where, member=member,
-                              prompt=utterance_prompt(text("prompt"), text("extra"))))
+                raise ValueError(error)
+            items.append(Item(where, where, where=where, error=error))
     return items
 
 
 def read_any(path: str | Path, *, strict: bool = False) -> list[Item]:
     """Tar shards (a ``.tar`` or a list of tar paths) or a data list (jsonl / ``key path``)."""
     path = Path(path)
-    if path.suffix == ".tar":
-        return read_shards(path, strict=strict)
-    try:
-        with open(path, "rb") as f:
-            first = next((ln.strip() for ln in f if ln.strip()), b"")
-    except OSError as e:
-        raise ValueError(f"cannot read the data list {path}: {e.strerror or e}") from None
-    if first.endswith(b".tar") and not first.startswith(b"{"):
+    if path.suffix == ".tar" or sniff(path) == "tars":
         return read_shards(path, strict=strict)
     return read_list(path, strict=strict)
 
 
 def read_list(path: str | Path, *, strict: bool = False) -> list[Item]:
-    """A data list: jsonl (``key``, ``wav``, optional ``task``, ``start``, ``end``) or ``key<space>path`` lines.
+    """A data list (:func:`osum_torch_infer.formats.lists.lines`): jsonl (``key``, ``wav``, optional ``task``,
+    ``start``, ``end``, ``prompt``, ``extra``) or ``key<space>path`` lines.
 
     A line that cannot be read (not UTF-8, broken JSON, no ``wav``, no ``key path``) becomes an :class:`Item`
     with ``error`` naming ``file:line`` (its result is an error record; the run goes on); ``strict`` raises
     ``ValueError`` at the first one instead."""
     items = []
     path = Path(path)
-    try:
-        raw = path.read_bytes().split(b"\n")
-    except OSError as e:
-        raise ValueError(f"cannot read the data list {path}: {e.strerror or e}") from None
-    for n, bline in enumerate(raw, 1):
-        where = f"{path}:{n}"
+    for ln in lines(path):
+        if ln.blank:
+            continue
+        where = f"{path}:{ln.number}"
+        item = error = None
         try:
-            line = bline.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError:
-            line, error = None, "the line is not UTF-8"
-        else:
-            error = None
-            if not line.strip():
-                continue
-        item = None
-        if error is None and line.lstrip().startswith("{"):
-            try:
-                d = json_object_line(line)
+            line = ln.text()
+            if line.lstrip().startswith("{"):
+                d = ln.json()
                 wav = str(d["wav"])
                 key = str(d.get("key", Path(wav).stem))
                 wav = wav if Path(wav).is_absolute() else str(path.parent / wav)
                 item = Item(key, wav, d.get("task"), d.get("start"), d.get("end"), where=where,
                             prompt=utterance_prompt(d.get("prompt"), d.get("extra")))
-            except LineError as e:
-                error = e.detail
-            except KeyError as e:
-                error = f"no {e} field"
-            except (TypeError, AttributeError):  # a field of the wrong type
-                error = "not a JSON object with a string 'wav'"
-        elif error is None:
-            parts = line.split(None, 1)
-            if len(parts) != 2:
-                error = f"expected 'key path' or a JSON object, got {line[:80]!r}"
             else:
-                wav = parts[1].strip()
-                wav = wav if Path(wav).is_absolute() else str(path.parent / wav)
-                item = Item(parts[0], wav, where=where)
+                parts = line.split(None, 1)
+                if len(parts) != 2:
+                    error = f"expected 'key path' or a JSON object, got {line[:80]!r}"
+                else:
+                    wav = parts[1].strip()
+                    wav = wav if Path(wav).is_absolute() else str(path.parent / wav)
+                    item = Item(parts[0], wav, where=where)
+        except LineError as e:
+            error = e.detail
+        except KeyError as e:
+            error = f"no {e} field"
+        except (TypeError, AttributeError):  # a field of the wrong type
+            error = "not a JSON object with a string 'wav'"
         if error is not None:
             if strict:
                 raise ValueError(f"{where}: {error}")
@@ -303,11 +259,7 @@ def run(model, items: Sequence[Item], *, task: str | None = None, prompt: str | 
     a window whose output ends in one n-gram repeated ``loop_repeats`` times stops there; 0: off).
     """
     check_run_args(model, items, max_seconds, strict=False)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), desc="infer", unit="utt", file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=len(items), desc="infer", unit="utt") if progress else None
     chunk = max(1, batch_size) * 16
     overrides = {"max_new_tokens": max_new_tokens, "cache_implementation": cache_implementation,
                  **{k: v for k, v in (generation or {}).items() if v is not None}}

@@ -8,10 +8,11 @@ with ``attention_mask`` (left-padded); ``model.generate(**processor(audio, task=
 log_mel_spectrogram` (the one the JAX trainer uses too).
 
 ``save_pretrained(DIR)`` writes ``processor_config.json`` (front-end settings, the prompt book, the special ids),
-``preprocessor_config.json`` and the tokenizer files; ``from_pretrained(DIR)`` reads them, or, in a package that has no
-``processor_config.json`` (what ``osum-convert export-torch`` writes today), builds the processor from the package's
-``config.json``, ``tokenizer.json`` and prompt file. Importing :mod:`osum_torch_infer` registers the class with
-``AutoProcessor`` (and the feature extractor with ``AutoFeatureExtractor``) when the model module is imported.
+``preprocessor_config.json`` and the tokenizer files; ``from_pretrained(DIR)`` reads them (``osum-convert
+export-torch`` writes ``processor_config.json`` into every package), or, in an older package without it, builds the
+processor from the package's ``config.json``, ``tokenizer.json`` and prompt file. Importing :mod:`osum_torch_infer`
+registers the class with ``AutoProcessor`` (and the feature extractor with ``AutoFeatureExtractor``) when the model
+module is imported.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from typing import Any, Sequence
 import numpy as np
 from transformers import BatchFeature, PreTrainedTokenizerFast, ProcessorMixin, SequenceFeatureExtractor
 
-from . import contract
 from .features import HOP, N_FFT, SAMPLE_RATE, log_mel_spectrogram
+from .files import atomic_file
+from .formats import prompts as prompt_book
+from .formats.preset import PROCESSOR_FILE, processor_config, read_mel_settings
 from .package import PackageConfig, PackageError, read_prompts
-
-PROCESSOR_FILE = "processor_config.json"
 
 
 class OSUMFeatureExtractor(SequenceFeatureExtractor):
@@ -65,8 +66,7 @@ class OSUMProcessor(ProcessorMixin):
 
     def __init__(self, feature_extractor=None, tokenizer=None, prompts: dict | None = None,
                  pad_token_id: int | None = None, eod_token: str = "<|endoftext|>", **kwargs):
-        self.prompts = {contract.normalize_task(k): ([v] if isinstance(v, str) else list(v))
-                        for k, v in (prompts or {}).items()}
+        self.prompts = prompt_book.parse_book(prompts, "the processor's prompts") if prompts else {}
         self.pad_token_id = pad_token_id
         self.eod_token = eod_token
         super().__init__(feature_extractor, tokenizer, **kwargs)
@@ -75,12 +75,7 @@ class OSUMProcessor(ProcessorMixin):
 
     def prompt_for(self, task: str) -> str:
         """The first prompt of ``task`` in the prompt book (``<no_prompt>`` = empty)."""
-        key = contract.normalize_task(task)
-        if key not in self.prompts:
-            raise ValueError(f"task {key!r} is not in the package's prompt file; known tasks: {sorted(self.prompts)}; "
-                             f"or pass a prompt text")
-        p = self.prompts[key][0]
-        return "" if p == "<no_prompt>" else p
+        return prompt_book.first(self.prompts, task)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -129,12 +124,9 @@ class OSUMProcessor(ProcessorMixin):
 
     def to_dict(self) -> dict[str, Any]:
         fe = self.feature_extractor
-        return {"processor_class": type(self).__name__,
-                "feature_extractor": {"feature_size": fe.feature_size, "sampling_rate": fe.sampling_rate,
-                                      "hop_length": fe.hop_length, "n_fft": fe.n_fft,
-                                      "padding_value": fe.padding_value},
-                "prompts": {k: list(v) for k, v in self.prompts.items()}, "pad_token_id": self.pad_token_id,
-                "eod_token": self.eod_token}
+        mel = {"num_mel_bins": fe.feature_size, "sample_rate": fe.sampling_rate, "hop_length": fe.hop_length,
+               "n_fft": fe.n_fft}
+        return processor_config(mel, self.prompts, self.pad_token_id, self.eod_token, fe.padding_value)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
         """``processor_config.json`` (front end, prompt book, pad id), ``preprocessor_config.json`` and the
@@ -146,7 +138,8 @@ class OSUMProcessor(ProcessorMixin):
         self.feature_extractor.save_pretrained(root)
         files = [str(f) for f in self.tokenizer.save_pretrained(root)]
         out = root / PROCESSOR_FILE
-        out.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        with atomic_file(out) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return [str(out), *files]
 
     @classmethod
@@ -170,10 +163,9 @@ class OSUMProcessor(ProcessorMixin):
             return cls(fe, tokenizer, prompts=d.get("prompts") or {}, pad_token_id=d.get("pad_token_id"),
                        eod_token=d.get("eod_token", "<|endoftext|>"))
         pkg = PackageConfig.from_json(root / "config.json")
-        audio = pkg.audio
-        fe = OSUMFeatureExtractor(feature_size=int(audio.get("num_mel_bins", pkg.encoder.num_mel_bins)),
-                                  sampling_rate=int(audio.get("sample_rate", SAMPLE_RATE)),
-                                  hop_length=int(audio.get("hop_length", HOP)), n_fft=int(audio.get("n_fft", N_FFT)))
+        mel = read_mel_settings(pkg.audio, pkg.encoder.num_mel_bins)
+        fe = OSUMFeatureExtractor(feature_size=mel["num_mel_bins"], sampling_rate=mel["sample_rate"],
+                                  hop_length=mel["hop_length"], n_fft=mel["n_fft"])
         return cls(fe, tokenizer, prompts=read_prompts(root, pkg.prompts_file), pad_token_id=pkg.eos_token_id,
                    eod_token=pkg.eod_token)
 

@@ -172,7 +172,8 @@ def test_beam_and_osum_presets(setup):
 def test_package_layout(setup):
     merged, peft_dir = setup["merged"], setup["peft"]
     assert sorted(p.name for p in merged.iterdir()) == ["config.json", "generation_config.json",
-                                                       "model.safetensors", "prompts.yaml", "tokenizer.json"]
+                                                       "model.safetensors", "processor_config.json", "prompts.yaml",
+                                                       "tokenizer.json"]
     index = json.loads((peft_dir / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) == setup["info_peft"]["shards"] > 1

@@ -132,6 +132,35 @@ def test_processor_then_generate_equals_the_runtime(speech_corpus, package, tmp_
     assert one["input_ids"].shape == (1, 0)
 
 
+def test_an_exported_package_carries_processor_config_json(package, tmp_path):  # noqa: F811
+    """``osum-convert export-torch`` writes ``processor_config.json``: the front end's settings, the package's prompt
+    book (as prompts.yaml holds it) and the end-of-text id as pad; the processor read from it equals the one
+    built from config.json + prompts.yaml (an older package without the file)."""
+    import shutil
+
+    import yaml
+    from tokenizers import Tokenizer
+
+    from osum_torch_infer import OSUMProcessor
+
+    cfg = json.loads((package / "processor_config.json").read_text(encoding="utf-8"))
+    eod = Tokenizer.from_file(str(package / "tokenizer.json")).token_to_id("<|endoftext|>")
+    assert cfg["processor_class"] == "OSUMProcessor" and cfg["pad_token_id"] == eod
+    assert cfg["feature_extractor"] == {"feature_size": 80, "sampling_rate": 16000, "hop_length": 160, "n_fft": 400,
+                                        "padding_value": 0.0}
+    book = yaml.safe_load((package / "prompts.yaml").read_text(encoding="utf-8"))
+    assert sorted(p for ps in cfg["prompts"].values() for p in ps) == sorted(
+        p for ps in book.values() for p in ([ps] if isinstance(ps, str) else ps))
+    old = tmp_path / "old"
+    shutil.copytree(package, old)
+    (old / "processor_config.json").unlink()
+    wave = np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1
+    a, b = OSUMProcessor.from_pretrained(package), OSUMProcessor.from_pretrained(old)
+    assert a.to_dict() == b.to_dict()
+    x, y = a(wave, task="<TRANSCRIBE>"), b(wave, task="<TRANSCRIBE>")
+    assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_policy_lives_in_load_model_not_in_the_model_class(package):  # noqa: F811
     """``from_pretrained`` is transformers' (stored dtype, CPU, a torch dtype or "auto"); ``load_model`` holds the
     runtime's device/dtype choice; the earlier ``from_pretrained(device=, dtype="fp32")`` call reaches it."""

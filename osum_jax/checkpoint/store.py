@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -23,6 +21,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from osum_torch_infer.files import atomic_file
 
 from ..config import Config
 from .tree import CheckpointMismatch
@@ -120,7 +120,8 @@ def nest(flat: Mapping[str, Any]) -> dict:
 
 @contextlib.contextmanager
 def atomic_output(out: str | Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; on success it replaces ``out`` (a file or a directory).
+    """Yield a temporary sibling of ``out``; on success it replaces ``out`` (a file or a directory), fsynced:
+    :func:`osum_torch_infer.files.atomic_file`, the one atomic write.
 
     Refuses an existing ``out`` unless ``force``. On failure the temporary is removed and ``out`` is untouched.
     """
@@ -129,27 +130,8 @@ def atomic_output(out: str | Path, force: bool) -> Iterator[Path]:
         raise FileExistsError(f"{out} already exists; pass --force to overwrite it")
     if out.parent.exists() and not out.parent.is_dir():
         raise FileExistsError(f"{out.parent} is a file, not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)  # as the README writes it: --out ckpt/osum
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    _remove(tmp)
-    try:
+    with atomic_file(out) as tmp:  # parents made, as the README writes it: --out ckpt/osum
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            _remove(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        _remove(tmp)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
 
 
 # -- writing --------------------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
         elif args.command == "export-torch":
             from .export_torch import export_torch
-            from .torch_package import PackageError
+            from osum_torch_infer.package import PackageError
 
             try:
                 res = export_torch(args.ckpt, out=args.out, tokenizer=args.tokenizer, prompts=args.prompts,

@@ -12,14 +12,11 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
+from osum_torch_infer.package import PackageError  # noqa: F401 (the one class, the contract's; re-exported)
 
 from ..checkpoint import flat_variables
 from ..config import ModelConfig
 from .rules import CONV, IDENTITY, LINEAR, Entry, Rule, expand, model_flags, model_stacks, select
-
-
-class PackageError(ValueError):
-    """The package cannot be written (existing output, bad tokenizer, fp16 overflow...); the message says why."""
 
 
 # (JAX path in ``OSUM``, package tensor name, transform[, when]), in the package's tensor order; ``{i}``: a layer

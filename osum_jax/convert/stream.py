@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from osum_torch_infer.progress import progress_bar
 
 from .. import checkpoint as ck
 from ..checkpoint.tree import CheckpointMismatch
@@ -18,16 +18,14 @@ BLOCK_BYTES = 64 << 20  # large matrices are streamed in bands of at most this m
 
 
 class Progress:
-    """tqdm bar over bytes with a tensor counter (silent when ``enabled`` is False)."""
+    """A bar over bytes with a tensor counter (:func:`osum_torch_infer.progress.progress_bar`; silent when
+    ``enabled`` is False)."""
 
     def __init__(self, desc: str, total_bytes: int, total_tensors: int, enabled: bool = True):
         self.tensors, self.total_tensors = 0, total_tensors
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                            file=sys.stderr, dynamic_ncols=True)
+            self.bar = progress_bar(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
             self._postfix()
 
     def _postfix(self):

@@ -7,6 +7,7 @@ The format is described in ``docs/package-format.md``. In short, a Hugging Face-
     adapter_config.json              only with merge_lora=False: peft LoRA config for the exported Qwen2
     adapter_model.safetensors        only with merge_lora=False: peft LoRA weights
     generation_config.json           OSUM's decoding defaults (reference section 8)
+    processor_config.json            OSUMProcessor's settings: the mel front end, the prompt book, the pad id
     prompts.yaml                     the prompt file (OSUM prompt_config.yaml format)
     tokenizer.json ...               the tokenizer files, copied
 
@@ -17,7 +18,8 @@ encoder under ``encoder.`` (Hugging Face ``WhisperEncoder`` names), the adapter 
 
 The writer streams: the safetensors headers are computed from the variables' shapes first, then each tensor is
 converted (one layer of a stacked variable at a time) and appended to its shard file. The output is written to a
-temporary sibling directory and renamed into place only when complete.
+temporary sibling directory, fsynced and renamed into place only when complete
+(:func:`osum_torch_infer.files.atomic_file`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -36,27 +37,24 @@ import numpy as np
 
 from osum_torch_infer.package import AdapterConfig as PkgAdapter
 from osum_torch_infer.package import EncoderConfig as PkgEncoder
-from osum_torch_infer.package import PackageConfig
+from osum_torch_infer.formats.preset import (PROCESSOR_FILE, SAFETENSORS_DTYPE, dtype_long, generation_file,
+                                             mel_settings, processor_config)
+from osum_torch_infer.formats.prompts import load_book
+from osum_torch_infer.package import PackageConfig, PackageError
 
 from ..checkpoint import atomic_output
 from ..config import ModelConfig
-from ..data.text import DEFAULT_PROMPTS, PromptBook
-from .package_table import PackageError, PackageTensor, plan_package
+from ..data.text import DEFAULT_PROMPTS
+from .package_table import PackageTensor, plan_package
 from .stream import Progress
 
 MAX_SHARD_BYTES = 5 * 1000 ** 3  # Hugging Face's "5GB"
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model")
-DTYPES = {"bf16": ("bfloat16", "BF16", np.dtype(ml_dtypes.bfloat16)),
-          "fp16": ("float16", "F16", np.dtype(np.float16)),
-          "fp32": ("float32", "F32", np.dtype(np.float32))}
-DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
-                 "fp32": "fp32"}
-
-# OSUM's decoding parameters (reference section 8), as a Hugging Face GenerationConfig.
-OSUM_GENERATION = dict(max_new_tokens=400, min_length=1, num_beams=4, do_sample=True, top_k=5, top_p=0.9,
-                       temperature=1.0, repetition_penalty=1.05, length_penalty=1.0)
+# the dtype names and the decoding preset are the contract's (osum_torch_infer.formats.preset); numpy's types here
+NUMPY_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
+                "float32": np.dtype(np.float32)}
 
 class Fp16OverflowError(PackageError):
     """Some tensors hold values beyond the float16 range; ``offenders`` lists ``(name, max |value|)``."""
@@ -70,8 +68,8 @@ class Fp16OverflowError(PackageError):
 
 def _resolve_dtype(dtype: str) -> str:
     try:
-        return DTYPE_ALIASES[dtype]
-    except KeyError:
+        return dtype_long(dtype)
+    except ValueError:
         raise PackageError(f"dtype {dtype!r} is not one of bf16, fp16, fp32") from None
 
 
@@ -208,8 +206,9 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
     :class:`Fp16OverflowError` and nothing is written. Refuses to replace an existing ``out_dir`` unless
     ``force``. Returns a summary dict (files, tensor counts, bytes).
     """
-    key = _resolve_dtype(dtype)
-    torch_dtype, st_dtype, np_dt = DTYPES[key]
+    torch_dtype = _resolve_dtype(dtype)
+    st_dtype, np_dt = SAFETENSORS_DTYPE[torch_dtype], NUMPY_DTYPES[torch_dtype]
+    fp16 = torch_dtype == "float16"
     out = Path(out_dir)
     tok_dir = Path(tokenizer_dir)
     if out.exists() and not force:
@@ -218,7 +217,10 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
         raise PackageError("max_shard_bytes must be positive")
     eos_id = _tokenizer_eos(tok_dir, eod_token)
     prompts_file = Path(prompts_path) if prompts_path else DEFAULT_PROMPTS
-    PromptBook.load(prompts_file)  # validates the file (raises naming it)
+    try:
+        prompts = load_book(prompts_file)  # validates the file (raises naming it)
+    except ValueError as e:
+        raise PackageError(str(e)) from None
     if not cfg.lora.enabled:
         merge_lora = True  # nothing to keep apart
 
@@ -233,9 +235,9 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
     with contextlib.closing(bar), atomic_output(out, force=True) as tmp:  # refused above unless force
         tmp.mkdir()
         offenders: list[tuple[str, float]] = []
-        weight_map = _write_shards(tmp, "model", shards, np_dt, st_dtype, key == "fp16", offenders, bar)
+        weight_map = _write_shards(tmp, "model", shards, np_dt, st_dtype, fp16, offenders, bar)
         if adapters:
-            _write_shards(tmp, "adapter_model", [adapters], np_dt, st_dtype, key == "fp16", offenders, bar,
+            _write_shards(tmp, "adapter_model", [adapters], np_dt, st_dtype, fp16, offenders, bar,
                           always_single=True)
         if offenders:
             raise Fp16OverflowError(offenders)
@@ -254,6 +256,7 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
             }
             (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
         drop = ("dropout", "positional_dropout")  # training-only settings
+        mel = mel_settings(cfg.encoder.num_mel_bins, 2 * cfg.encoder.max_source_positions)
         config = PackageConfig(
             encoder=PkgEncoder(**_plain(asdict(cfg.encoder), drop)),
             adapter=PkgAdapter(**_plain(asdict(cfg.adapter), drop)),
@@ -262,19 +265,18 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
             lora={"merged": merge_lora, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
                   "targets": list(cfg.lora.targets)},
             prompts_file="prompts.yaml", eod_token=eod_token,
-            audio={"sample_rate": 16000, "n_fft": 400, "hop_length": 160, "num_mel_bins": cfg.encoder.num_mel_bins,
-                   "max_frames": 2 * cfg.encoder.max_source_positions},
-            metadata=dict(extra_metadata or {}))
+            audio=mel, metadata=dict(extra_metadata or {}))
         config.write(tmp / "config.json")
-        gen = dict(OSUM_GENERATION, eos_token_id=eos_id, pad_token_id=eos_id, bos_token_id=eos_id)
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_file(eos_id), indent=2) + "\n")
+        # what AutoProcessor.from_pretrained(out) reads: the front end, the prompt book, the pad id
+        (tmp / PROCESSOR_FILE).write_text(json.dumps(processor_config(mel, prompts, eos_id, eod_token), indent=2,
+                                                     ensure_ascii=False) + "\n", encoding="utf-8")
         shutil.copyfile(prompts_file, tmp / "prompts.yaml")
         copied = []
         for name in TOKENIZER_FILES:
             if (tok_dir / name).is_file():
                 shutil.copyfile(tok_dir / name, tmp / name)
                 copied.append(name)
-        _fsync_dir(tmp)
     files = sorted(p.name for p in out.iterdir())
     return {"out": str(out), "files": files, "tensors": len(tensors), "bytes": total_bytes,
             "shards": len(shards), "dtype": torch_dtype, "merged_lora": merge_lora, "tokenizer_files": copied}
@@ -283,11 +285,6 @@ def export_torch_package(model, cfg: ModelConfig, out_dir: str | Path, *, tokeni
 def _plain(d: dict, drop: tuple[str, ...] = ()) -> dict:
     return {k: v for k, v in d.items() if k not in drop}
 
-
-def _fsync_dir(directory: Path) -> None:
-    for p in directory.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
 
 
 

@@ -17,14 +17,14 @@ import logging
 import os
 import shutil
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from osum_torch_infer.files import atomic_file
+from osum_torch_infer.formats.shards import add_member, utterance_members, write_shard, write_shard_list
+from osum_torch_infer.progress import progress_bar
 
 from .audio import AudioError, decode_audio, num_frames, wav_truncation
 from .records import SampleError, SkipCounter, check_record
@@ -35,13 +35,6 @@ log = logging.getLogger("osum_jax.data")
 META_FIELDS = ("task", "lang", "speaker", "emotion", "gender")
 
 
-def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)  # bytes, not characters (OSUM's writer truncated non-ASCII metadata)
-    info.mtime = 0
-    tf.addfile(info, io.BytesIO(data))
-
-
 def _encode_utterance(obj: dict, sample_rate: int) -> list[tuple[str, bytes]]:
     key = str(obj["key"])
     wave, _, _ = decode_audio(obj["wav"], start=obj.get("start"), end=obj.get("end"), target_sr=sample_rate)
@@ -49,16 +42,12 @@ def _encode_utterance(obj: dict, sample_rate: int) -> list[tuple[str, bytes]]:
     pcm = np.clip(np.round(wave.astype(np.float64) * 32768.0), -32768, 32767).astype(np.int16)
     buf = io.BytesIO()
     sf.write(buf, pcm, sample_rate, format="WAV", subtype="PCM_16")
-    members = [(f"{key}.txt", str(obj["txt"]).encode("utf-8")), (f"{key}.wav", buf.getvalue())]
-    for field in META_FIELDS:
-        if obj.get(field) is not None:
-            members.append((f"{key}.{field}", str(obj[field]).encode("utf-8")))
     extra = obj.get("extra")
     duration = (extra or {}).get("duration") if isinstance(extra, dict) else None
-    members.append((f"{key}.duration", str(duration if duration is not None else len(pcm) / sample_rate).encode()))
-    if extra:
-        members.append((f"{key}.extra", json.dumps(extra, ensure_ascii=False).encode("utf-8")))
-    return members
+    return utterance_members(key, {"txt": str(obj["txt"]), "wav": buf.getvalue(),
+                                   **{f: None if obj.get(f) is None else str(obj[f]) for f in META_FIELDS},
+                                   "duration": str(duration if duration is not None else len(pcm) / sample_rate),
+                                   "extra": json.dumps(extra, ensure_ascii=False) if extra else None})
 
 
 def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 1000, prefix: str = "shards",
@@ -111,17 +100,14 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
         except (AudioError, OSError) as e:
             return None, SampleError("bad audio", src.where_of(i), str(e))
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(src), desc="make-shards", unit="utt")
+    bar = progress_bar(total=len(src), desc="make-shards", unit="utt") if progress else None
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         with ThreadPoolExecutor(workers) as ex:
             for s in range(n_shards):
                 name = out / f"{prefix}_{s:09d}.tar"
-                with atomic_file(name) as tmp, tarfile.open(tmp, "w") as tf:
+                with write_shard(name) as tf:
                     for i, (members, err) in zip(range(s * per_shard, min(len(src), (s + 1) * per_shard)),
                                                  ex.map(one, range(s * per_shard, min(len(src), (s + 1) * per_shard)))):
                         line = src.line_of(i)
@@ -137,7 +123,7 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
                         else:
                             ok += 1
                             for mname, data in members:
-                                _add_member(tf, mname, data)
+                                add_member(tf, mname, data)
                         if bar:
                             bar.update(1)
                 written.append(name)
@@ -155,9 +141,7 @@ def make_shards(data_list: str | Path, out_dir: str | Path, *, per_shard: int = 
         if bar:
             bar.close()
     list_path = out / "shards_list.txt"
-    with atomic_file(list_path) as tmp_list:
-        # names relative to the list's folder: the folder can be copied or moved as a whole
-        tmp_list.write_text("".join(p.name + "\n" for p in written), encoding="utf-8")
+    write_shard_list(list_path, written)  # names relative to the list's folder: it can be moved as a whole
     return {"shards": len(written), "utterances": ok, "skipped": dict(skips.counts), "list": str(list_path)}
 
 

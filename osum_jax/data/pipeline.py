@@ -33,6 +33,7 @@ from typing import Any, Callable
 import grain
 import numpy as np
 from osum_torch_infer.contract import IGNORE_ID, PAD_PROMPT
+from osum_torch_infer.formats.prompts import prompt_text
 
 from ..config import ConfigError, DataConfig
 from .audio import AudioError, audio_length, decode_audio, log_mel_spectrogram, num_frames, wav_truncation
@@ -485,7 +486,7 @@ def longest_prompt(tokenizer: Tokenizer, prompts: PromptBook, tasks=None) -> tup
         if tasks is not None and task not in tasks:
             continue
         for p in items:
-            n = len(tokenizer.encode(p)) if p != "<no_prompt>" else 0
+            n = len(tokenizer.encode(prompt_text(p)))  # <no_prompt>: 0 tokens
             best = max(best, (n, task, p))
     return best
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from osum_torch_infer.files import atomic_file
+from osum_torch_infer.formats.lists import beside  # noqa: F401 (paths in a list resolve beside it)
 
 INDEX_VERSION = 3  # 3: blank lines counted
 
@@ -112,12 +112,3 @@ def cached_index(path: Path, cache_dir: str, build) -> dict:
         except OSError:  # read-only data directory: fall back to the user cache
             continue
     return idx
-
-
-def beside(list_path: Path, name: str) -> str:
-    """A relative path of a list resolves against the list's folder (a copied corpus keeps working); a path that
-    exists only relative to the working directory is still taken from there."""
-    if os.path.isabs(name):
-        return name
-    there = list_path.parent / name
-    return str(there) if there.exists() or not os.path.exists(name) else name

@@ -1,79 +1,31 @@
 """``TarShardSource``: tar shards in OSUM's ``shard_full_data`` layout, with random access by record.
 
 A shard list names one tar path per line; each tar holds ``{key}.wav|flac|...``, ``{key}.txt``, ``{key}.task``, ...
-grouped by key. Each tar's member offsets are indexed once and cached (:func:`~osum_jax.data.records.cached_index`).
+grouped by key. The format is read by :mod:`osum_torch_infer.formats.shards` (``osum-infer`` reads shards with it
+too); each tar's member offsets are indexed once and cached (:func:`~osum_jax.data.records.cached_index`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from osum_torch_infer.contract import AUDIO_SUFFIXES
+from osum_torch_infer.formats.lists import parse_extra
+from osum_torch_infer.formats.shards import audio_suffix, read_shard_list, scan_tar
+from osum_torch_infer.progress import progress_bar
 
-from .records import SampleError, SkipCounter, beside, cached_index
+from .records import SampleError, SkipCounter, cached_index
 
 log = logging.getLogger("osum_jax.data")
 
-TEXT_SUFFIXES = ("txt", "task", "lang", "speaker", "emotion", "gender", "duration", "extra")
-
-
 def _index_tar(path: Path) -> dict:
-    """Group members by key (name up to the last '.'); keep offsets/sizes and the small task strings.
-
-    A truncated or damaged tar keeps the complete utterances before the damage; the rest is reported.
-    """
-    groups: dict[str, dict] = {}
-    order: list[str] = []
-    bad: list[list[str]] = []
-    file_size = path.stat().st_size
-    try:
-        with tarfile.open(path, "r:") as tf:
-            while True:
-                try:
-                    m = tf.next()
-                except (tarfile.TarError, OSError, EOFError) as e:
-                    bad.append([str(path), "unreadable tar", f"damaged after {len(order)} utterances: {e}"])
-                    break
-                if m is None:
-                    break
-                if not m.isfile():
-                    continue
-                name = m.name.rsplit("/", 1)[-1]
-                if "." not in name:
-                    continue
-                key, suffix = name.rsplit(".", 1)
-                g = groups.get(key)
-                if g is None:
-                    g = groups[key] = {"key": key, "members": {}}
-                    order.append(key)
-                g["members"][suffix.lower()] = [m.offset_data, m.size]
-    except (tarfile.TarError, OSError, EOFError) as e:
-        return {"records": [], "bad": [[str(path), "unreadable tar", str(e)]]}
-    records = []
-    with open(path, "rb") as f:
-        for key in order:
-            g = groups[key]
-            members = g["members"]
-            where = f"{path}:{key}"
-            if any(off + size > file_size for off, size in members.values()):
-                bad.append([where, "unreadable tar", "member data is truncated"])
-            elif "txt" not in members:
-                bad.append([where, "missing field", "no .txt member"])
-            elif not any(s in members for s in AUDIO_SUFFIXES):
-                bad.append([where, "missing field", "no audio member"])
-            else:
-                if "task" in members:  # tiny; kept in the index for the start-up task check
-                    off, size = members["task"]
-                    f.seek(off)
-                    g["task"] = f.read(size).decode("utf-8", errors="replace").strip()
-                records.append(g)
+    """The tar's records (key, member offsets, the small ``.task``) and problems: :func:`osum_torch_infer.formats.
+    shards.scan_tar`, which keeps the complete utterances before any damage."""
+    records, bad = scan_tar(path, text=("task",), require=("txt",))
     return {"records": records, "bad": bad}
 
 
@@ -86,8 +38,7 @@ class TarShardSource:
             self.path = Path(shard_list)
             if not self.path.is_file():
                 raise FileNotFoundError(f"shard list {self.path} does not exist")
-            lines = [ln.strip() for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            tars = [beside(self.path, ln) for ln in lines]
+            tars = read_shard_list(self.path)
         else:
             self.path, tars = None, [str(t) for t in shard_list]
         missing = [t for t in tars if not os.path.isfile(t)]
@@ -104,11 +55,8 @@ class TarShardSource:
             return cached_index(Path(t), cache_dir, _index_tar)
 
         with ThreadPoolExecutor(max(1, threads)) as ex:
-            it = ex.map(build, self.tars)
-            if progress:
-                from tqdm import tqdm
-                it = tqdm(it, total=len(self.tars), desc="indexing tars", unit="tar")
-            indexes = list(it)
+            indexes = list(progress_bar(ex.map(build, self.tars), total=len(self.tars), desc="indexing tars",
+                                        unit="tar", enabled=progress))
         shard_ids, records, tasks = [], [], []
         for sid, idx in enumerate(indexes):
             for where, reason, detail in idx["bad"]:
@@ -158,15 +106,10 @@ class TarShardSource:
             except UnicodeDecodeError:
                 raise SampleError("non-utf8 text", where, f".{suffix} is not UTF-8") from None
 
-        audio_suffix = next(s for s in AUDIO_SUFFIXES if s in rec["members"])
         out = {k: text(k) for k in ("txt", "task", "lang", "speaker", "emotion", "gender")}
         extra = text("extra")
-        if extra:
-            try:
-                extra = json.loads(extra)
-            except json.JSONDecodeError:
-                pass
-        out.update(key=rec["key"], audio=read(audio_suffix), extra=extra, start=None, end=None, where=where)
+        out.update(key=rec["key"], audio=read(audio_suffix(rec["members"])),
+                   extra=parse_extra(extra) if extra else extra, start=None, end=None, where=where)
         return out
 
     def __getstate__(self):

@@ -28,8 +28,10 @@ import numpy as np
 import yaml
 
 from osum_torch_infer.files import LineError, json_object_line
+from osum_torch_infer.formats.lists import beside, sniff
+from osum_torch_infer.formats.lists import lines as list_lines
 
-from .records import SampleError, SkipCounter, beside, cached_index
+from .records import SampleError, SkipCounter, cached_index
 from .shards import TarShardSource
 
 log = logging.getLogger("osum_jax.data")
@@ -42,29 +44,23 @@ log = logging.getLogger("osum_jax.data")
 
 def _index_raw_list(path: Path) -> dict:
     offsets, lengths, lines, tasks, bad, blank = [], [], [], [], [], 0
-    with open(path, "rb") as f:
-        pos = 0
-        for lineno, line in enumerate(f, 1):
-            n = len(line)
-            stripped = line.strip()
-            blank += not stripped
-            if stripped:
-                reason = None
-                try:
-                    obj = json_object_line(stripped)
-                    missing = [k for k in ("key", "wav", "txt") if k not in obj]
-                    if missing:
-                        reason = "missing field", f"no {missing}"
-                except LineError as e:
-                    reason = e.reason, e.detail
-                if reason:
-                    bad.append([lineno, reason[0], reason[1]])
-                else:
-                    offsets.append(pos)
-                    lengths.append(n)
-                    lines.append(lineno)
-                    tasks.append(obj.get("task"))
-            pos += n
+    for line in list_lines(path):  # the one data-list reader (osum_torch_infer.formats.lists)
+        if line.blank:
+            blank += 1
+            continue
+        try:
+            obj = line.json()
+        except LineError as e:
+            bad.append([line.number, e.reason, e.detail])
+            continue
+        missing = [k for k in ("key", "wav", "txt") if k not in obj]
+        if missing:
+            bad.append([line.number, "missing field", f"no {missing}"])
+            continue
+        offsets.append(line.offset)
+        lengths.append(len(line.raw))
+        lines.append(line.number)
+        tasks.append(obj.get("task"))
     return {"offsets": offsets, "lengths": lengths, "lines": lines, "tasks": tasks, "bad": bad, "blank": blank}
 
 
@@ -137,12 +133,7 @@ def detect_format(path: str | Path) -> str:
         raise FileNotFoundError(f"data list {p} does not exist")
     if p.suffix in (".yaml", ".yml"):
         return "mix"
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                return "raw" if line.startswith("{") else "shard"
-    return "raw"
+    return "raw" if sniff(p) in ("jsonl", "empty") else "shard"
 
 
 def open_source(path: str | Path, fmt: str = "auto", *, cache_dir: str = "", strict: bool = False,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
-import yaml
 from osum_torch_infer.contract import DEFAULT_TASK, normalize_task  # noqa: F401 (re-exported)
+from osum_torch_infer.files import atomic_file
+from osum_torch_infer.formats import prompts as prompt_book
+from osum_torch_infer.formats.prompts import NO_PROMPT  # noqa: F401 (re-exported)
 
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts_default.yaml")
-NO_PROMPT = "<no_prompt>"
 
 _CJK = "\u4e00-\u9fff"
 _SPACE_AROUND_CJK = re.compile(rf"\s*([{_CJK}])\s*")
@@ -78,28 +78,17 @@ class Tokenizer:
 
 
 class PromptBook:
-    """Prompts per task key, in OSUM's ``prompt_config.yaml`` format ``{task: [prompt, ...]}``."""
+    """Prompts per task key, in OSUM's ``prompt_config.yaml`` format ``{task: [prompt, ...]}``: the format is read
+    and the prompt picked by :mod:`osum_torch_infer.formats.prompts` (the runtime reads a package's book with it)."""
 
     def __init__(self, prompts: dict[str, list[str]], source: str = "<dict>"):
-        if not isinstance(prompts, dict) or not prompts:
-            raise ValueError(f"{source}: a prompt file must map task keys to lists of prompts")
-        self.prompts: dict[str, list[str]] = {}
-        for task, items in prompts.items():
-            if isinstance(items, str):
-                items = [items]
-            if not isinstance(items, list) or not items or not all(isinstance(p, str) for p in items):
-                raise ValueError(f"{source}: task {task!r} must have a non-empty list of prompt strings")
-            self.prompts[normalize_task(task)] = list(items)
+        self.prompts: dict[str, list[str]] = prompt_book.parse_book(prompts, source)
         self.source = source
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "PromptBook":
         path = Path(path) if path else DEFAULT_PROMPTS
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"cannot read prompt file {path}: {e}") from None
-        return cls(data, str(path))
+        return cls(prompt_book.load_book(path), str(path))
 
     @property
     def tasks(self) -> list[str]:
@@ -107,17 +96,14 @@ class PromptBook:
 
     def check_tasks(self, tasks) -> None:
         """Raise at start-up if the corpus uses tasks this prompt file does not know."""
-        unknown = sorted({normalize_task(t) for t in tasks} - set(self.prompts))
+        unknown = prompt_book.unknown_tasks(self.prompts, tasks)
         if unknown:
             raise ValueError(f"tasks {unknown} are used by the data but missing from the prompt file {self.source}; "
                              f"known tasks: {self.tasks}")
 
     def choose(self, task: str, seed: int, epoch: int, index: int) -> str:
         """A prompt for ``task``, random but a pure function of ``(seed, epoch, index)``."""
-        items = self.prompts[normalize_task(task)]
-        rng = np.random.default_rng([seed, epoch, index, 0x9E3779B9])
-        p = items[int(rng.integers(len(items)))]
-        return "" if p == NO_PROMPT else p
+        return prompt_book.choose(self.prompts, task, seed, epoch, index)
 
 
 def train_bpe_tokenizer(texts, out_dir: str | Path, vocab_size: int = 400,
@@ -141,7 +127,6 @@ def train_bpe_tokenizer(texts, out_dir: str | Path, vocab_size: int = 400,
         tok.add_tokens(list(added_tokens))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "tokenizer.json.tmp"
-    tok.save(str(tmp))
-    tmp.replace(out / "tokenizer.json")
+    with atomic_file(out / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
     return out

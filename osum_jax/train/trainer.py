@@ -285,9 +285,9 @@ class Trainer:
         old_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
         bar = None
         if tc.progress and jax.process_index() == 0:
-            from tqdm import tqdm
+            from osum_torch_infer.progress import progress_bar
 
-            bar = tqdm(total=tc.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = progress_bar(total=tc.steps, initial=self.step, desc="train", unit="step")
         acc = StepAccumulator()
         summary: dict[str, Any] = {}
         try:
