@@ -179,6 +179,19 @@ def _subtitles(args) -> int:
     return 0
 
 
+def _write_run_subtitles(args) -> bool:
+    """``--subtitles``: the run's whole results file (resumed lines too) as subtitle files; True on an error (said
+    on stderr)."""
+    try:
+        folder = subtitles_dir(args)
+        n, _ = write_subtitles(args.out, folder, args.subtitles)
+    except (ValueError, OSError) as e:
+        print(f"osum-infer: error: subtitles: {e}", file=sys.stderr)
+        return True
+    print(f"osum-infer: {n} subtitle file(s) written to {folder}", file=sys.stderr)
+    return False
+
+
 def subtitles_dir(args) -> Path:
     """``--subtitles-dir``, else OUT's name without its suffix + ``_srt`` / ``_vtt`` beside it."""
     out = Path(args.out)
@@ -318,6 +331,8 @@ def _infer(args) -> int:
     if not todo:
         print(f"osum-infer: nothing to do: all {len(items)} result(s) are in {out}"
               + (f"; {done_failed} file(s) failed" if done_failed else ""), file=sys.stderr)
+        if args.subtitles and _write_run_subtitles(args):
+            return 2
         return 1 if done_failed else 0
     if args.seed is not None and not args.ray:
         import torch
@@ -362,14 +377,8 @@ def _infer(args) -> int:
     failed_all = failed + done_failed
     print(f"osum-infer: {ok} result(s) written to {args.out}" + (f" ({done} already there)" if done else "")
           + (f"; {failed_all} file(s) failed" if failed_all else ""), file=sys.stderr)
-    if args.subtitles:
-        try:
-            folder = subtitles_dir(args)
-            n, _ = write_subtitles(args.out, folder, args.subtitles)
-        except (ValueError, OSError) as e:
-            print(f"osum-infer: error: subtitles: {e}", file=sys.stderr)
-            return 2
-        print(f"osum-infer: {n} subtitle file(s) written to {folder}", file=sys.stderr)
+    if args.subtitles and _write_run_subtitles(args):
+        return 2
     return 1 if failed_all else 0
 
 

@@ -29,6 +29,7 @@ def _recorded(monkeypatch, build):
     ("osum-convert", lambda: convert_cli._parser()),
     ("osum-infer", lambda: infer_cli._infer_parser()),
     ("osum-infer export-onnx", lambda: infer_cli._export_parser()),
+    ("osum-infer subtitles", lambda: infer_cli._subtitles_parser()),
     ("osum-data", lambda: data_cli.main(["--help"])),
     ("osum-train", lambda: train_cli.main(["--help"])),
     ("osum-eval", lambda: evaluate.main(["--help"])),

@@ -190,7 +190,7 @@ def test_osum_infer_segment_fields_and_subtitles(speech_corpus, package, recordi
     data.write_text(json.dumps({"key": "long/a", "wav": str(tmp_path / "long.wav")}) + "\n"
                     + json.dumps({"key": "utt1", "wav": str(root / "utt1.wav"), "task": "<TRANSCRIBE> <GENDER>"})
                     + "\n")
-    rows = {}
+    rows, vtt_of = {}, {}
     for mode in ("vad", "fixed"):
         out = tmp_path / f"{mode}.jsonl"
         assert cli.main(["--model", str(package), "--data", str(data), "--out", str(out), "--max-new-tokens", "4",
@@ -201,13 +201,22 @@ def test_osum_infer_segment_fields_and_subtitles(speech_corpus, package, recordi
         assert 0.0 <= long["segments"][0]["start"] < 0.5 and long["segments"][-1]["end"] <= len(wave) / SR
         short = rows[mode]["utt1"]
         assert len(short["segments"]) == 1 and set(short["segments"][0]["tags"]) <= {"gender"}
-        vtt = (tmp_path / f"{mode}_vtt" / "long%2Fa.vtt").read_text()
-        assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> ")
+        vtt_of[mode] = vtt = (tmp_path / f"{mode}_vtt" / "long%2Fa.vtt").read_text()
+        assert vtt.startswith("WEBVTT\n\n") and vtt.count(" --> ") == len(long["segments"]) - sum(
+            not s["text"] for s in long["segments"])
     vad = rows["vad"]["long/a"]["segments"]
     assert all(any(p0 <= round(a["end"] * SR) <= round(b["start"] * SR) <= p1 for p0, p1 in pauses)
                for a, b in zip(vad, vad[1:]))
     fixed = [s["start"] for s in rows["fixed"]["long/a"]["segments"]]
     assert fixed == [round(off, 3) for off, _ in split_windows(wave, 30.0, SR)]
+    # a finished run resumed with --subtitles loads nothing and writes the subtitles of the whole file
+    (tmp_path / "vad_vtt" / "long%2Fa.vtt").unlink()
+    capsys.readouterr()
+    assert cli.main(["--model", str(package), "--data", str(data), "--out", str(tmp_path / "vad.jsonl"), "--resume",
+                     "--device", "cpu", "--no-progress", "--subtitles", "vtt"]) == 0
+    err = capsys.readouterr().err
+    assert "nothing to do" in err and "Loading weights" not in err and "2 subtitle file(s)" in err
+    assert (tmp_path / "vad_vtt" / "long%2Fa.vtt").read_text() == vtt_of["vad"]
     # the subtitles subcommand makes the same files from a results file; user mistakes are one line, exit 2
     assert cli.main(["subtitles", str(tmp_path / "vad.jsonl"), "--out-dir", str(tmp_path / "subs"),
                      "--format", "vtt"]) == 0
