@@ -53,6 +53,7 @@ def server(package):
 
 def _understand(url, data: bytes, name="a.wav", timeout=60, headers=None, **fields):
     fields.setdefault("max_new_tokens", "4")
+    fields.setdefault("segment", "fixed")  # these probes count windows: the equal 30 s ones, no VAD time
     return httpx.post(url + "/v1/understand", files={"file": (name, data, "audio/wav")}, data=fields,
                       timeout=timeout, headers=headers)
 
@@ -465,7 +466,7 @@ def _idle(s):
 def _send_and_hold(port: int, data: bytes, **fields) -> socket.socket:
     """A complete multipart request on a raw socket whose answer is never read."""
     req = httpx.Request("POST", f"http://127.0.0.1:{port}/v1/understand", files={"file": ("b.wav", data, "audio/wav")},
-                        data={k: str(v) for k, v in fields.items()})
+                        data={"segment": "fixed", **{k: str(v) for k, v in fields.items()}})
     body = req.read()
     head = (f"POST /v1/understand HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {req.headers['content-type']}"
             f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()

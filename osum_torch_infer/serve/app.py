@@ -27,9 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..features import HOP, MAX_SECONDS, SAMPLE_RATE, AudioError
-from ..parsing import join_windows, normalize_task
-from .audio import TooLong, WorkerPool, decode_bounded, max_windows, windows_of
+from ..features import HOP, MAX_SECONDS, SAMPLE_RATE, AudioError, log_mel_spectrogram
+from ..parsing import normalize_task
+from ..segment import MODES as SEGMENT_MODES, join_segments, segment_audio, to_srt, to_vtt, verbose_json
+from .audio import TooLong, WorkerPool, decode_bounded, max_windows
 from .batcher import Batcher, QueueFull
 from .guard import Guard, Policy, one_line
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -167,8 +168,9 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
     async def internal_error(request: Request, e: Exception):  # Starlette re-raises it: uvicorn logs the traceback
         return _json_error(500, "internal error")
 
-    def _prepare(f, task: str, prompt: str | None, context: str | None) -> dict:
-        """In a pool thread: the prompt's ids (bounded), then the audio (header first), windows and log-mel."""
+    def _prepare(f, task: str, prompt: str | None, context: str | None, segment: str = "vad") -> dict:
+        """In a pool thread: the prompt's ids (bounded), then the audio (header first), its segments (``vad``: cut
+        at pauses when over 30 s; ``fixed``: equal windows) and their log-mel."""
         if prompt is not None or context is not None:
             free = prompt if prompt is not None else context
             if len(free) > 64 * prompt_limit:
@@ -188,17 +190,31 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
         try:
             wave = decode_bounded(f, limits.max_seconds)
             metrics.decoded.inc(len(wave) / 16000.0)
-            windows = windows_of(wave, n_mels, MAX_SECONDS)
+            try:
+                segments = segment_audio(wave, SAMPLE_RATE, mode=segment, max_seconds=MAX_SECONDS)
+            except RuntimeError as e:  # the VAD is not installed here: says what to install, or segment=fixed
+                raise UserError(400, f"segment=vad: {e}") from None
+            if len(segments) > batcher.max_queue:
+                raise UserError(413, f"the audio splits into {len(segments)} segments > the {batcher.max_queue} "
+                                     f"windows the server queues (--max-queue); try segment=fixed",
+                                reason="audio_too_long")
+            windows = [(s.start, log_mel_spectrogram(s.samples, n_mels)) for s in segments]
         except TooLong as e:
             raise UserError(413, str(e), reason="audio_too_long") from None
         except AudioError as e:
             raise UserError(400, str(e), reason="bad_audio") from None
-        return {"prompt": prompt, "ids": ids, "windows": windows, "seconds": len(wave) / 16000.0}
+        spans = [{"start": s.start, "end": s.end, "cut_in_speech": s.cut_in_speech} for s in segments]
+        return {"prompt": prompt, "ids": ids, "windows": windows, "segments": spans, "segment": segment,
+                "seconds": len(wave) / 16000.0}
 
     async def admit(file: UploadFile, task: str | None, prompt: str | None, decoding: str,
-                    max_new_tokens: int | None, context: str | None = None) -> tuple[str, dict, dict]:
+                    max_new_tokens: int | None, context: str | None = None,
+                    segment: str | None = None) -> tuple[str, dict, dict]:
         """Checks, then the audio and prompt prepared: ``(task, prep, settings)``."""
         name = _name(file.filename)
+        segment = segment or "vad"
+        if segment not in SEGMENT_MODES:
+            raise UserError(400, f"segment {segment[:40]!r}: expected one of {list(SEGMENT_MODES)}")
         if decoding not in DECODINGS:
             raise UserError(400, f"decoding {decoding[:40]!r}: expected one of {list(DECODINGS)}")
         if max_new_tokens is not None and not 1 <= max_new_tokens <= limits.max_new_tokens:
@@ -215,7 +231,7 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
         task = normalize_task(task)
         prompt = prompt if prompt else None
         try:
-            prep = await pool.run(_prepare, file.file, task, prompt, context)
+            prep = await pool.run(_prepare, file.file, task, prompt, context, segment)
         except UserError as e:
             e.message = f"{name}: {e.message}" if e.reason in ("bad_audio", "audio_too_long") else e.message
             raise
@@ -234,23 +250,27 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
             raise UserError(400, str(e)) from None
 
     def finish(task: str, prep: dict, texts: list[str]) -> dict:
+        """The joined result (:func:`..segment.join_segments`: offsets, de-duplicated overlaps, ``segments``,
+        ``words`` for ``<ALIGN>``) and the request's windows."""
         windows = prep["windows"]
-        result = join_windows([(off, t) for (off, _), t in zip(windows, texts)], task)
-        return {**result, "task": task, "prompt": prep["prompt"], "windows": len(windows),
-                "window_offsets": [off for off, _ in windows], "window_texts": texts, "seconds": prep["seconds"]}
+        result = join_segments(prep["segments"], texts, task)
+        return {**result, "task": task, "prompt": prep["prompt"], "segment": prep["segment"],
+                "windows": len(windows), "window_offsets": [off for off, _ in windows], "window_texts": texts,
+                "seconds": prep["seconds"]}
 
     async def understand(file: UploadFile, task: str | None, prompt: str | None, decoding: str,
-                         max_new_tokens: int | None, context: str | None = None):
-        task, prep, settings = await admit(file, task, prompt, decoding, max_new_tokens, context)
+                         max_new_tokens: int | None, context: str | None = None, segment: str | None = None):
+        task, prep, settings = await admit(file, task, prompt, decoding, max_new_tokens, context, segment)
         texts = await batcher.result(enqueue(prep, settings))
         return finish(task, prep, texts)
 
     async def stream(request: Request, kind: str, file: UploadFile, task: str | None, prompt: str | None,
-                     decoding: str, max_new_tokens: int | None, context: str | None = None) -> Stream:
+                     decoding: str, max_new_tokens: int | None, context: str | None = None,
+                     segment: str | None = None) -> Stream:
         """``stream=true``: checked and queued like any request (errors are still one JSON line with a 4xx or
         503), then answered as server-sent events (:mod:`.streaming`)."""
-        task, prep, settings = await admit(file, task, prompt, decoding, max_new_tokens, context)
-        progress = Progress(len(prep["windows"]), [off for off, _ in prep["windows"]], task, model.decode_text)
+        task, prep, settings = await admit(file, task, prompt, decoding, max_new_tokens, context, segment)
+        progress = Progress(prep["segments"], task, model.decode_text)
         job = enqueue(prep, settings, on_update=progress.update)
 
         def close():
@@ -334,59 +354,48 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
     @app.post("/v1/understand")
     async def v1_understand(request: Request, file: UploadFile = File(...), task: str | None = Form(None),
                             prompt: str | None = Form(None), decoding: str = Form("greedy"),
-                            max_new_tokens: int | None = Form(None), stream_: bool = Form(False, alias="stream")):
+                            max_new_tokens: int | None = Form(None), stream_: bool = Form(False, alias="stream"),
+                            segment: str | None = Form(None)):
         if stream_:
-            return await stream(request, "understand", file, task, prompt, decoding, max_new_tokens)
-        return await understand(file, task, prompt, decoding, max_new_tokens)
+            return await stream(request, "understand", file, task, prompt, decoding, max_new_tokens,
+                                segment=segment)
+        return await understand(file, task, prompt, decoding, max_new_tokens, segment=segment)
 
     @app.post("/v1/audio/transcriptions")
     async def v1_transcriptions(request: Request, file: UploadFile = File(...),
                                 model_name: str | None = Form(None, alias="model"),
                                 response_format: str = Form("json"), prompt: str | None = Form(None),
                                 language: str | None = Form(None), temperature: float | None = Form(None),
-                                stream_: bool = Form(False, alias="stream")):
+                                stream_: bool = Form(False, alias="stream"), segment: str | None = Form(None),
+                                granularities: list[str] = Form([], alias="timestamp_granularities[]")):
         if response_format not in ("json", "text", "srt", "vtt", "verbose_json"):
             raise UserError(400, f"response_format {response_format[:40]!r}: expected json, text, srt, vtt or "
                                  f"verbose_json")
+        bad = [g for g in granularities if g not in ("word", "segment")]
+        if bad:
+            raise UserError(400, f"timestamp_granularities[] {bad[0][:40]!r}: expected word or segment")
+        if granularities and response_format != "verbose_json":
+            raise UserError(400, "timestamp_granularities[] needs response_format=verbose_json")
+        # word timestamps are the model's <ALIGN> task (the package's prompt for "<TRANSCRIBE> <ALIGN>")
+        task = "<TRANSCRIBE> <ALIGN>" if "word" in granularities else "<TRANSCRIBE>"
         if stream_:
             if response_format not in ("json", "text"):
                 raise UserError(400, f"stream=true answers transcript.text events: response_format must be json "
                                      f"or text, not {response_format}")
-            return await stream(request, "transcription", file, "<TRANSCRIBE>", None, "greedy", None,
-                                context=prompt or None)
+            return await stream(request, "transcription", file, task, None, "greedy", None,
+                                context=prompt or None, segment=segment)
         # OpenAI's prompt is context for the transcription: it goes before the task's instruction, never instead
-        r = await understand(file, "<TRANSCRIBE>", None, "greedy", None, context=prompt or None)
+        r = await understand(file, task, None, "greedy", None, context=prompt or None, segment=segment)
         text = r.get("transcript", r.get("text", ""))
         if response_format == "json":
             return {"text": text}
         if response_format == "verbose_json":
-            return {"text": text, "duration": r["seconds"], "segments": _segments(r)}
+            return verbose_json(r, r["seconds"], words="word" in granularities, language=language)
         if response_format == "text":
             return PlainTextResponse(text)
-        return PlainTextResponse(_subtitles(_segments(r), response_format),
-                                 media_type="text/vtt" if response_format == "vtt" else "application/x-subrip")
+        if response_format == "vtt":
+            return PlainTextResponse(to_vtt(r["segments"]), media_type="text/vtt")
+        return PlainTextResponse(to_srt(r["segments"]), media_type="application/x-subrip")
 
     return app
 
-
-def _segments(r: dict) -> list[dict]:
-    """One cue per decoded window: [offset, next offset or the end]."""
-    offs = r["window_offsets"] + [r["seconds"]]
-    return [{"id": i, "start": offs[i], "end": offs[i + 1], "text": t.strip()}
-            for i, t in enumerate(r["window_texts"])]
-
-
-def _stamp(t: float, sep: str) -> str:
-    ms = int(round(t * 1000))
-    h, ms = divmod(ms, 3_600_000)
-    m, ms = divmod(ms, 60_000)
-    s, ms = divmod(ms, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
-
-
-def _subtitles(segments: list[dict], fmt: str) -> str:
-    if fmt == "vtt":
-        return "WEBVTT\n\n" + "".join(f"{_stamp(s['start'], '.')} --> {_stamp(s['end'], '.')}\n{s['text']}\n\n"
-                                      for s in segments)
-    return "".join(f"{s['id'] + 1}\n{_stamp(s['start'], ',')} --> {_stamp(s['end'], ',')}\n{s['text']}\n\n"
-                   for s in segments)

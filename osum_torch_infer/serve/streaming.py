@@ -30,7 +30,7 @@ from typing import Any, Callable
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
 
-from ..parsing import join_windows
+from ..segment import join_segments
 from .guard import DEADLINE_KEY  # noqa: F401 (re-exported)
 
 log = logging.getLogger("osum.serve")
@@ -46,12 +46,13 @@ def visible(raw: str) -> str:
 
 
 class Progress:
-    """One request's windows as they are generated: ``update`` is the batcher's ``on_update``."""
+    """One request's segments as they are generated: ``update`` is the batcher's ``on_update``; ``segments`` are
+    the request's spans (``start``, ``end``, ``cut_in_speech``), joined as the final answer joins them."""
 
-    def __init__(self, n_windows: int, offsets: list[float], task: str, decode: Callable[[list[int]], str]):
-        self.tokens: list[list[int]] = [[] for _ in range(n_windows)]
-        self.final: list[str | None] = [None] * n_windows
-        self.offsets, self.task, self.decode = offsets, task, decode
+    def __init__(self, segments: list[dict], task: str, decode: Callable[[list[int]], str]):
+        self.segments, self.task, self.decode = segments, task, decode
+        self.tokens: list[list[int]] = [[] for _ in segments]
+        self.final: list[str | None] = [None] * len(segments)
         self.changed = asyncio.Event()
 
     def update(self, window: int, tokens: list | None, text: str | None) -> None:
@@ -64,19 +65,20 @@ class Progress:
         self.changed.set()
 
     def fields(self) -> dict:
-        """The parsed fields of the windows done so far, in order, and the visible part of the next one."""
-        parts = []
+        """The parsed fields of the segments done so far, in order, and the visible part of the next one."""
+        texts = []
         for i, text in enumerate(self.final):
             if text is None:
                 partial = visible(self.decode(self.tokens[i])) if self.tokens[i] else ""
                 if partial:
-                    parts.append((self.offsets[i], partial))
+                    texts.append(partial)
                 break
-            parts.append((self.offsets[i], text))
-        if not parts:
+            texts.append(text)
+        if not texts:
             return {"transcript": "", "tags": {}, "text": ""}
-        out = join_windows(parts, self.task)
-        out.pop("window_texts", None)
+        out = join_segments(self.segments[:len(texts)], texts, self.task)
+        for key in ("window_texts", "segments", "words"):  # the done event has them; partial events stay small
+            out.pop(key, None)
         return out
 
 
