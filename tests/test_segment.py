@@ -96,6 +96,10 @@ def test_fixed_mode_and_short_audio_are_the_old_windows(recording):
     for mode in ("vad", "fixed"):
         (one,) = segment_audio(short, SR, mode=mode)
         assert (one.start, one.end, one.cut_in_speech) == (0.0, 5.0, False) and one.samples is not None
+    # no speech at all (the VAD finds none): the fixed windows
+    quiet = np.zeros(SR * 70, np.float32)
+    assert [(s.start, s.end) for s in segment_audio(quiet, SR)] == [(off, off + len(w) / SR)
+                                                                    for off, w in split_windows(quiet, 30.0, SR)]
     with pytest.raises(ValueError, match="segment mode 'pauses'"):
         segment_audio(wave, SR, mode="pauses")
     with pytest.raises(ValueError, match="overlap_seconds"):
