@@ -270,6 +270,13 @@ def join_segments(segments: Sequence[Any], texts: Sequence[str], task: str | Non
                 mid = hi[i]
                 words[i] = [w for w in words[i] if (w["start"] + w["end"]) / 2 <= mid]
                 words[i + 1] = [w for w in words[i + 1] if (w["start"] + w["end"]) / 2 > mid]
+                # a word longer than the overlap, heard in part on both sides of it: the same word, overlapping
+                # in time, at the end of one and the start of the next is kept once, with its full span
+                if words[i] and words[i + 1]:
+                    a, b = words[i][-1], words[i + 1][0]
+                    if _norm(a["token"]) == _norm(b["token"]) and b["start"] < a["end"]:
+                        words[i][-1] = dict(a, end=max(a["end"], b["end"]))
+                        words[i + 1] = words[i + 1][1:]
         pieces = [" ".join(w["token"] for w in ws) for ws in words]
         result["timestamps"] = [w for ws in words for w in ws]
         result["words"] = [{"word": w["token"], "start": w["start"], "end": w["end"]} for w in result["timestamps"]]

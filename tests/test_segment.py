@@ -124,6 +124,17 @@ def test_join_deduplicates_the_words_of_an_overlap():
     assert r["transcript"] == "今天天气很好"
 
 
+def test_join_keeps_a_long_word_heard_on_both_sides_of_an_overlap_once():
+    segs = [Segment(0.0, 10.0, None, True), Segment(9.0, 20.0, None, False)]
+    # "extraordinarily" spans 8.7 .. 10.4 s: longer than the 1 s overlap, each side hears most of it
+    texts = ["word<7.9,8.5>extraordinarily<8.7,10.0>", "extraordinarily<0.0,1.4>next<1.6,2.0>"]
+    r = join_segments(segs, texts, "<TRANSCRIBE> <ALIGN>")
+    assert r["words"] == [{"word": "word", "start": 7.9, "end": 8.5},
+                          {"word": "extraordinarily", "start": 8.7, "end": 10.4},
+                          {"word": "next", "start": 10.6, "end": 11.0}]
+    assert r["transcript"] == "word extraordinarily next"
+
+
 def test_join_carries_offsets_to_tags_per_segment_and_chat():
     segs = [Segment(0.0, 25.0, None), Segment(25.0, 50.0, None), Segment(50.0, 61.0, None)]
     r = join_segments(segs, ["one<happy>", "two<sad>", "three<sad>"], "<TRANSCRIBE> <EMOTION>")
