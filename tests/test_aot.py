@@ -48,6 +48,34 @@ def test_hlo_flops_count_loop_trips():
     assert trips in report["loops"]
 
 
+def test_what_xla_reports_is_taken_from_xla_and_where_it_cannot_the_text_count_is():
+    """Without a loop, XLA's own ``bytes accessed`` is the HLO text's HBM count (so the report takes XLA's); with a
+    loop, XLA counts the body once and the text count applies the trip count (XLA's ``flops`` also counts the
+    elementwise ops, so only its dot part is compared)."""
+    from osum_jax.perf.hlo import xla_cost_analysis
+
+    m, k, n, trips = 64, 128, 32, 7
+
+    def loop_free(a, b):
+        return jnp.tanh(a @ b).sum()
+
+    a, b = jax.ShapeDtypeStruct((m, k), jnp.float32), jax.ShapeDtypeStruct((k, n), jnp.float32)
+    compiled = jax.jit(loop_free).lower(a, b).compile()
+    xla, text = xla_cost_analysis(compiled), analyse_hlo(compiled.as_text())
+    assert not text["loops"] and text["flops"] == 2 * m * k * n
+    assert xla["bytes_accessed"] == text["hbm_bytes"] > 0
+    assert xla["flops"] >= text["flops"]  # XLA's figure counts tanh and the sum too
+
+    def looped(x, w):
+        return jax.lax.fori_loop(0, trips, lambda i, h: jnp.tanh(h @ w), x)
+
+    w = jax.ShapeDtypeStruct((k, k), jnp.float32)
+    compiled = jax.jit(looped).lower(a, w).compile()
+    xla, text = xla_cost_analysis(compiled), analyse_hlo(compiled.as_text())
+    assert text["loops"] == [trips] and text["flops"] == 2 * m * k * k * trips
+    assert 2 * m * k * k <= xla["flops"] < 2 * 2 * m * k * k  # one trip's dot (+ the loop counter), not seven
+
+
 # The shape of XLA:TPU's windowed einsum loops (an FSDP all-gather fused with its matmul): no known_trip_count,
 # the counter starts at a constant in the init tuple and steps by 2 up to 8, so the body runs 4 times, not 8.
 STEPPED_LOOP = """HloModule stepped

@@ -1,7 +1,27 @@
 """Optimized HLO text analysis for ``osum-train --plan --target`` (:mod:`osum_jax.perf.aot`).
 
-XLA's ``cost_analysis`` counts a loop body once; :func:`analyse_hlo` reads the optimized HLO module text the
-compiler returns and counts, per device and step, with loop trip counts applied:
+What XLA reports itself is taken from XLA; what it cannot give is read from the optimized HLO module text:
+
+=============================  ==================================  ==============================================
+figure                         from                                why
+=============================  ==================================  ==============================================
+memory per device              ``compiled.memory_analysis()``      XLA's buffer assignment (``aot.py``)
+HBM bytes, loop-free program   ``compiled.cost_analysis()``        ``bytes accessed``: the same figure as the text
+                               (:func:`xla_cost_analysis`)         count when no loop runs (tested)
+HBM bytes, with loops          the HLO text (:func:`analyse_hlo`)  ``cost_analysis`` counts a loop body once; the
+                                                                   step is a scan over layers (trip counts here)
+FLOPs of dots / convolutions   the HLO text                        the same: loop bodies once; ``cost_analysis``'s
+                                                                   ``flops`` also counts elementwise ops, and no
+                                                                   custom call (cuBLAS GEMMs, Pallas/Triton
+                                                                   kernels) at all
+collectives by kind, bytes     the HLO text                        ``cost_analysis`` has no per-collective figures
+per-kernel FLOPs and bytes     the HLO text                        XLA reports whole-program sums only; the
+                                                                   per-kernel roofline bound needs each kernel
+TPU ``estimated_cycles``       the HLO text (backend_config)       the cost model's cycles are only printed there
+stack copies inside loops      the HLO text                        a layout question XLA does not report
+=============================  ==================================  ==============================================
+
+:func:`analyse_hlo` counts, per device and step, with loop trip counts applied:
 
 * FLOPs of dots and convolutions (convolutions as XLA:TPU writes batched matmuls count only the window taps that
   read real input elements), of XLA:GPU's cuBLAS GEMMs and of the Pallas (Triton) flash-attention kernels;
@@ -33,6 +53,23 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 # asynchronous operations (collectives, copies, send/recv) run beside the kernels of the compute stream, not one
 # after another with them: the per-kernel bound leaves them out (the whole-program bound counts their bytes)
 _ASYNC = {"send", "recv", "send-done", "recv-done"}
+
+
+def xla_cost_analysis(compiled) -> dict[str, float]:
+    """XLA's own whole-program figures (``compiled.cost_analysis()``): ``flops`` (every op, elementwise ones too;
+    custom calls not at all), ``transcendentals`` and ``bytes_accessed``, each loop body counted once. Empty when
+    the backend reports none."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # some backends/plugins do not implement it
+        return {}
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    ca = dict(ca or {})
+    out = {k: float(ca[k]) for k in ("flops", "transcendentals") if k in ca}
+    if "bytes accessed" in ca:
+        out["bytes_accessed"] = float(ca["bytes accessed"])
+    return out
 
 
 def _is_async(opcode: str) -> bool:
