@@ -113,17 +113,25 @@ def decode_table(rows: list[dict]) -> str:
         f"- `{r['row']}`: source {r['commit']}, compile {r['compile_seconds']:.0f} s\n  `{r['command']}`" for r in rows)
 
 
+DECODE_TRIED = """How the beam row got there (same row, the TPU cost model as the judge): the KV cache is reordered after each
+step (each beam continues some beam's cache). At 2e61b25 a gather along the batch axis did it: 10.7 s per batch
+(1,535 tokens/s, 37.2 GB per chip), the gather 43 % of the cycles. At 2ca0cc1, K selects instead: 5.8 s (2,826
+tokens/s, 24.7 GB), but the first select broadcast its operand along the beams, unfused, 35 % of the cycles. Since
+ec445ce each destination beam selects among the K sources with nothing broadcast (the row above). The greedy
+row's program is unchanged since 2e61b25 (those commits changed beam search only)."""
+
+
 def write_decode(rows: list[dict]) -> None:
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text(encoding="utf-8")
     section = ("## Decoding compiled for pods (`osum-decode --plan`, TPU cost model, no accelerator)\n\n"
-               f"`python scripts/bench_aot.py --decode` ({time.strftime('%Y-%m-%d')}). Full OSUM, bf16 compute and "
-               "weights, the decode program of `osum-decode` (prefill of the 30 s windows and their 64-token "
+               f"`python scripts/bench_aot.py --decode` ({time.strftime('%Y-%m-%d')}). Full OSUM, bf16 compute, the "
+               "frozen weights in bf16 and the trainable ones as training holds them, the decode program of `osum-decode` (prefill of the 30 s windows and their 64-token "
                "prompts into a KV cache, then the token loop) compiled for the target with the loop's trip count "
                "fixed at the new-token budget: the time is the TPU compiler's cost model for one batch in which "
                "every row decodes every step (a real run stops when all rows have ended, so real outputs of fewer "
                "tokens take less), tokens/s = rows x new tokens / that time, for the whole pod.\n\n"
-               + decode_table(rows) + "\n")
+               + decode_table(rows) + "\n\n" + DECODE_TRIED + "\n")
     pattern = re.compile(r"## Decoding compiled for pods.*?(?=\n## |\Z)", re.S)
     text = pattern.sub(lambda _: section.rstrip("\n"), text) if pattern.search(text) else \
         text.rstrip("\n") + "\n\n" + section
