@@ -255,3 +255,75 @@ def test_the_page_shows_the_text_as_it_arrives(server, chromium):
     partial = [t for t in seen if t and t != final]
     assert len(set(partial)) >= 3, seen
     assert all(final.startswith(t) for t in seen), seen
+
+
+def test_each_row_streams_to_its_own_request_through_a_retried_call(package):
+    """In process, the real model behind a wrapper that fails like CUDA out-of-memory on calls of more than 2 rows:
+    six streaming requests of different lengths (the batcher sorts a call's rows by length) go in one call of 6,
+    retried as halves. Each request's streamed tokens (from its last restart) are exactly the tokens of its final
+    text, and the texts equal those of requests decoded one at a time without streaming."""
+    import asyncio
+
+    import numpy as np
+
+    from osum_torch_infer.features import log_mel_spectrogram
+    from osum_torch_infer.modeling import OSUMForConditionalGeneration
+    from osum_torch_infer.serve.batcher import Batcher
+
+    model = OSUMForConditionalGeneration.from_pretrained(package, device="cpu", dtype="fp32")
+
+    class OutOfMemoryOver2Rows:
+        calls: list = []
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def generate(self, *args, **kw):
+            rows = len(args[2]) if args else len(kw["input_ids"])
+            self.calls.append((rows, "streamer" in kw))
+            if rows > 2:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return model.generate(*args, **kw)
+
+    ids = model.encode_text(model.prompt_for("<TRANSCRIBE>"))
+    units = [(log_mel_spectrogram((0.1 * np.random.default_rng(i).standard_normal(6000 + 2500 * ((i * 5) % 6)))
+                                  .astype(np.float32), model.config.encoder.num_mel_bins), ids) for i in range(6)]
+    settings = {"decoding": "greedy", "max_new_tokens": 12}
+
+    async def streamed(m):
+        b = Batcher(m, max_batch=8, max_wait_ms=100)
+        b.start()
+        seen = [[] for _ in units]
+        restarts = [0] * len(units)
+
+        def on_update(k):
+            def update(window, tokens, text):
+                if tokens is None:
+                    seen[k].clear()
+                    restarts[k] += 1
+                else:
+                    seen[k].extend(tokens)
+            return update
+
+        try:
+            jobs = [b.enqueue([u], settings, on_update=on_update(k)) for k, u in enumerate(units)]
+            texts = [t[0] for t in await asyncio.gather(*[b.result(j) for j in jobs])]
+        finally:
+            await b.stop()
+        return texts, seen, restarts, b.stats
+
+    async def plain():
+        b = Batcher(model, max_batch=1, max_wait_ms=0)
+        b.start()
+        try:
+            return [(await b.submit([u], settings))[0] for u in units]
+        finally:
+            await b.stop()
+
+    flaky = OutOfMemoryOver2Rows()
+    texts, seen, restarts, stats = asyncio.run(streamed(flaky))
+    assert texts == asyncio.run(plain())
+    assert [model.decode_text(s) for s in seen] == texts
+    assert all(len(s) > 0 for s in seen)
+    assert flaky.calls[0] == (6, True) and stats["retried_batches"] == 3  # 6 -> 3 + 3 -> (1 + 2) + (1 + 2)
+    assert all(streaming for _, streaming in flaky.calls) and min(restarts) >= 3  # every row restarted per try

@@ -108,7 +108,7 @@ async def events(job, batcher, progress: Progress, finish: Callable[[list[str]],
     """The SSE events of one request (``kind``: ``transcription`` or ``understand``). ``finish(texts)`` is the
     non-streaming answer of the whole request; ``field`` the field whose growth the deltas carry."""
     shown = ""  # the text the deltas have carried so far
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = {"transcript": "", "tags": {}, "text": ""}  # nothing generated yet: no event
     job.future.add_done_callback(lambda _: progress.changed.set())
     margin = 0.5
     while True:
