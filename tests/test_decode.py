@@ -88,8 +88,8 @@ def _torch(tm, feats, prompts, decoding, eos=None):
 def _program(setup, decoding, devices, eos, **mesh):
     cfg = load_config(TINY, [f"model.llm.vocab_size={setup['cfg'].model.llm.vocab_size}"]
                       + [f"train.mesh.{k}={v}" for k, v in mesh.items()])
-    program = DecodeProgram(cfg, build_mesh(cfg.train.mesh, devices), decoding, eos, batch_per_device=4 // len(devices) or 1,
-                            frame_buckets=(128, 300))
+    program = DecodeProgram(cfg, build_mesh(cfg.train.mesh, devices), decoding, eos,
+                            batch_per_device=4 // len(devices) or 1, frame_buckets=(128, 300))
     return program, program.place(setup["model"])
 
 
@@ -177,3 +177,22 @@ def test_user_mistakes_are_one_line_and_exit_2(setup, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("osum-decode: ") and what in err[0], (argv, err)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_plan_compiles_for_a_tpu_pod_and_counts_every_step(tpu_compiler, capsys):
+    """``--plan --target``: the decode program compiled for v5p x 16 on this host (tiny config); the cost model's
+    time grows with the new-token budget (the loop's trip count is counted, not its body once)."""
+    reports = {}
+    for n in (4, 16):
+        assert cli.main(["configs/tiny.yaml", "--plan", "--target", "tpu:v5p:2x2x4", "--json", "--batch-size", "2",
+                         "--max-new-tokens", str(n), "--plan-frames", "500", "train.mesh.data=16",
+                         "train.mesh.fsdp=1"]) == 0
+        reports[n] = json.loads(capsys.readouterr().out)
+    r4, r16 = reports[4], reports[16]
+    assert r16["devices"] == 16 and r16["mesh"] == {"data": 16, "fsdp": 1, "tensor": 1}
+    assert r16["batch"] == {"rows": 32, "per_device": 2, "frames": 500, "prompt": 64}
+    assert r16["basis"].startswith("TPU cost model") and 0 < r16["memory_bytes"]["total"] < r16["hbm_bytes"]
+    assert r16["batch_seconds"] > 2 * r4["batch_seconds"]
+    assert r16["tokens_per_second"] == pytest.approx(32 * 16 / r16["batch_seconds"])
+    assert cli.main(["configs/tiny.yaml", "--plan"]) == 2  # --plan needs --target
+    assert "--plan needs --target" in capsys.readouterr().err
