@@ -276,5 +276,12 @@ def test_two_ray_serve_replicas_answer_like_one_server(package, server):
                 break
         assert len(pids) == 2, pids
         assert httpx.get(s.url + "/", timeout=30).text.startswith("<!doctype html>")
+        events = []  # stream=true through Ray Serve's proxy: the events arrive, the deltas add up to the done text
+        with httpx.stream("POST", s.url + "/v1/audio/transcriptions", data={"stream": "true"},
+                          files={"file": ("a.wav", waves[0], "audio/wav")}, timeout=120) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+        assert events[-1]["type"] == "transcript.text.done" and len(events) >= 2
+        assert "".join(e["delta"] for e in events[:-1]) == events[-1]["text"]
     finally:
         s.close()
