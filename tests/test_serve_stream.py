@@ -327,3 +327,44 @@ def test_each_row_streams_to_its_own_request_through_a_retried_call(package):
     assert all(len(s) > 0 for s in seen)
     assert flaky.calls[0] == (6, True) and stats["retried_batches"] == 3  # 6 -> 3 + 3 -> (1 + 2) + (1 + 2)
     assert all(streaming for _, streaming in flaky.calls) and min(restarts) >= 3  # every row restarted per try
+
+
+def test_a_stream_whose_reader_stops_is_ended_and_given_up():
+    """The streaming response itself (sse-starlette underneath) over an ASGI ``send`` that stops taking data after
+    the first event, as a client that stopped reading makes uvicorn's ``send`` wait: after ``send_timeout`` the
+    stream ends, is counted as a slow reader, and gives its request up (``on_close``); the event source is closed."""
+    import asyncio
+
+    from osum_torch_infer.serve.streaming import Stream, event
+
+    async def run():
+        calls, closed = [], asyncio.Event()
+
+        async def source():
+            try:
+                for k in range(1000):
+                    yield event({"type": "transcript.text.delta", "delta": f"w{k} "})
+                    await asyncio.sleep(0)
+            finally:
+                closed.set()
+
+        sent, stuck = [], asyncio.Event()
+
+        async def send(msg):
+            if msg["type"] == "http.response.body" and any(m["type"] == "http.response.body" for m in sent):
+                await stuck.wait()  # the reader stopped: this send never completes
+            sent.append(msg)
+
+        async def receive():
+            await asyncio.Event().wait()  # no disconnect: the client is there, it just does not read
+
+        response = Stream(source(), on_close=lambda: calls.append("close"), on_slow=lambda: calls.append("slow"),
+                          ping=0, send_timeout=0.3)
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(response({"type": "http", "method": "POST"}, receive, send), 5)
+        return calls, closed.is_set(), asyncio.get_running_loop().time() - t0, sent
+
+    calls, closed, took, sent = asyncio.run(run())
+    assert calls == ["slow", "close"] and closed
+    assert 0.3 <= took < 2.0
+    assert sent[0]["status"] == 200 and b"w0 " in sent[1]["body"] and len(sent) == 2
