@@ -4,6 +4,9 @@
     curl -F file=@a.wav --form-string "task=<TRANSCRIBE><GENDER>" localhost:8000/v1/understand
     # (--form-string: curl's -F reads a value that starts with "<" as a file name)
     curl -F file=@a.wav -F response_format=srt localhost:8000/v1/audio/transcriptions   # OpenAI-compatible
+    curl -N -F file=@a.wav -F stream=true localhost:8000/v1/audio/transcriptions   # events as it is generated
+    curl -F file=@long.wav -F response_format=verbose_json -F "timestamp_granularities[]=word" \
+         localhost:8000/v1/audio/transcriptions   # segments (segment=vad|fixed) and word timestamps
     open http://localhost:8000/   # the web page: upload or record, pick a task, see the fields, give feedback
     OSUM_SERVE_API_KEY=... osum-serve pkg/osum --host 0.0.0.0 --allowed-origin https://asr.example.com
 """
