@@ -1,4 +1,4 @@
-"""``osum-serve PKG [--device auto] [--host 127.0.0.1] [--port 8000]``: serve a torch package over HTTP.
+r"""``osum-serve PKG [--device auto] [--host 127.0.0.1] [--port 8000]``: serve a torch package over HTTP.
 
     osum-serve pkg/osum --port 8000
     curl -F file=@a.wav --form-string "task=<TRANSCRIBE><GENDER>" localhost:8000/v1/understand
