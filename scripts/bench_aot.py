@@ -122,8 +122,6 @@ row's program is unchanged since 2e61b25 (those commits changed beam search only
 
 
 def write_decode(rows: list[dict]) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text(encoding="utf-8")
     section = ("## Decoding compiled for pods (`osum-decode --plan`, TPU cost model, no accelerator)\n\n"
                f"`python scripts/bench_aot.py --decode` ({time.strftime('%Y-%m-%d')}). Full OSUM, bf16 compute, the "
                "frozen weights in bf16 and the trainable ones as training holds them, the decode program of `osum-decode` (prefill of the 30 s windows and their 64-token "
@@ -132,7 +130,15 @@ def write_decode(rows: list[dict]) -> None:
                "every row decodes every step (a real run stops when all rows have ended, so real outputs of fewer "
                "tokens take less), tokens/s = rows x new tokens / that time, for the whole pod.\n\n"
                + decode_table(rows) + "\n\n" + DECODE_TRIED + "\n")
-    pattern = re.compile(r"## Decoding compiled for pods.*?(?=\n## |\Z)", re.S)
+    replace_section("## Decoding compiled for pods", section)
+
+
+def replace_section(heading: str, section: str) -> None:
+    """Put ``section`` in docs/benchmarks.md in place of the section whose heading starts with ``heading`` (up to
+    the next ``## ``), or at the end when there is none."""
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(heading) + r".*?(?=\n## |\Z)", re.S)
     text = pattern.sub(lambda _: section.rstrip("\n"), text) if pattern.search(text) else \
         text.rstrip("\n") + "\n\n" + section
     doc.write_text(text, encoding="utf-8")
@@ -370,8 +376,6 @@ as far as that count holds.
 
 
 def write(rows: list[dict]) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text(encoding="utf-8")
     section = ("## Train step compiled for pods (TPU and GPU compilers, no accelerator)\n\n"
                f"`python scripts/bench_aot.py` ({time.strftime('%Y-%m-%d')}, jax/libtpu/jax-cuda12-plugin as pinned "
                "in constraints.txt). Full OSUM (8.0 B parameters), bf16 compute, frozen LLM in bf16, remat "
@@ -383,10 +387,7 @@ def write(rows: list[dict]) -> None:
                "whole program's `max(FLOPs / peak, HBM bytes / bandwidth)`, and the per-kernel bound, each kernel's "
                "own max summed over the step.\n\n"
                + table(rows) + "\n\n" + details(rows) + "\n\n" + TRIED + "\n")
-    pattern = re.compile(r"## Train step compiled for pods.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: section.rstrip("\n"), text) if pattern.search(text) else \
-        text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text, encoding="utf-8")
+    replace_section("## Train step compiled for pods", section)
 
 
 def main(argv=None) -> int:
