@@ -63,3 +63,40 @@ def build_corpus(root: Path) -> dict:
     texts = [e["txt"].lower() for e in lines] + [p for ps in PromptBook.load().prompts.values() for p in ps]
     tok_dir = train_tokenizer(texts, root / "tokenizer")
     return {"root": root, "list": data_list, "tokenizer": tok_dir, "entries": lines}
+
+
+# -- long recordings with known pauses (VAD segmentation tests) ---------------------------------------------------
+
+PAUSE_SENTENCES = ["the weather is nice today", "please call stella", "one two three four five six",
+                   "open source models help research", "she sells sea shells", "a quick brown fox jumps"]
+PAUSE_SR = 16000
+
+
+def say(text: str, voice: str = "en-us") -> np.ndarray:
+    """espeak-ng speech at 16 kHz, float32, its own leading and trailing silence trimmed (so the pauses a test
+    inserts are the only ones)."""
+    import io
+
+    import soxr
+
+    r = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], capture_output=True, check=True)
+    x, sr = sf.read(io.BytesIO(r.stdout), dtype="float32")
+    x = soxr.resample(x, sr, PAUSE_SR).astype(np.float32)
+    loud = np.flatnonzero(np.abs(x) > 1e-3)
+    return x[loud[0]:loud[-1] + 1]
+
+
+def speech_with_pauses(n: int, seed: int, gap_seconds: tuple[float, float]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """``n`` utterances of :data:`PAUSE_SENTENCES` (US and British voices in turn) with a silent pause drawn
+    uniformly from ``gap_seconds`` after each: the 16 kHz wave and each pause as ``(start, end)`` samples."""
+    rng = np.random.default_rng(seed)
+    parts, pauses, pos = [], [], 0
+    for k in range(n):
+        x = say(PAUSE_SENTENCES[k % len(PAUSE_SENTENCES)], "en-us" if k % 2 else "en-gb")
+        parts.append(x)
+        pos += len(x)
+        gap = int(rng.uniform(*gap_seconds) * PAUSE_SR)
+        parts.append(np.zeros(gap, np.float32))
+        pauses.append((pos, pos + gap))
+        pos += gap
+    return np.concatenate(parts), pauses

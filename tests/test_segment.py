@@ -2,9 +2,7 @@
 segment outputs (offsets, de-duplicated overlaps, per-segment tags, ALIGN word timestamps), and the SRT / VTT /
 verbose_json writers; osum-infer's --segment, segments/words fields and subtitles on a tiny real package."""
 
-import io
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -14,37 +12,16 @@ from osum_torch_infer import cli
 from osum_torch_infer.features import split_windows
 from osum_torch_infer.segment import (Segment, join_segments, segment_audio, speech_regions, to_srt, to_vtt,
                                       verbose_json)
+from tests.corpus import PAUSE_SENTENCES, PAUSE_SR, say, speech_with_pauses
 from tests.test_torch_infer_e2e import package  # noqa: F401 (the tiny package fixture)
 
-SR = 16000
-SENTENCES = ["the weather is nice today", "please call stella", "one two three four five six",
-             "open source models help research", "she sells sea shells", "a quick brown fox jumps"]
-
-
-def _say(text: str, voice: str = "en-us") -> np.ndarray:
-    import soxr
-
-    r = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], capture_output=True, check=True)
-    x, sr = sf.read(io.BytesIO(r.stdout), dtype="float32")
-    x = soxr.resample(x, sr, SR).astype(np.float32)
-    loud = np.flatnonzero(np.abs(x) > 1e-3)  # trim espeak's own silence: the truth is the inserted pauses
-    return x[loud[0]:loud[-1] + 1]
+SR = PAUSE_SR
 
 
 @pytest.fixture(scope="module")
 def recording(espeak_ng):
     """~75 s: utterances with pauses of 0.5 .. 1.2 s between them; the truth is where each pause is (samples)."""
-    rng = np.random.default_rng(0)
-    parts, pauses, pos = [], [], 0
-    for k in range(32):
-        x = _say(SENTENCES[k % len(SENTENCES)], "en-us" if k % 2 else "en-gb")
-        parts.append(x)
-        pos += len(x)
-        gap = int(rng.uniform(0.5, 1.2) * SR)
-        parts.append(np.zeros(gap, np.float32))
-        pauses.append((pos, pos + gap))
-        pos += gap
-    return np.concatenate(parts), pauses
+    return speech_with_pauses(32, seed=0, gap_seconds=(0.5, 1.2))
 
 
 def test_vad_cuts_long_speech_at_the_known_pauses(recording):
@@ -160,8 +137,8 @@ def test_align_word_timestamps_through_mid_speech_cuts(recording):
     """Words with known times (espeak words laid end to end), cut mid-speech into overlapping segments: every
     word comes out once, at its true time within the tolerance of the ALIGN reference data (0.1 s)."""
     words, parts, pos = [], [], 0
-    for k, w in enumerate(" ".join(SENTENCES).split()):
-        x = _say(w)
+    for k, w in enumerate(" ".join(PAUSE_SENTENCES).split()):
+        x = say(w)
         words.append((w, pos / SR, (pos + len(x)) / SR))
         parts.append(x)
         pos += len(x)
@@ -176,7 +153,7 @@ def test_align_word_timestamps_through_mid_speech_cuts(recording):
     for got, (_, s, e) in zip(r["words"], words):
         assert got["start"] == pytest.approx(s, abs=0.1) and got["end"] == pytest.approx(e, abs=0.1)
     assert r["timestamps"] == [{"token": w["word"], "start": w["start"], "end": w["end"]} for w in r["words"]]
-    assert r["transcript"] == " ".join(SENTENCES)
+    assert r["transcript"] == " ".join(PAUSE_SENTENCES)
     # the joined text re-parses (osum-eval reads it) to the same shifted words
     from osum_torch_infer.parsing import parse_timestamps
 

@@ -5,30 +5,17 @@ equal 30 s windows, and the offsets reach every output: ``segments`` of ``/v1/un
 
 import io
 import json
-import subprocess
 
 import httpx
 import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.corpus import PAUSE_SR, speech_with_pauses
 from tests.test_serve import Server, build_package
 
 pytestmark = [pytest.mark.e2e, pytest.mark.speech]
-SR = 16000
-SENTENCES = ["the weather is nice today", "please call stella", "one two three four five six",
-             "open source models help research", "she sells sea shells", "a quick brown fox jumps"]
-
-
-def _say(text: str, voice: str) -> np.ndarray:
-    """espeak-ng speech at 16 kHz, its own leading and trailing silence trimmed (the pauses are the test's)."""
-    import soxr
-
-    r = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], capture_output=True, check=True)
-    x, sr = sf.read(io.BytesIO(r.stdout), dtype="float32")
-    x = soxr.resample(x, sr, SR).astype(np.float32)
-    loud = np.flatnonzero(np.abs(x) > 1e-3)
-    return x[loud[0]:loud[-1] + 1]
+SR = PAUSE_SR
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +28,8 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def recording(espeak_ng):
     """~50 s of utterances with 0.6 .. 1.1 s pauses: (16-bit WAV bytes, seconds, pauses as (start, end) s)."""
-    rng = np.random.default_rng(1)
-    parts, pauses, pos = [], [], 0
-    for k in range(20):
-        x = _say(SENTENCES[k % len(SENTENCES)], "en-us" if k % 2 else "en-gb")
-        parts.append(x)
-        pos += len(x)
-        gap = int(rng.uniform(0.6, 1.1) * SR)
-        parts.append(np.zeros(gap, np.float32))
-        pauses.append((pos / SR, (pos + gap) / SR))
-        pos += gap
-    wave = np.concatenate(parts)
+    wave, gaps = speech_with_pauses(20, seed=1, gap_seconds=(0.6, 1.1))
+    pauses = [(a / SR, b / SR) for a, b in gaps]
     buf = io.BytesIO()
     sf.write(buf, wave, SR, format="WAV", subtype="PCM_16")
     return buf.getvalue(), len(wave) / SR, pauses
