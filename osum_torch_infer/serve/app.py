@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..features import HOP, MAX_SECONDS, SAMPLE_RATE, AudioError, log_mel_spectrogram
+from ..formats.prompts import prompt_text
 from ..parsing import normalize_task
 from ..segment import MODES as SEGMENT_MODES, join_segments, segment_audio, to_srt, to_vtt, verbose_json
 from .audio import TooLong, WorkerPool, decode_bounded, max_windows
@@ -123,7 +124,7 @@ def create_app(model, *, max_batch: int = 8, max_wait_ms: float = 10.0, max_queu
     feedback_lock = asyncio.Lock()
     rows_per_window = {d: max(1, int(model.decoding_config(d).num_beams or 1)) for d in DECODINGS}
     prompt_limit = limits.max_prompt_tokens or max(
-        [len(model.encode_text(p)) for ps in model.prompts.values() for p in ps if p != "<no_prompt>"] or [1])
+        [len(model.encode_text(t)) for ps in model.prompts.values() for t in map(prompt_text, ps) if t] or [1])
     n_mels = model.config.encoder.num_mel_bins
 
     @contextlib.asynccontextmanager
