@@ -159,6 +159,46 @@ def test_resume_and_shards(setup, tmp_path, capsys):
     assert shards[0].read_bytes() == b"".join(lines[0::2]) and shards[1].read_bytes() == b"".join(lines[1::2])
 
 
+@pytest.mark.multiprocess
+def test_two_processes_decode_their_shares_and_merge_to_one_process_bytes(setup, tmp_path):
+    """2 processes x 4 CPU devices over loopback (``jax.distributed``, as osum-train's two-process test): each
+    decodes every other utterance in one global batch per step, writes its part, and process 0 merges them; the
+    merged file equals one process on 8 devices byte for byte. 9 utterances, 4 rows per process and step: process
+    0 has 5 (two steps), process 1 has 4 (one step, then a step of dummy rows only)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    lines = setup["data"].read_text().splitlines()
+    extra = [json.dumps({**json.loads(lines[i]), "key": f"v{i}"}) for i in (3, 0, 4)]
+    data = tmp_path / "nine.list"
+    data.write_text("\n".join(lines + extra) + "\n")
+    args = [str(setup["ckpt"]), "--data", str(data), "--max-new-tokens", str(N_NEW), "--no-progress",
+            "--batch-size", "1", "train.mesh.data=8", "train.mesh.fsdp=1"]
+    one = tmp_path / "one.jsonl"
+    assert cli.main(args + ["--out", str(one)]) == 0
+    two = tmp_path / "two.jsonl"
+    port = 20000 + (os.getpid() + 7919) % 20000
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+                   OSUM_COORDINATOR=f"127.0.0.1:{port}", OSUM_NUM_PROCESSES="2", OSUM_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, "-m", "osum_jax.decode.cli", *args, "--out", str(two)],
+                                      cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    assert "merged 2 part(s)" in outs[0] and "9 result(s)" in outs[0]
+    keys = [json.loads(line)["key"] for line in two.read_text().splitlines()]
+    assert keys == [f"u{i}" for i in range(6)] + ["v3", "v0", "v4"]
+    assert two.read_bytes() == one.read_bytes()
+    parts = [tmp_path / f"two.jsonl.part{k}-of-2" for k in range(2)]
+    want = one.read_bytes().splitlines(keepends=True)
+    assert [pt.read_bytes() for pt in parts] == [b"".join(want[0::2]), b"".join(want[1::2])]
+
+
 def test_user_mistakes_are_one_line_and_exit_2(setup, tmp_path, capsys):
     out = str(tmp_path / "o.jsonl")
     cases = [

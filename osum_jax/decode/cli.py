@@ -18,6 +18,13 @@ it) or ``data.tokenizer=DIR``. The tokenizer is the config's ``data.tokenizer``;
 with the checkpoint, else ``data.prompts``, else the shipped defaults (the first prompt of a task, as
 ``osum-infer``).
 
+Several processes (hosts): set ``train.distributed.coordinator_address/num_processes/process_id`` or
+``OSUM_COORDINATOR``/``OSUM_NUM_PROCESSES``/``OSUM_PROCESS_ID`` as for ``osum-train`` (a SLURM, Open MPI or
+multi-host TPU job needs none of them), and start the same command on every process. Process ``K`` of ``N``
+decodes every N-th utterance from the K-th (after ``--shard``), its rows in one global batch with the others'
+on the whole mesh, and writes jsonl results to ``OUT.partK-of-N``; when all have finished, process 0 merges the
+parts into ``OUT`` in list order (``osum-infer merge``). ``--resume`` resumes each part; the parts are kept.
+
 Exit status: 0 when every file was decoded, 1 when some could not be read (error records), 2 on a usage,
 config or checkpoint error (one line).
 """
@@ -177,43 +184,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _decode(args, buckets)
 
 
+def _part(out: Path, k: int, n: int) -> Path:
+    """Process ``k`` of ``n``'s results file beside ``out``."""
+    return out.with_name(f"{out.name}.part{k}-of-{n}")
+
+
 def _decode(args, buckets) -> int:
-    from osum_torch_infer.bulk import Journal, parse_shard, record_line, resume_plan, take_shard
+    from osum_torch_infer.bulk import (Journal, MergeError, merge, parse_shard, record_line, resume_plan,
+                                       take_shard)
     from osum_torch_infer.pipeline import check_max_seconds, mark_repeated_keys, read_any, run
 
-    from ..checkpoint import load_model
+    from ..checkpoint import abstract_model, load_flat, load_model, read_config, restore_params
     from ..config import ConfigError
+    from ..train.cli import _init_distributed
     from ..train.mesh import build_mesh
     from .program import DecodeProgram
 
     out = Path(args.out)
     try:
+        _init_distributed(read_config(args.checkpoint, args.step, args.overrides))
+        import jax
+
+        k, n = jax.process_index(), jax.process_count()
+        fmt, mine = (args.format, out) if n == 1 else ("jsonl", _part(out, k, n))  # merge needs jsonl parts
+        if n > 1 and mine.exists() and not (args.overwrite or args.resume):
+            raise ValueError(f"--out part {mine} exists; pass --resume to finish it or --overwrite to replace it")
         shard = parse_shard(args.shard) if args.shard is not None else (0, 1)
         items = read_any(args.data, strict=args.strict)
         if not items:
             raise ValueError(f"{args.data}: no utterances")
         mark_repeated_keys(items, strict=args.strict)
         items = take_shard(items, *shard)
+        listed = items
+        items = take_shard(items, k, n) if n > 1 else items
         source = args.data + (f", shard {args.shard}" if args.shard else "")
         todo, prior = items, None
-        if args.resume and out.exists():
-            todo, prior = resume_plan(out, items, args.format, source)
+        if args.resume and mine.exists():
+            todo, prior = resume_plan(mine, items, fmt, source + (f", process {k} of {n}" if n > 1 else ""))
             if prior.torn is not None:
-                print(f"{PROG}: {out}:{prior.torn[0]}: a torn last line is dropped; its utterance is decoded again",
+                print(f"{PROG}: {mine}:{prior.torn[0]}: a torn last line is dropped; its utterance is decoded again",
                       file=sys.stderr)
-            print(f"{PROG}: resuming {out}: {len(prior.lines)} of {len(items)} utterance(s) done, {len(todo)} to go",
+            print(f"{PROG}: resuming {mine}: {len(prior.lines)} of {len(items)} utterance(s) done, {len(todo)} to go",
                   file=sys.stderr)
-        if not todo:
+        if not todo and n == 1:
             failed = prior.errors if prior is not None else 0
             print(f"{PROG}: nothing to do: all {len(items)} result(s) are in {out}", file=sys.stderr)
             return 1 if failed else 0
-        model, cfg = load_model(args.checkpoint, args.step, args.overrides)
+        if n == 1:
+            model, cfg = load_model(args.checkpoint, args.step, args.overrides)
+        else:  # each process reads the weights onto one of its own devices (load_model's default is device 0's)
+            cfg = read_config(args.checkpoint, args.step, args.overrides)
+            model = abstract_model(cfg)
+            load_flat(model, restore_params(args.checkpoint, args.step, cfg, device=jax.local_devices()[0]),
+                      source=str(args.checkpoint))
         check_max_seconds(args.max_seconds, 2 * cfg.model.encoder.max_source_positions)
         tok = _tokenizer(cfg)
         prompts = _prompt_book(args.checkpoint, args.step, cfg)
         mesh = build_mesh(cfg.train.mesh)
         program = DecodeProgram(cfg, mesh, _decoding(args), tok.eod_id, batch_per_device=args.batch_size,
                                 frame_buckets=buckets)
+        if program.rows % n:
+            raise ValueError(f"{program.rows} rows per batch do not split over {n} processes")
         decoder = JaxDecoder(program, program.place(model), tok, prompts)
         del model
         if args.prompt is None and (args.task or args.strict):
@@ -221,27 +252,44 @@ def _decode(args, buckets) -> int:
 
             for t in {normalize_task(args.task or it.task) for it in todo if it.error is None}:
                 decoder.prompt_for(t)  # an unknown task fails here, before any audio is read
-        journal = Journal(out, keep=prior.size if prior is not None else 0)
+        journal = Journal(mine, keep=prior.size if prior is not None else 0)
     except (ValueError, OSError) as e:  # CheckpointError and ConfigError are ValueErrors
         kind = "config error" if isinstance(e, ConfigError) else "error"
         print(f"{PROG}: {kind}: {e}", file=sys.stderr)
         return 2
-    print(f"{PROG}: {len(mesh.devices.flat)} device(s) {dict(mesh.shape)}, {program.rows} row(s) per batch, "
+    who = f"process {k} of {n}: " if n > 1 else ""
+    print(f"{PROG}: {who}{len(mesh.devices.flat)} device(s) {dict(mesh.shape)}, {program.rows} row(s) per batch, "
           f"{args.decoding}" + (f" ({args.num_beams} beams)" if args.decoding == "beam" else ""), file=sys.stderr)
     ok = failed = 0
     with journal:
-        for r in run(decoder, todo, task=args.task, prompt=args.prompt, batch_size=program.rows,
-                     decoding=args.decoding, max_seconds=args.max_seconds, progress=not args.no_progress):
-            line = record_line(r, args.format)
-            if line is not None:
-                journal.write(line)
-            error = "error" in r
-            ok, failed = ok + (not error), failed + error
+        if todo:
+            for r in run(decoder, todo, task=args.task, prompt=args.prompt, batch_size=program.local_rows,
+                         decoding=args.decoding, max_seconds=args.max_seconds, progress=not args.no_progress):
+                line = record_line(r, fmt)
+                if line is not None:
+                    journal.write(line)
+                error = "error" in r
+                ok, failed = ok + (not error), failed + error
+        program.drain(decoder.state)  # several processes: wait (in dummy steps) for the others' batches
     done, done_failed = (len(prior.lines), prior.errors) if prior is not None else (0, 0)
     failed_all = failed + done_failed
-    print(f"{PROG}: {ok} result(s) written to {out}" + (f" ({done} already there)" if done else "")
+    print(f"{PROG}: {who}{ok} result(s) written to {mine}" + (f" ({done} already there)" if done else "")
           + (f"; {failed_all} file(s) failed" if failed_all else ""), file=sys.stderr)
-    return 1 if failed_all else 0
+    if n == 1:
+        return 1 if failed_all else 0
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("osum-decode: every part is written")
+    if k != 0:
+        return 1 if failed_all else 0
+    try:
+        merged, merged_failed = merge(out, [_part(out, i, n) for i in range(n)], listed, source=source, fmt=args.format)
+    except (MergeError, ValueError, OSError) as e:
+        print(f"{PROG}: error: merging the parts into {out}: {e}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: merged {n} part(s) into {out}: {merged} result(s)"
+          + (f"; {merged_failed} file(s) failed" if merged_failed else ""), file=sys.stderr)
+    return 1 if merged_failed else 0
 
 
 def _plan(args, buckets) -> int:
