@@ -67,9 +67,10 @@ SPLASH_MIN_LENGTH = 512
 
 # The most padding (a fraction of the stack's length) a fused-kernel stack takes on once for all its layers; above
 # it each attention call pads q/k/v itself. Full step, TPU cost model, v5p x 16, the recipe's 2340x96 bucket
-# (encoder 1170 -> 1280 positions, 9.4 %; LLM rows 454 -> 512, 12.8 %): both stacks padded once 411.7 ms, both
-# per call 398.2 ms, the encoder once and the LLM per call 392.9 ms (MFU 39.8 -> 41.7 %). Padded once measured better
-# at 5.9 % (encoder, 1450 -> 1536) and 1.9 % (LLM, 628 -> 640) on the 4-layer proxy.
+# (encoder 1170 -> 1280 positions, 9.4 %; LLM rows 454 -> 512, 12.8 %): both stacks padded once 411.7 ms, the
+# encoder once and the LLM per call 392.9 ms (MFU 39.8 -> 41.7 %, 53cf8c2), both per call 398.2 ms (72b1b15 with
+# an uncommitted threshold switch). Padded once measured better at 5.9 % (encoder, 1450 -> 1536) and 1.9 % (LLM,
+# 628 -> 640) on the 4-layer proxy.
 STACK_PAD_MAX = 0.10
 
 
