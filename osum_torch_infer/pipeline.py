@@ -13,9 +13,8 @@ from .bulk import record_line
 from .files import LineError, atomic_file
 from .formats.lists import lines, parse_extra, sniff
 from .formats.shards import UNREADABLE, audio_suffix, read_shard_list, scan_tar
-from .features import (AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, split_windows,
-                       wav_truncation)
-from .parsing import join_windows, normalize_task
+from .features import AudioError, MAX_SECONDS, SAMPLE_RATE, load_audio, log_mel_spectrogram, wav_truncation
+from .parsing import normalize_task
 from .progress import progress_bar
 from .segment import OVERLAP_SECONDS, join_segments, segment_audio
 

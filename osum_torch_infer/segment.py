@@ -42,10 +42,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .formats.preset import MAX_SECONDS, SAMPLE_RATE
 from .parsing import expected_tags, format_output, is_align, is_chat, join_windows, normalize_task, parse_output
 
-SAMPLE_RATE = 16000
-MAX_SECONDS = 30.0
 OVERLAP_SECONDS = 1.0  # kept twice where a segment must be cut mid-speech (a word or two at speaking rate)
 SPEECH_PAD_SECONDS = 0.2  # silence kept before and after the speech of a segment
 MIN_SILENCE_MS = 100  # shortest pause the VAD reports as one (a pause between words of careful speech)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from osum_torch_infer.files import atomic_file
-from osum_torch_infer.formats.lists import beside  # noqa: F401 (paths in a list resolve beside it)
 
 INDEX_VERSION = 3  # 3: blank lines counted
 

@@ -57,15 +57,6 @@ def lines(path: str | Path) -> Iterator[Line]:
             offset += len(raw)
 
 
-def read_line(path: str | Path, offset: int, length: int, fd: int | None = None) -> bytes:
-    """The bytes of one line found by :func:`lines` (``fd``: an open descriptor of ``path``, for random access)."""
-    if fd is not None:
-        return os.pread(fd, length, offset)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
-
-
 def sniff(path: str | Path) -> str:
     """What a list holds, from its first non-blank line: ``jsonl`` (a JSON object), ``tars`` (a path ending in
     ``.tar``), ``lines`` (``key path`` or another path) or ``empty``."""

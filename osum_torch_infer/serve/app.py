@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..features import HOP, MAX_SECONDS, SAMPLE_RATE, AudioError, log_mel_spectrogram
+from ..formats.preset import DECODINGS
 from ..formats.prompts import prompt_text
 from ..parsing import normalize_task
 from ..segment import MODES as SEGMENT_MODES, join_segments, segment_audio, to_srt, to_vtt, verbose_json
@@ -38,7 +39,6 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .streaming import DEADLINE_KEY, Progress, Stream, events
 
 log = logging.getLogger("osum.serve")
-DECODINGS = ("greedy", "beam", "osum")
 PAGE = Path(__file__).with_name("static") / "index.html"
 FEEDBACK_FIELDS = {"verdict": str, "audio": str, "task": str, "prompt": str, "decoding": str, "result": str,
                    "transcript": str, "tags": dict, "comment": str}

@@ -102,13 +102,6 @@ def decode_bounded(f: BinaryIO, max_seconds: float, *, target_sr: int = SAMPLE_R
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
-def windows_of(wave: np.ndarray, n_mels: int, max_window_s: float) -> list[tuple[float, np.ndarray]]:
-    """``[(offset_s, log-mel [T, n_mels])]`` of the 30 s windows of ``wave`` (16 kHz)."""
-    from ..features import log_mel_spectrogram, split_windows
-
-    return [(off, log_mel_spectrogram(w, n_mels)) for off, w in split_windows(wave, max_window_s, SAMPLE_RATE)]
-
-
 def max_windows(max_seconds: float, window_s: float) -> int:
     """Windows of the longest audio the server takes (split as :func:`features.split_windows` does)."""
     return max(1, math.ceil(max_seconds / window_s))
