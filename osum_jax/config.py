@@ -402,6 +402,12 @@ class TrainConfig:
             raise ConfigError("train.frozen_param_dtype must be float32 or bfloat16")
         if self.grad_accum < 1 or self.steps < 1:
             raise ConfigError("train.grad_accum and train.steps must be >= 1")
+        for name in ("log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)}; must be >= 1 (a checkpoint is also written "
+                                  "at the last step)")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every={self.eval_every}; use 0 (no evaluation) or a positive interval")
         for name in ("data", "fsdp", "tensor"):
             v = getattr(self.mesh, name)
             if v == 0 or v < -1:

@@ -51,6 +51,9 @@ def test_overrides_are_typed():
     ("model.llm.num_kv_heads=3", "not divisible by num_kv_heads"),
     ("model.lora.targets=[q_proj,w_proj]", "unknown modules"),
     ("model.llm.num_layers", "key=value"),
+    ("train.checkpoint_every=0", r"train.checkpoint_every=0; must be >= 1"),
+    ("train.log_every=0", r"train.log_every=0; must be >= 1"),
+    ("train.eval_every=-5", r"train.eval_every=-5"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
