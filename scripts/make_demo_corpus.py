@@ -89,8 +89,12 @@ PROMPTS = {"<TRANSCRIBE>": ["Transcribe the speech.", "What is said?"],
            "<TRANSCRIBE> <AGE> <GENDER>": ["Transcribe, then tag age and gender.",
                                            "What is said? Then the age and the gender."],
            "<AGE> <GENDER>": ["Only tag age and gender.", "Age and gender only."]}
-# task -> share of utterances; the label format of each follows OSUM (tags after the transcript, no spaces)
-TASKS = {"<TRANSCRIBE>": 0.45, "<TRANSCRIBE> <GENDER>": 0.15, "<TRANSCRIBE> <AGE> <GENDER>": 0.2,
+# task -> share of utterances; the label format of each follows OSUM (tags after the transcript, no spaces).
+# Three utterances in four carry the gender tag (was 0.55, with <TRANSCRIBE> alone at 0.45): with fewer, a run
+# could learn transcription first and its adapter drop the pitch the gender tag needs (seed 2: gender 65 %, a
+# linear probe reads gender from the encoder's output at 97 % but from the adapter's at 76 %); the transcript
+# stays in 80 % of the utterances, as before. The speech itself does not depend on these shares.
+TASKS = {"<TRANSCRIBE>": 0.25, "<TRANSCRIBE> <GENDER>": 0.3, "<TRANSCRIBE> <AGE> <GENDER>": 0.25,
          "<AGE> <GENDER>": 0.2}
 
 
