@@ -10,16 +10,21 @@ What makes OSUM's tasks meaningful at toy scale, and what is held out:
   "two stop nine"), spoken as isolated words: each word is synthesised alone and starts its own 0.8 s slot,
   like a digit string read with pauses (continuous espeak-ng sentences left a 2-layer model trained from
   scratch unable to find the second and third words within the demo's budget: 86 % / 7 % / 2 % per-position
-  word accuracy after 2000 steps). Every word occurs in training; **word combinations** are what is held out:
-  dev and both
-  test splits hold only 2- and 3-word phrases that never occur in training (nor in each other), so transcripts
-  must be recognised word by word, not remembered. Single words (the toy equivalent of keyword spotting, which
+  word accuracy after 2000 steps). Every clip is three slots long (2.45 s), shorter phrases ending in silent
+  slots: the LLM sees ``[prompt][bos speech eos][target]`` with positions packed, so with clips of 1, 2 or 3
+  slots the distance from the k-th target token back to the k-th word changed with the clip's length, and a
+  2-layer model found the word-by-word alignment anywhere from step ~400 to not within 1300 steps, seed by
+  seed; at a fixed length that distance is fixed. Every word occurs in training; **word combinations** are what
+  is held out: dev and both test splits hold only 2- and 3-word phrases that never occur in training (nor in
+  each other), so transcripts must be recognised word by word, not remembered. Single words (the toy equivalent of keyword spotting, which
   makes the task learnable in minutes on a CPU) occur in training only.
 * SGC (gender): espeak-ng male variants vs female variants over en-us and en-gb. **One voice per gender is held
   out** (``HELD_OUT_VOICES``): it never occurs in train or dev, only in ``test_voices.list``, which measures
   generalisation to an unseen speaker; ``test.list`` uses the training voices.
-* SAP (age): pitch and speed variants stand in for age: child = high pitch, fast; old = low pitch, slow; adult in
-  between (each jittered per utterance).
+* SAP (age): the speaking rate stands in for age: child fast (200 words per minute), adult 150, old slow (105),
+  jittered per utterance. The pitch is jittered too but is the same for every age: when children also spoke
+  higher and old people lower, a model read age partly from pitch, and the held-out female voice, lower than the
+  training ones, had its children heard as adults and its adults as old.
 * Task mix: ``<TRANSCRIBE>``, ``<TRANSCRIBE> <GENDER>``, ``<TRANSCRIBE> <AGE> <GENDER>`` and ``<AGE> <GENDER>``,
   labelled as OSUM does (``two stop nine<ADULT><MALE>``, tags only: ``<CHILD><FEMALE>``).
 
@@ -77,12 +82,14 @@ HELD_OUT_VOICES = {"male": "en-us+m3", "female": "en-gb-x-rp+f4"}
 # split -> (voices it may use, whether single words may occur)
 SPLITS = {"train": ("seen", True), "dev": ("seen", False), "test": ("seen", False),
           "test_voices": ("held_out", False)}
-# age -> (espeak pitch 0..99, words per minute); jittered by +-PITCH_JITTER / +-SPEED_JITTER per utterance. The
-# pitch steps are small enough that every female voice stays well above every male one (tests/test_demo.py)
-AGES = {"child": (62, 200), "adult": (50, 150), "old": (38, 105)}
+# age -> (espeak pitch 0..99, words per minute); jittered by +-PITCH_JITTER / +-SPEED_JITTER per utterance. Only
+# the rate tells ages apart (the docstring says why); every female voice stays well above every male one
+# (tests/test_demo.py)
+AGES = {"child": (50, 200), "adult": (50, 150), "old": (50, 105)}
 PITCH_JITTER, SPEED_JITTER = 6, 8
 # every word is synthesised on its own and gets a slot of this length (its longest trimmed form, "seven" at the
-# slowest speed, is ~0.71 s), after a short lead-in: 3 words make 2.45 s, inside data.max_frames=256
+# slowest speed, is ~0.71 s), after a short lead-in: 3 slots make 2.45 s, inside data.max_frames=256; every clip
+# has 3 slots (the docstring says why)
 SLOT_SECONDS, LEAD_SECONDS = 0.8, 0.05
 PROMPTS = {"<TRANSCRIBE>": ["Transcribe the speech.", "What is said?"],
            "<TRANSCRIBE> <GENDER>": ["Transcribe, then tag the gender.", "What is said, and by a man or a woman?"],
@@ -222,6 +229,7 @@ def synthesize(row: dict, wav: Path) -> None:
         slot = np.zeros(int(SLOT_SECONDS * sr), np.int16)
         slot[: len(x)] = x
         parts.append(slot)
+    parts += [np.zeros(int(SLOT_SECONDS * sr), np.int16)] * (max(LENGTHS) - len(parts))  # every clip 3 slots long
     audio = np.concatenate([np.zeros(int(LEAD_SECONDS * sr), np.int16), *parts])
     sf.write(str(wav), resample_to_16k(audio), SAMPLE_RATE, subtype="PCM_16")
 
