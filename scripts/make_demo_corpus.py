@@ -22,9 +22,12 @@ What makes OSUM's tasks meaningful at toy scale, and what is held out:
   out** (``HELD_OUT_VOICES``): it never occurs in train or dev, only in ``test_voices.list``, which measures
   generalisation to an unseen speaker; ``test.list`` uses the training voices.
 * SAP (age): the speaking rate stands in for age: child fast (200 words per minute), adult 150, old slow (105),
-  jittered per utterance. The pitch is jittered too but is the same for every age: when children also spoke
-  higher and old people lower, a model read age partly from pitch, and the held-out female voice, lower than the
-  training ones, had its children heard as adults and its adults as old.
+  jittered per utterance. espeak-ng's voices speak the same ``-s`` setting at different rates (the slowest,
+  en-gb-x-rp+f4, held out, takes 1.18x the median voice's time, the fastest 0.89x: as far apart as two ages), so
+  each voice's setting is scaled by its measured rate (``VOICE_RATE``) and every voice speaks a given age at the
+  same rate. The pitch is jittered but the same for every age: when children also spoke higher and old people
+  lower, the held-out female voice, lower and slower than the training ones, had its children heard as adults
+  and its adults as old.
 * Task mix: ``<TRANSCRIBE>``, ``<TRANSCRIBE> <GENDER>``, ``<TRANSCRIBE> <AGE> <GENDER>`` and ``<AGE> <GENDER>``,
   labelled as OSUM does (``two stop nine<ADULT><MALE>``, tags only: ``<CHILD><FEMALE>``).
 
@@ -71,6 +74,11 @@ WORDS = DIGITS + COMMANDS
 # utterance length in words -> share (single words occur in training only: dev and test hold combinations)
 LENGTHS = {1: 0.15, 2: 0.45, 3: 0.4}
 
+# Each voice's speaking time relative to the median voice's (the 20 words at -s 105, 150 and 200, trimmed as
+# synthesize() trims, espeak-ng 1.51): its -s setting is the rate times this, so every voice speaks an age at the
+# same rate (tests/test_demo.py checks the spread that is left)
+VOICE_RATE = {"en-us+m1": 1.00, "en-gb-x-rp+m2": 0.98, "en-us+m3": 0.93, "en-gb-x-rp+m4": 1.05,
+              "en-us+f1": 1.11, "en-gb-x-rp+steph": 0.89, "en-us+Annie": 0.99, "en-gb-x-rp+f4": 1.18}
 # Only voices whose output is a pure function of the text and settings: espeak-ng's breathy variants (f2, f3,
 # f5: a `breath` line in espeak-ng-data/voices/!v) add noise drawn from libc's rand(), so their waveform changes
 # with the C library (glibc, musl, macOS) and the call order; tests/test_demo.py checks every voice here against
@@ -163,7 +171,8 @@ def plan(seed: int, sizes: dict[str, int]) -> dict[str, list[dict]]:
 
 
 def _espeak(row: dict, text: str) -> tuple[np.ndarray, int]:
-    cmd = ["espeak-ng", "-v", row["voice"], "-p", str(row["pitch"]), "-s", str(row["speed"]), "--stdout", text]
+    speed = round(row["speed"] * VOICE_RATE[row["voice"]])  # row["speed"]: the rate heard, in words per minute
+    cmd = ["espeak-ng", "-v", row["voice"], "-p", str(row["pitch"]), "-s", str(speed), "--stdout", text]
     res = subprocess.run(cmd, capture_output=True)
     if res.returncode != 0 or len(res.stdout) < 1000:
         raise RuntimeError(f"espeak-ng failed for {row['key']} ({' '.join(cmd)}): "

@@ -199,6 +199,35 @@ def test_demo_voices_separate_gender_by_pitch(tmp_path):
     assert len({round(f0[g, v, "adult", PITCH_JITTER]) for g, vs in VOICES.items() for v in vs}) >= 5, f0
 
 
+@speech
+def test_demo_voices_speak_each_age_at_one_rate(tmp_path):
+    """Age is the speaking rate, so every voice must speak an age's rate alike: espeak-ng's own rates differ by
+    up to 1.33x between the demo's voices at one ``-s`` setting (as far apart as two ages), which VOICE_RATE
+    scales away. Measured on the words as synthesize() places them: the summed lengths of the 20 words."""
+    import numpy as np
+    import soundfile as sf
+
+    from scripts.make_demo_corpus import AGES, VOICES, WORDS, synthesize
+
+    def speaking_time(voice: str, rate: int) -> float:
+        total = 0.0
+        for word in WORDS:
+            synthesize({"key": "x", "voice": voice, "pitch": 50, "speed": rate, "text": word}, tmp_path / "x.wav")
+            x, _ = sf.read(str(tmp_path / "x.wav"), dtype="int16")
+            loud = np.flatnonzero(np.abs(x.astype(np.int32)) > 0.02 * np.abs(x.astype(np.int32)).max())
+            total += (loud[-1] - loud[0] + 1) / 16000
+        return total
+
+    voices = [v for vs in VOICES.values() for v in vs]
+    rates = sorted(speed for _, speed in AGES.values())
+    times = {(v, r): speaking_time(v, r) for v in voices for r in rates}
+    for r in rates:  # every voice within 6 % of the others' median at each age's rate
+        med = float(np.median([times[v, r] for v in voices]))
+        assert all(abs(times[v, r] / med - 1) < 0.06 for v in voices), {v: times[v, r] / med for v in voices}
+    for slow, fast in zip(rates, rates[1:]):  # and the ages stay far apart for every voice
+        assert max(times[v, fast] for v in voices) * 1.2 < min(times[v, slow] for v in voices), times
+
+
 def _espeak_data_dir() -> Path:
     out = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True).stdout
     return Path(out.split("Data at:")[1].strip())
