@@ -173,6 +173,12 @@ def against_reference(figs: dict[str, float], reference: dict | None) -> list[st
                      "them, and please report it with OUT/report.md and OUT/corpus/corpus.json.")
     else:
         lines.append("Every accuracy figure of this run is inside (or better than) the documented spread.")
+    short = [f"{label} {100 * figs[name]:.1f} % (target {'>=' if higher else '<='} {100 * bound:.0f} %)"
+             for name, (label, _, _, higher, bound) in FIGURES.items()
+             if name in figs and ((figs[name] < bound) if higher else (figs[name] > bound))]
+    if short:
+        lines += ["", "**Below the demo's target** (issue 32): " + "; ".join(short) + ". The recipe does not yet "
+                  "reach it on every corpus seed; docs/benchmarks.md (Demo) says which figures miss it and why."]
     return lines + [""]
 
 

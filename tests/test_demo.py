@@ -374,6 +374,9 @@ def test_demo_report_says_when_a_run_falls_outside_the_documented_spread():
                                       ref))
     assert "**This run falls outside the documented spread**: test WER 32.5 % (documented 1.0-5.0 %)" in bad
     assert "test gender acc. 90.0 %" in bad
+    assert "Below the demo's target" not in good  # 3 % / 2 % WER, 100 % gender: every bound of issue 32 met
+    assert ("**Below the demo's target** (issue 32): test WER 32.5 % (target <= 10 %); test gender acc. 90.0 % "
+            "(target >= 95 %).") in bad
     assert "no documented spread" in "\n".join(against_reference({"test_wer": 0.1}, None))
 
 
