@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.demo import FIGURES, REFERENCE, figures  # noqa: E402
+from scripts.demo import FIGURES, REFERENCE, figures, misses_target  # noqa: E402
 
 
 def run_demo(out: Path, seed: int, extra: list[str], log: Path) -> dict:
@@ -63,7 +63,7 @@ def failures(label: str, figs: dict) -> list[str]:
     for name, (text, _, _, higher, bound) in FIGURES.items():
         if name not in figs:
             out.append(f"{label}: {text} missing")
-        elif (figs[name] < bound) if higher else (figs[name] > bound):
+        elif misses_target(name, figs[name]):
             out.append(f"{label}: {text} {fmt(name, figs[name])} (needs {'>=' if higher else '<='} "
                        f"{100 * bound:.0f} %)")
     return out

@@ -16,8 +16,8 @@ What makes OSUM's tasks meaningful at toy scale, and what is held out:
   2-layer model found the word-by-word alignment anywhere from step ~400 to not within 1300 steps, seed by
   seed; at a fixed length that distance is fixed. Every word occurs in training; **word combinations** are what
   is held out: dev and both test splits hold only 2- and 3-word phrases that never occur in training (nor in
-  each other), so transcripts must be recognised word by word, not remembered. Single words (the toy equivalent of keyword spotting, which
-  makes the task learnable in minutes on a CPU) occur in training only.
+  each other), so transcripts must be recognised word by word, not remembered. Single words (the toy equivalent
+  of keyword spotting, which makes the task learnable in minutes on a CPU) occur in training only.
 * SGC (gender): espeak-ng male variants vs female variants over en-us and en-gb. **One voice per gender is held
   out** (``HELD_OUT_VOICES``): it never occurs in train or dev, only in ``test_voices.list``, which measures
   generalisation to an unseen speaker; ``test.list`` uses the training voices.
