@@ -198,14 +198,15 @@ def test_demo_voices_separate_gender_by_pitch(tmp_path):
     """Every female voice is clearly higher than every male one at every age setting (an unknown espeak-ng
     voice name falls back to the default male voice silently: `en-gb+f2` did, which made half the
     "female" utterances male)."""
-    from scripts.make_demo_corpus import AGES, PITCH_JITTER, VOICES, synthesize
+    from scripts.make_demo_corpus import AGES, GENDER_PITCH, PITCH_JITTER, VOICES, synthesize
 
     f0 = {}
     for gender, voices in VOICES.items():
         for voice in voices:
             for age, (pitch, speed) in AGES.items():
                 for dp in (-PITCH_JITTER, PITCH_JITTER):
-                    row = {"key": "x", "voice": voice, "pitch": pitch + dp, "speed": speed, "text": "seven go left"}
+                    row = {"key": "x", "voice": voice, "pitch": pitch + GENDER_PITCH[gender] + dp, "speed": speed,
+                           "text": "seven go left"}
                     synthesize(row, tmp_path / "x.wav")
                     f0[gender, voice, age, dp] = _median_f0(tmp_path / "x.wav")
     top_male = max(v for k, v in f0.items() if k[0] == "male")
