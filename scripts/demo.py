@@ -8,11 +8,10 @@
    data 1 x fsdp 2 (parameters sharded), with checkpoints and dev evaluation (JAX greedy decoding). With
    ``--listen-steps N`` it first trains N steps on ``train_tags.list`` (every training utterance asking only
    for ``<AGE> <GENDER>``, at a constant learning rate) and starts the task mix from those weights
-   (``train.init_from``): a listening stage. Off by default, because its 5-seed spread is not measured yet.
-   What is known (docs/benchmarks.md, Demo): without it, 2 corpus seeds of 5 left gender at chance, their
-   adapters having lost the pitch; on seed 3, 200 listening steps learned gender and the task mix kept it
-   (test WER 0.3 %, held-out voices 4.8 %, gender 100 / 100 %, age 98.6 / 100 %, against 0.0 / 9.5 %,
-   56.7 / 54.9 %, 98.6 / 93.0 % without).
+   (``train.init_from``): a listening stage, off by default, an experiment (docs/benchmarks.md, Demo). Without
+   it, 2 corpus seeds of 5 left gender at chance, their adapters having lost the pitch. With it both learned
+   gender (100 %), but seed 2 then never aligned its words (test WER 80.7 %, was 0.0 %); seed 3 kept them
+   (0.3 %, held-out voices 4.8 %).
 3. exports the run with ``osum-convert export-torch`` (a Hugging Face style safetensors package)
 4. transcribes and tags the two held-out test splits (unseen word combinations with the training voices, and
    with held-out voices) with ``osum-infer`` (PyTorch, no JAX)
