@@ -111,10 +111,10 @@ PROMPTS = {"<TRANSCRIBE>": ["Transcribe the speech.", "What is said?"],
 # could learn transcription first and its adapter drop the pitch the gender tag needs (seed 2: gender 65 %, a
 # linear probe reads gender from the encoder's output at 97 % but from the adapter's at 76 %); the transcript
 # stays in 80 % of the utterances, as before. The speech itself does not depend on these shares.
-# the task of train_tags.list, which scripts/demo.py's listening stage trains on (its docstring says why)
-LISTEN_TASK = "<AGE> <GENDER>"
 TASKS = {"<TRANSCRIBE>": 0.25, "<TRANSCRIBE> <GENDER>": 0.3, "<TRANSCRIBE> <AGE> <GENDER>": 0.25,
          "<AGE> <GENDER>": 0.2}
+# the task of train_tags.list, which scripts/demo.py's listening stage trains on (its docstring says why)
+LISTEN_TASK = "<AGE> <GENDER>"
 
 
 def phrase(rng: np.random.Generator, n_words: int) -> str:
