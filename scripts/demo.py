@@ -9,9 +9,9 @@
    ``--listen-steps N`` it first trains N steps on ``train_tags.list`` (every training utterance asking only
    for ``<AGE> <GENDER>``, at a constant learning rate) and starts the task mix from those weights
    (``train.init_from``): a listening stage, off by default, an experiment (docs/benchmarks.md, Demo). Without
-   it, 2 corpus seeds of 5 left gender at chance, their adapters having lost the pitch. With it both learned
-   gender (100 %), but seed 2 then never aligned its words (test WER 80.7 %, was 0.0 %); seed 3 kept them
-   (0.3 %, held-out voices 4.8 %).
+   it, 2 corpus seeds of 5 left gender at chance, their adapters having lost the pitch. With 200 listening
+   steps seed 2 learned gender (100 %) but never aligned its words (test WER 80.7 %, was 0.0 %); seed 3, from
+   400 listening steps run by hand, learned gender and kept its words (0.3 %, held-out voices 4.8 %).
 3. exports the run with ``osum-convert export-torch`` (a Hugging Face style safetensors package)
 4. transcribes and tags the two held-out test splits (unseen word combinations with the training voices, and
    with held-out voices) with ``osum-infer`` (PyTorch, no JAX)
