@@ -287,6 +287,7 @@ class DataConfig:
 
 FIRE_MODULES = ("link", "encoder", "llm", "link_and_encoder", "link_and_encoder_and_lora", "lora", "all")
 SCHEDULES = ("warmup_inverse_sqrt", "cosine", "constant")
+INIT_PARTS = ("encoder", "adapter", "speech_embed", "llm")  # OSUM's top-level modules (llm includes its LoRA)
 
 # MaxText-style logical-axis -> mesh-axis rules (None = replicated). First matching mesh axis wins.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
@@ -356,6 +357,9 @@ class TrainConfig:
 
     output_dir: str = "runs/osum"
     init_from: str = ""  # a checkpoint written by osum-convert (weights only) to start from
+    # which of the model's parts init_from gives (INIT_PARTS; () = all); the others start from the run's own
+    # random initialisation (train.seed), e.g. [encoder, adapter] keeps a pretrained front end and a fresh LLM
+    init_parts: tuple[str, ...] = ()
     resume_data: bool = True  # on resume, continue the data order exactly (needs the same processes/workers)
     fire_module: str = "link_and_encoder_and_lora"  # what trains; see FIRE_MODULES
     frozen_param_dtype: str = "float32"  # bfloat16 halves the memory of frozen weights
@@ -395,6 +399,13 @@ class TrainConfig:
             raise ConfigError(f"train.fire_module={self.fire_module!r}; expected one of {FIRE_MODULES}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule={self.schedule!r}; expected one of {SCHEDULES}")
+        bad = [p for p in self.init_parts if p not in INIT_PARTS]
+        if bad or len(set(self.init_parts)) != len(self.init_parts):
+            raise ConfigError(f"train.init_parts={list(self.init_parts)}; expected distinct names from "
+                              f"{list(INIT_PARTS)} ([] = all)")
+        if self.init_parts and not self.init_from:
+            raise ConfigError(f"train.init_parts={list(self.init_parts)} without train.init_from: there is nothing "
+                              "to take them from")
         if self.dropout_rng not in ("threefry2x32", "hash", "rbg", "unsafe_rbg"):
             raise ConfigError(f"train.dropout_rng={self.dropout_rng!r}; expected threefry2x32, hash, rbg or "
                               "unsafe_rbg")
