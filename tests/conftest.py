@@ -22,6 +22,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
     atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
 
+# osum_jax first: its platform set-up (osum_jax/platforms.py) loads the compile-only CUDA plugin with its
+# "Could not find cuda drivers" lines filtered; a bare `import jax` here printed them at the end of every run
+import osum_jax  # noqa: E402,F401
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -111,3 +111,15 @@ def test_a_tiny_training_run_prints_nothing_foreign(speech_corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "osum-train: stopped at step 2" in r.stderr
     _assert_only_our_lines(r.stderr)
+
+
+@no_accelerator
+def test_the_test_suite_itself_is_quiet():
+    """`make test`'s own process (conftest.py imports JAX for the session) prints none of the plugins' lines: the
+    CUDA plugin's three `cudart_stub.cc` lines used to close every CI log."""
+    # one xdist worker, as `make test` runs them (the workers' import-time lines reach the terminal at the end)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-n", "1", "-q", "-p", "no:cacheprovider",
+                        "tests/test_quiet_platforms.py", "-k", "platforms_decision"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not [w for w in NOISE if w in r.stderr + r.stdout], (r.stdout[-3000:], r.stderr[-3000:])
