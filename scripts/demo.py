@@ -7,11 +7,12 @@
 2. trains the tiny OSUM from scratch with ``osum-train configs/demo.yaml`` on 2 simulated CPU devices, mesh
    data 1 x fsdp 2 (parameters sharded), with checkpoints and dev evaluation (JAX greedy decoding). With
    ``--listen-steps N`` it first trains N steps on ``train_tags.list`` (every training utterance asking only
-   for ``<AGE> <GENDER>``, at a constant learning rate) and starts the task mix from those weights
-   (``train.init_from``): a listening stage, off by default, an experiment (docs/benchmarks.md, Demo). Without
-   it, 2 corpus seeds of 5 left gender at chance, their adapters having lost the pitch. With 200 listening
-   steps seed 2 learned gender (100 %) but never aligned its words (test WER 80.7 %, was 0.0 %); seed 3, from
-   400 listening steps run by hand, learned gender and kept its words (0.3 %, held-out voices 4.8 %).
+   for ``<AGE> <GENDER>``, at a constant learning rate) and starts the task mix from its encoder and adapter
+   under a fresh LLM (``train.init_from`` with ``train.init_parts=[encoder,adapter]``; ``--listen-parts all``
+   takes the LLM too): a listening stage, off by default (docs/benchmarks.md, Demo). Without it, 2 corpus seeds
+   of 5 left gender at chance, their adapters having lost the pitch. Taking the whole model from 200 listening
+   steps, seed 2 learned gender (100 %) but never aligned its words (test WER 80.7 %, was 0.0 %); taking the
+   encoder and adapter only, seeds 2 and 3 learned gender (100 %) and their words (0.0 %).
 3. exports the run with ``osum-convert export-torch`` (a Hugging Face style safetensors package)
 4. transcribes and tags the two held-out test splits (unseen word combinations with the training voices, and
    with held-out voices) with ``osum-infer`` (PyTorch, no JAX)
@@ -317,6 +318,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="optimizer steps of the task mix (default: the config's)")
     ap.add_argument("--listen-steps", type=int, default=0,
                     help="steps of a listening stage on the tags alone before the task mix (default 0: none)")
+    ap.add_argument("--listen-parts", default="encoder,adapter",
+                    help="what the task mix takes from the listening stage, comma-separated model parts "
+                         "(train.init_parts; default encoder,adapter: the LLM starts afresh; 'all': everything)")
     ap.add_argument("--devices", type=int, default=2, help="simulated CPU devices (the config's mesh: fsdp 2)")
     ap.add_argument("--train-size", type=int, help="training utterances (default: the corpus script's)")
     ap.add_argument("--seed", type=int, default=0, help="corpus seed")
@@ -330,6 +334,11 @@ def main(argv=None) -> int:
     corpus, listen, run, pkg = out / "corpus", out / "listen", out / "run", out / "package"
     if args.listen_steps < 0:
         ap.error(f"--listen-steps {args.listen_steps}: expected 0 (no listening stage) or more")
+    from osum_jax.config import INIT_PARTS  # light: no JAX
+
+    parts = [] if args.listen_parts == "all" else [p for p in args.listen_parts.split(",") if p]
+    if not parts and args.listen_parts != "all" or set(parts) - set(INIT_PARTS):
+        ap.error(f"--listen-parts {args.listen_parts}: expected 'all' or names from {','.join(INIT_PARTS)}")
     if args.corpus:
         corpus = Path(args.corpus).resolve()
         if not (corpus / "corpus.json").is_file():
@@ -357,6 +366,8 @@ def main(argv=None) -> int:
                               "train.schedule=constant", "train.eval_every=0",
                               f"train.checkpoint_every={args.listen_steps}"], env=env, log=out / "listen.log")
         overrides.append(f"train.init_from={listen}")
+        if parts:
+            overrides.append(f"train.init_parts=[{','.join(parts)}]")
     if args.steps:
         overrides.append(f"train.steps={args.steps}")
     overrides += args.overrides

@@ -163,7 +163,8 @@ def test_demo_runs_end_to_end(tmp_path):
     listened = [json.loads(x) for x in (out / "listen" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in listened if "loss" in m] == [1, 2] and not any("eval/loss" in m for m in listened)
     assert "- listening stage: 2 steps" in report
-    assert f"train.init_from={out / 'listen'}" in (out / "commands.sh").read_text()  # the task mix starts there
+    commands = (out / "commands.sh").read_text()  # the task mix starts from its encoder and adapter
+    assert f"train.init_from={out / 'listen'} train.init_parts=[encoder,adapter]" in commands
     assert len(_rows(out / "results.jsonl")) == len(_rows(out / "corpus" / "test.list"))
     assert len(_rows(out / "results_voices.jsonl")) == len(_rows(out / "corpus" / "test_voices.list"))
     assert (out / "loss.png").stat().st_size > 1000
@@ -418,12 +419,14 @@ def test_bench_demo_acceptance_and_spread():
 
 
 def test_demo_listening_stage_refuses_bad_input(tmp_path):
-    """A negative --listen-steps, or a listening stage over a corpus without train_tags.list (made before it), is
-    one line and exit 2, before anything runs."""
+    """A negative --listen-steps, a listening stage over a corpus without train_tags.list (made before it), or
+    --listen-parts naming no model part, is one line and exit 2, before anything runs."""
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "corpus.json").write_text("{}")
     for args, want in ((["--listen-steps", "-1"], "--listen-steps -1"),
-                       (["--listen-steps", "5", "--corpus", str(tmp_path / "old")], "no train_tags.list")):
+                       (["--listen-steps", "5", "--corpus", str(tmp_path / "old")], "no train_tags.list"),
+                       (["--listen-steps", "5", "--listen-parts", "encoder,lm"], "--listen-parts encoder,lm"),
+                       (["--listen-steps", "5", "--listen-parts", ""], "expected 'all' or names from")):
         res = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(tmp_path / "out"), *args], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and want in res.stderr, res.stderr
