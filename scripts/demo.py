@@ -5,14 +5,18 @@
 
 1. builds the corpus (scripts/make_demo_corpus.py: train as tar shards, dev/test as raw data.lists, tokenizer)
 2. trains the tiny OSUM from scratch with ``osum-train configs/demo.yaml`` on 2 simulated CPU devices, mesh
-   data 1 x fsdp 2 (parameters sharded), with checkpoints and dev evaluation (JAX greedy decoding). With
-   ``--listen-steps N`` it first trains N steps on ``train_tags.list`` (every training utterance asking only
-   for ``<AGE> <GENDER>``, at a constant learning rate) and starts the task mix from its encoder and adapter
-   under a fresh LLM (``train.init_from`` with ``train.init_parts=[encoder,adapter]``; ``--listen-parts all``
-   takes the LLM too): a listening stage, off by default (docs/benchmarks.md, Demo). Without it, 2 corpus seeds
-   of 5 left gender at chance, their adapters having lost the pitch. Taking the whole model from 200 listening
-   steps, seed 2 learned gender (100 %) but never aligned its words (test WER 80.7 %, was 0.0 %); taking the
-   encoder and adapter only, seeds 2 and 3 learned gender (100 %) and their words (0.0 %).
+   data 1 x fsdp 2 (parameters sharded), in two stages:
+   a. listening: ``--listen-steps`` (400) steps on ``train_tags.list``, every training utterance asking only for
+      ``<AGE> <GENDER>``, at a constant learning rate;
+   b. the task mix: the config's steps on the training shards, starting from the listening run's encoder and
+      adapter under a fresh LLM (``train.init_from`` with ``train.init_parts=[encoder,adapter]``;
+      ``--listen-parts all`` takes its LLM too), with checkpoints and dev evaluation (JAX greedy decoding).
+   Without the first stage, a model that learned to transcribe first could lose the voice's pitch in its
+   adapter and never learn gender: 2 corpus seeds of 5 left gender at 57 and 83 %, however long they trained.
+   On tags alone the only way down is to listen. Taking the whole listening model, though, seed 2 learned
+   gender and never aligned its words (test WER 80.7 %). Taking its encoder and adapter alone, seeds 2 and 3
+   learned gender and their words (0.0 %), and so did seeds 0 and 1 of the 7-voice corpus (one run each;
+   docs/benchmarks.md, Demo, has the spread over corpus seeds).
 3. exports the run with ``osum-convert export-torch`` (a Hugging Face style safetensors package)
 4. transcribes and tags the two held-out test splits (unseen word combinations with the training voices, and
    with held-out voices) with ``osum-infer`` (PyTorch, no JAX)
@@ -38,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 15 * 60
+LISTEN_STEPS = 400  # the listening stage (the docstring says why): with 7 voices per gender the tags' loss fell
+# below chance (ln 2 / 3) after 120-190 steps and under 0.1 by 220-400 (corpus seeds 0 and 1, one run each)
 CHANCE = {"gender": 1 / 2, "age": 1 / 3}
 
 
@@ -253,7 +259,7 @@ def split_section(title: str, report: dict, examples: dict[str, list[tuple]]) ->
 
 def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], results: dict[str, tuple],
                 stages: Stages, devices: int, mesh: dict, compared: list[str] = (),
-                listened: list[dict] = ()) -> str:
+                listened: list[dict] = (), listen_parts: list[str] = ()) -> str:
     total = sum(stages.times.values())
     k = max(1, len(train) // 10)
     first, last = train[0], train[-1]
@@ -277,7 +283,8 @@ def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], r
         lines.append(f"- listening stage: {listened[-1]['step']} steps on the training utterances asking only for "
                      f"`<AGE> <GENDER>` (train_tags.list), train loss step {listened[0]['step']} "
                      f"{listened[0]['loss']:.3f} -> step {listened[-1]['step']} {listened[-1]['loss']:.3f}; the task "
-                     f"mix starts from its weights")
+                     f"mix starts from its "
+                     + (f"{' and '.join(listen_parts)} (the rest afresh)" if listen_parts else "weights"))
     lines += [
               f"- {last['step']} optimizer steps on {devices} simulated CPU devices (mesh data {mesh['data']} x "
               f"fsdp {mesh['fsdp']} x tensor {mesh['tensor']}),"
@@ -316,8 +323,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="demo", help="where everything goes (default: ./demo)")
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--steps", type=int, help="optimizer steps of the task mix (default: the config's)")
-    ap.add_argument("--listen-steps", type=int, default=0,
-                    help="steps of a listening stage on the tags alone before the task mix (default 0: none)")
+    ap.add_argument("--listen-steps", type=int, default=LISTEN_STEPS,
+                    help=f"steps of the listening stage, tags only, before the task mix (default {LISTEN_STEPS}; "
+                         "0 = none)")
     ap.add_argument("--listen-parts", default="encoder,adapter",
                     help="what the task mix takes from the listening stage, comma-separated model parts "
                          "(train.init_parts; default encoder,adapter: the LLM starts afresh; 'all': everything)")
@@ -398,7 +406,8 @@ def main(argv=None) -> int:
                                      + "\n".join(stages.commands) + "\n", encoding="utf-8")
     import yaml
 
-    mesh = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["train"]["mesh"]
+    run_train = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["train"]
+    mesh = run_train["mesh"]
     if mesh.get("fsdp") == -1:  # -1 fills the remaining devices
         mesh["fsdp"] = args.devices // (mesh["data"] * mesh["tensor"])
     summary = {title: {k: v[0] for k, v in pooled(rep).items()} for title, (rep, _) in results.items()}
@@ -406,7 +415,8 @@ def main(argv=None) -> int:
     summary["corpus"] = {k: corpus_info.get(k) for k in ("seed", "espeak_ng", "pcm_sha256", "matches_reference")}
     reference = json.loads(REFERENCE.read_text(encoding="utf-8")) if REFERENCE.is_file() else None
     compared = against_reference(figures(summary), reference)
-    text = report_text(out, corpus_info, train, evals, results, stages, args.devices, mesh, compared, listened)
+    text = report_text(out, corpus_info, train, evals, results, stages, args.devices, mesh, compared, listened,
+                       list(run_train.get("init_parts") or ()))
     (out / "report.md").write_text(text, encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print("\n" + text)

@@ -68,7 +68,10 @@ def _check_split_claims(splits: dict[str, list[dict]], text=lambda r: r["text"],
                 assert not set(phrases) & {text(r) for r in splits[other]}, (name, other)
     assert not held & {voice(r) for n in ("train", "dev", "test") for r in splits[n]}  # never seen in training
     assert {voice(r) for r in splits["test_voices"]} == held
-    assert {voice(r) for r in splits["train"]} == {v for vs in VOICES.values() for v in vs} - held
+    trained = {voice(r) for r in splits["train"]}
+    assert trained <= {v for vs in VOICES.values() for v in vs} - held
+    if every_word_trained:  # a training split big enough to hold every word holds every training voice too
+        assert trained == {v for vs in VOICES.values() for v in vs} - held
     assert held & set(VOICES["male"]) and held & set(VOICES["female"])  # one per gender
 
 
@@ -162,9 +165,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert any("eval/loss" in m for m in metrics)
     listened = [json.loads(x) for x in (out / "listen" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in listened if "loss" in m] == [1, 2] and not any("eval/loss" in m for m in listened)
-    assert "- listening stage: 2 steps" in report
+    assert "- listening stage: 2 steps" in report and "starts from its encoder and adapter (the rest afresh)" in report
     commands = (out / "commands.sh").read_text()  # the task mix starts from its encoder and adapter
-    assert f"train.init_from={out / 'listen'} train.init_parts=[encoder,adapter]" in commands
+    assert f"train.init_from={out / 'listen'} 'train.init_parts=[encoder,adapter]'" in commands  # shell-quoted
     assert len(_rows(out / "results.jsonl")) == len(_rows(out / "corpus" / "test.list"))
     assert len(_rows(out / "results_voices.jsonl")) == len(_rows(out / "corpus" / "test_voices.list"))
     assert (out / "loss.png").stat().st_size > 1000
@@ -196,14 +199,15 @@ def test_demo_voices_separate_gender_by_pitch(tmp_path):
     """Every female voice is clearly higher than every male one at every age setting (an unknown espeak-ng
     voice name falls back to the default male voice silently: `en-gb+f2` did, which made half the
     "female" utterances male)."""
-    from scripts.make_demo_corpus import AGES, PITCH_JITTER, VOICES, synthesize
+    from scripts.make_demo_corpus import AGES, GENDER_PITCH, PITCH_JITTER, VOICES, synthesize
 
     f0 = {}
     for gender, voices in VOICES.items():
         for voice in voices:
             for age, (pitch, speed) in AGES.items():
                 for dp in (-PITCH_JITTER, PITCH_JITTER):
-                    row = {"key": "x", "voice": voice, "pitch": pitch + dp, "speed": speed, "text": "seven go left"}
+                    row = {"key": "x", "voice": voice, "pitch": pitch + GENDER_PITCH[gender] + dp, "speed": speed,
+                           "text": "seven go left"}
                     synthesize(row, tmp_path / "x.wav")
                     f0[gender, voice, age, dp] = _median_f0(tmp_path / "x.wav")
     top_male = max(v for k, v in f0.items() if k[0] == "male")
