@@ -26,7 +26,7 @@ from flax import nnx
 from ..config import Config
 from ..models import OSUM
 from .agree import AgreedBatches
-from ..checkpoint import RunCheckpointer, flat_variables, load_flat, read_config, read_prompts, restore_params
+from ..checkpoint import RunCheckpointer, load_flat, read_config, read_prompts, restore_params
 from ..models.flops import train_step_flops
 from .mesh import (align_across_processes, build_mesh, data_parallel_size, empty_batch, from_every_process,
                    global_to_host, process_flags, put_batch, put_rows)
@@ -113,11 +113,7 @@ class Trainer:
             return self.program.split(model)
         # some parts only: the run's own initialisation, then those parts' arrays (all of each part) over it
         model = self.program.merge(*self.program.init_state())
-        flat = {k: v for k, v in flat.items() if k.split(".")[0] in parts}
-        missing = sorted(k for k in flat_variables(model) if k.split(".")[0] in parts and k not in flat)
-        if missing:
-            raise ValueError(f"train.init_from={path}: has no {', '.join(missing[:5])}"
-                             f"{' ...' if len(missing) > 5 else ''} (train.init_parts={list(parts)})")
+        flat = {k: v for k, v in flat.items() if k.split(".")[0] in parts}  # each part whole (restore_params checks)
         load_flat(model, flat, strict=False, source=f"train.init_from={path} (train.init_parts={list(parts)})")
         log.info("initialised %s from %s; the rest from train.seed=%d", ", ".join(parts), path, self.cfg.train.seed)
         return self.program.split(model)
