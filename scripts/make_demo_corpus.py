@@ -227,25 +227,41 @@ def _resample_taps() -> np.ndarray:
     return q.reshape(_TAPS, _UP).T  # phase p holds taps p, p + 320, ...
 
 
-_TAP_TABLE: np.ndarray | None = None
+_BLOCK_MATRIX: np.ndarray | None = None
+# the input window of one block of _UP outputs: input 441 * b + _WINDOW_LO + w, w < _WINDOW
+_WINDOW_LO = (_UP * _TAPS) // 2 // _UP - (_TAPS - 1)
+_WINDOW = ((_DOWN * (_UP - 1) + (_UP * _TAPS) // 2) // _UP) - _WINDOW_LO + 1
+
+
+def _block_matrix() -> np.ndarray:
+    """``[_UP, _WINDOW]`` float64: output ``320 * b + r`` is row ``r`` times input window ``b``. Output j sits
+    at position j * 441 of the 320x upsampled signal, where input i sits at 320 * i; with the prototype h centred
+    at index d, y[j] = sum_i h[j * 441 + d - 320 * i] * x[i]; writing j * 441 + d = 320 * f + p gives
+    y[j] = sum_k taps[p, k] * x[f - k] over the 48 taps of phase p, and for j = 320 * b + r, f = 441 * b + f_r."""
+    taps = _resample_taps()
+    m = np.zeros((_UP, _WINDOW), np.float64)
+    for r in range(_UP):
+        shifted = r * _DOWN + (_UP * _TAPS) // 2
+        p, f = shifted % _UP, shifted // _UP
+        m[r, f - np.arange(_TAPS) - _WINDOW_LO] = taps[p]
+    return m
 
 
 def resample_to_16k(pcm: np.ndarray) -> np.ndarray:
     """int16 PCM at 22.05 kHz -> int16 PCM at 16 kHz, in exact integer arithmetic (bit-identical on every
-    machine; soxr's float SIMD kernels are chosen per CPU)."""
-    global _TAP_TABLE
-    if _TAP_TABLE is None:
-        _TAP_TABLE = _resample_taps()
-    x = np.asarray(pcm, np.int64)
+    machine; soxr's float SIMD kernels are chosen per CPU). One matrix product per 320 outputs, in float64: every
+    product (< 2**30) and every partial sum (< 2**37) is an integer below 2**53, so float64 holds each exactly, in
+    any order and with or without fused multiply-add."""
+    global _BLOCK_MATRIX
+    if _BLOCK_MATRIX is None:
+        _BLOCK_MATRIX = _block_matrix()
+    x = np.asarray(pcm, np.int16)
     n_out = (len(x) * _UP) // _DOWN
-    # output j sits at position j * 441 of the 320x upsampled signal, where input i sits at 320 * i; with the
-    # prototype h centred at index d, y[j] = sum_i h[j * 441 + d - 320 * i] * x[i]; writing j * 441 + d =
-    # 320 * f + p gives y[j] = sum_k taps[p, k] * x[f - k] over the 48 taps of phase p
-    shifted = np.arange(n_out, dtype=np.int64) * _DOWN + (_UP * _TAPS) // 2
-    ph, first = shifted % _UP, shifted // _UP
-    idx = first[:, None] - np.arange(_TAPS)[None, :]
-    vals = np.where((idx >= 0) & (idx < len(x)), x[np.clip(idx, 0, len(x) - 1)], 0)
-    acc = (vals * _TAP_TABLE[ph]).sum(axis=1)  # int64: exact
+    blocks = -(-n_out // _UP)
+    padded = np.zeros(_DOWN * blocks + _WINDOW, np.float64)  # zeros stand for the samples before and after
+    padded[-_WINDOW_LO:-_WINDOW_LO + len(x)] = x
+    windows = np.lib.stride_tricks.sliding_window_view(padded, _WINDOW)[::_DOWN][:blocks]
+    acc = (windows @ _BLOCK_MATRIX.T).reshape(-1)[:n_out].astype(np.int64)
     y = (acc + (1 << 14)) >> 15
     return np.clip(y, -32768, 32767).astype(np.int16)
 

@@ -317,6 +317,28 @@ def test_demo_resampler_is_exact_and_band_limited():
     assert len(resample_to_16k(np.zeros(0, np.int16))) == 0
 
 
+def test_demo_resampler_equals_the_direct_sum_exactly():
+    """The block matrix product (float64) gives exactly the integer sum that defines the resampler: output j is
+    round(sum_i h[441 j + d - 320 i] x[i] / 2**15) over the integer prototype filter h, written out here term by
+    term in int64, at full scale, at the edges and at lengths that are not whole blocks."""
+    import numpy as np
+
+    from scripts.make_demo_corpus import _TAPS, _UP, _resample_taps, resample_to_16k
+
+    h = _resample_taps().T.reshape(-1)  # the integer prototype, index p + 320 k
+    d = (_UP * _TAPS) // 2
+    rng = np.random.default_rng(0)
+    for x in (rng.integers(-32768, 32768, 1000).astype(np.int16), np.full(441, -32768, np.int16),
+              (rng.integers(0, 2, 883) * 65535 - 32768).astype(np.int16), np.ones(1, np.int16)):
+        n_out = len(x) * 320 // 441
+        ref = np.zeros(n_out, np.int64)
+        for j in range(n_out):
+            idx = j * 441 + d - 320 * np.arange(len(x))
+            ok = (idx >= 0) & (idx < len(h))
+            ref[j] = (int((h[idx[ok]] * x[ok].astype(np.int64)).sum()) + (1 << 14)) >> 15
+        assert np.array_equal(resample_to_16k(x), np.clip(ref, -32768, 32767).astype(np.int16)), len(x)
+
+
 @speech
 def test_demo_corpus_matches_reference_checksums():
     """The speech of corpus seeds 0-4 is the speech the documented figures were made on
