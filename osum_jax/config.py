@@ -364,6 +364,11 @@ class TrainConfig:
     fire_module: str = "link_and_encoder_and_lora"  # what trains; see FIRE_MODULES
     frozen_param_dtype: str = "float32"  # bfloat16 halves the memory of frozen weights
     steps: int = 100_000  # optimizer steps (each = grad_accum micro-batches)
+    # stop before train.steps once the mean training loss of the last stop_window optimizer steps is below this
+    # (0 = never): a stage trained until it has learned something, not for a fixed count (the demo's listening
+    # stage); the step is checkpointed and the run ends as at its last step
+    stop_below_loss: float = 0.0
+    stop_window: int = 20
     learning_rate: float = 5e-5
     schedule: str = "warmup_inverse_sqrt"
     warmup_steps: int = 8000
@@ -411,6 +416,10 @@ class TrainConfig:
                               "unsafe_rbg")
         if self.frozen_param_dtype not in ("float32", "bfloat16"):
             raise ConfigError("train.frozen_param_dtype must be float32 or bfloat16")
+        if not (math.isfinite(self.stop_below_loss) and self.stop_below_loss >= 0):
+            raise ConfigError(f"train.stop_below_loss={self.stop_below_loss}; use a loss > 0, or 0 (never stop early)")
+        if self.stop_window < 1:
+            raise ConfigError(f"train.stop_window={self.stop_window}; must be >= 1 (optimizer steps averaged)")
         if self.grad_accum < 1 or self.steps < 1:
             raise ConfigError("train.grad_accum and train.steps must be >= 1")
         for name in ("log_every", "checkpoint_every"):

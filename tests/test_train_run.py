@@ -268,3 +268,37 @@ def test_cluster_detection_for_distributed_start():
     assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "4"}) == "Open MPI"
     assert detected_cluster({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1,t1v-2,t1v-3"}) == "TPU slice"
     assert detected_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) == ""  # a single-host TPU VM
+
+
+@pytest.mark.slow  # two 12-step runs of the tiny model (~40 s)
+def test_stop_below_loss_ends_the_run_at_the_first_window_under_it(speech_corpus, tmp_path):
+    """train.stop_below_loss: the run ends, checkpointed, at the first step whose last stop_window losses average
+    below the threshold. The step is worked out here from a full run's losses (training is deterministic)."""
+    import jax
+
+    from osum_jax.config import ConfigError
+    from osum_jax.config_loading import load_config
+    from osum_jax.train.trainer import Trainer
+
+    common = {"train.steps": 12, "train.checkpoint_every": 1000, "train.learning_rate": 3e-3,
+              "train.warmup_steps": 2, "train.fire_module": "all"}
+    Trainer(load_config("configs/tiny.yaml", _overrides(speech_corpus, tmp_path / "full", **common)),
+            devices=jax.devices()[:1]).train()
+    full = _losses(tmp_path / "full")
+    assert sorted(full) == list(range(1, 13))
+    window = 3
+    means = {s: np.mean([full[s - i] for i in range(window)]) for s in range(window, 13)}
+    threshold = float(means[6]) + 1e-6
+    want = min(s for s, m in means.items() if m < threshold)
+    assert want < 12
+    summary = Trainer(load_config("configs/tiny.yaml", _overrides(
+        speech_corpus, tmp_path / "early", **common, **{"train.stop_below_loss": threshold,
+                                                        "train.stop_window": window})),
+        devices=jax.devices()[:1]).train()
+    early = _losses(tmp_path / "early")
+    assert summary["stopped_early_at"] == want == max(early)
+    assert early == {s: full[s] for s in range(1, want + 1)}
+    assert [int(d.name) for d in (tmp_path / "early" / "checkpoints").glob("*") if d.name.isdigit()] == [want]
+    for bad in ("train.stop_below_loss=-1", "train.stop_below_loss=nan", "train.stop_window=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config("configs/tiny.yaml", [bad])

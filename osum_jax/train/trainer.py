@@ -12,6 +12,7 @@ state, which is checkpointed with the model. A resumed run therefore repeats an 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import signal
@@ -297,6 +298,8 @@ class Trainer:
 
             bar = progress_bar(total=tc.steps, initial=self.step, desc="train", unit="step")
         acc = StepAccumulator()
+        recent = collections.deque(maxlen=tc.stop_window)  # train.stop_below_loss: the last steps' losses
+        early = False
         summary: dict[str, Any] = {}
         try:
             while self.step < tc.steps:
@@ -327,15 +330,22 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
-                if self.step % tc.log_every == 0 or self.step == 1 or self.step == tc.steps:
+                if tc.stop_below_loss:  # the loss is the global batch's, so every process decides alike
+                    recent.append(metrics["loss"])
+                    early = len(recent) == tc.stop_window and sum(recent) / len(recent) < tc.stop_below_loss
+                    if early:
+                        log.info("step %d: mean train loss of the last %d steps %.4f < train.stop_below_loss=%g; "
+                                 "stopping", self.step, tc.stop_window, sum(recent) / len(recent), tc.stop_below_loss)
+                        summary["stopped_early_at"] = self.step
+                if self.step % tc.log_every == 0 or self.step == 1 or self.step == tc.steps or early:
                     writer.write(self.step, metrics)
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     ev = self.evaluate()
                     writer.write(self.step, ev)
                     summary.update(ev)
-                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or self._stop:
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or self._stop or early:
                     self.save()
-                if self._stop:
+                if self._stop or early:
                     break
         finally:
             if bar is not None:
