@@ -165,8 +165,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert any("eval/loss" in m for m in metrics)
     listened = [json.loads(x) for x in (out / "listen" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in listened if "loss" in m] == [1, 2] and not any("eval/loss" in m for m in listened)
-    assert "- listening stage: 2 steps" in report and "starts from its encoder and adapter (the rest afresh)" in report
+    assert "- listening stage: 2 steps, all of --listen-steps" in report
+    assert "starts from its encoder and adapter (the rest afresh)" in report
     commands = (out / "commands.sh").read_text()  # the task mix starts from its encoder and adapter
+    assert "train.steps=2 train.schedule=constant" in commands  # the listening stage: 2 at most, ending on the loss
+    assert "train.stop_below_loss=0.1 train.stop_window=20" in commands
     assert f"train.init_from={out / 'listen'} 'train.init_parts=[encoder,adapter]'" in commands  # shell-quoted
     assert len(_rows(out / "results.jsonl")) == len(_rows(out / "corpus" / "test.list"))
     assert len(_rows(out / "results_voices.jsonl")) == len(_rows(out / "corpus" / "test_voices.list"))
@@ -445,14 +448,16 @@ def test_bench_demo_acceptance_and_spread():
 
 
 def test_demo_listening_stage_refuses_bad_input(tmp_path):
-    """A negative --listen-steps, a listening stage over a corpus without train_tags.list (made before it), or
-    --listen-parts naming no model part, is one line and exit 2, before anything runs."""
+    """A negative --listen-steps, a listening stage over a corpus without train_tags.list (made before it),
+    --listen-parts naming no model part, or a --listen-until that is no loss, is one line and exit 2, before anything
+    runs."""
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "corpus.json").write_text("{}")
     for args, want in ((["--listen-steps", "-1"], "--listen-steps -1"),
                        (["--listen-steps", "5", "--corpus", str(tmp_path / "old")], "no train_tags.list"),
                        (["--listen-steps", "5", "--listen-parts", "encoder,lm"], "--listen-parts encoder,lm"),
-                       (["--listen-steps", "5", "--listen-parts", ""], "expected 'all' or names from")):
+                       (["--listen-steps", "5", "--listen-parts", ""], "expected 'all' or names from"),
+                       (["--listen-until", "-0.5"], "--listen-until -0.5"), (["--listen-until", "nan"], "--listen-until nan")):
         res = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(tmp_path / "out"), *args], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and want in res.stderr, res.stderr
