@@ -23,19 +23,15 @@ What makes OSUM's tasks meaningful at toy scale, and what is held out:
   measures generalisation to an unseen speaker; ``test.list`` uses the 7 training voices of each gender. With 3
   training voices per gender the model learned each voice's own rates and timbre: a held-out voice's age was
   heard right 84-98 % of the time and its words 77-96 % over 5 corpus seeds (seed 3: 93.0 % and 9.5 % WER at 3
-  voices, 97.7 % and 5.6 % at 7). The held-out female voice is en-us+f1 (was en-gb-x-rp+f4): over 8 runs at 7
-  voices, nearly every held-out word error was f4's (WER 13-53 %, against 0-6 % for the held-out m3 in the same
-  runs). f4 is the slowest female voice (it needs 1.16-1.19x the median's ``-s``) and among the lowest; the held-out
-  voice is now one inside the training voices' range (f1's pitch range is f4's, its formants near steph2's), so the
-  split measures a new speaker of the kinds heard, as m3 (near Denis and m1) does for men, not extrapolation.
+  voices, 97.7 % and 5.6 % at 7).
 * SAP (age): the speaking rate stands in for age: child fast (200 words per minute), adult 150, old slow (105),
   jittered per utterance. espeak-ng's voices speak the same ``-s`` setting at different rates (the slowest,
-  en-us+linda and en-gb-x-rp+f4, take up to 1.19x the median voice's time, the fastest 0.89x: as
+  en-us+linda and the held-out en-gb-x-rp+f4, take up to 1.19x the median voice's time, the fastest 0.89x: as
   far apart as two ages), so each voice's setting is scaled by its measured rate at each age (``VOICE_RATE``) and
   every voice speaks a given age at the same rate (within 2.3 %). The pitch is jittered but the same for every
   age (lower for men and higher for women, ``GENDER_PITCH``): when children also spoke higher and old people
-  lower, the then held-out female voice f4, lower and slower than the training ones, had its children heard as
-  adults and its adults as old.
+  lower, the held-out female voice, lower and slower than the training ones, had its children heard as adults
+  and its adults as old.
 * Task mix: ``<TRANSCRIBE>``, ``<TRANSCRIBE> <GENDER>``, ``<TRANSCRIBE> <AGE> <GENDER>`` and ``<AGE> <GENDER>``,
   labelled as OSUM does (``two stop nine<ADULT><MALE>``, tags only: ``<CHILD><FEMALE>``). ``train_tags.list`` is
   the same training utterances all asking ``<AGE> <GENDER>``: the demo's listening stage (scripts/demo.py).
@@ -108,7 +104,7 @@ VOICES = {"male": ["en-us+m1", "en-gb-x-rp+m2", "en-us+m3", "en-gb-x-rp+m4", "en
           "female": ["en-us+f1", "en-gb-x-rp+steph", "en-us+Annie", "en-gb-x-rp+f4", "en-gb-x-rp+belinda",
                      "en-us+steph2", "en-gb-x-rp+aunty", "en-us+linda"]}
 # one voice per gender that train and dev never contain (test_voices.list only)
-HELD_OUT_VOICES = {"male": "en-us+m3", "female": "en-us+f1"}
+HELD_OUT_VOICES = {"male": "en-us+m3", "female": "en-gb-x-rp+f4"}
 # split -> (voices it may use, whether single words may occur)
 SPLITS = {"train": ("seen", True), "dev": ("seen", False), "test": ("seen", False),
           "test_voices": ("held_out", False)}
