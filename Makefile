@@ -31,7 +31,7 @@ test-lower-bound: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow" tests
 
-# The whole product end to end on a synthesised speech corpus (about 16.5 minutes on 2 CPU cores from a fresh clone); see README.
+# The whole product end to end on a synthesised speech corpus (about 14 minutes on 2 CPU cores from a fresh clone); see README.
 demo: $(STAMP) espeak
 	$(PY) scripts/demo.py
 
