@@ -546,12 +546,16 @@ def test_a_client_that_disconnects_before_its_decode_slot_is_never_decoded(seria
         gone = _send_and_hold(serial.port, _wav(1.0, seed=5), max_new_tokens="2")
         waiting = _wait_for(lambda: _health(serial)["decode_waiting"] == 1, timeout=5)
         gone.close()
-        assert first.result().status_code in (200, 504)
+        status = first.result().status_code
+        assert status in (200, 504)
     if not waiting:
         pytest.fail("the second upload never waited for the decode slot (the first decoded too fast)")
     assert _wait_for(lambda: _health(serial)["decode_waiting"] == 0)
     time.sleep(0.3)
-    assert decoded() - before == pytest.approx(120.0)
+    # the second upload's 1.0 s never count; the first's 120 s do, though after a 504 (its decode outlasted
+    # --request-timeout 3 on a loaded box: seen once in a full CI run) they may not have counted yet
+    got = decoded() - before
+    assert any(got == pytest.approx(ok) for ok in ((120.0,) if status == 200 else (0.0, 120.0))), (status, got)
 
 
 @pytest.fixture(scope="module")
