@@ -171,8 +171,9 @@ def _osum_infer(*args: str) -> list[str]:
 _ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 
 
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(_osum_infer(*args), capture_output=True, text=True, env=_ENV, cwd=ROOT, timeout=timeout)
+def _run(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_osum_infer(*args), capture_output=True, text=True, env={**_ENV, **(env or {})}, cwd=ROOT,
+                          timeout=timeout)
 
 
 def _kill_midway(args: list[str], out: Path, rng: random.Random, total: int) -> int:
@@ -272,7 +273,8 @@ def test_ray_data_job_resumes_the_same_way(bulk_run):
     keep = b"".join(full.splitlines(keepends=True)[:7])
     out.write_bytes(keep + b'{"key": "utt7-0"')
     r = _run("--model", str(bulk_run["package"]), "--data", str(bulk_run["data"]), "--out", str(out), *DECODE,
-             "--resume", "--ray", "--ray-address", "local", "--ray-actors", "2", timeout=420)
+             "--resume", "--ray", "--ray-address", "local", "--ray-actors", "2", timeout=420,
+             env={"RAY_DEDUP_LOGS": "0"})  # Ray shows one actor's lines when both print the same ones
     assert r.returncode == 1, r.stderr[-4000:]  # the broken file
     assert f"resuming {out}: 7 of {bulk_run['n']} utterance(s) done" in r.stderr
     assert f"Ray Data, 2 actor(s) on cpu, {bulk_run['n'] - 7} utterance(s)" in r.stderr
