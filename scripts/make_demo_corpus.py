@@ -18,17 +18,17 @@ What makes OSUM's tasks meaningful at toy scale, and what is held out:
   is held out: dev and both test splits hold only 2- and 3-word phrases that never occur in training (nor in
   each other), so transcripts must be recognised word by word, not remembered. Single words (the toy equivalent
   of keyword spotting, which makes the task learnable in minutes on a CPU) occur in training only.
-* SGC (gender): espeak-ng male variants vs female variants over en-us and en-gb, 8 per gender. **One voice per
-  gender is held out** (``HELD_OUT_VOICES``): it never occurs in train or dev, only in ``test_voices.list``, which
-  measures generalisation to an unseen speaker; ``test.list`` uses the 7 training voices of each gender. With 3
+* SGC (gender): espeak-ng male variants vs female variants over en-us and en-gb, 8 male and 7 female (f4 is left
+  out: ``VOICES`` says why). **One voice per gender is held out** (``HELD_OUT_VOICES``): it never occurs in train
+  or dev, only in ``test_voices.list``, which measures generalisation to an unseen speaker; ``test.list`` uses
+  the 7 male and 6 female training voices. With 3
   training voices per gender the model learned each voice's own rates and timbre: a held-out voice's age was
   heard right 84-98 % of the time and its words 77-96 % over 5 corpus seeds (seed 3: 93.0 % and 9.5 % WER at 3
   voices, 97.7 % and 5.6 % at 7).
 * SAP (age): the speaking rate stands in for age: child fast (200 words per minute), adult 150, old slow (105),
   jittered per utterance. espeak-ng's voices speak the same ``-s`` setting at different rates (the slowest,
-  en-us+linda and the held-out en-gb-x-rp+f4, take up to 1.19x the median voice's time, the fastest 0.89x: as
-  far apart as two ages), so each voice's setting is scaled by its measured rate at each age (``VOICE_RATE``) and
-  every voice speaks a given age at the same rate (within 2.3 %). The pitch is jittered but the same for every
+  en-us+linda, takes up to 1.20x the median voice's time, the fastest 0.89x: as far apart as two ages), so each
+  voice's setting is scaled by its measured rate at each age (``VOICE_RATE``) and every voice speaks a given age at the same rate (within 2.3 %). The pitch is jittered but the same for every
   age (lower for men and higher for women, ``GENDER_PITCH``): when children also spoke higher and old people
   lower, the held-out female voice, lower and slower than the training ones, had its children heard as adults
   and its adults as old.
@@ -99,12 +99,19 @@ VOICE_RATE_AT = (105, 150, 200)  # the rates of VOICE_RATE's three factors (AGES
 # a different rand() sequence. steph and Annie stand in for f2 and f3 (similar pitch ranges). Andrea and anika
 # are left out: they speak the words in 0.70x the median voice's time, so their old age would need -s 74, and
 # espeak-ng speaks anything under 80 at 80.
+# f4 is left out (issue 32): it is the one female variant with an `echo` line (130 ms at 15 %, a room effect that
+# only the male m2 has in training), and the lowest and slowest female voice. Held out, it measured the echo more
+# than an unseen speaker: its WER was 13-53 % over 8 runs while the held-out m3's was 0-6 %. Trained on, with f1
+# held out, gender was still not heard after 400 listening steps (seed 0; 55.8 % gender on the test split).
 VOICES = {"male": ["en-us+m1", "en-gb-x-rp+m2", "en-us+m3", "en-gb-x-rp+m4", "en-gb-x-rp+m6", "en-us+m7",
                     "en-us+Denis", "en-gb-x-rp+Andy"],
-          "female": ["en-us+f1", "en-gb-x-rp+steph", "en-us+Annie", "en-gb-x-rp+f4", "en-gb-x-rp+belinda",
-                     "en-us+steph2", "en-gb-x-rp+aunty", "en-us+linda"]}
-# one voice per gender that train and dev never contain (test_voices.list only)
-HELD_OUT_VOICES = {"male": "en-us+m3", "female": "en-gb-x-rp+f4"}
+          "female": ["en-us+f1", "en-gb-x-rp+steph", "en-us+Annie", "en-gb-x-rp+belinda", "en-us+steph2",
+                     "en-gb-x-rp+aunty", "en-us+linda"]}
+# one voice per gender that train and dev never contain (test_voices.list only): an unseen speaker inside its
+# gender's range, as m3 is among the men. aunty shares formant 0 and formants 3-8 with linda, its pitch base (204)
+# is belinda's and linda's (200), and it differs from both in the first two formants and its pitch range
+# (espeak-ng-data/voices/!v)
+HELD_OUT_VOICES = {"male": "en-us+m3", "female": "en-gb-x-rp+aunty"}
 # split -> (voices it may use, whether single words may occur)
 SPLITS = {"train": ("seen", True), "dev": ("seen", False), "test": ("seen", False),
           "test_voices": ("held_out", False)}
