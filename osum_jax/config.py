@@ -131,8 +131,14 @@ class ModelConfig:
     # optimization barriers on matmul inputs and output cotangents (models/ops.py): "auto" = TPU, where the
     # compiler's cost model measured them faster; "always"; "never"
     matmul_barrier: str = "auto"
+    # layers per iteration of each stack's layer scan (jax.lax.scan's ``unroll``): 1 compiles one layer and loops;
+    # 0 unrolls the whole stack (MaxText's ``scan_layers: false``): longer compiles, no loop-carried stacks of
+    # saved activations (models/stack.py)
+    scan_unroll: int = 1
 
     def validate(self) -> None:
+        if self.scan_unroll < 0:
+            raise ConfigError(f"model.scan_unroll={self.scan_unroll}; expected 0 (unroll every layer) or >= 1")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.custom_vjp not in ("auto", "always", "never"):
@@ -171,7 +177,7 @@ class ModelConfig:
 
 # model settings that do not change the weights: a run resumes, and checkpoints average, across other values
 RUNTIME_MODEL_KEYS = ("model.dtype", "model.remat_policy", "model.custom_vjp", "model.attention_impl",
-                      "model.matmul_barrier")
+                      "model.matmul_barrier", "model.scan_unroll")
 
 
 # --------------------------------------------------------------------------------------------------------------

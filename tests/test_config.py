@@ -48,6 +48,7 @@ def test_overrides_are_typed():
     ("model.llm=3", "expected a mapping"),
     ("model.dtype=float64", "model.dtype"),
     ("model.remat_policy=some", "remat_policy"),
+    ("model.scan_unroll=-1", r"model.scan_unroll=-1; expected 0"),
     ("model.llm.num_kv_heads=3", "not divisible by num_kv_heads"),
     ("model.lora.targets=[q_proj,w_proj]", "unknown modules"),
     ("model.llm.num_layers", "key=value"),

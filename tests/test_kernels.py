@@ -47,6 +47,34 @@ def test_custom_vjps_equal_autodiff():
     assert_same_loss_and_grads(results[0], results[1], loss_rtol=1e-6, grad_rel=1e-5)
 
 
+def test_unrolled_layer_scans_equal_the_rolled_scan():
+    """``model.scan_unroll`` only changes how the layer stacks compile: the whole model's loss and gradients
+    (remat on, dropout on) are the same with one layer per loop iteration, two, and every layer unrolled, and
+    the fully unrolled program has none of the stacks' six loops left (forward and backward of encoder, adapter and
+    LLM; threefry's own loops stay)."""
+    cfg = tiny_model_config(**{"llm.vocab_size": 256, "encoder.num_layers": 4, "llm.num_layers": 3,
+                               "remat_policy": "dots_with_no_batch_dims_saveable"})
+    _, params, rest = nnx.split(OSUM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    batch = _batch(np.random.default_rng(0))
+    key = jax.random.key(3)
+    results, loops = {}, {}
+    for unroll in (1, 2, 0):
+        c = replace(cfg, scan_unroll=unroll)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda c=c: OSUM(c, rngs=nnx.Rngs(0))))
+
+        def loss(p, graphdef=graphdef):
+            return nnx.merge(graphdef, p, rest)(batch, key)["loss"]
+
+        f = jax.value_and_grad(loss)
+        loops[unroll] = jax.jit(f).lower(params).as_text().count("stablehlo.while")
+        results[unroll] = jax.jit(f)(params)
+    # 2 per loop iteration: the encoder's 4 layers still loop (twice), the adapter's 2 unroll, the LLM's 3 loop once
+    # with one layer left over
+    assert loops[1] - loops[0] == 6 and loops[1] - loops[2] == 2, loops
+    assert_same_loss_and_grads(results[2], results[1], loss_rtol=1e-6, grad_rel=1e-5)
+    assert_same_loss_and_grads(results[0], results[1], loss_rtol=1e-6, grad_rel=1e-5)
+
+
 def test_auto_selects_custom_vjps_on_cpu_only():
     assert resolve_custom_vjp("auto", "cpu") and resolve_custom_vjp("auto", "tpu") \
         and not resolve_custom_vjp("auto", "gpu")

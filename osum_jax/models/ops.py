@@ -98,6 +98,7 @@ class Ops:
     mesh: jax.sharding.Mesh | None = None
     activation_rules: tuple[tuple[str, str | None], ...] = ()
     platform: str = ""
+    scan_unroll: int = 1  # layers per layer-scan iteration, 0 = all (``model.scan_unroll``)
 
     def __post_init__(self):
         put = functools.partial(object.__setattr__, self)
@@ -119,7 +120,7 @@ class Ops:
         return cls(custom_vjp=resolve_custom_vjp(model.custom_vjp, plat),
                    matmul_barrier=resolve_barrier(model.matmul_barrier, plat), hash_masks=dropout_rng == "hash",
                    attention_impl=model.attention_impl, mesh=mesh, activation_rules=tuple(activation_rules),
-                   platform=plat)
+                   platform=plat, scan_unroll=model.scan_unroll)
 
     # -- activation sharding (sharding.py) ------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ scan saves the stacked layer weights as residuals, and XLA:TPU then copies whole
 iteration (measured on the compiled v5p program: 79 % of the step's estimated cycles). Here the weights are
 scan inputs, never residuals, and each layer's input is the only thing saved between the two passes (plus
 what the remat policy keeps). Layer inputs and outputs are pinned to the batch sharding (``Ops.constrain``).
+``Ops.scan_unroll`` (``model.scan_unroll``) runs that many layers per loop iteration, 0 all of them: the same
+values, compiled as straight-line code instead of a loop over stacked weights and saved layer inputs.
 """
 
 from __future__ import annotations
@@ -64,5 +66,5 @@ def run_stacked(
 
     if remat != "none":
         body = jax.checkpoint(body, policy=ops.remat_policy(remat), prevent_cse=False)
-    out, _ = jax.lax.scan(body, ops.constrain(x, HIDDEN), (state, keys), length=num_layers)
+    out, _ = jax.lax.scan(body, ops.constrain(x, HIDDEN), (state, keys), length=num_layers, unroll=ops.scan_unroll)
     return out
