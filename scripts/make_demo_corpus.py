@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Synthesize the demo speech corpus offline with espeak-ng: OSUM task mixes at toy scale, with honest splits.
 
-    python scripts/make_demo_corpus.py --out demo/corpus [--seed 0] [--train 4000 --dev 64 --test 160
-                                                          --test-voices 96]
+    python scripts/make_demo_corpus.py --out demo/corpus [--seed 0] [--train 4000 --dev 64 --test 320
+                                                          --test-voices 192]
 
 What makes OSUM's tasks meaningful at toy scale, and what is held out:
 
@@ -295,7 +295,11 @@ def synthesize(row: dict, wav: Path) -> None:
     sf.write(str(wav), resample_to_16k(audio), SAMPLE_RATE, subtype="PCM_16")
 
 
-DEFAULT_SIZES = {"train": 4000, "dev": 64, "test": 160, "test_voices": 96}
+# The test splits were 160 and 96 utterances: 72 and 43 of them asked for the age, so one utterance moved a run's
+# age accuracy by 1.4 and 2.3 points, and the same model measured 93.0 % (40/43) on 96 held-out-voice utterances
+# and 96.5 % (83/86) on 192 (seed 0 at 5a2b5f5). The splits are drawn after train and dev, so their sizes change
+# nothing that is trained
+DEFAULT_SIZES = {"train": 4000, "dev": 64, "test": 320, "test_voices": 192}
 # the reference checksums (scripts/demo_corpus_sha256.json): per seed, of the first CHECK_ROWS utterances of
 # every split at DEFAULT_SIZES, made on the reference box; tests/test_demo.py compares against them
 CHECKSUM_FILE = Path(__file__).with_name("demo_corpus_sha256.json")
