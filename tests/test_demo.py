@@ -449,15 +449,16 @@ def test_bench_demo_acceptance_and_spread():
 
 def test_demo_listening_stage_refuses_bad_input(tmp_path):
     """A negative --listen-steps, a listening stage over a corpus without train_tags.list (made before it),
-    --listen-parts naming no model part, or a --listen-until that is no loss, is one line and exit 2, before anything
-    runs."""
+    --listen-parts naming no model part, a --listen-until that is no loss or a --listen-lr that is no rate, is one
+    line and exit 2, before anything runs."""
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "corpus.json").write_text("{}")
     for args, want in ((["--listen-steps", "-1"], "--listen-steps -1"),
                        (["--listen-steps", "5", "--corpus", str(tmp_path / "old")], "no train_tags.list"),
                        (["--listen-steps", "5", "--listen-parts", "encoder,lm"], "--listen-parts encoder,lm"),
                        (["--listen-steps", "5", "--listen-parts", ""], "expected 'all' or names from"),
-                       (["--listen-until", "-0.5"], "--listen-until -0.5"), (["--listen-until", "nan"], "--listen-until nan")):
+                       (["--listen-until", "-0.5"], "--listen-until -0.5"), (["--listen-until", "nan"], "--listen-until nan"),
+                       (["--listen-lr", "0"], "--listen-lr 0.0"), (["--listen-lr", "nan"], "--listen-lr nan")):
         res = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(tmp_path / "out"), *args], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and want in res.stderr, res.stderr
