@@ -47,6 +47,7 @@ def test_custom_vjps_equal_autodiff():
     assert_same_loss_and_grads(results[0], results[1], loss_rtol=1e-6, grad_rel=1e-5)
 
 
+@pytest.mark.slow
 def test_unrolled_layer_scans_equal_the_rolled_scan():
     """``model.scan_unroll`` only changes how the layer stacks compile: the whole model's loss and gradients
     (remat on, dropout on) are the same with one layer per loop iteration, two, and every layer unrolled, and
