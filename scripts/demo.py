@@ -7,8 +7,8 @@
 2. trains the tiny OSUM from scratch with ``osum-train configs/demo.yaml`` on 2 simulated CPU devices, mesh
    data 1 x fsdp 2 (parameters sharded), in two stages:
    a. listening: steps on ``train_tags.list``, every training utterance asking only for ``<AGE> <GENDER>``, at a
-      constant learning rate (``--listen-lr``, 1e-3), until the mean training loss of the last 20 steps is under ``--listen-until``
-      (0.1: the tags are heard; ``train.stop_below_loss``), at most ``--listen-steps`` (400);
+      constant learning rate (``--listen-lr``, 1e-3), until the mean training loss of the last 20 steps is under
+      ``--listen-until`` (0.1: the tags are heard; ``train.stop_below_loss``), at most ``--listen-steps`` (400);
    b. the task mix: the config's steps on the training shards, starting from the listening run's encoder and
       adapter under a fresh LLM (``train.init_from`` with ``train.init_parts=[encoder,adapter]``;
       ``--listen-parts all`` takes its LLM too), with checkpoints and dev evaluation (JAX greedy decoding).
