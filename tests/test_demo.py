@@ -169,7 +169,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "starts from its encoder and adapter (the rest afresh)" in report
     commands = (out / "commands.sh").read_text()  # the task mix starts from its encoder and adapter
     assert "train.steps=2 train.schedule=constant" in commands  # the listening stage: 2 at most, ending on the loss
-    assert "train.stop_below_loss=0.1 train.stop_window=20" in commands
+    assert "train.stop_below_loss=0.03 train.stop_window=20" in commands
     assert f"train.init_from={out / 'listen'} 'train.init_parts=[encoder,adapter]'" in commands  # shell-quoted
     assert len(_rows(out / "results.jsonl")) == len(_rows(out / "corpus" / "test.list"))
     assert len(_rows(out / "results_voices.jsonl")) == len(_rows(out / "corpus" / "test_voices.list"))
