@@ -2,15 +2,19 @@
 """The demo over several corpus seeds, plus a 1e-6 perturbation of one: the spread, not one lucky run.
 
     python scripts/bench_demo.py [--seeds 5] [--first-seed 0] [--perturb 1e-6] [--perturb-seed 0]
-                                 [--out /tmp/bench_demo] [--write-reference] [osum-train overrides ...]
+                                 [--demo-args="--listen-until 0.05"] [--out /tmp/bench_demo] [--write-reference]
+                                 [osum-train overrides ...]
 
 For each seed, ``scripts/demo.py --seed S`` (its own corpus, training, export, inference and scoring, exactly as
 ``make demo`` runs them); then ``scripts/demo.py`` again on the corpus of ``--perturb-seed`` with
-``data.feature_noise=PERTURB`` (right after that seed's own run): Gaussian noise of that standard deviation on every training feature, a stand-in
-for another machine's float rounding. Prints each run's figures, then min / median / max of each figure over
+``data.feature_noise=PERTURB`` (right after that seed's own run): Gaussian noise of that standard deviation on
+every training feature, a stand-in for another machine's float rounding. Prints each run's figures, then min / median / max of each figure over
 the seeds, the perturbed run beside its unperturbed twin, and whether issue 32's acceptance holds: every run
 (perturbed one included) test WER <= 10 %, held-out-voices WER <= 20 %, gender and age accuracy >= 95 %, and
 the perturbed run's WERs within ``--perturb-tolerance`` (5 points) of its twin's. Exit status 1 when it does not.
+
+``--demo-args`` passes options to every ``scripts/demo.py`` run (one shell-quoted string, checked by demo.py's
+own parser before any run starts; ``--out``, ``--seed``, ``--corpus`` and ``--keep-corpus`` are the bench's own).
 
 ``--write-reference`` stores the spread in scripts/demo_reference.json (with the commit and command), which the
 demo's own report compares each run against; do that from a clean committed tree only.
@@ -31,7 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.demo import FIGURES, REFERENCE, figures, misses_target  # noqa: E402
+from scripts.demo import FIGURES, REFERENCE, build_parser, check_options, figures, misses_target  # noqa: E402
+
+BENCH_OWNS = ("--out", "--seed", "--corpus", "--keep-corpus")  # bench_demo sets these for every run
 
 
 def run_demo(out: Path, seed: int, extra: list[str], log: Path) -> dict:
@@ -76,6 +82,27 @@ def git_commit() -> str:
     return rev.stdout.strip() + ("+dirty" if dirty else "")
 
 
+def demo_options(ap: argparse.ArgumentParser, text: str) -> list[str]:
+    """``--demo-args`` split as a shell would, and checked by demo.py's own parser: a one-line error (exit 2)
+    before any run, not a failure of the first run's demo."""
+    try:
+        opts = shlex.split(text)
+    except ValueError as e:
+        ap.error(f"--demo-args {text!r}: {e}")
+    demo = build_parser()
+    demo.error = lambda msg: ap.error(f"--demo-args {text!r}: {msg}")  # one line, named after bench_demo's option
+    demo.set_defaults(**{o[2:].replace("-", "_"): None for o in BENCH_OWNS})  # to see them given (abbreviated too)
+    checked = demo.parse_args(opts)
+    owned = [o for o in BENCH_OWNS if getattr(checked, o[2:].replace("-", "_")) is not None]
+    if owned:
+        ap.error(f"--demo-args: {owned[0]} is set by bench_demo for every run")
+    if checked.overrides:
+        ap.error(f"--demo-args: {checked.overrides[0]!r} is an osum-train override: give it after bench_demo's "
+                 "options")
+    check_options(demo, checked)
+    return opts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5, help="how many corpus seeds (default 5)")
@@ -86,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--perturb-tolerance", type=float, default=0.05,
                     help="largest WER change the perturbation may cause (default 0.05, i.e. 5 points)")
     ap.add_argument("--out", default="/tmp/bench_demo")
+    ap.add_argument("--demo-args", default="",
+                    help="options for every scripts/demo.py run, one shell-quoted string (e.g. '--listen-until 0.05')")
     ap.add_argument("--write-reference", action="store_true",
                     help=f"store the spread in {REFERENCE.relative_to(ROOT)} (from a clean committed tree)")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for osum-train (every run)")
@@ -94,6 +123,7 @@ def main(argv=None) -> int:
         ap.error("--seeds must be >= 1")
     if not args.perturb >= 0:
         ap.error("--perturb must be >= 0")
+    demo_args = demo_options(ap, args.demo_args)
     pseed = args.first_seed if args.perturb_seed is None else args.perturb_seed
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     if args.perturb and pseed not in seeds:
@@ -107,7 +137,7 @@ def main(argv=None) -> int:
     runs: dict[int, dict] = {}
     perturbed = None
     for seed in seeds:
-        runs[seed] = run_demo(out / f"seed{seed}", seed, args.overrides, out / f"seed{seed}.log")
+        runs[seed] = run_demo(out / f"seed{seed}", seed, [*demo_args, *args.overrides], out / f"seed{seed}.log")
         print(f"  seed {seed}: " + ", ".join(f"{n} {fmt(n, runs[seed][n])}" for n in (*FIGURES, "total_s")
                                               if n in runs[seed]), flush=True)
         # every finished run is kept at once, so an interrupted bench still has its figures
@@ -115,7 +145,7 @@ def main(argv=None) -> int:
                                                                           **runs[seed]}) + "\n")
         if args.perturb and seed == pseed:  # its twin at once, on the same corpus
             perturbed = run_demo(out / f"seed{pseed}_perturbed", pseed,
-                                 ["--corpus", str(out / f"seed{pseed}" / "corpus"), *args.overrides,
+                                 ["--corpus", str(out / f"seed{pseed}" / "corpus"), *demo_args, *args.overrides,
                                   f"data.feature_noise={args.perturb}"], out / f"seed{pseed}_perturbed.log")
             print(f"  seed {seed} + {args.perturb:g} feature noise: "
                   + ", ".join(f"{n} {fmt(n, perturbed[n])}" for n in (*FIGURES, "total_s") if n in perturbed),

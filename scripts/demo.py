@@ -333,8 +333,10 @@ def report_text(out: Path, corpus: dict, train: list[dict], evals: list[dict], r
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """demo.py's options (scripts/bench_demo.py checks its ``--demo-args`` with it before any run)."""
+    ap = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo", help="where everything goes (default: ./demo)")
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--steps", type=int, help="optimizer steps of the task mix (default: the config's)")
@@ -357,10 +359,11 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", help="use this existing corpus (made by make_demo_corpus.py) instead of making one")
     ap.add_argument("--batch-size", type=int, default=16, help="osum-infer batch size")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for osum-train")
-    args = ap.parse_args(argv)
-    out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus, listen, run, pkg = out / "corpus", out / "listen", out / "run", out / "package"
+    return ap
+
+
+def check_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The values argparse cannot check, each a one-line error (exit 2); returns the --listen-parts named."""
     if args.listen_steps < 0:
         ap.error(f"--listen-steps {args.listen_steps}: expected 0 (no listening stage) or more")
     if not args.listen_until >= 0:
@@ -372,6 +375,16 @@ def main(argv=None) -> int:
     parts = [] if args.listen_parts == "all" else [p for p in args.listen_parts.split(",") if p]
     if not parts and args.listen_parts != "all" or set(parts) - set(INIT_PARTS):
         ap.error(f"--listen-parts {args.listen_parts}: expected 'all' or names from {','.join(INIT_PARTS)}")
+    return parts
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    parts = check_options(ap, args)
+    out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus, listen, run, pkg = out / "corpus", out / "listen", out / "run", out / "package"
     if args.corpus:
         corpus = Path(args.corpus).resolve()
         if not (corpus / "corpus.json").is_file():

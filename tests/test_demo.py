@@ -427,10 +427,34 @@ def test_bench_demo_rejects_bad_arguments():
     """bench_demo's argument errors are one clear line, before any run starts."""
     for args, msg in ((["--seeds", "0"], "--seeds must be >= 1"),
                       (["--seeds", "2", "--perturb-seed", "7"], "--perturb-seed 7 is not one of the seeds run"),
-                      (["--perturb", "-1"], "--perturb must be >= 0")):
+                      (["--perturb", "-1"], "--perturb must be >= 0"),
+                      # demo.py's options, checked by its own parser before any run
+                      (["--demo-args", "--listen-until -1"], "--listen-until -1.0: expected a loss > 0"),
+                      (["--demo-args=--bogus"], "--demo-args '--bogus': unrecognized arguments: --bogus"),
+                      (["--demo-args", "--listen-steps x"], "argument --listen-steps: invalid int value: 'x'"),
+                      (["--demo-args", "--see 3"], "--demo-args: --seed is set by bench_demo for every run"),
+                      (["--demo-args", "--corpus /tmp"], "--demo-args: --corpus is set by bench_demo"),
+                      (["--demo-args", "--steps 5 data.x=1"], "'data.x=1' is an osum-train override"),
+                      (["--demo-args", "'unclosed"], "No closing quotation")):
         res = subprocess.run([sys.executable, "scripts/bench_demo.py", *args, "--out", "/nonexistent/x"], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and msg in res.stderr.strip().splitlines()[-1], res.stderr
+
+
+def test_bench_demo_passes_demo_args_to_every_run():
+    """--demo-args reaches demo.py as a shell splits it; the options the bench sets itself are refused."""
+    import argparse
+
+    from scripts.bench_demo import demo_options
+    from scripts.demo import build_parser
+
+    ap = argparse.ArgumentParser()
+    opts = demo_options(ap, "--listen-until 0.05 --listen-parts 'encoder,adapter' --listen-lr=5e-4")
+    assert opts == ["--listen-until", "0.05", "--listen-parts", "encoder,adapter", "--listen-lr=5e-4"]
+    # what run_demo's command line gives demo.py: the bench's --out and --seed, then these options
+    args = build_parser().parse_args(["--out", "/tmp/x", "--seed", "3", *opts, "train.steps=5"])
+    assert (args.seed, args.listen_until, args.listen_lr, args.overrides) == (3, 0.05, 5e-4, ["train.steps=5"])
+    assert demo_options(ap, "") == []
 
 
 def test_bench_demo_acceptance_and_spread():
@@ -457,7 +481,8 @@ def test_demo_listening_stage_refuses_bad_input(tmp_path):
                        (["--listen-steps", "5", "--corpus", str(tmp_path / "old")], "no train_tags.list"),
                        (["--listen-steps", "5", "--listen-parts", "encoder,lm"], "--listen-parts encoder,lm"),
                        (["--listen-steps", "5", "--listen-parts", ""], "expected 'all' or names from"),
-                       (["--listen-until", "-0.5"], "--listen-until -0.5"), (["--listen-until", "nan"], "--listen-until nan"),
+                       (["--listen-until", "-0.5"], "--listen-until -0.5"),
+                       (["--listen-until", "nan"], "--listen-until nan"),
                        (["--listen-lr", "0"], "--listen-lr 0.0"), (["--listen-lr", "nan"], "--listen-lr nan")):
         res = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(tmp_path / "out"), *args], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
