@@ -44,8 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 15 * 60
 LISTEN_STEPS = 400  # the listening stage's cap (the docstring says why): at 1e-3 (548deee's bench) the tags' loss
-# was under 0.03 (mean of 20 steps) by steps 281-394 on seeds 0, 1 and 4 and hovered at 0.03-0.06 on seeds 2 and 3,
-# which ran to the cap (their remaining errors: ages at the edges of the rate ranges)
+# was under 0.03 (mean of 20 steps) by steps 281-394 on seeds 0, 1 and 4; seeds 2 and 3 ran to the cap (seed 3 at
+# 0.04), and both kept gender and learned their words
 LISTEN_UNTIL, LISTEN_WINDOW = 0.03, 20  # it stops once the tags are settled. At 2e-3 and an older corpus
 # (0ddbed1), 400 steps for every seed left seeds 0 and 2, which heard them by step ~200, 200 more steps on tags
 # alone, and their task mix found the words late (test WER 34 % on seed 0 with 1e-6 feature noise); so it stopped
