@@ -8,10 +8,11 @@
 For each seed, ``scripts/demo.py --seed S`` (its own corpus, training, export, inference and scoring, exactly as
 ``make demo`` runs them); then ``scripts/demo.py`` again on the corpus of ``--perturb-seed`` with
 ``data.feature_noise=PERTURB`` (right after that seed's own run): Gaussian noise of that standard deviation on
-every training feature, a stand-in for another machine's float rounding. Prints each run's figures, then min / median / max of each figure over
-the seeds, the perturbed run beside its unperturbed twin, and whether issue 32's acceptance holds: every run
-(perturbed one included) test WER <= 10 %, held-out-voices WER <= 20 %, gender and age accuracy >= 95 %, and
-the perturbed run's WERs within ``--perturb-tolerance`` (5 points) of its twin's. Exit status 1 when it does not.
+every training feature, a stand-in for another machine's float rounding. Prints each run's figures, then min /
+median / max of each figure over the seeds, the perturbed run beside its unperturbed twin, and whether issue
+32's acceptance holds: every run (perturbed one included) test WER <= 10 %, held-out-voices WER <= 20 %, gender
+and age accuracy >= 95 %, and the perturbed run's WERs within ``--perturb-tolerance`` (5 points) of its twin's.
+Exit status 1 when it does not.
 
 ``--demo-args`` passes options to every ``scripts/demo.py`` run (one shell-quoted string, checked by demo.py's
 own parser before any run starts; ``--out``, ``--seed``, ``--corpus`` and ``--keep-corpus`` are the bench's own).

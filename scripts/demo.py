@@ -202,7 +202,8 @@ def against_reference(figs: dict[str, float], reference: dict | None) -> list[st
                      f"{verdict} |")
     if "total_s" in spread:
         lo, med, hi = spread["total_s"]
-        lines.append(f"| time (demo.py, without the venv) | {figs['total_s']:.0f} s | {lo:.0f} / {med:.0f} / {hi:.0f} s "
+        lines.append(f"| time (demo.py, without the venv) | {figs['total_s']:.0f} s "
+                     f"| {lo:.0f} / {med:.0f} / {hi:.0f} s "
                      f"| {'slower' if figs['total_s'] > hi else 'inside' if figs['total_s'] >= lo else 'faster'} "
                      "(depends on the machine and its load) |")
     lines.append("")
