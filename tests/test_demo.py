@@ -442,7 +442,8 @@ def test_bench_demo_rejects_bad_arguments():
 
 
 def test_bench_demo_passes_demo_args_to_every_run():
-    """--demo-args reaches demo.py as a shell splits it; the options the bench sets itself are refused."""
+    """--demo-args reaches demo.py as a shell splits it, after the bench's own --out and --seed (the refusals are
+    in test_bench_demo_rejects_bad_arguments)."""
     import argparse
 
     from scripts.bench_demo import demo_options
