@@ -48,6 +48,35 @@ def build_package(tmp_path_factory) -> Path:
     return _BUILT["pkg"]
 
 
+def endless_package(package: Path, out: Path) -> Path:
+    """A copy of ``package`` whose greedy decoding never ends a window early: the final RMSNorm keeps only hidden
+    unit 0 (``h = [h0, 0, ...]``), the EOS row of ``lm_head`` is zero and two word rows are ``+e0`` / ``-e0``, so
+    one of them scores ``|h0| > 0`` where EOS scores 0. A random model stops wherever its argmax happens to land,
+    which moves with the CPU's float rounding (26 tokens a window on one machine, 1024 on another); tests that need
+    a request to run past a deadline use this one."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(package, out)
+    weights = out / "model.safetensors"
+    with safe_open(weights, "np") as f:
+        meta = f.metadata()
+    t = load_file(weights)
+    eos = json.loads((out / "config.json").read_text())["eos_token_id"]
+    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    norm, head = t["llm.model.norm.weight"], t["llm.lm_head.weight"]
+    norm[:] = 0.0
+    norm[0] = 1.0
+    head[eos] = 0.0
+    for word, sign in (("alpha", 1.0), ("Ġbravo", -1.0)):
+        head[vocab[word]] = 0.0
+        head[vocab[word], 0] = sign
+    save_file(t, weights, metadata=meta)
+    return out
+
+
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     return build_package(tmp_path_factory)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.helpers import headless_chromium
-from tests.test_serve import Server, _wav, build_package
+from tests.test_serve import Server, _wav, build_package, endless_package
 
 pytestmark = pytest.mark.e2e
 KEY = "stream-test-key-0123456789"
@@ -197,15 +197,18 @@ def test_a_client_that_never_reads_holds_nothing_up(server):
     assert _health(server)["status"] == "ok"
 
 
-def test_a_stream_past_the_deadline_ends_with_an_error_event(package):
-    s = Server(package, "--request-timeout", "2.5")
+def test_a_stream_past_the_deadline_ends_with_an_error_event(package, tmp_path):
+    """Three 30 s windows of 1024 tokens each, one window per call (a package whose EOS never wins: at least 3 x
+    1024 forward steps, about 5 s on a fast CPU), against a 2.5 s deadline."""
+    s = Server(endless_package(package, tmp_path / "endless"), "--request-timeout", "2.5", "--max-batch", "1")
     try:
-        status, events = _events(s.url, "/v1/audio/transcriptions", _wav(65.0, sr=8000),
-                                 {"stream": "true", "segment": "fixed"}, headers={})
+        status, events = _events(s.url, "/v1/understand", _wav(65.0, sr=8000),
+                                 {"stream": "true", "segment": "fixed", "task": "<TRANSCRIBE>",
+                                  "max_new_tokens": "1024"}, headers={})
         assert status == 200
         assert events[-1][1]["type"] == "error" and "--request-timeout" in events[-1][1]["error"]
         assert 1.5 < events[-1][0] < 2.5  # the event comes half a second before the guard would cut the stream
-        assert all(e["type"] == "transcript.text.delta" for _, e in events[:-1])
+        assert len(events) > 10 and all(e["type"] == "understand.partial" for _, e in events[:-1])
         t0 = time.perf_counter()
         _idle(s, timeout=10)
         assert time.perf_counter() - t0 < 5  # its rows stopped (3 x 1024 tokens would take far longer)
