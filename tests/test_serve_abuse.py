@@ -28,7 +28,7 @@ import pytest
 import soundfile as sf
 
 from tests.helpers import headless_chromium
-from tests.test_serve import Server, _wav, build_package
+from tests.test_serve import Server, _wav, build_package, endless_package
 
 pytestmark = pytest.mark.e2e
 RSS_MB = 40.0  # bounded growth of the server's resident memory during one probe
@@ -428,16 +428,16 @@ def test_a_long_request_is_spread_over_calls_of_at_most_max_batch_rows(server):
 
 
 @pytest.fixture(scope="module")
-def serial(package):
+def serial(package, tmp_path_factory):
     """One window per generate call, no waiting for company, a 3 s deadline, a queue of 8 windows (4 per
-    request at most), one decode worker."""
-    s = Server(package, "--max-batch", "1", "--max-wait-ms", "0", "--max-seconds", "120", "--max-queue", "8",
+    request at most), one decode worker; the package's EOS never wins, so every window runs its SLOW tokens."""
+    s = Server(endless_package(package, tmp_path_factory.mktemp("endless") / "pkg"), "--max-batch", "1", "--max-wait-ms", "0", "--max-seconds", "120", "--max-queue", "8",
                "--request-timeout", "3", "--decode-workers", "1")
     yield s
     s.close()
 
 
-SLOW = "800"  # tokens per window: >= 0.6 s a window here even on an idle machine
+SLOW = "800"  # tokens per window (all of them: EOS never wins): about 1.2 s a window here
 
 
 def _health(s):
