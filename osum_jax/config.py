@@ -133,12 +133,14 @@ class ModelConfig:
     matmul_barrier: str = "auto"
     # layers per iteration of each stack's layer scan (jax.lax.scan's ``unroll``): 1 compiles one layer and loops;
     # 0 unrolls the whole stack (MaxText's ``scan_layers: false``): longer compiles, no loop-carried stacks of
-    # saved activations (models/stack.py)
-    scan_unroll: int = 1
+    # saved activations (models/stack.py); "auto" = 0 on TPU, where the compiler's cost model measured it faster,
+    # 1 elsewhere
+    scan_unroll: int | str = 1
 
     def validate(self) -> None:
-        if self.scan_unroll < 0:
-            raise ConfigError(f"model.scan_unroll={self.scan_unroll}; expected 0 (unroll every layer) or >= 1")
+        if self.scan_unroll != "auto" and not (isinstance(self.scan_unroll, int) and self.scan_unroll >= 0):
+            raise ConfigError(f"model.scan_unroll={self.scan_unroll!r}; expected auto, 0 (unroll every layer) or "
+                              f">= 1")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"model.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.custom_vjp not in ("auto", "always", "never"):

@@ -30,7 +30,9 @@ COMMON = ["model.dtype=bfloat16", "train.frozen_param_dtype=bfloat16",
           "model.remat_policy=dots_with_no_batch_dims_saveable",
           # the rows were measured with threefry masks unless they say hash (configs/osum_full.yaml now defaults
           # to hash masks, so this keeps each row's program as documented; a row's own override comes later)
-          "train.dropout_rng=threefry2x32"]
+          "train.dropout_rng=threefry2x32",
+          # and with the layers scanned (configs/osum_full.yaml now unrolls them: model.scan_unroll=0)
+          "model.scan_unroll=1"]
 # the frozen LLM kept whole on every device (no per-step all-gathers of 7.6 B frozen weights)
 FROZEN_REPLICATED = ["train.mesh.frozen_rules=[[embed, null]]"]
 
@@ -84,7 +86,8 @@ DECODE_ROWS = {
                             ["--decoding", "beam", "--num-beams", "4", "--batch-size", "8", "--max-new-tokens", "128"],
                             ["train.mesh.data=16", "train.mesh.fsdp=1"]),
 }
-DECODE_COMMON = ["model.dtype=bfloat16", "train.frozen_param_dtype=bfloat16"]
+# the decode rows were measured with the layers scanned (configs/osum_full.yaml now unrolls them)
+DECODE_COMMON = ["model.dtype=bfloat16", "train.frozen_param_dtype=bfloat16", "model.scan_unroll=1"]
 
 
 def run_decode_row(name: str) -> dict:

@@ -160,6 +160,30 @@ def test_targets_parse_and_refuse_bad_specs():
             parse_target(bad)
 
 
+def _train_step_loops(cfg, target: str) -> int:
+    """``stablehlo.while`` loops in ``cfg``'s train step lowered (not compiled) for ``target``."""
+    from osum_jax.perf.aot import target_devices
+    from osum_jax.train.mesh import build_mesh
+    from osum_jax.train.step import TrainProgram
+
+    program = TrainProgram(cfg, build_mesh(cfg.train.mesh, target_devices(parse_target(target))))
+    return program.lower(program.abstract_inputs(program.largest_batch())).as_text().count("stablehlo.while")
+
+
+def test_scan_unroll_auto_unrolls_the_layer_stacks_for_tpu_only(tpu_compiler, gpu_compiler):
+    """configs/osum_full.yaml's ``model.scan_unroll=auto``: the TPU program is the unrolled one (``0``: the six
+    layer loops of encoder, adapter and LLM, forward and backward, are gone), the GPU program the scanned one."""
+    def loops(target, unroll, mesh):
+        return _train_step_loops(load_config("configs/tiny.yaml", TINY_TPU + mesh + [f"model.scan_unroll={unroll}"]),
+                                 target)
+
+    tpu = {u: loops("tpu:v5p:2x2x1", u, []) for u in ("auto", 0, 1)}
+    assert tpu["auto"] == tpu[0] == tpu[1] - 6, tpu
+    gpu = {u: loops("cuda:h100:2", u, ["train.mesh.fsdp=2"]) for u in ("auto", 0, 1)}
+    assert gpu["auto"] == gpu[1] == gpu[0] + 6, gpu
+    assert load_config("configs/osum_full.yaml").model.scan_unroll == "auto"
+
+
 @pytest.fixture(scope="module")
 def tiny_tpu_report(tpu_compiler):
     # the tiny model's stacks are shorter than attention.SPLASH_MIN_LENGTH, where auto runs the einsum path: name

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from osum_jax.models import OSUM, Ops
-from osum_jax.models.ops import resolve_custom_vjp
+from osum_jax.models.ops import resolve_custom_vjp, resolve_scan_unroll
 from tests.helpers import assert_same_loss_and_grads, replace, tiny_model_config
 
 
@@ -88,6 +88,9 @@ def test_auto_selects_custom_vjps_on_cpu_only():
     assert not Ops.from_config(replace(cfg, custom_vjp="never")).custom_vjp
     assert Ops.from_config(replace(cfg, matmul_barrier="always")).matmul_barrier
     assert Ops.from_config(cfg, dropout_rng="hash").hash_masks and not Ops.from_config(cfg).hash_masks
+    # model.scan_unroll=auto: every layer unrolled on TPU only (tests/test_aot.py lowers both programs)
+    assert [resolve_scan_unroll("auto", p) for p in ("tpu", "gpu", "cpu")] == [0, 1, 1]
+    assert resolve_scan_unroll(3, "tpu") == 3 and Ops.from_config(replace(cfg, scan_unroll="auto")).scan_unroll == 1
     assert Ops.from_config(replace(cfg, attention_impl="xla")).attention_impl == "xla"
     assert hash(Ops()) == hash(Ops(platform="cpu")) and Ops() == Ops(platform="cpu")  # a static graph value
 

@@ -21,6 +21,7 @@ switch              from                        ``auto``               selects
 ``matmul_barrier``  ``model.matmul_barrier``    TPU                    ``optimization_barrier`` on matmul inputs
                                                                        and on the output cotangents they produce
 ``hash_masks``      ``train.dropout_rng=hash``  (threefry)             dropout masks from a counter hash
+``scan_unroll``     ``model.scan_unroll``       TPU: 0, else 1         layers per layer-scan iteration (``stack.py``)
 ``attention_impl``  ``model.attention_impl``    per platform, length   the attention kernel (``attention.py``)
 ``mesh``, rules     ``train.mesh``              none                   activation sharding constraints
 ==================  ==========================  =====================  ============================================
@@ -81,6 +82,13 @@ def resolve_barrier(setting: str, platform: str) -> bool:
     return setting == "always" or (setting == "auto" and platform == "tpu")
 
 
+def resolve_scan_unroll(setting: int | str, platform: str) -> int:
+    """``model.scan_unroll`` for ``platform`` devices -> layers per layer-scan iteration (0 = every layer)."""
+    if setting == "auto":
+        return 0 if platform == "tpu" else 1
+    return int(setting)
+
+
 def mesh_platform(mesh: jax.sharding.Mesh | None) -> str:
     """The platform a model is compiled for: ``mesh``'s devices, else JAX's default backend."""
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
@@ -120,7 +128,7 @@ class Ops:
         return cls(custom_vjp=resolve_custom_vjp(model.custom_vjp, plat),
                    matmul_barrier=resolve_barrier(model.matmul_barrier, plat), hash_masks=dropout_rng == "hash",
                    attention_impl=model.attention_impl, mesh=mesh, activation_rules=tuple(activation_rules),
-                   platform=plat, scan_unroll=model.scan_unroll)
+                   platform=plat, scan_unroll=resolve_scan_unroll(model.scan_unroll, plat))
 
     # -- activation sharding (sharding.py) ------------------------------------------------------------------------
 
