@@ -3,6 +3,10 @@
     python scripts/bench_recipe.py --json-dir bench_json/recipe          # v5p x 16, data 16, 3 buckets
     python scripts/bench_recipe.py --json-dir bench_json/recipe --reuse  # re-read the compiled rows
 
+``--reuse`` keeps a compiled row only where this tree lowers the bucket to the same program (the sha256 of its
+StableHLO, ``program_sha256`` in the row: seconds to check, where the compile takes minutes); any other row is
+compiled again. The summary names each reused row's ``same_program_at`` commit.
+
 1. ``osum-train configs/osum_full.yaml --plan --global-frames 374400`` (OSUM: 24 GPUs x accum_grad 4 x 3900
    frames) proposes the per-device budget x accumulation for the target (the fewest accumulation steps that
    leave 20 % of HBM free by the ``--plan`` estimate);
@@ -68,12 +72,24 @@ def main(argv=None) -> int:
     picked = ranked[:args.buckets]
     out_dir = Path(args.json_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, checked = [], {}
     for name, stats in picked:
         path = out_dir / f"{target.spec.replace(':', '_')}_{name}.json"
         cmd = [sys.executable, "-m", "osum_jax.train.cli", "configs/osum_full.yaml", "--plan", "--target",
                args.target, "--json", "--bucket", name, *args.mesh, *prop["overrides"]]
-        if not (args.reuse and path.exists()):
+        if args.reuse and path.exists():
+            # a compiled row is this tree's only if it is the same program: lower it here (seconds) and compare
+            from osum_jax.perf.aot import lowered_sha256
+
+            here = lowered_sha256(chosen, args.target, tuple(int(v) for v in name.split("x")))
+            was = json.loads(path.read_text()).get("program_sha256")
+            if was == here:
+                checked[name] = _commit()
+            else:
+                print(f"{path}: {'another program' if was else 'no program_sha256'} than this tree's; compiling "
+                      f"it again", file=sys.stderr)
+                path.unlink()
+        if not path.exists():
             t0 = time.perf_counter()
             run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if run.returncode:
@@ -93,6 +109,7 @@ def main(argv=None) -> int:
     covered = sum(s["padded_frames"] for _, s, _ in rows) / mix["total"]["padded_frames"]
     t = mix["total"]
     summary = {
+        "commit": _commit(),
         "target": args.target, "mesh": args.mesh, "global_frames": args.global_frames,
         "proposal": prop["overrides"], "length_mix": LENGTH_MIX, "basis": rows[0][2].get("step_basis"),
         "mix_mfu_compiled_buckets": num / den / peak, "covered_padded_frames": covered,
@@ -102,7 +119,8 @@ def main(argv=None) -> int:
                      s["padded_frames"] / t["padded_frames"], "frame_waste": s["frame_waste"],
                      "batch_shape": r["batch_shape"], "step_ms": secs[n] * 1e3,
                      "mfu": r["model_flops"] / secs[n] / peak, "headroom": r["headroom"],
-                     "compile_s": r["compile_seconds"], "commit": r.get("commit"), "command": r.get("command")}
+                     "compile_s": r["compile_seconds"], "commit": r.get("commit"), "command": r.get("command"),
+                     "program_sha256": r.get("program_sha256"), "same_program_at": checked.get(n)}
                     for n, s, r in rows],
         "left_out": [{"bucket": n, "share_padded_frames": s["padded_frames"] / t["padded_frames"]}
                      for n, s in ranked[args.buckets:]],

@@ -207,6 +207,18 @@ def test_compiled_step_donates_trainable_and_optimizer_state(tiny_tpu_report):
 
 
 @pytest.mark.slow
+def test_a_report_names_the_program_it_compiled(tiny_tpu_report):
+    """``program_sha256`` (what ``bench_recipe.py --reuse`` checks a compiled row by) is the lowered program's:
+    lowering alone gives the same digest, and any change to the program gives another."""
+    from osum_jax.perf.aot import lowered_sha256
+
+    cfg, r = tiny_tpu_report
+    assert r["program_sha256"] == lowered_sha256(cfg, "tpu:v5p:2x2x1")
+    other = load_config("configs/tiny.yaml", TINY_TPU + ["model.attention_impl=splash", "model.scan_unroll=0"])
+    assert lowered_sha256(other, "tpu:v5p:2x2x1") != r["program_sha256"]
+
+
+@pytest.mark.slow
 def test_compiled_step_has_no_stack_copies_and_counts_its_flops(tiny_tpu_report):
     cfg, r = tiny_tpu_report
     assert r["stack_copies"]["frozen_count"] == 0, r["stack_copies"]

@@ -189,10 +189,33 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None,
     program = TrainProgram(cfg, mesh)
     inputs = program.abstract_inputs(program.bucket_batch(bucket) if bucket else program.largest_batch())
     t0 = time.perf_counter()
-    compiled = program.lower(inputs).compile()
-    return compiled_report(cfg, inputs, compiled, target.chip, target.spec, len(devices), devices[0].platform,
-                           time.perf_counter() - t0, hlo_out=hlo_out, mesh_shape=dict(mesh.shape),
-                           rng_impl=program.rng_impl)
+    lowered = program.lower(inputs)
+    compiled = lowered.compile()
+    report = compiled_report(cfg, inputs, compiled, target.chip, target.spec, len(devices), devices[0].platform,
+                             time.perf_counter() - t0, hlo_out=hlo_out, mesh_shape=dict(mesh.shape),
+                             rng_impl=program.rng_impl)
+    report["program_sha256"] = program_sha256(lowered)
+    return report
+
+
+def program_sha256(lowered) -> str:
+    """sha256 of a lowered program's StableHLO text (no source locations): the same digest means the compiler
+    gets the same program, whatever the commit or the config spelling that produced it."""
+    import hashlib
+
+    return hashlib.sha256(lowered.as_text().encode()).hexdigest()
+
+
+def lowered_sha256(cfg: Config, target_spec: str, bucket: tuple[int, int] | None = None) -> str:
+    """:func:`program_sha256` of the train step :func:`compile_plan` would compile, lowered only (seconds, where
+    the compile takes minutes): a compiled report whose ``program_sha256`` equals it is this program's."""
+    from ..models.layers import as_dtype  # noqa: F401  (models import before the program)
+    from ..train.mesh import build_mesh
+    from ..train.step import TrainProgram
+
+    program = TrainProgram(cfg, build_mesh(cfg.train.mesh, target_devices(parse_target(target_spec))))
+    inputs = program.abstract_inputs(program.bucket_batch(bucket) if bucket else program.largest_batch())
+    return program_sha256(program.lower(inputs))
 
 
 def llm_tokens(shape: tuple[int, int, int, int]) -> int:
