@@ -1,6 +1,6 @@
 """OSUM's recipe on a pod, as the compilers see it: OSUM's global batch, a stated length mix, the default flags.
 
-    python scripts/bench_recipe.py --json-dir bench_json/recipe          # v5p x 16, data 16, 3 buckets
+    python scripts/bench_recipe.py --json-dir bench_json/recipe          # v5p x 16, data 16, 5 buckets
     python scripts/bench_recipe.py --json-dir bench_json/recipe --reuse  # re-read the compiled rows
 
 ``--reuse`` keeps a compiled row only where this tree lowers the bucket to the same program (the sha256 of its
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="tpu:v5p:2x2x4")
     ap.add_argument("--mesh", nargs="*", default=["train.mesh.data=16", "train.mesh.fsdp=1"])
     ap.add_argument("--global-frames", type=int, default=OSUM_GLOBAL_FRAMES)
-    ap.add_argument("--buckets", type=int, default=3, help="compile the buckets with the most padded frames")
+    ap.add_argument("--buckets", type=int, default=5, help="compile the buckets with the most padded frames")
     ap.add_argument("--json-dir", required=True)
     ap.add_argument("--reuse", action="store_true", help="use compiled rows already in --json-dir")
     args = ap.parse_args(argv)
