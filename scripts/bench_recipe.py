@@ -42,6 +42,14 @@ def _commit() -> str:
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
+def _write(path: Path, data: dict) -> None:
+    """``data`` as JSON at ``path``, whole or not at all (a temporary sibling, fsynced, renamed)."""
+    from osum_torch_infer.files import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="tpu:v5p:2x2x4")
@@ -77,7 +85,8 @@ def main(argv=None) -> int:
         path = out_dir / f"{target.spec.replace(':', '_')}_{name}.json"
         cmd = [sys.executable, "-m", "osum_jax.train.cli", "configs/osum_full.yaml", "--plan", "--target",
                args.target, "--json", "--bucket", name, *args.mesh, *prop["overrides"]]
-        if args.reuse and path.exists():
+        compile_it = not (args.reuse and path.exists())
+        if not compile_it:
             # a compiled row is this tree's only if it is the same program: lower it here (seconds) and compare
             from osum_jax.perf.aot import lowered_sha256
 
@@ -88,8 +97,8 @@ def main(argv=None) -> int:
             else:
                 print(f"{path}: {'another program' if was else 'no program_sha256'} than this tree's; compiling "
                       f"it again", file=sys.stderr)
-                path.unlink()
-        if not path.exists():
+                compile_it = True
+        if compile_it:
             t0 = time.perf_counter()
             run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if run.returncode:
@@ -98,7 +107,7 @@ def main(argv=None) -> int:
             r = json.loads(run.stdout)
             r.update(commit=_commit(), wall_s=time.perf_counter() - t0,
                      command="osum-train " + " ".join(cmd[3:]))
-            path.write_text(json.dumps(r, indent=1))
+            _write(path, r)
         r = json.loads(path.read_text())
         rows.append((name, stats, r))
     peak = target.chip.peak_tflops * 1e12
@@ -125,7 +134,7 @@ def main(argv=None) -> int:
         "left_out": [{"bucket": n, "share_padded_frames": s["padded_frames"] / t["padded_frames"]}
                      for n, s in ranked[args.buckets:]],
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    _write(out_dir / "summary.json", summary)
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -200,7 +200,8 @@ def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None,
 
 def program_sha256(lowered) -> str:
     """sha256 of a lowered program's StableHLO text (no source locations): the same digest means the compiler
-    gets the same program, whatever the commit or the config spelling that produced it."""
+    gets the same program, whatever the commit or the config spelling that produced it (the compiler itself and
+    its flags are pinned apart: constraints.txt, ``XLA_FLAGS``)."""
     import hashlib
 
     return hashlib.sha256(lowered.as_text().encode()).hexdigest()
