@@ -182,6 +182,15 @@ def test_scan_unroll_auto_unrolls_the_layer_stacks_for_tpu_only(tpu_compiler, gp
     gpu = {u: loops("cuda:h100:2", u, ["train.mesh.fsdp=2"]) for u in ("auto", 0, 1)}
     assert gpu["auto"] == gpu[1] == gpu[0] + 6, gpu
     assert load_config("configs/osum_full.yaml").model.scan_unroll == "auto"
+    # decoding keeps the scan under auto (measured better scanned on TPU); an explicit setting is taken as given
+    from osum_jax.decode.program import Decoding, DecodeProgram
+    from osum_jax.perf.aot import target_devices
+    from osum_jax.train.mesh import build_mesh
+
+    for unroll, decoded in (("auto", 1), (0, 0)):
+        cfg = load_config("configs/tiny.yaml", TINY_TPU + [f"model.scan_unroll={unroll}"])
+        mesh = build_mesh(cfg.train.mesh, target_devices(parse_target("tpu:v5p:2x2x1")))
+        assert DecodeProgram(cfg, mesh, Decoding(), 0).train.ops.scan_unroll == decoded
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ done calls ``drain``, which keeps taking part in steps with dummy rows until eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Sequence
 
@@ -62,6 +62,10 @@ class DecodeProgram:
                  batch_per_device: int = 8, frame_buckets: Sequence[int] = DEFAULT_FRAME_BUCKETS,
                  prompt_multiple: int = 16, stop_early: bool = True):
         decoding.check()
+        if cfg.model.scan_unroll == "auto":
+            # auto unrolls the layer stacks for training on TPU; decoding measured better scanned there (the greedy
+            # row of docs/benchmarks.md, v5p x 16: 3185 ms a batch scanned, 3234 ms unrolled)
+            cfg = replace(cfg, model=replace(cfg.model, scan_unroll=1))
         self.cfg, self.mesh, self.decoding, self.eos_id = cfg, mesh, decoding, int(eos_id)
         self.train = TrainProgram(cfg, mesh)  # the model state's layout and backend choices, as training's
         self.rows = batch_per_device * data_parallel_size(mesh)
