@@ -133,8 +133,8 @@ class ModelConfig:
     matmul_barrier: str = "auto"
     # layers per iteration of each stack's layer scan (jax.lax.scan's ``unroll``): 1 compiles one layer and loops;
     # 0 unrolls the whole stack (MaxText's ``scan_layers: false``): longer compiles, no loop-carried stacks of
-    # saved activations (models/stack.py); "auto" = 0 on TPU, where the compiler's cost model measured it faster,
-    # 1 elsewhere
+    # saved activations (models/stack.py); "auto" = 0 for training on TPU, where the compiler's cost model measured
+    # it faster, 1 elsewhere and for decoding (decode/program.py)
     scan_unroll: int | str = 1
 
     def validate(self) -> None:

@@ -86,7 +86,7 @@ DECODE_ROWS = {
                             ["--decoding", "beam", "--num-beams", "4", "--batch-size", "8", "--max-new-tokens", "128"],
                             ["train.mesh.data=16", "train.mesh.fsdp=1"]),
 }
-# the decode rows were measured with the layers scanned (configs/osum_full.yaml now unrolls them)
+# the decode rows are scanned (decoding keeps the scan under model.scan_unroll=auto; this pins it for any config)
 DECODE_COMMON = ["model.dtype=bfloat16", "train.frozen_param_dtype=bfloat16", "model.scan_unroll=1"]
 
 

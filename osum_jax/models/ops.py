@@ -21,7 +21,8 @@ switch              from                        ``auto``               selects
 ``matmul_barrier``  ``model.matmul_barrier``    TPU                    ``optimization_barrier`` on matmul inputs
                                                                        and on the output cotangents they produce
 ``hash_masks``      ``train.dropout_rng=hash``  (threefry)             dropout masks from a counter hash
-``scan_unroll``     ``model.scan_unroll``       TPU: 0, else 1         layers per layer-scan iteration (``stack.py``)
+``scan_unroll``     ``model.scan_unroll``       TPU: 0, else 1         layers per layer-scan iteration (``stack.py``;
+                                                                       decoding resolves ``auto`` to 1)
 ``attention_impl``  ``model.attention_impl``    per platform, length   the attention kernel (``attention.py``)
 ``mesh``, rules     ``train.mesh``              none                   activation sharding constraints
 ==================  ==========================  =====================  ============================================
