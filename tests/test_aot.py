@@ -162,12 +162,10 @@ def test_targets_parse_and_refuse_bad_specs():
 
 def _train_step_loops(cfg, target: str) -> int:
     """``stablehlo.while`` loops in ``cfg``'s train step lowered (not compiled) for ``target``."""
-    from osum_jax.perf.aot import target_devices
-    from osum_jax.train.mesh import build_mesh
-    from osum_jax.train.step import TrainProgram
+    from osum_jax.perf.aot import plan_program
 
-    program = TrainProgram(cfg, build_mesh(cfg.train.mesh, target_devices(parse_target(target))))
-    return program.lower(program.abstract_inputs(program.largest_batch())).as_text().count("stablehlo.while")
+    program, inputs = plan_program(cfg, target)
+    return program.lower(inputs).as_text().count("stablehlo.while")
 
 
 def test_scan_unroll_auto_unrolls_the_layer_stacks_for_tpu_only(tpu_compiler, gpu_compiler):
@@ -184,12 +182,11 @@ def test_scan_unroll_auto_unrolls_the_layer_stacks_for_tpu_only(tpu_compiler, gp
     assert load_config("configs/osum_full.yaml").model.scan_unroll == "auto"
     # decoding keeps the scan under auto (measured better scanned on TPU); an explicit setting is taken as given
     from osum_jax.decode.program import Decoding, DecodeProgram
-    from osum_jax.perf.aot import target_devices
-    from osum_jax.train.mesh import build_mesh
+    from osum_jax.perf.aot import plan_program
 
     for unroll, decoded in (("auto", 1), (0, 0)):
         cfg = load_config("configs/tiny.yaml", TINY_TPU + [f"model.scan_unroll={unroll}"])
-        mesh = build_mesh(cfg.train.mesh, target_devices(parse_target("tpu:v5p:2x2x1")))
+        mesh = plan_program(cfg, "tpu:v5p:2x2x1")[0].mesh
         assert DecodeProgram(cfg, mesh, Decoding(), 0).train.ops.scan_unroll == decoded
 
 

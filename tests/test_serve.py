@@ -48,18 +48,21 @@ def build_package(tmp_path_factory) -> Path:
     return _BUILT["pkg"]
 
 
-def endless_package(package: Path, out: Path) -> Path:
-    """A copy of ``package`` whose greedy decoding never ends a window early: the final RMSNorm keeps only hidden
-    unit 0 (``h = [h0, 0, ...]``), the EOS row of ``lm_head`` is zero and two word rows are ``+e0`` / ``-e0``, so
-    one of them scores ``|h0| > 0`` where EOS scores 0. A random model stops wherever its argmax happens to land,
-    which moves with the CPU's float rounding (26 tokens a window on one machine, 1024 on another); tests that need
-    a request to run past a deadline use this one."""
+def endless_package(tmp_path_factory) -> Path:
+    """A copy of the tiny random package whose greedy decoding never ends a window early (built once per test
+    process): the final RMSNorm keeps only hidden unit 0 (``h = [h0, 0, ...]``), the EOS row of ``lm_head`` is zero
+    and two word rows are ``+e0`` / ``-e0``, so one of them scores ``|h0| > 0`` where EOS scores 0. The random
+    model stops wherever its argmax happens to land, which can move with the CPU's float rounding (on one CI
+    machine after ~26 tokens a window); tests that need a request to run past a deadline use this one."""
+    if "endless" in _BUILT:
+        return _BUILT["endless"]
     import shutil
 
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    shutil.copytree(package, out)
+    out = tmp_path_factory.mktemp("endless") / "pkg"
+    shutil.copytree(build_package(tmp_path_factory), out)
     weights = out / "model.safetensors"
     with safe_open(weights, "np") as f:
         meta = f.metadata()
@@ -74,6 +77,7 @@ def endless_package(package: Path, out: Path) -> Path:
         head[vocab[word]] = 0.0
         head[vocab[word], 0] = sign
     save_file(t, weights, metadata=meta)
+    _BUILT["endless"] = out
     return out
 
 

@@ -428,12 +428,11 @@ def test_a_long_request_is_spread_over_calls_of_at_most_max_batch_rows(server):
 
 
 @pytest.fixture(scope="module")
-def serial(package, tmp_path_factory):
+def serial(tmp_path_factory):
     """One window per generate call, no waiting for company, a 3 s deadline, a queue of 8 windows (4 per
     request at most), one decode worker; the package's EOS never wins, so every window runs its SLOW tokens."""
-    s = Server(endless_package(package, tmp_path_factory.mktemp("endless") / "pkg"), "--max-batch", "1",
-               "--max-wait-ms", "0", "--max-seconds", "120", "--max-queue", "8", "--request-timeout", "3",
-               "--decode-workers", "1")
+    s = Server(endless_package(tmp_path_factory), "--max-batch", "1", "--max-wait-ms", "0", "--max-seconds", "120",
+               "--max-queue", "8", "--request-timeout", "3", "--decode-workers", "1")
     yield s
     s.close()
 

@@ -151,11 +151,11 @@ def test_stream_requests_are_refused_like_any_other(server, path, fields, header
     assert _health(server)["status"] == "ok"
 
 
-def test_a_client_that_disconnects_mid_stream_stops_its_generation(package, tmp_path):
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(tmp_path_factory):
     """Three 30 s windows of 400 tokens each (a package whose EOS never wins): the client reads the first delta and
     hangs up. The rows stop at their next token (far fewer tokens than the request would have generated), the
     queue is empty, and the disconnect is counted."""
-    server = Server(endless_package(package, tmp_path / "endless"), env={"OSUM_SERVE_API_KEY": KEY})
+    server = Server(endless_package(tmp_path_factory), env={"OSUM_SERVE_API_KEY": KEY})
     try:
         with httpx.stream("POST", server.url + "/v1/audio/transcriptions", headers=AUTH,
                           data={"stream": "true", "segment": "fixed"},
@@ -198,10 +198,10 @@ def test_a_client_that_never_reads_holds_nothing_up(server):
     assert _health(server)["status"] == "ok"
 
 
-def test_a_stream_past_the_deadline_ends_with_an_error_event(package, tmp_path):
+def test_a_stream_past_the_deadline_ends_with_an_error_event(tmp_path_factory):
     """Three 30 s windows of 1024 tokens each, one window per call (a package whose EOS never wins: at least 3 x
     1024 forward steps, about 5 s on a fast CPU), against a 2.5 s deadline."""
-    s = Server(endless_package(package, tmp_path / "endless"), "--request-timeout", "2.5", "--max-batch", "1")
+    s = Server(endless_package(tmp_path_factory), "--request-timeout", "2.5", "--max-batch", "1")
     try:
         status, events = _events(s.url, "/v1/understand", _wav(65.0, sr=8000),
                                  {"stream": "true", "segment": "fixed", "task": "<TRANSCRIBE>",

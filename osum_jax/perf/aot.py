@@ -173,27 +173,32 @@ def attention_by_stack(mc, platform: str, shape) -> str:
     return " ".join(f"{k}={v}" for k, v in names.items())
 
 
+def plan_program(cfg: Config, target_spec: str, bucket: tuple[int, int] | None = None):
+    """``(program, abstract inputs)``: ``cfg``'s ``TrainProgram`` on ``target_spec``'s devices and the inputs of the
+    data config's bucket with the most work per device, or of the ``(frames, target)`` ``bucket``."""
+    from ..models.layers import as_dtype  # noqa: F401  (models import before the program)
+    from ..train.mesh import build_mesh
+    from ..train.step import TrainProgram
+
+    program = TrainProgram(cfg, build_mesh(cfg.train.mesh, target_devices(parse_target(target_spec))))
+    return program, program.abstract_inputs(program.bucket_batch(bucket) if bucket else program.largest_batch())
+
+
 def compile_plan(cfg: Config, target_spec: str, *, hlo_out: str | None = None,
                  bucket: tuple[int, int] | None = None) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``target_spec`` and report what the compiler says (per device), for the
     data config's bucket with the most work per device or the ``(frames, target)`` ``bucket``."""
     import time
 
-    from ..models.layers import as_dtype  # noqa: F401  (models import before the program)
-    from ..train.mesh import build_mesh
-    from ..train.step import TrainProgram
-
     target = parse_target(target_spec)
-    devices = target_devices(target)
-    mesh = build_mesh(cfg.train.mesh, devices)
-    program = TrainProgram(cfg, mesh)
-    inputs = program.abstract_inputs(program.bucket_batch(bucket) if bucket else program.largest_batch())
+    program, inputs = plan_program(cfg, target_spec, bucket)
+    mesh = program.mesh
     t0 = time.perf_counter()
     lowered = program.lower(inputs)
     compiled = lowered.compile()
-    report = compiled_report(cfg, inputs, compiled, target.chip, target.spec, len(devices), devices[0].platform,
-                             time.perf_counter() - t0, hlo_out=hlo_out, mesh_shape=dict(mesh.shape),
-                             rng_impl=program.rng_impl)
+    report = compiled_report(cfg, inputs, compiled, target.chip, target.spec, mesh.devices.size,
+                             mesh.devices.flat[0].platform, time.perf_counter() - t0, hlo_out=hlo_out,
+                             mesh_shape=dict(mesh.shape), rng_impl=program.rng_impl)
     report["program_sha256"] = program_sha256(lowered)
     return report
 
@@ -210,12 +215,7 @@ def program_sha256(lowered) -> str:
 def lowered_sha256(cfg: Config, target_spec: str, bucket: tuple[int, int] | None = None) -> str:
     """:func:`program_sha256` of the train step :func:`compile_plan` would compile, lowered only (seconds, where
     the compile takes minutes): a compiled report whose ``program_sha256`` equals it is this program's."""
-    from ..models.layers import as_dtype  # noqa: F401  (models import before the program)
-    from ..train.mesh import build_mesh
-    from ..train.step import TrainProgram
-
-    program = TrainProgram(cfg, build_mesh(cfg.train.mesh, target_devices(parse_target(target_spec))))
-    inputs = program.abstract_inputs(program.bucket_batch(bucket) if bucket else program.largest_batch())
+    program, inputs = plan_program(cfg, target_spec, bucket)
     return program_sha256(program.lower(inputs))
 
 
